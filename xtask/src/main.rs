@@ -1,0 +1,274 @@
+//! `cargo xtask`: the one entry point for everything beyond plain cargo. Every verb first runs
+//! `setup`, which installs what is missing on a Debian/Ubuntu machine, so a newcomer never has to.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "flow-auditor orchestration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Install what is missing: pinned toolchains, targets, bpf-linker, Debian packages.
+    Setup,
+    /// Build the auditor (release); `--target aarch64` makes a static arm64 binary for the Pi 5.
+    Build {
+        #[arg(long, value_enum, default_value_t = Target::Host)]
+        target: Target,
+    },
+    /// Run the whole test suite, including the tests that need root and the kernel.
+    Test,
+    /// Run a benchmark and print its figures.
+    Bench {
+        #[arg(value_enum)]
+        which: Bench,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Target {
+    Host,
+    Aarch64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Bench {
+    /// Per-packet cost of the TC program (BPF_PROG_TEST_RUN).
+    Datapath,
+    /// Policy model build, update and verdict throughput.
+    Policy,
+}
+
+impl Bench {
+    fn name(self) -> &'static str {
+        match self {
+            Bench::Datapath => "datapath",
+            Bench::Policy => "policy",
+        }
+    }
+
+    fn needs_root(self) -> bool {
+        matches!(self, Bench::Datapath)
+    }
+}
+
+/// The static arm64 target for the Raspberry Pi 5.
+const AARCH64_TARGET: &str = "aarch64-unknown-linux-musl";
+
+fn main() -> Result<()> {
+    let Cli { command } = Cli::parse();
+    let root = workspace_root()?;
+    setup::ensure(&root)?;
+    match command {
+        Verb::Setup => Ok(()),
+        Verb::Build { target } => build(&root, target).map(|_| ()),
+        Verb::Test => test(&root),
+        Verb::Bench { which } => bench(&root, which),
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+/// `cargo` of the pinned user-space toolchain (rust-toolchain.toml at the root selects it).
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root);
+    // xtask runs under `cargo run`, which exports variables meant for the xtask build itself.
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR_XTASK",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {}", display(cmd)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", display(cmd));
+    }
+    Ok(())
+}
+
+pub(crate) fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+pub(crate) fn is_root() -> bool {
+    // The effective uid from procfs, so xtask needs no libc binding.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Builds the release binary; returns its path.
+fn build(root: &Path, target: Target) -> Result<PathBuf> {
+    let mut cmd = cargo(root);
+    cmd.args([
+        "build",
+        "--release",
+        "--package",
+        "auditor",
+        "--bin",
+        "auditor",
+    ]);
+    let binary = match target {
+        Target::Host => root.join("target/release/auditor"),
+        Target::Aarch64 => {
+            cmd.args(["--target", AARCH64_TARGET]);
+            root.join("target")
+                .join(AARCH64_TARGET)
+                .join("release/auditor")
+        }
+    };
+    run(&mut cmd)?;
+    if target == Target::Aarch64 {
+        check_static_aarch64(&binary)?;
+    }
+    eprintln!("built {}", binary.display());
+    Ok(binary)
+}
+
+/// The Pi image carries nothing but the binary: it must be a static arm64 ELF that runs.
+fn check_static_aarch64(binary: &Path) -> Result<()> {
+    let elf = std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
+    let elf =
+        Elf::parse(&elf).with_context(|| format!("{} is not an ELF file", binary.display()))?;
+    if elf.machine != EM_AARCH64 {
+        bail!(
+            "{} is not arm64 (e_machine {})",
+            binary.display(),
+            elf.machine
+        );
+    }
+    if elf.has_interp {
+        bail!("{} is dynamically linked (has PT_INTERP)", binary.display());
+    }
+    let mut qemu = Command::new("qemu-aarch64-static");
+    qemu.arg(binary).arg("--version");
+    eprintln!("+ {}", display(&qemu));
+    let out = qemu
+        .output()
+        .context("could not start qemu-aarch64-static")?;
+    if !out.status.success() {
+        bail!(
+            "{} --version under qemu failed: {}\n{}",
+            binary.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!(
+        "static arm64 binary ok under qemu-aarch64-static: {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    Ok(())
+}
+
+const EM_AARCH64: u16 = 183;
+const PT_INTERP: u32 = 3;
+
+/// Just enough of a 64-bit little-endian ELF header to tell the machine and whether it is static.
+struct Elf {
+    machine: u16,
+    has_interp: bool,
+}
+
+impl Elf {
+    fn parse(b: &[u8]) -> Option<Self> {
+        let u16_at = |o: usize| Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?));
+        let u32_at = |o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
+        let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
+        // Magic, 64-bit class, little-endian.
+        if b.get(0..4)? != b"\x7fELF" || *b.get(4)? != 2 || *b.get(5)? != 1 {
+            return None;
+        }
+        let machine = u16_at(18)?;
+        let phoff = usize::try_from(u64_at(32)?).ok()?;
+        let phentsize = usize::from(u16_at(54)?);
+        let phnum = usize::from(u16_at(56)?);
+        let mut has_interp = false;
+        for i in 0..phnum {
+            if u32_at(phoff + i * phentsize)? == PT_INTERP {
+                has_interp = true;
+            }
+        }
+        Some(Self {
+            machine,
+            has_interp,
+        })
+    }
+}
+
+fn test(root: &Path) -> Result<()> {
+    run(cargo(root).args(["fmt", "--all", "--", "--check"]))?;
+    let root_user = is_root();
+    let mut cmd = cargo(root);
+    cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
+    if root_user {
+        // Tests that need root and the kernel are #[ignore]d so plain `cargo test` as a user
+        // passes; here we are root, so they run.
+        cmd.arg("--include-ignored");
+    } else {
+        loud_notice(
+            "NOT ROOT: the kernel tests (BPF_PROG_TEST_RUN, network namespaces, attach churn) \
+             are SKIPPED. Run `sudo cargo xtask test` to run them.",
+        );
+    }
+    run(&mut cmd)?;
+    // The Pi build is part of the suite: a static arm64 binary that runs under qemu.
+    build(root, Target::Aarch64)?;
+    if !root_user {
+        loud_notice("Kernel tests were SKIPPED (not root): this run is incomplete.");
+    }
+    Ok(())
+}
+
+fn loud_notice(msg: &str) {
+    let bar = "!".repeat(78);
+    eprintln!("\n{bar}\n!! {msg}\n{bar}\n");
+}
+
+fn bench(root: &Path, which: Bench) -> Result<()> {
+    if which.needs_root() && !is_root() {
+        bail!(
+            "`cargo xtask bench {}` loads eBPF programs: run it as root",
+            which.name()
+        );
+    }
+    run(cargo(root).args(["bench", "--package", "auditor", "--bench", which.name()]))
+}
