@@ -1,0 +1,344 @@
+//! The rule IR: every policy kind (NetworkPolicy, CiliumNetworkPolicy, the clusterwide kind) is
+//! compiled into these types, and the verdict engine only ever sees them. It must be able to say
+//! everything SPEC 4.1-4.2 says, so a new policy feature starts here.
+//!
+//! How a compiler plugs in (P2's `policy::cilium` follows the same shape as `policy::netpol`):
+//! - parse the object with serde (the loader hands any `serde::Deserializer`, so errors carry the
+//!   file's line or the field path);
+//! - `compile(&object) -> Result<CompiledPolicy, CompileError>`: one [`CompiledPolicy`] per object,
+//!   holding its [`Isolation`]s and its [`Rule`]s, each rule with its own [`Subject`] (a Cilium
+//!   `specs:` list simply yields rules with different subjects).
+//!
+//! The engine's semantics, for reference:
+//! - a direction of an endpoint is *isolated* when any [`Isolation`] of that direction selects it;
+//! - per direction: denied if any `Action::Deny` rule matches; else allowed if not isolated or any
+//!   `Action::Allow` rule matches; else denied by default;
+//! - a pod-to-pod flow needs the source's egress AND the destination's ingress;
+//! - a pod and its own node may always talk (NetworkPolicy's and Cilium's host exemption);
+//! - `Peer::Cidr` matches pod and node addresses only in the Calico reading (config switch).
+
+use std::fmt;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// The kinds of policy object the model knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum PolicyKind {
+    NetworkPolicy,
+    CiliumNetworkPolicy,
+    CiliumClusterwideNetworkPolicy,
+}
+
+impl PolicyKind {
+    /// The Kubernetes `kind` string, also used as the `policy_kind` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NetworkPolicy => "NetworkPolicy",
+            Self::CiliumNetworkPolicy => "CiliumNetworkPolicy",
+            Self::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identifies a policy object: what an update or a delete names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PolicyKey {
+    pub kind: PolicyKind,
+    /// Empty for cluster-scoped kinds.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PolicyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// Traffic direction as seen from the selected endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a matching rule does. Deny beats every allow, of any policy kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+/// One compiled policy object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompiledPolicy {
+    pub key: PolicyKey,
+    /// Which endpoints this policy makes default-deny, per direction. NetworkPolicy: one per
+    /// entry of `policyTypes` (after defaulting). Cilium: one per direction that has any rule
+    /// (deny rules too), left out when `enableDefaultDeny` opts out of that direction.
+    pub isolations: Vec<Isolation>,
+    pub rules: Vec<Rule>,
+}
+
+/// "Endpoints selected by `subject` are default-deny for `direction`".
+#[derive(Clone, Debug, PartialEq)]
+pub struct Isolation {
+    pub subject: Subject,
+    pub direction: Direction,
+}
+
+/// One rule: who it applies to, which peers and ports it matches, and what it does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    /// Where the rule sits in its object, for explanations and the `rule` metric label,
+    /// e.g. `ingress[0]`, `egressDeny[1]`, `specs[2].egress[0]`.
+    pub name: String,
+    pub direction: Direction,
+    pub action: Action,
+    /// The endpoints the rule applies to (the policy's `podSelector` / `endpointSelector`).
+    pub subject: Subject,
+    /// The other side of the flow.
+    pub peers: Peers,
+    /// Destination ports; empty means every port of every protocol.
+    pub ports: Vec<PortMatch>,
+    /// The rule carries L7 rules (Cilium `toPorts[].rules`): it is judged on addresses and
+    /// ports, and the explanation says that its L7 part was not judged.
+    pub l7: bool,
+}
+
+/// The endpoints a policy or rule applies to. Only pods (Cilium endpoints) are ever subjects:
+/// host policies (`nodeSelector`) are not modelled, a compiler reports them as unjudgeable.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Subject {
+    pub namespaces: NamespaceScope,
+    pub pods: LabelSelector,
+}
+
+/// Which namespaces an endpoint selector covers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum NamespaceScope {
+    /// Every namespace (CCNP subjects, NetworkPolicy `namespaceSelector: {}`).
+    All,
+    /// Exactly this namespace (a NetworkPolicy's own namespace, Cilium's namespace label).
+    Named(String),
+    /// Namespaces whose labels match. Every namespace carries `kubernetes.io/metadata.name`.
+    Selector(LabelSelector),
+    /// Namespaces matching the selector AND named this (Cilium: namespace label plus
+    /// `io.cilium.k8s.namespace.labels.*` in one selector).
+    NamedAndSelector(String, LabelSelector),
+}
+
+/// A Kubernetes label selector: all requirements must hold; no requirement selects everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LabelSelector {
+    pub requirements: Vec<Requirement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+}
+
+/// `matchLabels: {k: v}` is `In([v])`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Operator {
+    In(Vec<String>),
+    NotIn(Vec<String>),
+    Exists,
+    DoesNotExist,
+}
+
+/// The peers a rule matches.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Peers {
+    /// Every address (NetworkPolicy: empty or missing `from`/`to`; Cilium: an L3-less rule).
+    Any,
+    /// Any one of these (a union). An empty list matches nothing.
+    List(Vec<Peer>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Peer {
+    /// Pods selected by namespace and pod labels (NetworkPolicy `podSelector` /
+    /// `namespaceSelector`, Cilium `fromEndpoints` / `toEndpoints`).
+    Endpoints(Subject),
+    /// An address block minus exceptions (`ipBlock`, `fromCIDR`, `toCIDRSet`, ...).
+    Cidr { net: IpNet, except: Vec<IpNet> },
+    /// A Cilium entity, resolved by the engine from inventory facts.
+    Entity(Entity),
+    /// A peer that cannot be judged from addresses: it never matches by itself; when nothing
+    /// else allows the flow and the rule's ports fit, the verdict names the rule.
+    Unjudgeable(Unjudgeable),
+}
+
+/// Cilium's reserved entities (SPEC 4.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Entity {
+    /// Addresses outside the cluster.
+    World,
+    /// Everything in the cluster: pods, nodes, API server, pod and node CIDRs.
+    Cluster,
+    /// The selected endpoint's own node.
+    Host,
+    /// Every other node.
+    RemoteNode,
+    /// The API server's addresses (`default/kubernetes` EndpointSlice / Endpoints).
+    KubeApiserver,
+    /// Cilium's ingress / Gateway proxy: the `entities.ingress` CIDRs of the config file.
+    Ingress,
+    /// Cilium health endpoints: not in the inventory, so never matched.
+    Health,
+    /// Endpoints still initialising: not observable from addresses, never matched.
+    Init,
+    /// Pods not managed by Cilium: not distinguishable here, never matched.
+    Unmanaged,
+    /// Everything.
+    All,
+}
+
+impl Entity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::World => "world",
+            Self::Cluster => "cluster",
+            Self::Host => "host",
+            Self::RemoteNode => "remote-node",
+            Self::KubeApiserver => "kube-apiserver",
+            Self::Ingress => "ingress",
+            Self::Health => "health",
+            Self::Init => "init",
+            Self::Unmanaged => "unmanaged",
+            Self::All => "all",
+        }
+    }
+}
+
+/// Why a peer cannot be judged from addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Unjudgeable {
+    ToFqdns,
+    ToServices,
+    ToGroups,
+    /// `fromRequires` / `toRequires` and other constructs; the string names it.
+    Other(String),
+}
+
+impl fmt::Display for Unjudgeable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ToFqdns => f.write_str("toFQDNs"),
+            Self::ToServices => f.write_str("toServices"),
+            Self::ToGroups => f.write_str("toGroups"),
+            Self::Other(what) => f.write_str(what),
+        }
+    }
+}
+
+/// A transport protocol as policies name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+    #[serde(rename = "ICMP")]
+    Icmp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+            Self::Icmp => "ICMP",
+        }
+    }
+
+    /// Parses the names used in flow lines and policies (case-insensitive; `ICMPv6` is ICMP).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_uppercase().as_str() {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            "ICMP" | "ICMPV6" => Some(Self::Icmp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One destination-port condition of a rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PortMatch {
+    /// `None` is Cilium's `ANY`. NetworkPolicy defaults to TCP before it gets here.
+    pub protocol: Option<Protocol>,
+    pub port: PortSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PortSpec {
+    /// Every port of the protocol (port omitted, Cilium port `0`).
+    Any,
+    /// `first..=last` (`port` alone is `Range(p, p)`; `endPort` extends it).
+    Range(u16, u16),
+    /// A container port name, resolved on the destination pod with the same protocol; it
+    /// matches nothing when the destination is not a pod or has no such port.
+    Named(String),
+}
+
+/// A policy object that cannot be compiled, with the field at fault. The loader adds the file,
+/// line and object name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct CompileError {
+    /// A path like `spec.ingress[0].from[1].ipBlock.cidr`.
+    pub field: String,
+    pub reason: String,
+}
