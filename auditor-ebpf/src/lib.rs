@@ -1,15 +1,38 @@
 //! Types shared by the TC program and user space, defined once (kunai-style): each module's
 //! `mod.rs` holds the `#[repr(C)]` layout, `user.rs` (feature `user`) the aya `Pod` impls and
-//! formatting. Map names are constants both sides use.
+//! formatting. Map, program and global names are constants both sides use.
 #![no_std]
 
 pub mod flow;
 
-/// Flow table: LRU hash, [`flow::FlowKey`] -> [`flow::FlowState`].
+/// Flow table: LRU hash, [`flow::FlowKey`] -> [`flow::FlowState`]. Its size is set by the loader
+/// (`set_max_entries`); [`DEFAULT_FLOW_TABLE_ENTRIES`] is the compiled-in default.
 pub const FLOWS_MAP: &str = "FLOWS";
-/// Ring buffer of [`flow::FlowEvent`]s. Its size must be a multiple of the page size.
+/// Ring buffer of [`flow::FlowEvent`]s. Its size must be a power-of-two multiple of the page size;
+/// the loader rounds the configured size up.
 pub const EVENTS_MAP: &str = "EVENTS";
-/// Per-CPU array of u64 counters indexed by [`flow::Counter`].
+/// Per-CPU array of `u64` counters, indexed by [`flow::Counter`] (`max_entries` is
+/// [`flow::Counter::COUNT`]).
 pub const COUNTERS_MAP: &str = "COUNTERS";
-/// The TC program's name in the object file.
-pub const PROGRAM_NAME: &str = "flow_auditor";
+
+/// The TC program for the ingress hook.
+pub const PROGRAM_INGRESS: &str = "flow_auditor_ingress";
+/// The TC program for the egress hook.
+pub const PROGRAM_EGRESS: &str = "flow_auditor_egress";
+/// A program that only returns `TC_ACT_UNSPEC`: the baseline of the datapath benchmark. Never
+/// attached.
+pub const PROGRAM_NOOP: &str = "flow_auditor_noop";
+
+/// Global (`u32`, read-only once loaded): keep one in this many packets of an answered flow that
+/// carry no state change; 0 or 1 keeps every packet. Set by the loader with `set_global`.
+pub const SAMPLE_EVERY_GLOBAL: &str = "SAMPLE_EVERY";
+
+/// Compiled-in flow table size, used when the loader does not override it.
+pub const DEFAULT_FLOW_TABLE_ENTRIES: u32 = 65_536;
+/// Compiled-in ring buffer size in bytes (a multiple of every page size Linux uses).
+pub const DEFAULT_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// How many bytes from the start of the packet the program can read headers from. A packet whose
+/// headers lie beyond this (deep IPv6 extension chains, ICMP errors quoting them) is counted as
+/// [`flow::Counter::Truncated`].
+pub const MAX_HEADER_BYTES: u32 = 256;

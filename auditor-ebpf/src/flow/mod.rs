@@ -1,19 +1,448 @@
-//! Flow keys, per-flow state and the events the TC program sends to user space.
+//! Flow keys, per-flow state, the events the TC program sends to user space and its counters.
+//! Every type here is `#[repr(C)]` and free of implicit padding, because the kernel hashes and
+//! copies these bytes verbatim: both sides must agree on every byte, padding included.
 
 #[cfg(feature = "user")]
 mod user;
 
-/// A flow key, normalised so both directions of a conversation find the same entry: the
-/// (address, port) pair that sorts lower is `lo`. Addresses are 16 bytes; IPv4 uses the
-/// IPv4-mapped form (::ffff:a.b.c.d). For ICMP echo both ports hold the identifier.
+/// Which side of a [`FlowKey`] an endpoint is.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The `lo_*` endpoint of the key.
+    Lo = 0,
+    /// The `hi_*` endpoint of the key.
+    Hi = 1,
+}
+
+impl Side {
+    /// Decodes a raw byte from a map value or event; `None` for anything the program never writes.
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Lo),
+            1 => Some(Self::Hi),
+            _ => None,
+        }
+    }
+}
+
+/// Which TC hook saw a packet. Each hook has its own program (see [`crate::PROGRAM_INGRESS`]),
+/// so the direction is known without asking the kernel.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// TC ingress: the packet arrived on the interface.
+    Ingress = 0,
+    /// TC egress: the packet is leaving through the interface.
+    Egress = 1,
+}
+
+impl Direction {
+    /// Decodes a raw byte; `None` for anything the program never writes.
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Ingress),
+            1 => Some(Self::Egress),
+            _ => None,
+        }
+    }
+}
+
+/// IP protocol numbers the program parses. Everything else is counted in
+/// [`Counter::OtherProtocol`].
+pub mod proto {
+    /// ICMP (IPv4).
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// ICMPv6.
+    pub const ICMPV6: u8 = 58;
+    /// SCTP.
+    pub const SCTP: u8 = 132;
+}
+
+/// TCP flag bits as they appear in [`FlowState::tcp_flags`] (the low byte of the TCP header's
+/// flags field).
+pub mod tcp_flags {
+    /// FIN.
+    pub const FIN: u8 = 0x01;
+    /// SYN.
+    pub const SYN: u8 = 0x02;
+    /// RST.
+    pub const RST: u8 = 0x04;
+    /// PSH.
+    pub const PSH: u8 = 0x08;
+    /// ACK.
+    pub const ACK: u8 = 0x10;
+}
+
+/// A flow's identity, normalised so both directions of a conversation find the same entry.
+///
+/// The (address, port) endpoint that sorts lower under [`FlowKey::new`]'s order is `lo`, the other
+/// `hi`; the order is an implementation detail, so use [`FlowState::initiator`] or
+/// [`FlowEvent::initiator`] to orient a flow, never the order itself. Build keys only with
+/// [`FlowKey::new`] so user space and the kernel normalise identically.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
+    /// Address of the `lo` endpoint, network byte order. IPv4 uses the IPv4-mapped IPv6 form
+    /// (`::ffff:a.b.c.d`), so one key type serves both families.
     pub lo_addr: [u8; 16],
+    /// Address of the `hi` endpoint, same form as `lo_addr`.
     pub hi_addr: [u8; 16],
+    /// Port of the `lo` endpoint, host byte order. For ICMP/ICMPv6 echo both ports hold the echo
+    /// identifier, so each ping session is its own flow.
     pub lo_port: u16,
+    /// Port of the `hi` endpoint, host byte order.
     pub hi_port: u16,
-    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP, 1 ICMP, 58 ICMPv6).
+    /// IP protocol number, one of [`proto`]; ICMP echo over IPv4 is [`proto::ICMP`], over IPv6
+    /// [`proto::ICMPV6`].
     pub proto: u8,
+    /// Always zero: the kernel hashes these bytes too.
     pub _pad: [u8; 3],
 }
+
+impl FlowKey {
+    /// Builds the normalised key of a packet from `src` to `dst`, and says which side of the key
+    /// the sender (`src`) is.
+    #[inline(always)]
+    pub fn new(
+        proto: u8,
+        src_addr: [u8; 16],
+        src_port: u16,
+        dst_addr: [u8; 16],
+        dst_port: u16,
+    ) -> (Self, Side) {
+        if endpoint_lt(&src_addr, src_port, &dst_addr, dst_port) {
+            let key = Self {
+                lo_addr: src_addr,
+                hi_addr: dst_addr,
+                lo_port: src_port,
+                hi_port: dst_port,
+                proto,
+                _pad: [0; 3],
+            };
+            (key, Side::Lo)
+        } else {
+            let key = Self {
+                lo_addr: dst_addr,
+                hi_addr: src_addr,
+                lo_port: dst_port,
+                hi_port: src_port,
+                proto,
+                _pad: [0; 3],
+            };
+            (key, Side::Hi)
+        }
+    }
+
+    /// The endpoint on `side`: (address, port).
+    pub const fn endpoint(&self, side: Side) -> ([u8; 16], u16) {
+        match side {
+            Side::Lo => (self.lo_addr, self.lo_port),
+            Side::Hi => (self.hi_addr, self.hi_port),
+        }
+    }
+}
+
+/// The IPv4-mapped IPv6 form of an IPv4 address, as stored in [`FlowKey`].
+#[inline(always)]
+pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// The order `FlowKey::new` normalises by: two native-endian 64-bit words then the port. Cheap in
+/// the kernel (no byte swapping) and identical in user space on the same machine, which is all a
+/// normalisation needs.
+#[inline(always)]
+fn endpoint_lt(a: &[u8; 16], a_port: u16, b: &[u8; 16], b_port: u16) -> bool {
+    let (a0, a1) = words(a);
+    let (b0, b1) = words(b);
+    if a0 != b0 {
+        return a0 < b0;
+    }
+    if a1 != b1 {
+        return a1 < b1;
+    }
+    a_port < b_port
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> (u64, u64) {
+    let [w0 @ .., _, _, _, _, _, _, _, _] = *a;
+    let [_, _, _, _, _, _, _, _, w1 @ ..] = *a;
+    (u64::from_ne_bytes(w0), u64::from_ne_bytes(w1))
+}
+
+/// Where a flow stands, from the kernel's point of view. Stored as a byte in
+/// [`FlowState::status`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlowStatus {
+    /// Seen from the initiator only (so far).
+    New = 0,
+    /// The responder answered: SYN-ACK for TCP, any packet back for UDP, SCTP and ICMP echo
+    /// (and any non-RST packet back for a TCP flow first seen mid-stream).
+    Answered = 1,
+    /// Refused before any answer: TCP RST from the responder, or an ICMP/ICMPv6 destination
+    /// unreachable about the initiator's packet.
+    Refused = 2,
+    /// TCP only: FIN seen both ways, or RST after an answer, or the initiator's RST before one.
+    Closed = 3,
+}
+
+impl FlowStatus {
+    /// Decodes a raw byte; `None` for anything the program never writes.
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            0 => Some(Self::New),
+            1 => Some(Self::Answered),
+            2 => Some(Self::Refused),
+            3 => Some(Self::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// Per-flow state, the value of the flow table ([`crate::FLOWS_MAP`]).
+///
+/// Arrays of two are indexed by who sent the packet: `[0]` the initiator, `[1]` the responder.
+/// Counters are plain (non-atomic) adds: two CPUs updating the same flow in the same instant can
+/// lose an increment, which is the price of a cheap fast path; state changes that produce events
+/// are never sampled out. Packets dropped by sampling ([`crate::SAMPLE_EVERY_GLOBAL`]) are not in
+/// `packets`/`bytes`; they are counted in [`Counter::SampledOut`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowState {
+    /// When the first packet was seen, `CLOCK_MONOTONIC_COARSE` nanoseconds
+    /// (`bpf_ktime_get_coarse_ns`: tick resolution, which is plenty for second-scale timeouts).
+    pub first_seen_ns: u64,
+    /// When the last (not sampled-out) packet was seen, same clock as `first_seen_ns`.
+    pub last_seen_ns: u64,
+    /// Packets `[from initiator, from responder]`.
+    pub packets: [u64; 2],
+    /// Bytes `[from initiator, from responder]`: the skb length as TC sees it (L2 header
+    /// included on Ethernet devices).
+    pub bytes: [u64; 2],
+    /// Interface index where the flow was first seen.
+    pub ifindex: u32,
+    /// OR of the TCP flags ([`tcp_flags`]) seen `[from initiator, from responder]`; zero for
+    /// other protocols.
+    pub tcp_flags: [u8; 2],
+    /// Which side of the key initiated the flow, a [`Side`] as a byte.
+    pub initiator: u8,
+    /// A [`FlowStatus`] as a byte.
+    pub status: u8,
+    /// The [`Direction`] (as a byte) of the hook that saw the first packet.
+    pub direction: u8,
+    /// 1 when the first packet seen was not an opening one (for TCP anything but a SYN without
+    /// ACK; for ICMP an echo reply), so the initiator is a guess (or, for a SYN-ACK or an echo
+    /// reply seen first, inferred from the answer). 0 otherwise.
+    pub mid_stream: u8,
+    /// 1 once the responder has answered, kept when the flow later closes, so user space can tell
+    /// a closed established flow from an abandoned attempt. 0 otherwise.
+    pub answered: u8,
+    /// Always zero.
+    pub _pad: [u8; 5],
+}
+
+impl FlowState {
+    /// The decoded [`FlowState::status`].
+    pub const fn status(&self) -> Option<FlowStatus> {
+        FlowStatus::from_raw(self.status)
+    }
+
+    /// The decoded [`FlowState::initiator`].
+    pub const fn initiator(&self) -> Option<Side> {
+        Side::from_raw(self.initiator)
+    }
+
+    /// The decoded [`FlowState::direction`].
+    pub const fn direction(&self) -> Option<Direction> {
+        Direction::from_raw(self.direction)
+    }
+}
+
+/// Why an event was sent. Stored as a byte in [`FlowEvent::kind`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// A flow entered the table (its first packet, or a new TCP SYN reusing the key of a refused
+    /// or closed flow).
+    New = 1,
+    /// The responder answered (see [`FlowStatus::Answered`]).
+    Answered = 2,
+    /// The flow was refused (see [`FlowStatus::Refused`]).
+    Refused = 3,
+    /// The flow closed (see [`FlowStatus::Closed`]).
+    Closed = 4,
+}
+
+impl EventKind {
+    /// Decodes a raw byte; `None` for anything the program never writes.
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            1 => Some(Self::New),
+            2 => Some(Self::Answered),
+            3 => Some(Self::Refused),
+            4 => Some(Self::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// One record of the event ring buffer ([`crate::EVENTS_MAP`]). Sent when a flow starts and when
+/// its status changes, never per packet; the flow table has the counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowEvent {
+    /// The flow.
+    pub key: FlowKey,
+    /// When the packet that caused the event was seen, same clock as
+    /// [`FlowState::first_seen_ns`].
+    pub ts_ns: u64,
+    /// Interface index of the packet that caused the event (for [`EventKind::Refused`] by ICMP,
+    /// of the ICMP error).
+    pub ifindex: u32,
+    /// An [`EventKind`] as a byte.
+    pub kind: u8,
+    /// Which side of the key initiated the flow, a [`Side`] as a byte.
+    pub initiator: u8,
+    /// The [`Direction`] (as a byte) of the hook that saw the packet.
+    pub direction: u8,
+    /// Copy of [`FlowState::mid_stream`].
+    pub mid_stream: u8,
+}
+
+impl FlowEvent {
+    /// The decoded [`FlowEvent::kind`].
+    pub const fn kind(&self) -> Option<EventKind> {
+        EventKind::from_raw(self.kind)
+    }
+
+    /// The decoded [`FlowEvent::initiator`].
+    pub const fn initiator(&self) -> Option<Side> {
+        Side::from_raw(self.initiator)
+    }
+
+    /// The decoded [`FlowEvent::direction`].
+    pub const fn direction(&self) -> Option<Direction> {
+        Direction::from_raw(self.direction)
+    }
+}
+
+/// Indices into the per-CPU counter array ([`crate::COUNTERS_MAP`]).
+///
+/// Every packet increments [`Counter::PacketsSeen`] and exactly one of the *outcome* counters
+/// ([`Counter::OUTCOMES`]), so per CPU and in total: `PacketsSeen == sum(OUTCOMES)`. The others
+/// count events, not packets.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// Every packet the program ran on.
+    PacketsSeen = 0,
+    /// Outcome: `skb->protocol` was neither IPv4 nor IPv6 (ARP, LLDP, ...).
+    NonIp = 1,
+    /// Outcome: a header the program needed ended before the packet did (or lay beyond the
+    /// first [`crate::MAX_HEADER_BYTES`] bytes).
+    Truncated = 2,
+    /// Outcome: a header was invalid (IP version disagreeing with `skb->protocol`, IPv4 IHL
+    /// under 5, more IPv6 extension headers than the program walks).
+    Malformed = 3,
+    /// Outcome: an IP fragment other than the first (no ports to key by).
+    Fragment = 4,
+    /// Outcome: an IP packet whose protocol is not TCP, UDP, SCTP, ICMP or ICMPv6.
+    OtherProtocol = 5,
+    /// Outcome: ICMP/ICMPv6 other than echo and destination unreachable (neighbour discovery,
+    /// time exceeded, packet too big, ...).
+    IcmpOther = 6,
+    /// Outcome: an ICMP/ICMPv6 destination unreachable about a flow in the table (the flow is
+    /// refused if it was still [`FlowStatus::New`]).
+    IcmpErrorMatched = 7,
+    /// Outcome: an ICMP/ICMPv6 destination unreachable whose embedded packet is not a flow in
+    /// the table, was not sent by the flow's initiator, or could not be parsed.
+    IcmpErrorUnmatched = 8,
+    /// Outcome: the packet started a flow (a new table entry).
+    FlowCreated = 9,
+    /// Outcome: the packet updated an existing flow.
+    FlowUpdated = 10,
+    /// Outcome: an established-flow packet skipped by sampling.
+    SampledOut = 11,
+    /// Outcome: the packet would have started a flow but the insert into the table failed.
+    InsertFailed = 12,
+    /// Events written to the ring buffer.
+    EventsSent = 13,
+    /// Events lost because the ring buffer was full.
+    EventsLost = 14,
+}
+
+impl Counter {
+    /// Number of counters: the counter map's `max_entries`.
+    pub const COUNT: u32 = 15;
+
+    /// Every counter, in index order.
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::PacketsSeen,
+        Self::NonIp,
+        Self::Truncated,
+        Self::Malformed,
+        Self::Fragment,
+        Self::OtherProtocol,
+        Self::IcmpOther,
+        Self::IcmpErrorMatched,
+        Self::IcmpErrorUnmatched,
+        Self::FlowCreated,
+        Self::FlowUpdated,
+        Self::SampledOut,
+        Self::InsertFailed,
+        Self::EventsSent,
+        Self::EventsLost,
+    ];
+
+    /// The outcome counters: each packet increments exactly one of them.
+    pub const OUTCOMES: [Self; 12] = [
+        Self::NonIp,
+        Self::Truncated,
+        Self::Malformed,
+        Self::Fragment,
+        Self::OtherProtocol,
+        Self::IcmpOther,
+        Self::IcmpErrorMatched,
+        Self::IcmpErrorUnmatched,
+        Self::FlowCreated,
+        Self::FlowUpdated,
+        Self::SampledOut,
+        Self::InsertFailed,
+    ];
+
+    /// A stable snake_case name, for metric labels and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PacketsSeen => "packets_seen",
+            Self::NonIp => "non_ip",
+            Self::Truncated => "truncated",
+            Self::Malformed => "malformed",
+            Self::Fragment => "fragment",
+            Self::OtherProtocol => "other_protocol",
+            Self::IcmpOther => "icmp_other",
+            Self::IcmpErrorMatched => "icmp_error_matched",
+            Self::IcmpErrorUnmatched => "icmp_error_unmatched",
+            Self::FlowCreated => "flow_created",
+            Self::FlowUpdated => "flow_updated",
+            Self::SampledOut => "sampled_out",
+            Self::InsertFailed => "insert_failed",
+            Self::EventsSent => "events_sent",
+            Self::EventsLost => "events_lost",
+        }
+    }
+}
+
+// The kernel copies these verbatim: a layout change must be deliberate.
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
+const _: () = assert!(Counter::ALL.len() == Counter::COUNT as usize);
