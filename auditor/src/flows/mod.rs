@@ -1,1 +1,170 @@
-//! Flow records: the datapath's events and flow table turned into flows with an outcome.
+//! Flow records: the datapath's events and flow table turned into one record per flow, oriented
+//! initiator -> responder, with the outcome (established, refused, unanswered) once it is decided.
+//! The decision logic ([`FlowTracker`]) is pure: it is fed events, table entries and the time.
+//!
+//! Life of a flow, as this stage sees it:
+//! - The kernel keys a flow once however many attached interfaces it crosses, and sends `New` when
+//!   it enters the table. The tracker holds it as pending.
+//! - `Answered` / `Refused` (or a table walk finding that status, when the event was lost) decide
+//!   it and produce its [`FlowRecord`], exactly once. A pending flow still unanswered when the
+//!   answer timeout passes is looked up in the table one last time, then recorded as
+//!   [`Outcome::Unanswered`] unless the table shows an answer.
+//! - After the decision no further record is produced for the flow: closing it (FIN both ways, RST)
+//!   only starts a linger period, after which the walk deletes its table entry. Entries idle
+//!   for longer than the idle timeout are deleted too, so the LRU table holds live flows. A flow
+//!   that resumes after its entry was deleted (or evicted by the LRU) comes back marked
+//!   mid-stream: while the tracker still remembers it, that is recognised as the same flow and not
+//!   reported again; after that it is reported again, with `mid_stream` set.
+
+pub mod tracker;
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use auditor_ebpf::flow::{Direction, FlowKey, proto};
+use serde::Serialize;
+
+pub use tracker::{FlowTracker, Now, WalkVerdict};
+
+/// What the network did with a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The responder answered: SYN-ACK for TCP, any packet back for UDP, SCTP and ICMP.
+    Established,
+    /// TCP RST or ICMP destination unreachable came back before any answer.
+    Refused,
+    /// Nothing came back within the answer timeout (or the initiator gave up first).
+    Unanswered,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Established => "established",
+            Self::Refused => "refused",
+            Self::Unanswered => "unanswered",
+        })
+    }
+}
+
+/// The transport protocols the datapath keys flows by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+    #[serde(rename = "ICMP")]
+    Icmp,
+    #[serde(rename = "ICMPv6")]
+    Icmpv6,
+}
+
+impl Protocol {
+    /// From the IP protocol number; `None` for protocols the datapath does not key flows by.
+    #[must_use]
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            proto::TCP => Some(Self::Tcp),
+            proto::UDP => Some(Self::Udp),
+            proto::SCTP => Some(Self::Sctp),
+            proto::ICMP => Some(Self::Icmp),
+            proto::ICMPV6 => Some(Self::Icmpv6),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+            Self::Icmp => "ICMP",
+            Self::Icmpv6 => "ICMPv6",
+        })
+    }
+}
+
+/// Packets or bytes of a flow, each way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct PerDirection {
+    /// Sent by the initiator.
+    pub to_responder: u64,
+    /// Sent by the responder.
+    pub to_initiator: u64,
+}
+
+/// One flow with its decided outcome: what the daemon classifies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlowRecord {
+    pub protocol: Protocol,
+    /// Who sent the first packet seen (for TCP, the SYN). For ICMP echo the "port" of both ends is
+    /// the echo identifier.
+    pub initiator: SocketAddr,
+    pub responder: SocketAddr,
+    /// Where the flow was first seen: interface index, and its name when the datapath knew it
+    /// (empty otherwise).
+    pub ifindex: u32,
+    pub interface: String,
+    /// Which hook of that interface saw the first packet.
+    #[serde(serialize_with = "direction_name")]
+    pub direction: Direction,
+    /// Counters when the outcome was decided. Sampling (if configured) leaves established-flow
+    /// packets out of these.
+    pub packets: PerDirection,
+    pub bytes: PerDirection,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    /// The first packet seen was not an opening one (the auditor started, or the table lost the
+    /// entry, in the middle of the flow), so `initiator` is a best guess.
+    pub mid_stream: bool,
+    pub outcome: Outcome,
+    /// The datapath's key, for correlating with the flow table.
+    #[serde(skip)]
+    pub key: FlowKey,
+}
+
+fn direction_name<S: serde::Serializer>(d: &Direction, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match d {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    })
+}
+
+/// Timeouts of the flow stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowsConfig {
+    /// How long a responder has to answer before the flow is [`Outcome::Unanswered`].
+    pub answer_timeout: Duration,
+    /// A flow without packets for this long is deleted from the table (and forgotten).
+    pub idle_timeout: Duration,
+    /// How long a closed or refused flow's entry stays in the table: long enough to absorb
+    /// retransmissions and late packets of the close without re-creating the entry.
+    pub closed_linger: Duration,
+    /// How often the flow table is walked: reconciles lost events, refreshes counters and
+    /// expires entries. A walk costs two syscalls per table entry.
+    pub walk_interval: Duration,
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        Self {
+            // The SPEC's default.
+            answer_timeout: Duration::from_secs(5),
+            // Like conntrack's UDP stream timeout order of magnitude; TCP keepalives (2 h by
+            // default) do not keep an entry, a resumed flow comes back marked mid-stream.
+            idle_timeout: Duration::from_secs(300),
+            // Covers TIME_WAIT-ish retransmissions of FIN/RST.
+            closed_linger: Duration::from_secs(30),
+            walk_interval: Duration::from_secs(2),
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! The outcome state machine: one entry per flow key, from the first event to the moment the
+//! table entry is deleted. No I/O: the caller feeds it events, table entries and the time, and
+//! performs the lookups and deletions it asks for.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use auditor_ebpf::flow::{Direction, EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Side};
+
+use super::{FlowRecord, FlowsConfig, Outcome, PerDirection, Protocol};
+
+/// The time, on both clocks the tracker needs: the kernel's monotonic coarse clock (what the
+/// datapath stamps packets with) and the wall clock (what records carry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub mono_ns: u64,
+    pub wall: SystemTime,
+}
+
+impl Now {
+    /// Reads both clocks. `CLOCK_MONOTONIC_COARSE` is what `bpf_ktime_get_coarse_ns` reads.
+    #[must_use]
+    pub fn read() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to write to; CLOCK_MONOTONIC_COARSE always exists on Linux.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+        let secs = u64::try_from(ts.tv_sec).unwrap_or_default();
+        let nanos = u64::try_from(ts.tv_nsec).unwrap_or_default();
+        Self {
+            mono_ns: secs.saturating_mul(1_000_000_000).saturating_add(nanos),
+            wall: SystemTime::now(),
+        }
+    }
+
+    /// The wall-clock time of a kernel timestamp.
+    #[must_use]
+    pub fn wall_of(&self, mono_ns: u64) -> SystemTime {
+        if mono_ns <= self.mono_ns {
+            self.wall - Duration::from_nanos(self.mono_ns - mono_ns)
+        } else {
+            self.wall + Duration::from_nanos(mono_ns - self.mono_ns)
+        }
+    }
+}
+
+/// What a table walk should do with one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalkVerdict {
+    /// The flow's record, when this entry decided it (its event was lost).
+    pub record: Option<FlowRecord>,
+    /// Delete the entry from the table: closed or refused and lingered, or idle too long.
+    pub remove: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Pending,
+    Decided,
+    /// TCP close seen (or the flow was refused): only lingers until deletion.
+    Finished,
+}
+
+#[derive(Debug, Clone)]
+struct Tracked {
+    initiator: Side,
+    first_seen_ns: u64,
+    last_seen_ns: u64,
+    ifindex: u32,
+    direction: Direction,
+    mid_stream: bool,
+    packets: [u64; 2],
+    bytes: [u64; 2],
+    phase: Phase,
+    /// Walk generation that last saw the entry in the table.
+    seen_in_walk: u64,
+}
+
+/// Decides each flow's outcome once. See the [module docs](super) for the life of a flow.
+#[derive(Debug)]
+pub struct FlowTracker {
+    config: FlowsConfig,
+    flows: HashMap<FlowKey, Tracked>,
+    walk: u64,
+}
+
+impl FlowTracker {
+    #[must_use]
+    pub fn new(config: FlowsConfig) -> Self {
+        Self {
+            config,
+            flows: HashMap::new(),
+            walk: 0,
+        }
+    }
+
+    #[must_use]
+    pub const fn config(&self) -> &FlowsConfig {
+        &self.config
+    }
+
+    /// Flows tracked now (pending, decided or lingering).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// Flows still waiting for an answer.
+    #[must_use]
+    pub fn pending(&self) -> usize {
+        self.flows.values().filter(|t| t.phase == Phase::Pending).count()
+    }
+
+    /// Feeds one ring-buffer event. `state` is the flow's table entry read right after the event
+    /// (for counters; `None` if it is already gone). Returns the flow's record when this event
+    /// decided it. Events with undecodable fields are ignored (the kernel never writes them).
+    pub fn on_event(&mut self, event: &FlowEvent, state: Option<&FlowState>, now: &Now) -> Option<FlowRecord> {
+        let FlowEvent {
+            key,
+            ts_ns,
+            ifindex,
+            kind: _,
+            initiator: _,
+            direction: _,
+            mid_stream,
+        } = *event;
+        let (kind, initiator, direction) = (event.kind()?, event.initiator()?, event.direction()?);
+        let fresh = || Tracked {
+            initiator,
+            first_seen_ns: ts_ns,
+            last_seen_ns: ts_ns,
+            ifindex,
+            direction,
+            mid_stream: mid_stream != 0,
+            packets: [0; 2],
+            bytes: [0; 2],
+            phase: Phase::Pending,
+            seen_in_walk: 0,
+        };
+        if kind == EventKind::New {
+            match self.flows.get(&key) {
+                // The same flow seen on a second CPU or interface in the same instant.
+                Some(t) if t.phase == Phase::Pending => {}
+                // A flow we already reported, resuming after its entry was deleted or evicted.
+                Some(t) if t.phase == Phase::Decided && mid_stream != 0 => {}
+                _ => {
+                    let mut tracked = fresh();
+                    if let Some(state) = state {
+                        refresh(&mut tracked, state);
+                    }
+                    self.flows.insert(key, tracked);
+                }
+            }
+            return None;
+        }
+        // An answer, refusal or close whose `New` we never saw (lost event, or started before us).
+        let tracked = self.flows.entry(key).or_insert_with(fresh);
+        if let Some(state) = state {
+            refresh(tracked, state);
+        }
+        tracked.last_seen_ns = tracked.last_seen_ns.max(ts_ns);
+        let outcome = match kind {
+            EventKind::New => return None,
+            EventKind::Answered => Outcome::Established,
+            EventKind::Refused => Outcome::Refused,
+            EventKind::Closed => {
+                if state.is_some_and(|s| s.answered != 0) {
+                    Outcome::Established
+                } else {
+                    // The initiator reset or finished before any answer: it gave up.
+                    Outcome::Unanswered
+                }
+            }
+        };
+        let finished = matches!(kind, EventKind::Closed | EventKind::Refused);
+        decide(key, tracked, outcome, finished, now)
+    }
+
+    /// Keys of pending flows whose answer timeout has passed. Look each up in the table and call
+    /// [`FlowTracker::resolve`].
+    #[must_use]
+    pub fn due(&self, now: &Now) -> Vec<FlowKey> {
+        let timeout = duration_ns(self.config.answer_timeout);
+        self.flows
+            .iter()
+            .filter(|(_, t)| t.phase == Phase::Pending && t.first_seen_ns.saturating_add(timeout) <= now.mono_ns)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    /// Decides a pending flow whose answer timeout has passed, from its table entry (`None` when
+    /// the entry is gone): an answer or refusal there (whose event was lost) wins, otherwise it is
+    /// unanswered.
+    pub fn resolve(&mut self, key: &FlowKey, state: Option<&FlowState>, now: &Now) -> Option<FlowRecord> {
+        let tracked = self.flows.get_mut(key)?;
+        if tracked.phase != Phase::Pending {
+            return None;
+        }
+        let outcome = state.map_or(Outcome::Unanswered, |s| {
+            refresh(tracked, s);
+            outcome_of(s).unwrap_or(Outcome::Unanswered)
+        });
+        let finished = state.is_some_and(|s| matches!(s.status(), Some(FlowStatus::Closed | FlowStatus::Refused)));
+        decide(*key, tracked, outcome, finished, now)
+    }
+
+    /// Starts a walk of the flow table; call [`FlowTracker::on_table_entry`] for every entry and
+    /// [`FlowTracker::end_walk`] after the last.
+    pub fn begin_walk(&mut self) {
+        self.walk += 1;
+    }
+
+    /// Reconciles one table entry: adopts flows whose `New` event was lost, decides those whose
+    /// answer or refusal event was lost, refreshes counters, and says whether to delete the entry.
+    pub fn on_table_entry(&mut self, key: &FlowKey, state: &FlowState, now: &Now) -> WalkVerdict {
+        let walk = self.walk;
+        let Some(initiator) = state.initiator() else {
+            return WalkVerdict {
+                record: None,
+                remove: false,
+            };
+        };
+        let tracked = self.flows.entry(*key).or_insert_with(|| Tracked {
+            initiator,
+            first_seen_ns: state.first_seen_ns,
+            last_seen_ns: state.last_seen_ns,
+            ifindex: state.ifindex,
+            direction: state.direction().unwrap_or(Direction::Ingress),
+            mid_stream: state.mid_stream != 0,
+            packets: state.packets,
+            bytes: state.bytes,
+            phase: Phase::Pending,
+            seen_in_walk: walk,
+        });
+        tracked.seen_in_walk = walk;
+        refresh(tracked, state);
+        let finished = matches!(state.status(), Some(FlowStatus::Closed | FlowStatus::Refused));
+        let record = if tracked.phase == Phase::Pending {
+            outcome_of(state).and_then(|outcome| decide(*key, tracked, outcome, finished, now))
+        } else {
+            if finished {
+                tracked.phase = Phase::Finished;
+            }
+            None
+        };
+        let idle_ns = now.mono_ns.saturating_sub(tracked.last_seen_ns);
+        let remove = match tracked.phase {
+            Phase::Pending => false,
+            Phase::Decided => idle_ns >= duration_ns(self.config.idle_timeout),
+            Phase::Finished => idle_ns >= duration_ns(self.config.closed_linger),
+        };
+        if remove {
+            self.flows.remove(key);
+        }
+        WalkVerdict { record, remove }
+    }
+
+    /// Forgets decided flows the walk did not find (the LRU evicted them). Pending ones stay until
+    /// their timeout resolves them.
+    pub fn end_walk(&mut self) {
+        let walk = self.walk;
+        self.flows
+            .retain(|_, t| t.phase == Phase::Pending || t.seen_in_walk == walk);
+    }
+}
+
+/// The outcome a table entry shows, if decided.
+fn outcome_of(state: &FlowState) -> Option<Outcome> {
+    match state.status()? {
+        FlowStatus::New => None,
+        FlowStatus::Answered => Some(Outcome::Established),
+        FlowStatus::Refused => Some(Outcome::Refused),
+        FlowStatus::Closed if state.answered != 0 => Some(Outcome::Established),
+        FlowStatus::Closed => Some(Outcome::Unanswered),
+    }
+}
+
+fn refresh(tracked: &mut Tracked, state: &FlowState) {
+    tracked.packets = state.packets;
+    tracked.bytes = state.bytes;
+    tracked.last_seen_ns = tracked.last_seen_ns.max(state.last_seen_ns);
+    tracked.first_seen_ns = tracked.first_seen_ns.min(state.first_seen_ns);
+}
+
+/// Marks a pending flow decided and builds its record; `None` if it was decided before.
+fn decide(key: FlowKey, tracked: &mut Tracked, outcome: Outcome, finished: bool, now: &Now) -> Option<FlowRecord> {
+    let was_pending = tracked.phase == Phase::Pending;
+    tracked.phase = if finished {
+        Phase::Finished
+    } else if was_pending {
+        Phase::Decided
+    } else {
+        tracked.phase
+    };
+    if !was_pending {
+        return None;
+    }
+    let protocol = Protocol::from_number(key.proto)?;
+    let responder_side = match tracked.initiator {
+        Side::Lo => Side::Hi,
+        Side::Hi => Side::Lo,
+    };
+    let socket = |side| SocketAddr::from(key.socket(side));
+    Some(FlowRecord {
+        protocol,
+        initiator: socket(tracked.initiator),
+        responder: socket(responder_side),
+        ifindex: tracked.ifindex,
+        interface: String::new(),
+        direction: tracked.direction,
+        packets: PerDirection {
+            to_responder: tracked.packets[0],
+            to_initiator: tracked.packets[1],
+        },
+        bytes: PerDirection {
+            to_responder: tracked.bytes[0],
+            to_initiator: tracked.bytes[1],
+        },
+        first_seen: now.wall_of(tracked.first_seen_ns),
+        last_seen: now.wall_of(tracked.last_seen_ns),
+        mid_stream: tracked.mid_stream,
+        outcome,
+        key,
+    })
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use auditor_ebpf::flow::proto;
+
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn now(secs: u64) -> Now {
+        Now {
+            mono_ns: 1000 * SEC + secs * SEC,
+            wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs),
+        }
+    }
+
+    fn client() -> (IpAddr, u16) {
+        ("10.0.0.1".parse().unwrap(), 40000)
+    }
+
+    fn server() -> (IpAddr, u16) {
+        ("10.0.0.2".parse().unwrap(), 80)
+    }
+
+    fn key(p: u8) -> (FlowKey, Side) {
+        FlowKey::from_addrs(p, client(), server())
+    }
+
+    fn event(p: u8, kind: EventKind, at: u64) -> FlowEvent {
+        let (key, initiator) = key(p);
+        FlowEvent {
+            key,
+            ts_ns: now(at).mono_ns,
+            ifindex: 7,
+            kind: kind as u8,
+            initiator: initiator as u8,
+            direction: Direction::Egress as u8,
+            mid_stream: 0,
+        }
+    }
+
+    fn state(p: u8, status: FlowStatus, answered: bool, first: u64, last: u64) -> FlowState {
+        FlowState {
+            first_seen_ns: now(first).mono_ns,
+            last_seen_ns: now(last).mono_ns,
+            packets: [3, u64::from(answered) * 2],
+            bytes: [180, u64::from(answered) * 120],
+            ifindex: 7,
+            tcp_flags: [0; 2],
+            initiator: key(p).1 as u8,
+            status: status as u8,
+            direction: Direction::Egress as u8,
+            mid_stream: 0,
+            answered: u8::from(answered),
+            _pad: [0; 5],
+        }
+    }
+
+    fn tracker() -> FlowTracker {
+        FlowTracker::new(FlowsConfig::default())
+    }
+
+    #[test]
+    fn answered_flow_is_recorded_once_and_oriented() {
+        let mut t = tracker();
+        assert!(t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0)).is_none());
+        // The same flow's New from a second interface is not a second flow.
+        assert!(t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0)).is_none());
+        let s = state(proto::TCP, FlowStatus::Answered, true, 0, 1);
+        let r = t
+            .on_event(&event(proto::TCP, EventKind::Answered, 1), Some(&s), &now(1))
+            .expect("the answer decides the flow");
+        assert_eq!(r.outcome, Outcome::Established);
+        assert_eq!(r.protocol, Protocol::Tcp);
+        assert_eq!(r.initiator, SocketAddr::from(client()));
+        assert_eq!(r.responder, SocketAddr::from(server()));
+        assert_eq!(r.packets, PerDirection { to_responder: 3, to_initiator: 2 });
+        assert_eq!(r.first_seen, now(0).wall);
+        assert_eq!(r.last_seen, now(1).wall);
+        assert_eq!((r.ifindex, r.direction, r.mid_stream), (7, Direction::Egress, false));
+        // Neither the close nor a walk reports it again, and nothing is due.
+        let closed = state(proto::TCP, FlowStatus::Closed, true, 0, 2);
+        assert!(t.on_event(&event(proto::TCP, EventKind::Closed, 2), Some(&closed), &now(2)).is_none());
+        t.begin_walk();
+        assert!(t.on_table_entry(&key(proto::TCP).0, &closed, &now(3)).record.is_none());
+        t.end_walk();
+        assert!(t.due(&now(100)).is_empty());
+    }
+
+    #[test]
+    fn refusal_and_timeout() {
+        let mut t = tracker();
+        t.on_event(&event(proto::UDP, EventKind::New, 0), None, &now(0));
+        let r = t.on_event(&event(proto::UDP, EventKind::Refused, 0), None, &now(0)).unwrap();
+        assert_eq!(r.outcome, Outcome::Refused);
+
+        let mut t = tracker();
+        t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
+        assert!(t.due(&now(4)).is_empty(), "due before the answer timeout");
+        let due = t.due(&now(5));
+        assert_eq!(due, vec![key(proto::TCP).0]);
+        let s = state(proto::TCP, FlowStatus::New, false, 0, 4);
+        let r = t.resolve(&due[0], Some(&s), &now(5)).unwrap();
+        assert_eq!(r.outcome, Outcome::Unanswered);
+        assert_eq!(r.packets.to_responder, 3);
+        assert!(t.resolve(&due[0], Some(&s), &now(6)).is_none(), "decided twice");
+    }
+
+    #[test]
+    fn lost_answer_is_found_at_the_deadline() {
+        let mut t = tracker();
+        t.on_event(&event(proto::UDP, EventKind::New, 0), None, &now(0));
+        let s = state(proto::UDP, FlowStatus::Answered, true, 0, 0);
+        let r = t.resolve(&key(proto::UDP).0, Some(&s), &now(5)).unwrap();
+        assert_eq!(r.outcome, Outcome::Established);
+    }
+
+    #[test]
+    fn walk_adopts_lost_events_and_expires() {
+        let mut t = tracker();
+        let (k, _) = key(proto::TCP);
+        t.begin_walk();
+        let v = t.on_table_entry(&k, &state(proto::TCP, FlowStatus::Answered, true, 0, 1), &now(2));
+        assert_eq!(v.record.map(|r| r.outcome), Some(Outcome::Established));
+        assert!(!v.remove);
+        t.end_walk();
+        // Idle past the idle timeout: deleted and forgotten.
+        t.begin_walk();
+        let v = t.on_table_entry(&k, &state(proto::TCP, FlowStatus::Answered, true, 0, 1), &now(301));
+        assert!(v.record.is_none());
+        assert!(v.remove);
+        t.end_walk();
+        assert!(t.is_empty());
+        // A refused flow lingers 30 s.
+        t.begin_walk();
+        let s = state(proto::TCP, FlowStatus::Refused, false, 0, 0);
+        assert_eq!(t.on_table_entry(&k, &s, &now(1)).record.map(|r| r.outcome), Some(Outcome::Refused));
+        assert!(t.on_table_entry(&k, &s, &now(31)).remove);
+    }
+
+    #[test]
+    fn evicted_decided_flows_are_forgotten_pending_ones_kept() {
+        let mut t = tracker();
+        t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
+        t.on_event(&event(proto::UDP, EventKind::New, 0), None, &now(0));
+        t.on_event(&event(proto::UDP, EventKind::Answered, 0), None, &now(0)).unwrap();
+        t.begin_walk();
+        t.end_walk();
+        assert_eq!((t.len(), t.pending()), (1, 1));
+    }
+
+    #[test]
+    fn resumed_flow_is_not_reported_again_but_a_reused_key_is() {
+        let mut t = tracker();
+        t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
+        t.on_event(&event(proto::TCP, EventKind::Answered, 0), None, &now(0)).unwrap();
+        let mut resumed = event(proto::TCP, EventKind::New, 10);
+        resumed.mid_stream = 1;
+        t.on_event(&resumed, None, &now(10));
+        assert!(t.on_event(&event(proto::TCP, EventKind::Answered, 10), None, &now(10)).is_none());
+        // After a close, a new SYN on the same 4-tuple is a new connection.
+        t.on_event(&event(proto::TCP, EventKind::Closed, 11), None, &now(11));
+        t.on_event(&event(proto::TCP, EventKind::New, 12), None, &now(12));
+        let r = t.on_event(&event(proto::TCP, EventKind::Answered, 12), None, &now(12)).unwrap();
+        assert_eq!(r.first_seen, now(12).wall);
+    }
+
+    #[test]
+    fn initiator_giving_up_is_unanswered() {
+        let mut t = tracker();
+        t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
+        let s = state(proto::TCP, FlowStatus::Closed, false, 0, 1);
+        let r = t.on_event(&event(proto::TCP, EventKind::Closed, 1), Some(&s), &now(1)).unwrap();
+        assert_eq!(r.outcome, Outcome::Unanswered);
+    }
+}
