@@ -202,6 +202,10 @@ pub enum Peer {
     Endpoints(Subject),
     /// An address block minus exceptions (`ipBlock`, `fromCIDR`, `toCIDRSet`, ...).
     Cidr { net: IpNet, except: Vec<IpNet> },
+    /// Cilium's CIDR rules (`fromCIDR`, `toCIDRSet`, ...): the block minus exceptions, but never
+    /// a pod, node or `ingress` address (Cilium gives those identities of their own), whatever
+    /// the ipBlock reading is. An API server outside the cluster does match.
+    ClusterExternalCidr { net: IpNet, except: Vec<IpNet> },
     /// A Cilium entity, resolved by the engine from inventory facts.
     Entity(Entity),
     /// A peer that cannot be judged from addresses: it never matches by itself; when nothing
@@ -215,6 +219,10 @@ pub enum Peer {
 pub enum Entity {
     /// Addresses outside the cluster.
     World,
+    /// `world` restricted to IPv4 addresses.
+    WorldIpv4,
+    /// `world` restricted to IPv6 addresses.
+    WorldIpv6,
     /// Everything in the cluster: pods, nodes, API server, pod and node CIDRs.
     Cluster,
     /// The selected endpoint's own node.
@@ -239,6 +247,8 @@ impl Entity {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::World => "world",
+            Self::WorldIpv4 => "world-ipv4",
+            Self::WorldIpv6 => "world-ipv6",
             Self::Cluster => "cluster",
             Self::Host => "host",
             Self::RemoteNode => "remote-node",

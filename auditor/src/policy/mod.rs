@@ -2,4 +2,9 @@
 //! Pure library: no I/O, no async, no kernel. Compilers (`netpol`, `cilium`) turn objects into the
 //! rule IR (`ir`); the engine (`model`) indexes rules by the identities they select and judges flows.
 
+pub mod cilium;
+pub mod explain;
 pub mod ir;
+pub mod model;
+pub mod netpol;
+pub mod selector;
