@@ -1,0 +1,138 @@
+//! The `--config FILE` YAML: what the cluster's objects cannot tell (the `ingress` entity's
+//! addresses, which CNI's ipBlock reading to use, the answer timeout). Unknown keys are errors,
+//! so a typo is not silently ignored; every error names the file and line.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::policy::model::{IpBlockReading, ModelConfig};
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// `calico` (default): an ipBlock matches any address; `cilium`: CIDR rules never match pod
+    /// or node addresses (SPEC 4.1).
+    pub ip_block_reading: IpBlockReading,
+    /// Addresses of entities the cluster's objects do not reveal.
+    pub entities: Entities,
+    /// How long a flow may wait for an answer before it is `unanswered` ("5s", "500ms", "1m").
+    #[serde(deserialize_with = "duration")]
+    pub answer_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ip_block_reading: IpBlockReading::Calico,
+            entities: Entities::default(),
+            // SPEC 2: the default answer timeout.
+            answer_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Entities {
+    /// Cilium's `ingress` entity: the addresses its ingress / Gateway proxy uses.
+    pub ingress: Vec<IpNet>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// Parses "5s", "250ms", "2m", "1h" or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(seconds).ok()
+}
+
+fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    match Raw::deserialize(de)? {
+        Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => parse_duration(&t).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{t:?} is not a duration (e.g. \"5s\", \"500ms\", \"1m\")"
+            ))
+        }),
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_text(path, &text)
+    }
+
+    pub fn from_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        if text.lines().all(|l| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#')
+        }) {
+            return Ok(Self::default());
+        }
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.location().map_or(1, |l| l.line());
+            let text = inner.to_string();
+            let message = text
+                .find(" at line ")
+                .map_or(text.clone(), |i| text[..i].to_owned());
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                message: if field.is_empty() || field == "." {
+                    message
+                } else {
+                    format!("{field}: {message}")
+                },
+            }
+        })
+    }
+
+    pub fn model_config(&self) -> ModelConfig {
+        ModelConfig {
+            ipblock: self.ip_block_reading,
+            ingress_cidrs: self.entities.ingress.clone(),
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Verdicts put into words: for each direction, which policy and rule decided, or why no policy
+//! applies, plus the Service translation and rules that could not be judged. Used by `check`'s
+//! output and by the daemon's logs.
+
+use serde::Serialize;
+
+use super::ir::{Direction, Peer, Peers, Unjudgeable};
+use super::model::{Decision, Flow, Model, PeerInfo, RuleId, ServiceProblem, Verdict};
+
+/// A rule, named the way metrics label it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleRef {
+    pub policy_kind: &'static str,
+    pub policy_namespace: String,
+    pub policy_name: String,
+    pub rule: String,
+    pub action: &'static str,
+    /// Its L7 part (Cilium `toPorts[].rules`) was not judged.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub l7: bool,
+    /// Why it could not be judged from addresses, when it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unjudgeable: Option<String>,
+}
+
+impl RuleRef {
+    fn text(&self) -> String {
+        let mut out = format!("{} ", self.policy_kind);
+        if !self.policy_namespace.is_empty() {
+            out.push_str(&self.policy_namespace);
+            out.push('/');
+        }
+        out.push_str(&self.policy_name);
+        out.push(' ');
+        out.push_str(&self.rule);
+        out
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DirectionExplanation {
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// `rule`, `default-deny`, `not-isolated`, `own-node` or `not-a-pod`.
+    pub by: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
+    /// For `default-deny`: the policies isolating the pod.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub isolated_by: Vec<String>,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceExplanation {
+    pub namespace: String,
+    pub name: String,
+    pub ready_endpoints: u32,
+    /// The endpoint whose verdict is shown (`ip:port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    pub verdict: &'static str,
+    pub reason: String,
+    pub src_peer: PeerInfo,
+    pub dst_peer: PeerInfo,
+    pub egress: DirectionExplanation,
+    pub ingress: DirectionExplanation,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceExplanation>,
+    /// Rules that might have allowed the flow but cannot be judged from addresses.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unjudged: Vec<RuleRef>,
+}
+
+fn peer_text(p: &PeerInfo) -> String {
+    match p.kind.as_str() {
+        "pod" => format!("pod {}/{}", p.namespace, p.name),
+        "service" => format!("service {}/{}", p.namespace, p.name),
+        kind if p.name.is_empty() => kind.to_owned(),
+        kind => format!("{kind} {}", p.name),
+    }
+}
+
+impl Model {
+    pub fn rule_ref(&self, id: RuleId) -> Option<RuleRef> {
+        let (key, rule) = self.rule(id)?;
+        let unjudgeable = match &rule.peers {
+            Peers::List(list) => list.iter().find_map(|p| match p {
+                Peer::Unjudgeable(u) => Some(u),
+                _ => None,
+            }),
+            Peers::Any => None,
+        }
+        .map(Unjudgeable::to_string);
+        Some(RuleRef {
+            policy_kind: key.kind.as_str(),
+            policy_namespace: key.namespace.clone(),
+            policy_name: key.name.clone(),
+            rule: rule.name.clone(),
+            action: rule.action.as_str(),
+            l7: rule.l7,
+            unjudgeable,
+        })
+    }
+
+    /// Explains a verdict this model gave for `flow`.
+    pub fn explain(&self, flow: &Flow, verdict: &Verdict) -> Explanation {
+        let src_peer = self.describe(flow.src);
+        let dst_peer = self.describe(flow.dst);
+        // After Service translation the pod whose ingress was judged is the chosen endpoint.
+        let (ingress_ip, ingress_port) = match verdict.service.and_then(|s| s.endpoint) {
+            Some((ip, port)) => (ip, port),
+            None => (flow.dst, flow.port),
+        };
+        let ingress_peer = self.describe(ingress_ip);
+        let what = |port: u16| match flow.protocol {
+            super::ir::Protocol::Icmp => "ICMP".to_owned(),
+            p => format!("{p}/{port}"),
+        };
+        let mut unjudged = Vec::new();
+        let egress = self.direction(
+            Direction::Egress,
+            verdict.egress,
+            flow.src,
+            &src_peer,
+            &format!("{} to {}", what(ingress_port), peer_text(&ingress_peer)),
+            &mut unjudged,
+        );
+        let ingress = self.direction(
+            Direction::Ingress,
+            verdict.ingress,
+            ingress_ip,
+            &ingress_peer,
+            &format!("{} from {}", what(ingress_port), peer_text(&src_peer)),
+            &mut unjudged,
+        );
+        let service = verdict.service.and_then(|hop| {
+            let s = self.inventory().service(hop.service)?;
+            let text = match hop.problem {
+                Some(ServiceProblem::NoSuchPort) => format!(
+                    "service {}/{} has no port {}",
+                    s.namespace,
+                    s.name,
+                    what(flow.port)
+                ),
+                Some(ServiceProblem::NoReadyEndpoint) => format!(
+                    "service {}/{} has no ready endpoint for {}",
+                    s.namespace,
+                    s.name,
+                    what(flow.port)
+                ),
+                None => format!(
+                    "service {}/{} translated to {} ready endpoint(s); {}",
+                    s.namespace,
+                    s.name,
+                    hop.endpoints,
+                    if verdict.allowed {
+                        "every one is allowed".to_owned()
+                    } else {
+                        format!("{} is denied", peer_text(&ingress_peer))
+                    }
+                ),
+            };
+            Some(ServiceExplanation {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                ready_endpoints: hop.endpoints,
+                endpoint: hop.endpoint.map(|(ip, port)| match ip {
+                    std::net::IpAddr::V4(v4) => format!("{v4}:{port}"),
+                    std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+                }),
+                text,
+            })
+        });
+        let problem = verdict.service.is_some_and(|h| h.problem.is_some());
+        let directions = format!("egress: {}; ingress: {}", egress.text, ingress.text);
+        let reason = match &service {
+            Some(s) if problem => s.text.clone(),
+            Some(s) => format!("{}; {directions}", s.text),
+            None => directions,
+        };
+        Explanation {
+            verdict: if verdict.allowed { "allow" } else { "deny" },
+            reason,
+            src_peer,
+            dst_peer,
+            egress,
+            ingress,
+            service,
+            unjudged,
+        }
+    }
+
+    fn direction(
+        &self,
+        direction: Direction,
+        decision: Decision,
+        subject_ip: std::net::IpAddr,
+        subject: &PeerInfo,
+        flow_text: &str,
+        unjudged: &mut Vec<RuleRef>,
+    ) -> DirectionExplanation {
+        let end = match direction {
+            Direction::Egress => "source",
+            Direction::Ingress => "destination",
+        };
+        let mut out = DirectionExplanation {
+            decision: if decision.allows() { "allow" } else { "deny" },
+            by: "",
+            rule: None,
+            isolated_by: Vec::new(),
+            text: String::new(),
+        };
+        match decision {
+            Decision::NotAPod => {
+                out.by = "not-a-pod";
+                out.text = format!("no policy applies, the {end} is {}", peer_text(subject));
+            }
+            Decision::OwnNode => {
+                out.by = "own-node";
+                out.text = "allowed, a pod and its own node may always talk".to_owned();
+            }
+            Decision::NotIsolated => {
+                out.by = "not-isolated";
+                out.text = format!(
+                    "allowed, no policy isolates {} for {direction}",
+                    peer_text(subject)
+                );
+            }
+            Decision::Allowed(id) | Decision::Denied(id) => {
+                out.by = "rule";
+                let rule = self.rule_ref(id);
+                let verb = if decision.allows() {
+                    "allowed"
+                } else {
+                    "denied"
+                };
+                out.text = match &rule {
+                    Some(r) if r.l7 => {
+                        format!("{verb} by {} (its L7 rules were not judged)", r.text())
+                    }
+                    Some(r) => format!("{verb} by {}", r.text()),
+                    None => format!("{verb} by a rule that was since removed"),
+                };
+                out.rule = rule;
+            }
+            Decision::DefaultDeny { unjudged: maybe } => {
+                out.by = "default-deny";
+                out.isolated_by = self
+                    .isolating_policies(subject_ip, direction)
+                    .into_iter()
+                    .map(ToString::to_string)
+                    .collect();
+                out.text = format!(
+                    "denied, {} is isolated for {direction} by {} and no rule allows {flow_text}",
+                    peer_text(subject),
+                    out.isolated_by.join(", ")
+                );
+                if let Some(r) = maybe.and_then(|id| self.rule_ref(id)) {
+                    out.text.push_str(&format!(
+                        " (but {} could allow it and was not judged: {})",
+                        r.text(),
+                        r.unjudgeable
+                            .as_deref()
+                            .unwrap_or("not judgeable from addresses")
+                    ));
+                    unjudged.push(r);
+                }
+            }
+        }
+        out
+    }
+}
