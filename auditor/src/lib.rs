@@ -4,11 +4,9 @@
 //! one: datapath (load, attach, read) -> flows (state, outcome) -> inventory (who is who) ->
 //! policy (model, verdict, explanation) -> audit (allowed/denied/unexpected) -> export.
 
-pub mod audit;
 pub mod check;
 pub mod config;
 pub mod datapath;
-pub mod export;
 pub mod flows;
 pub mod inventory;
 pub mod policy;
