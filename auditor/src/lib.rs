@@ -4,9 +4,11 @@
 //! one: datapath (load, attach, read) -> flows (state, outcome) -> inventory (who is who) ->
 //! policy (model, verdict, explanation) -> audit (allowed/denied/unexpected) -> export.
 
+pub mod audit;
 pub mod check;
 pub mod config;
 pub mod datapath;
+pub mod export;
 pub mod flows;
 pub mod inventory;
 pub mod policy;

@@ -1,0 +1,395 @@
+//! The audit stage: a decided flow (the flows stage's [`FlowRecord`]) plus who its peers are and
+//! what the intended model says of it, turned into the audit verdict `allowed` / `denied` /
+//! `unexpected` (SPEC 2). Pure and synchronous: no I/O, the caller passes the time.
+//!
+//! Each flow is counted once: records repeating a counted flow (same normalised key, overlapping
+//! lifetime) are dropped; a flow seen both addressed to a Service ClusterIP and to the endpoint it
+//! was translated to counts once, judged on the endpoint (the ClusterIP record is held briefly,
+//! see [`AuditConfig::service_hold`], and judged against every ready endpoint when no endpoint
+//! record turns up); across nodes, only the agent named by [`counting`]'s rule counts it.
+
+pub mod counting;
+mod dedup;
+pub mod judge;
+pub mod peer;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::flows::{self, FlowRecord, Outcome};
+use crate::policy::ir::{self, PolicyKey};
+
+pub use counting::{counting_node, counts_here};
+pub use peer::{NamedPorts, Peer, PodPeer, Resolver};
+
+/// The audit verdict, the `verdict` metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditVerdict {
+    /// The model allows the flow.
+    Allowed,
+    /// The model denies it and it did not get through: enforcement matches intent.
+    Denied,
+    /// The model denies it but it got through: not enforced yet, or an enforcement gap.
+    Unexpected,
+}
+
+impl AuditVerdict {
+    pub const ALL: [Self; 3] = [Self::Allowed, Self::Denied, Self::Unexpected];
+
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Unexpected => "unexpected",
+        }
+    }
+
+    /// The outcomes a flow with this verdict can have.
+    #[must_use]
+    pub const fn outcomes(self) -> &'static [Outcome] {
+        match self {
+            Self::Allowed => &[Outcome::Established, Outcome::Refused, Outcome::Unanswered],
+            Self::Denied => &[Outcome::Refused, Outcome::Unanswered],
+            Self::Unexpected => &[Outcome::Established],
+        }
+    }
+}
+
+impl fmt::Display for AuditVerdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the intended model says of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelVerdict {
+    Allow,
+    Deny,
+}
+
+/// One rule that decided a direction of a flow: the `policy_rule_hits_total` labels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Decision {
+    pub policy: PolicyKey,
+    pub direction: ir::Direction,
+    /// The rule's place in its object (`ingress[0]`), or how the engine names a default deny.
+    pub rule: String,
+    pub action: ir::Action,
+}
+
+/// The model's answer for one flow, with the rules that decided it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Judgement {
+    pub verdict: ModelVerdict,
+    /// The deciding rules, per direction; empty when no policy applies.
+    pub decisions: Vec<Decision>,
+    /// Human-readable explanation (which policy and rule, or why none applies).
+    pub reason: String,
+}
+
+/// A flow as the model judges it: addresses as seen (a Service ClusterIP is the model's to
+/// translate, SPEC 4.3), destination port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowQuery {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: ir::Protocol,
+    pub port: u16,
+}
+
+/// The seam to the intended model: the daemon implements it over the policy engine.
+pub trait Judge {
+    fn judge(&self, query: &FlowQuery) -> Judgement;
+}
+
+/// The audit verdict of a flow the model judged `model` and the network treated as `outcome`.
+#[must_use]
+pub const fn classify(model: ModelVerdict, outcome: Outcome) -> AuditVerdict {
+    match (model, outcome) {
+        (ModelVerdict::Allow, _) => AuditVerdict::Allowed,
+        (ModelVerdict::Deny, Outcome::Established) => AuditVerdict::Unexpected,
+        (ModelVerdict::Deny, Outcome::Refused | Outcome::Unanswered) => AuditVerdict::Denied,
+    }
+}
+
+/// The policy model's name for a flow's protocol (ICMPv6 is ICMP there).
+#[must_use]
+pub const fn model_protocol(protocol: flows::Protocol) -> ir::Protocol {
+    match protocol {
+        flows::Protocol::Tcp => ir::Protocol::Tcp,
+        flows::Protocol::Udp => ir::Protocol::Udp,
+        flows::Protocol::Sctp => ir::Protocol::Sctp,
+        flows::Protocol::Icmp | flows::Protocol::Icmpv6 => ir::Protocol::Icmp,
+    }
+}
+
+/// A counted flow: what the export stage turns into metrics and log lines.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditedFlow {
+    pub record: FlowRecord,
+    pub src: Peer,
+    pub dst: Peer,
+    /// The `dst_port` label: `None` is `other`.
+    pub dst_port: Option<u16>,
+    pub judgement: Judgement,
+    pub verdict: AuditVerdict,
+}
+
+/// How the audit stage remembers and waits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// This agent's node (`spec.nodeName`); `None` counts every flow seen (see [`counting`]).
+    pub local_node: Option<String>,
+    /// How long a flow addressed to a Service ClusterIP waits for the record of the endpoint it
+    /// was translated to. Both are decided by the same answer, so they arrive together; the wait
+    /// only needs to cover one poll of the flow stream.
+    pub service_hold: Duration,
+    /// How long counted flows are remembered for recognising repeats. Longer than the time
+    /// between two reports of one flow (two interfaces' events, a table walk after a lost event).
+    pub horizon: Duration,
+    /// At most this many counted flows are remembered (the oldest go first).
+    pub capacity: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            local_node: None,
+            service_hold: Duration::from_secs(1),
+            // Covers the flow stream's walk interval and answer timeout several times over.
+            horizon: Duration::from_secs(60),
+            // Matches the flow table's order of magnitude (64k flows) with room for bursts.
+            capacity: 262_144,
+        }
+    }
+}
+
+/// What the audit needs from the other stages for one call.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    pub resolver: Resolver<'a>,
+    pub judge: &'a dyn Judge,
+    pub named_ports: &'a NamedPorts,
+}
+
+/// Running totals of what the audit did with the records it was fed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    pub counted: u64,
+    /// Repeats of a counted flow.
+    pub duplicates: u64,
+    /// Flows another node's agent counts.
+    pub other_node: u64,
+    /// ClusterIP records replaced by their endpoint's record.
+    pub superseded: u64,
+}
+
+#[derive(Debug)]
+struct Held {
+    record: FlowRecord,
+    src: Peer,
+    dst: Peer,
+    due: SystemTime,
+}
+
+/// Turns flow records into counted, judged flows, once each.
+#[derive(Debug)]
+pub struct Auditor {
+    config: AuditConfig,
+    recent: dedup::Recent,
+    held: Vec<Held>,
+    stats: AuditStats,
+}
+
+impl Auditor {
+    #[must_use]
+    pub fn new(config: AuditConfig) -> Self {
+        let recent = dedup::Recent::new(config.horizon, config.capacity);
+        Self {
+            config,
+            recent,
+            held: Vec::new(),
+            stats: AuditStats::default(),
+        }
+    }
+
+    #[must_use]
+    pub const fn config(&self) -> &AuditConfig {
+        &self.config
+    }
+
+    #[must_use]
+    pub const fn stats(&self) -> AuditStats {
+        self.stats
+    }
+
+    /// ClusterIP flows waiting for their endpoint's record.
+    #[must_use]
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Counted flows remembered for recognising repeats.
+    #[must_use]
+    pub fn remembered(&self) -> usize {
+        self.recent.len()
+    }
+
+    /// Feeds one decided flow. Returns it judged when this agent counts it now; `None` when it
+    /// repeats a counted flow, belongs to another node's agent, or waits (a ClusterIP flow, see
+    /// [`Auditor::tick`]).
+    pub fn push(
+        &mut self,
+        record: FlowRecord,
+        ctx: &Context<'_>,
+        now: SystemTime,
+    ) -> Option<AuditedFlow> {
+        if self.recent.is_duplicate(&record.key, record.first_seen)
+            || self.held.iter().any(|h| h.record.key == record.key)
+        {
+            self.stats.duplicates += 1;
+            return None;
+        }
+        let src = ctx
+            .resolver
+            .resolve(record.initiator.ip(), record.initiator.port());
+        let dst = ctx
+            .resolver
+            .resolve(record.responder.ip(), record.responder.port());
+        if !counts_here(self.config.local_node.as_deref(), &src, &dst) {
+            self.stats.other_node += 1;
+            return None;
+        }
+        let initiator = (record.protocol, record.initiator);
+        let hold = self.config.service_hold;
+        if let Peer::Service { namespace, name } = &dst {
+            let translated =
+                self.recent
+                    .initiator_reached(initiator, record.first_seen, hold, |ip| {
+                        ctx.resolver.is_endpoint_of(namespace, name, ip)
+                    });
+            if translated {
+                self.stats.superseded += 1;
+                self.remember(&record, now);
+                return None;
+            }
+            self.held.push(Held {
+                record,
+                src,
+                dst,
+                due: now + hold,
+            });
+            return None;
+        }
+        let before = self.held.len();
+        let responder = record.responder.ip();
+        let mut superseded = Vec::new();
+        self.held.retain(|h| {
+            let same = (h.record.protocol, h.record.initiator) == initiator
+                && within(h.record.first_seen, record.first_seen, hold)
+                && matches!(&h.dst, Peer::Service { namespace, name }
+                    if ctx.resolver.is_endpoint_of(namespace, name, responder));
+            if same {
+                superseded.push(h.record.clone());
+            }
+            !same
+        });
+        self.stats.superseded += (before - self.held.len()) as u64;
+        for held in &superseded {
+            self.remember(held, now);
+        }
+        Some(self.audit(record, src, dst, ctx, now))
+    }
+
+    /// Releases ClusterIP flows whose wait is over (judged on every ready endpoint, by the
+    /// model) and forgets counted flows older than the horizon. Call it about once a second.
+    pub fn tick(&mut self, ctx: &Context<'_>, now: SystemTime) -> Vec<AuditedFlow> {
+        self.recent.expire(now);
+        let (due, waiting): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.due <= now);
+        self.held = waiting;
+        due.into_iter()
+            .map(
+                |Held {
+                     record,
+                     src,
+                     dst,
+                     due: _,
+                 }| self.audit(record, src, dst, ctx, now),
+            )
+            .collect()
+    }
+
+    /// Releases every waiting flow (shutdown: count what was seen).
+    pub fn flush(&mut self, ctx: &Context<'_>, now: SystemTime) -> Vec<AuditedFlow> {
+        std::mem::take(&mut self.held)
+            .into_iter()
+            .map(
+                |Held {
+                     record,
+                     src,
+                     dst,
+                     due: _,
+                 }| self.audit(record, src, dst, ctx, now),
+            )
+            .collect()
+    }
+
+    fn remember(&mut self, record: &FlowRecord, now: SystemTime) {
+        self.recent.remember(
+            record.key,
+            (record.protocol, record.initiator),
+            record.responder.ip(),
+            record.first_seen,
+            record.last_seen,
+            now,
+        );
+    }
+
+    fn audit(
+        &mut self,
+        record: FlowRecord,
+        src: Peer,
+        dst: Peer,
+        ctx: &Context<'_>,
+        now: SystemTime,
+    ) -> AuditedFlow {
+        self.remember(&record, now);
+        self.stats.counted += 1;
+        let protocol = model_protocol(record.protocol);
+        let port = record.responder.port();
+        let judgement = ctx.judge.judge(&FlowQuery {
+            src: record.initiator.ip(),
+            dst: record.responder.ip(),
+            protocol,
+            port,
+        });
+        let verdict = classify(judgement.verdict, record.outcome);
+        let dst_port =
+            ctx.resolver
+                .port_label(&dst, record.responder.ip(), protocol, port, ctx.named_ports);
+        AuditedFlow {
+            record,
+            src,
+            dst,
+            dst_port,
+            judgement,
+            verdict,
+        }
+    }
+}
+
+fn within(a: SystemTime, b: SystemTime, window: Duration) -> bool {
+    a.duration_since(b).unwrap_or_else(|e| e.duration()) <= window
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,603 @@
+//! The audit stage against the real policy model: a two-node cluster with one NetworkPolicy.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use auditor_ebpf::flow::{Direction, FlowKey, proto};
+use ipnet::IpNet;
+
+use super::*;
+use crate::flows::{FlowRecord, Outcome, PerDirection, Protocol as FlowProtocol};
+use crate::inventory::{
+    ContainerPort, Endpoint, EndpointPort, EndpointSlice, Labels, Namespace, Node, Pod, Service,
+    ServicePort, TargetPort, Workload,
+};
+use crate::policy::ir::{self, PolicyKind};
+use crate::policy::model::{Model, ModelConfig};
+use crate::policy::netpol;
+
+const FRONTEND: &str = "10.244.0.10";
+const PROMETHEUS: &str = "10.244.0.30";
+const POSTGRES: &str = "10.244.1.20";
+const POSTGRES_SVC: &str = "10.96.0.50";
+const NODE_A: &str = "10.0.0.1";
+const NODE_B: &str = "10.0.0.2";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad test address {s}: {e}"))
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse()
+        .unwrap_or_else(|e| panic!("bad test CIDR {s}: {e}"))
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn pod(
+    namespace: &str,
+    name: &str,
+    workload: &str,
+    node: &str,
+    addr: &str,
+    ports: &[(u16, &str)],
+) -> Pod {
+    Pod {
+        namespace: namespace.into(),
+        name: name.into(),
+        labels: labels(&[("app", workload)]),
+        workload: Workload {
+            kind: "Deployment".into(),
+            name: workload.into(),
+        },
+        node: Some(node.into()),
+        host_network: false,
+        ips: vec![ip(addr)],
+        ports: ports
+            .iter()
+            .map(|&(port, name)| ContainerPort {
+                name: Some(name.into()),
+                port,
+                protocol: ir::Protocol::Tcp,
+            })
+            .collect(),
+    }
+}
+
+const ALLOW_WEB: &str = r"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-web, namespace: db}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+    - from:
+        - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: web}}
+      ports:
+        - {port: 5432, protocol: TCP}
+";
+
+/// Two nodes; web/frontend and monitoring/prometheus on node-a, db/postgres on node-b behind a
+/// ClusterIP; db admits only web on 5432.
+fn model() -> Model {
+    let mut model = Model::new(ModelConfig::default());
+    for ns in ["web", "db", "monitoring", "default"] {
+        model.upsert_namespace(Namespace {
+            name: ns.into(),
+            labels: labels(&[("kubernetes.io/metadata.name", ns)]),
+        });
+    }
+    for (name, addr, cidr) in [
+        ("node-a", NODE_A, "10.244.0.0/24"),
+        ("node-b", NODE_B, "10.244.1.0/24"),
+    ] {
+        model.upsert_node(Node {
+            name: name.into(),
+            addresses: vec![ip(addr)],
+            pod_cidrs: vec![net(cidr)],
+        });
+    }
+    model.upsert_pod(pod(
+        "web",
+        "frontend-7d9f-abcde",
+        "frontend",
+        "node-a",
+        FRONTEND,
+        &[],
+    ));
+    model.upsert_pod(pod(
+        "monitoring",
+        "prometheus-0",
+        "prometheus",
+        "node-a",
+        PROMETHEUS,
+        &[(9090, "web")],
+    ));
+    model.upsert_pod(pod(
+        "db",
+        "postgres-0",
+        "postgres",
+        "node-b",
+        POSTGRES,
+        &[(5432, "pg")],
+    ));
+    model.upsert_service(Service {
+        namespace: "db".into(),
+        name: "postgres".into(),
+        cluster_ips: vec![ip(POSTGRES_SVC)],
+        ports: vec![ServicePort {
+            name: Some("pg".into()),
+            port: 5432,
+            protocol: ir::Protocol::Tcp,
+            target: TargetPort::Number(5432),
+        }],
+        selector: Some(labels(&[("app", "postgres")])),
+    });
+    model.upsert_endpoint_slice(EndpointSlice {
+        namespace: "db".into(),
+        name: "postgres-x1".into(),
+        service: "postgres".into(),
+        ports: vec![EndpointPort {
+            name: Some("pg".into()),
+            port: 5432,
+            protocol: ir::Protocol::Tcp,
+        }],
+        endpoints: vec![Endpoint {
+            addresses: vec![ip(POSTGRES)],
+            ready: true,
+        }],
+    });
+    model.upsert_endpoint_slice(EndpointSlice {
+        namespace: "default".into(),
+        name: "kubernetes".into(),
+        service: "kubernetes".into(),
+        ports: vec![EndpointPort {
+            name: Some("https".into()),
+            port: 6443,
+            protocol: ir::Protocol::Tcp,
+        }],
+        endpoints: vec![Endpoint {
+            addresses: vec![ip(NODE_A)],
+            ready: true,
+        }],
+    });
+    model.upsert_policy(allow_web());
+    model
+}
+
+fn allow_web() -> ir::CompiledPolicy {
+    let object = serde_yaml_ng::from_str(ALLOW_WEB)
+        .unwrap_or_else(|e| panic!("test policy does not parse: {e}"));
+    netpol::compile(&object).unwrap_or_else(|e| panic!("test policy does not compile: {e}"))
+}
+
+fn t(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+}
+
+fn record(src: &str, dst: &str, outcome: Outcome, first: u64) -> FlowRecord {
+    let initiator: SocketAddr = src
+        .parse()
+        .unwrap_or_else(|e| panic!("bad socket {src}: {e}"));
+    let responder: SocketAddr = dst
+        .parse()
+        .unwrap_or_else(|e| panic!("bad socket {dst}: {e}"));
+    let (key, _) = FlowKey::from_addrs(
+        proto::TCP,
+        (initiator.ip(), initiator.port()),
+        (responder.ip(), responder.port()),
+    );
+    FlowRecord {
+        protocol: FlowProtocol::Tcp,
+        initiator,
+        responder,
+        ifindex: 7,
+        interface: "cali0a1b2c3d4e5".into(),
+        direction: Direction::Ingress,
+        packets: PerDirection::default(),
+        bytes: PerDirection::default(),
+        first_seen: t(first),
+        last_seen: t(first + 1),
+        mid_stream: false,
+        outcome,
+        key,
+    }
+}
+
+struct Fixture {
+    model: Model,
+    ingress: Vec<IpNet>,
+    named: NamedPorts,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            model: model(),
+            ingress: vec![net("192.0.2.0/28")],
+            named: NamedPorts::from_policies(&[allow_web()]),
+        }
+    }
+
+    fn ctx(&self) -> Context<'_> {
+        Context {
+            resolver: Resolver {
+                inventory: self.model.inventory(),
+                ingress: &self.ingress,
+            },
+            judge: &self.model,
+            named_ports: &self.named,
+        }
+    }
+}
+
+fn auditor(local: Option<&str>) -> Auditor {
+    Auditor::new(AuditConfig {
+        local_node: local.map(str::to_owned),
+        ..AuditConfig::default()
+    })
+}
+
+#[test]
+fn verdict_truth_table() {
+    use AuditVerdict::{Allowed, Denied, Unexpected};
+    use ModelVerdict::{Allow, Deny};
+    let table = [
+        (Allow, Outcome::Established, Allowed),
+        (Allow, Outcome::Refused, Allowed),
+        (Allow, Outcome::Unanswered, Allowed),
+        (Deny, Outcome::Established, Unexpected),
+        (Deny, Outcome::Refused, Denied),
+        (Deny, Outcome::Unanswered, Denied),
+    ];
+    for (model, outcome, want) in table {
+        let got = classify(model, outcome);
+        assert_eq!(got, want, "{model:?} + {outcome:?}");
+        assert!(
+            got.outcomes().contains(&outcome),
+            "{got} cannot have {outcome}"
+        );
+    }
+}
+
+#[test]
+fn allowed_flow_names_its_rule_and_declared_port() {
+    let fx = Fixture::new();
+    let mut a = auditor(Some("node-a"));
+    let flow = a
+        .push(
+            record(
+                "10.244.0.10:40000",
+                "10.244.1.20:5432",
+                Outcome::Established,
+                0,
+            ),
+            &fx.ctx(),
+            t(2),
+        )
+        .unwrap_or_else(|| panic!("the initiator's node must count the flow"));
+    assert_eq!(flow.verdict, AuditVerdict::Allowed);
+    assert_eq!(flow.src.workload_label(), "frontend");
+    assert_eq!(flow.dst.namespace_label(), "db");
+    assert_eq!(flow.dst.workload_label(), "postgres");
+    assert_eq!(flow.dst_port, Some(5432));
+    let rules: Vec<_> = flow
+        .judgement
+        .decisions
+        .iter()
+        .map(|d| {
+            (
+                d.policy.name.as_str(),
+                d.direction,
+                d.rule.as_str(),
+                d.action,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [(
+            "allow-web",
+            ir::Direction::Ingress,
+            "ingress[0]",
+            ir::Action::Allow
+        )]
+    );
+    assert_eq!(a.stats().counted, 1);
+}
+
+#[test]
+fn denied_flow_is_unexpected_when_established_and_denied_otherwise() {
+    let fx = Fixture::new();
+    let mut a = auditor(Some("node-a"));
+    let cases = [
+        (Outcome::Established, AuditVerdict::Unexpected),
+        (Outcome::Refused, AuditVerdict::Denied),
+        (Outcome::Unanswered, AuditVerdict::Denied),
+    ];
+    for (i, (outcome, want)) in cases.into_iter().enumerate() {
+        let port = 41000 + u16::try_from(i).unwrap_or_else(|e| panic!("{e}"));
+        let flow = a
+            .push(
+                record(
+                    &format!("{PROMETHEUS}:{port}"),
+                    "10.244.1.20:5432",
+                    outcome,
+                    0,
+                ),
+                &fx.ctx(),
+                t(2),
+            )
+            .unwrap_or_else(|| panic!("flow {i} not counted"));
+        assert_eq!(flow.verdict, want, "{outcome:?}");
+        assert_eq!(flow.judgement.verdict, ModelVerdict::Deny);
+        assert!(
+            !flow.judgement.reason.is_empty(),
+            "a denied flow carries its explanation"
+        );
+        let d = &flow.judgement.decisions;
+        assert!(
+            d.len() == 1
+                && d[0].policy.kind == PolicyKind::NetworkPolicy
+                && d[0].policy.name == "allow-web"
+                && d[0].rule == judge::DEFAULT_DENY_RULE
+                && d[0].action == ir::Action::Deny,
+            "default deny by allow-web's isolation expected, got {d:?}"
+        );
+    }
+}
+
+#[test]
+fn a_flow_reported_twice_counts_once_and_a_later_reuse_counts_again() {
+    let fx = Fixture::new();
+    let mut a = auditor(None);
+    let r = record(
+        "10.244.0.10:40000",
+        "10.244.1.20:5432",
+        Outcome::Established,
+        0,
+    );
+    assert!(a.push(r.clone(), &fx.ctx(), t(2)).is_some());
+    // The same flow from another interface: same key, first seen within the slack.
+    let mut again = r.clone();
+    again.first_seen += Duration::from_millis(300);
+    again.interface = "cali99".into();
+    assert!(
+        a.push(again, &fx.ctx(), t(2)).is_none(),
+        "duplicate counted"
+    );
+    assert_eq!(a.stats().duplicates, 1);
+    // The 5-tuple reused by a new connection a minute later.
+    let later = record(
+        "10.244.0.10:40000",
+        "10.244.1.20:5432",
+        Outcome::Established,
+        30,
+    );
+    assert!(
+        a.push(later, &fx.ctx(), t(31)).is_some(),
+        "a new flow on an old 5-tuple must count"
+    );
+    assert_eq!(a.stats().counted, 2);
+}
+
+#[test]
+fn only_the_initiators_node_counts_a_cross_node_flow() {
+    let fx = Fixture::new();
+    let r = record(
+        "10.244.0.10:40000",
+        "10.244.1.20:5432",
+        Outcome::Established,
+        0,
+    );
+    let mut on_a = auditor(Some("node-a"));
+    let mut on_b = auditor(Some("node-b"));
+    assert!(on_a.push(r.clone(), &fx.ctx(), t(2)).is_some());
+    assert!(on_b.push(r, &fx.ctx(), t(2)).is_none());
+    assert_eq!(on_b.stats().other_node, 1);
+    // From outside the cluster: the responder's node counts.
+    let w = record("203.0.113.9:50000", "10.244.1.20:5432", Outcome::Refused, 0);
+    assert!(on_a.push(w.clone(), &fx.ctx(), t(2)).is_none());
+    let flow = on_b
+        .push(w, &fx.ctx(), t(2))
+        .unwrap_or_else(|| panic!("node-b must count world -> its pod"));
+    assert_eq!(flow.src, Peer::World);
+    assert_eq!(flow.verdict, AuditVerdict::Denied);
+}
+
+#[test]
+fn clusterip_and_endpoint_records_count_once_on_the_endpoint() {
+    let fx = Fixture::new();
+    let svc = record(
+        "10.244.0.10:40001",
+        "10.96.0.50:5432",
+        Outcome::Established,
+        0,
+    );
+    let ep = record(
+        "10.244.0.10:40001",
+        "10.244.1.20:5432",
+        Outcome::Established,
+        0,
+    );
+
+    // ClusterIP record first: held, then replaced by the endpoint's.
+    let mut a = auditor(Some("node-a"));
+    assert!(a.push(svc.clone(), &fx.ctx(), t(1)).is_none());
+    assert_eq!(a.held(), 1);
+    let flow = a
+        .push(ep.clone(), &fx.ctx(), t(1))
+        .unwrap_or_else(|| panic!("the endpoint record must count"));
+    assert_eq!(flow.dst.workload_label(), "postgres");
+    assert_eq!(a.held(), 0);
+    assert!(
+        a.tick(&fx.ctx(), t(10)).is_empty(),
+        "the held ClusterIP record came out too"
+    );
+    assert_eq!((a.stats().counted, a.stats().superseded), (1, 1));
+
+    // Endpoint record first: the ClusterIP one is recognised at once.
+    let mut b = auditor(Some("node-a"));
+    assert!(b.push(ep, &fx.ctx(), t(1)).is_some());
+    assert!(b.push(svc.clone(), &fx.ctx(), t(1)).is_none());
+    assert_eq!(b.held(), 0);
+    assert_eq!((b.stats().counted, b.stats().superseded), (1, 1));
+
+    // No endpoint record (the endpoint is behind another node's uplink): judged on the Service.
+    let mut c = auditor(Some("node-a"));
+    assert!(c.push(svc, &fx.ctx(), t(1)).is_none());
+    assert!(
+        c.tick(&fx.ctx(), t(1)).is_empty(),
+        "released before its hold"
+    );
+    let out = c.tick(&fx.ctx(), t(3));
+    assert_eq!(out.len(), 1, "the held flow must come out after its hold");
+    assert_eq!(
+        out[0].dst,
+        Peer::Service {
+            namespace: "db".into(),
+            name: "postgres".into()
+        }
+    );
+    assert_eq!(
+        out[0].verdict,
+        AuditVerdict::Allowed,
+        "web may reach every postgres endpoint"
+    );
+    assert_eq!(
+        out[0].dst_port,
+        Some(5432),
+        "a Service port is a declared port"
+    );
+}
+
+#[test]
+fn peers_resolve_to_what_the_labels_name() {
+    let fx = Fixture::new();
+    let r = Resolver {
+        inventory: fx.model.inventory(),
+        ingress: &fx.ingress,
+    };
+    assert_eq!(r.resolve(ip(NODE_A), 6443), Peer::KubeApiserver);
+    assert_eq!(
+        r.resolve(ip(NODE_A), 22),
+        Peer::Node {
+            name: "node-a".into()
+        }
+    );
+    assert_eq!(
+        r.resolve(ip(NODE_B), 6443),
+        Peer::Node {
+            name: "node-b".into()
+        }
+    );
+    assert_eq!(r.resolve(ip("10.244.1.99"), 80), Peer::Unknown);
+    assert_eq!(r.resolve(ip("192.0.2.3"), 443), Peer::Ingress);
+    assert_eq!(r.resolve(ip("198.51.100.7"), 443), Peer::World);
+    let p = r.resolve(ip(POSTGRES), 5432);
+    assert_eq!(
+        (p.namespace_label(), p.workload_label(), p.kind()),
+        ("db", "postgres", "pod")
+    );
+    for (peer, ns, wl) in [
+        (Peer::World, "", "world"),
+        (Peer::Node { name: "n".into() }, "", "node"),
+        (Peer::KubeApiserver, "", "kube-apiserver"),
+        (Peer::Ingress, "", "ingress"),
+    ] {
+        assert_eq!(
+            (peer.namespace_label(), peer.workload_label()),
+            (ns, wl),
+            "{peer:?}"
+        );
+    }
+}
+
+#[test]
+fn dst_port_is_other_unless_declared_or_named_by_a_policy() {
+    let fx = Fixture::new();
+    let r = fx.ctx().resolver;
+    let tcp = ir::Protocol::Tcp;
+    let pg = r.resolve(ip(POSTGRES), 5432);
+    assert_eq!(
+        r.port_label(&pg, ip(POSTGRES), tcp, 5432, &fx.named),
+        Some(5432)
+    );
+    assert_eq!(r.port_label(&pg, ip(POSTGRES), tcp, 6000, &fx.named), None);
+    assert_eq!(
+        r.port_label(
+            &pg,
+            ip(POSTGRES),
+            ir::Protocol::Udp,
+            5432,
+            &NamedPorts::default()
+        ),
+        None
+    );
+    // World on 5432: not declared, but the policy names 5432/TCP.
+    assert_eq!(
+        r.port_label(&Peer::World, ip("198.51.100.7"), tcp, 5432, &fx.named),
+        Some(5432)
+    );
+    assert_eq!(
+        r.port_label(&Peer::World, ip("198.51.100.7"), tcp, 443, &fx.named),
+        None
+    );
+    assert_eq!(
+        r.port_label(&pg, ip(POSTGRES), ir::Protocol::Icmp, 5432, &fx.named),
+        None
+    );
+}
+
+#[test]
+fn named_ports_skip_wide_ranges() {
+    let mut policy = allow_web();
+    policy.rules[0].ports = vec![
+        ir::PortMatch {
+            protocol: Some(ir::Protocol::Udp),
+            port: ir::PortSpec::Range(5000, 5003),
+        },
+        ir::PortMatch {
+            protocol: None,
+            port: ir::PortSpec::Range(1024, 65535),
+        },
+    ];
+    let named = NamedPorts::from_policies(&[policy]);
+    assert_eq!(named.len(), 4);
+    assert!(named.contains(ir::Protocol::Udp, 5002));
+    assert!(!named.contains(ir::Protocol::Tcp, 5002));
+    assert!(!named.contains(ir::Protocol::Tcp, 2000));
+}
+
+#[test]
+fn remembered_flows_are_bounded_in_time_and_number() {
+    let fx = Fixture::new();
+    let mut a = Auditor::new(AuditConfig {
+        capacity: 8,
+        ..AuditConfig::default()
+    });
+    for port in 0..20_u16 {
+        let r = record(
+            &format!("{FRONTEND}:{}", 30000 + port),
+            "10.244.1.20:5432",
+            Outcome::Established,
+            0,
+        );
+        assert!(a.push(r, &fx.ctx(), t(1)).is_some());
+    }
+    assert_eq!(a.remembered(), 8);
+    let horizon = a.config().horizon.as_secs();
+    let _ = a.tick(&fx.ctx(), t(2 + horizon));
+    assert_eq!(
+        a.remembered(),
+        0,
+        "flows older than the horizon must be forgotten"
+    );
+}

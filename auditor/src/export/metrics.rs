@@ -1,0 +1,517 @@
+//! The Prometheus metrics of SPEC 5.3: the flow counter, the per-rule hit counter and the health
+//! set, in one registry encoded as OpenMetrics text. Label sets are bounded by the inventory and
+//! the policies, and series go away with the namespace, workload or policy they name.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use prometheus_client::encoding::{EncodeLabelSet, text};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::audit::{AuditVerdict, AuditedFlow};
+use crate::policy::ir::{PolicyKey, PolicyKind};
+
+use super::ExportError;
+
+/// Labels of `flow_auditor_flows_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub verdict: String,
+    pub outcome: String,
+    pub src_namespace: String,
+    pub src_workload: String,
+    pub dst_namespace: String,
+    pub dst_workload: String,
+    pub protocol: String,
+    pub dst_port: String,
+}
+
+impl FlowLabels {
+    /// The labels of a counted flow.
+    #[must_use]
+    pub fn of(flow: &AuditedFlow) -> Self {
+        Self {
+            verdict: flow.verdict.as_str().to_owned(),
+            outcome: flow.record.outcome.to_string(),
+            src_namespace: flow.src.namespace_label().to_owned(),
+            src_workload: flow.src.workload_label().to_owned(),
+            dst_namespace: flow.dst.namespace_label().to_owned(),
+            dst_workload: flow.dst.workload_label().to_owned(),
+            protocol: flow.record.protocol.to_string().to_ascii_lowercase(),
+            dst_port: flow
+                .dst_port
+                .map_or_else(|| "other".to_owned(), |p| p.to_string()),
+        }
+    }
+
+    /// The always-present series of a verdict and outcome: every other label empty (no real flow
+    /// has an empty workload), so `sum by (verdict)` exists from the first scrape.
+    fn placeholder(verdict: AuditVerdict, outcome: &str) -> Self {
+        Self {
+            verdict: verdict.as_str().to_owned(),
+            outcome: outcome.to_owned(),
+            src_namespace: String::new(),
+            src_workload: String::new(),
+            dst_namespace: String::new(),
+            dst_workload: String::new(),
+            protocol: String::new(),
+            dst_port: String::new(),
+        }
+    }
+}
+
+/// Labels of `flow_auditor_policy_rule_hits_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub policy_kind: String,
+    pub policy_namespace: String,
+    pub policy_name: String,
+    pub direction: String,
+    pub rule: String,
+    pub action: String,
+}
+
+impl RuleLabels {
+    fn names(&self, key: &PolicyKey) -> bool {
+        self.policy_kind == key.kind.as_str()
+            && self.policy_namespace == key.namespace
+            && self.policy_name == key.name
+    }
+}
+
+/// Where events were lost (SPEC 3: nothing is lost silently).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LostSource {
+    /// The ring buffer was full when the datapath had an event to send.
+    RingBuffer,
+    /// The flow table refused an insert.
+    FlowTable,
+    /// Established-flow packets skipped by sampling (counted, not judged).
+    Sampling,
+}
+
+impl LostSource {
+    pub const ALL: [Self; 3] = [Self::RingBuffer, Self::FlowTable, Self::Sampling];
+
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::RingBuffer => "ring_buffer",
+            Self::FlowTable => "flow_table",
+            Self::Sampling => "sampling",
+        }
+    }
+}
+
+/// How a program is attached to an interface (the `mode` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttachMode {
+    Tcx,
+    Clsact,
+}
+
+impl AttachMode {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcx => "tcx",
+            Self::Clsact => "clsact",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+type GaugeF64 = Gauge<f64, AtomicU64>;
+
+/// Every metric the daemon exposes. Shared (`Arc`) between the pipeline and the HTTP server;
+/// every method takes `&self`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    flows: Family<FlowLabels, Counter>,
+    rule_hits: Family<RuleLabels, Counter>,
+    /// The label sets created so far, for removing them: the family cannot be listed.
+    flow_series: Mutex<HashSet<FlowLabels>>,
+    rule_series: Mutex<HashSet<RuleLabels>>,
+    lost: Family<SourceLabel, Counter>,
+    flow_table_entries: Gauge,
+    flow_table_capacity: Gauge,
+    attached: Family<ModeLabel, Gauge>,
+    policies: Family<KindLabel, Gauge>,
+    policy_errors: Gauge,
+    model_generation: Gauge,
+    model_updated: GaugeF64,
+    inventory_staleness: GaugeF64,
+    /// Unix time (as f64 bits) of the last moment the inventory was known in sync; 0 while it is.
+    inventory_stale_since: AtomicU64,
+    log_suppressed: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flow_auditor");
+        let flows = Family::<FlowLabels, Counter>::default();
+        registry.register(
+            "flows",
+            "Flows counted, by audit verdict, outcome, peers, protocol and destination port",
+            flows.clone(),
+        );
+        let rule_hits = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "policy_rule_hits",
+            "Flows decided by each policy rule, per direction",
+            rule_hits.clone(),
+        );
+        let lost = Family::<SourceLabel, Counter>::default();
+        registry.register(
+            "lost_events",
+            "Datapath events not turned into flows, by where they were lost",
+            lost.clone(),
+        );
+        let flow_table_entries = Gauge::default();
+        registry.register(
+            "flow_table_entries",
+            "Entries in the kernel flow table",
+            flow_table_entries.clone(),
+        );
+        let flow_table_capacity = Gauge::default();
+        registry.register(
+            "flow_table_capacity",
+            "Maximum entries of the kernel flow table",
+            flow_table_capacity.clone(),
+        );
+        let attached = Family::<ModeLabel, Gauge>::default();
+        registry.register(
+            "attached_interfaces",
+            "Interfaces the datapath is attached to, by attach mode",
+            attached.clone(),
+        );
+        let policies = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "policies",
+            "Policy objects in the intended model, by kind",
+            policies.clone(),
+        );
+        let policy_errors = Gauge::default();
+        registry.register(
+            "policy_errors",
+            "Policy objects left out of the model because they could not be compiled",
+            policy_errors.clone(),
+        );
+        let model_generation = Gauge::default();
+        registry.register(
+            "model_generation",
+            "Generation of the intended model, bumped on every change",
+            model_generation.clone(),
+        );
+        let model_updated = GaugeF64::default();
+        registry.register_with_unit(
+            "model_last_update_timestamp",
+            "Unix time of the last change of the intended model",
+            Unit::Seconds,
+            model_updated.clone(),
+        );
+        let inventory_staleness = GaugeF64::default();
+        registry.register_with_unit(
+            "inventory_staleness",
+            "Seconds since the inventory was last known in sync with its source; 0 while in sync",
+            Unit::Seconds,
+            inventory_staleness.clone(),
+        );
+        let log_suppressed = Counter::default();
+        registry.register(
+            "unexpected_logs_suppressed",
+            "Unexpected-flow log lines dropped by the rate limit",
+            log_suppressed.clone(),
+        );
+        registry.register(
+            "build",
+            "Build of the running auditor",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
+
+        for source in LostSource::ALL {
+            drop(lost.get_or_create(&SourceLabel {
+                source: source.as_str(),
+            }));
+        }
+        for mode in [AttachMode::Tcx, AttachMode::Clsact] {
+            drop(attached.get_or_create(&ModeLabel {
+                mode: mode.as_str(),
+            }));
+        }
+        for kind in [
+            PolicyKind::NetworkPolicy,
+            PolicyKind::CiliumNetworkPolicy,
+            PolicyKind::CiliumClusterwideNetworkPolicy,
+        ] {
+            drop(policies.get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            }));
+        }
+        let metrics = Self {
+            registry,
+            flows,
+            rule_hits,
+            flow_series: Mutex::new(HashSet::new()),
+            rule_series: Mutex::new(HashSet::new()),
+            lost,
+            flow_table_entries,
+            flow_table_capacity,
+            attached,
+            policies,
+            policy_errors,
+            model_generation,
+            model_updated,
+            inventory_staleness,
+            inventory_stale_since: AtomicU64::new(0),
+            log_suppressed,
+        };
+        metrics.create_placeholders();
+        metrics
+    }
+
+    fn create_placeholders(&self) {
+        for verdict in AuditVerdict::ALL {
+            for outcome in verdict.outcomes() {
+                drop(
+                    self.flows
+                        .get_or_create(&FlowLabels::placeholder(verdict, &outcome.to_string())),
+                );
+            }
+        }
+    }
+
+    /// Counts one audited flow and the rules that decided it.
+    pub fn record(&self, flow: &AuditedFlow) {
+        let labels = FlowLabels::of(flow);
+        // Under the set's lock, so a concurrent removal sees the series in both places or neither.
+        let mut series = lock(&self.flow_series);
+        self.flows.get_or_create(&labels).inc();
+        if !series.contains(&labels) {
+            series.insert(labels);
+        }
+        drop(series);
+        let mut rule_series = lock(&self.rule_series);
+        for decision in &flow.judgement.decisions {
+            let labels = RuleLabels {
+                policy_kind: decision.policy.kind.as_str().to_owned(),
+                policy_namespace: decision.policy.namespace.clone(),
+                policy_name: decision.policy.name.clone(),
+                direction: decision.direction.as_str().to_owned(),
+                rule: decision.rule.clone(),
+                action: decision.action.as_str().to_owned(),
+            };
+            self.rule_hits.get_or_create(&labels).inc();
+            if !rule_series.contains(&labels) {
+                rule_series.insert(labels);
+            }
+        }
+    }
+
+    /// The current value of a flow series (`None` when it does not exist).
+    #[must_use]
+    pub fn flow_count(&self, labels: &FlowLabels) -> Option<u64> {
+        self.flows.get(labels).map(|c| c.get())
+    }
+
+    /// Number of flow series created by flows (the per-verdict placeholders not included).
+    #[must_use]
+    pub fn flow_series(&self) -> usize {
+        lock(&self.flow_series).len()
+    }
+
+    /// Removes every flow series naming `namespace` on either side, and every rule series of a
+    /// policy in it. Returns how many series went away.
+    pub fn remove_namespace(&self, namespace: &str) -> usize {
+        if namespace.is_empty() {
+            return 0;
+        }
+        let flows =
+            self.remove_flows(|l| l.src_namespace == namespace || l.dst_namespace == namespace);
+        let mut rules = lock(&self.rule_series);
+        let before = rules.len();
+        rules.retain(|l| {
+            let gone = l.policy_namespace == namespace;
+            if gone {
+                self.rule_hits.remove(l);
+            }
+            !gone
+        });
+        flows + before - rules.len()
+    }
+
+    /// Removes every flow series naming the workload `namespace/workload` on either side.
+    pub fn remove_workload(&self, namespace: &str, workload: &str) -> usize {
+        if namespace.is_empty() {
+            return 0;
+        }
+        self.remove_flows(|l| {
+            (l.src_namespace == namespace && l.src_workload == workload)
+                || (l.dst_namespace == namespace && l.dst_workload == workload)
+        })
+    }
+
+    /// Removes every rule series of a policy.
+    pub fn remove_policy(&self, key: &PolicyKey) -> usize {
+        let mut rules = lock(&self.rule_series);
+        let before = rules.len();
+        rules.retain(|l| {
+            let gone = l.names(key);
+            if gone {
+                self.rule_hits.remove(l);
+            }
+            !gone
+        });
+        before - rules.len()
+    }
+
+    fn remove_flows(&self, gone: impl Fn(&FlowLabels) -> bool) -> usize {
+        let mut series = lock(&self.flow_series);
+        let before = series.len();
+        series.retain(|l| {
+            let remove = gone(l);
+            if remove {
+                self.flows.remove(l);
+            }
+            !remove
+        });
+        before - series.len()
+    }
+
+    /// Brings a lost-events counter up to the datapath's total (kernel counters only grow; a
+    /// smaller total, after a reload, adds nothing).
+    pub fn set_lost_events(&self, source: LostSource, total: u64) {
+        let counter = self.lost.get_or_create(&SourceLabel {
+            source: source.as_str(),
+        });
+        let current = counter.get();
+        if total > current {
+            counter.inc_by(total - current);
+        }
+    }
+
+    pub fn set_flow_table(&self, entries: u64, capacity: u64) {
+        self.flow_table_entries.set(saturating_i64(entries));
+        self.flow_table_capacity.set(saturating_i64(capacity));
+    }
+
+    pub fn set_attached_interfaces(&self, mode: AttachMode, count: usize) {
+        self.attached
+            .get_or_create(&ModeLabel {
+                mode: mode.as_str(),
+            })
+            .set(saturating_i64(count as u64));
+    }
+
+    /// The model as loaded: objects per kind, objects that failed to compile, its generation
+    /// and when it changed.
+    pub fn set_model(
+        &self,
+        per_kind: &[(PolicyKind, usize)],
+        errors: usize,
+        generation: u64,
+        updated: SystemTime,
+    ) {
+        for &(kind, count) in per_kind {
+            self.policies
+                .get_or_create(&KindLabel {
+                    kind: kind.as_str(),
+                })
+                .set(saturating_i64(count as u64));
+        }
+        self.policy_errors.set(saturating_i64(errors as u64));
+        self.model_generation.set(saturating_i64(generation));
+        self.model_updated.set(unix_seconds(updated));
+    }
+
+    /// Whether the inventory is in sync with its source. While it is not, the staleness gauge
+    /// grows from the moment it was last known in sync (`since`) at every scrape.
+    pub fn set_inventory_synced(&self, synced: bool, since: SystemTime) {
+        let value = if synced {
+            0.0
+        } else {
+            unix_seconds(since).max(f64::MIN_POSITIVE)
+        };
+        self.inventory_stale_since
+            .store(value.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The counter the unexpected-flow log bumps for each line it drops.
+    #[must_use]
+    pub fn unexpected_logs_suppressed(&self) -> Counter {
+        self.log_suppressed.clone()
+    }
+
+    /// The OpenMetrics text of every metric, as of `now`.
+    ///
+    /// # Errors
+    /// Only if encoding fails, which writing to a `String` does not.
+    pub fn encode(&self, now: SystemTime) -> Result<String, ExportError> {
+        let since = f64::from_bits(self.inventory_stale_since.load(Ordering::Relaxed));
+        let staleness = if since > 0.0 {
+            (unix_seconds(now) - since).max(0.0)
+        } else {
+            0.0
+        };
+        self.inventory_staleness.set(staleness);
+        let mut out = String::with_capacity(16 * 1024);
+        text::encode(&mut out, &self.registry).map_err(|_| ExportError::Encode)?;
+        // The encoder ends with `# EOF`; make sure the last line is terminated for strict parsers.
+        if !out.ends_with('\n') {
+            let _ = writeln!(out);
+        }
+        Ok(out)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves a set that is still consistent: keep using it.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn saturating_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
