@@ -10,6 +10,8 @@ use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
+use crate::inventory::NAMESPACE_NAME_LABEL;
+
 use super::ir::{
     Action, CompileError, CompiledPolicy, Direction, Entity, Isolation, LabelSelector,
     NamespaceScope, Operator, Peer, Peers, PolicyKey, PolicyKind, PortMatch, PortSpec, Protocol,
@@ -20,8 +22,6 @@ use super::ir::{
 const POD_NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 /// Cilium copies each namespace label `k=v` onto the endpoint as this prefix + `k`.
 const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
-/// The namespace label Kubernetes puts on every namespace; the IR selects namespaces by labels.
-const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// A CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy object. Both kinds share the shape;
 /// the kind decides how selectors are scoped, so it is passed to [`compile`].
@@ -1155,11 +1155,15 @@ fn ports_of(
         let IcmpRule { fields } = icmp;
         for (field_index, icmp_field) in fields.iter().flatten().enumerate() {
             let path = format!("{field}.icmps[{index}].fields[{field_index}]");
-            let icmp_type = icmp_type_of(icmp_field, &path)?;
-            plain.push(PortMatch {
-                protocol: Some(Protocol::Icmp),
-                port: PortSpec::Range(icmp_type, icmp_type),
-            });
+            // Flows carry no ICMP type: an ICMP conversation the auditor sees is an echo
+            // exchange, so only the echo-request type can match one; other types are checked
+            // for validity and then match nothing.
+            if icmp_is_echo_request(icmp_field, &path)? {
+                plain.push(PortMatch {
+                    protocol: Some(Protocol::Icmp),
+                    port: PortSpec::Any,
+                });
+            }
         }
     }
     Ok(EntryPorts {
@@ -1247,7 +1251,7 @@ fn port_matches(port: &PortProtocol, field: &str) -> Result<Vec<PortMatch>, Comp
         .collect())
 }
 
-fn icmp_type_of(field: &IcmpField, path: &str) -> Result<u16, CompileError> {
+fn icmp_is_echo_request(field: &IcmpField, path: &str) -> Result<bool, CompileError> {
     let IcmpField { family, icmp_type } = field;
     let v6 = match family.as_deref() {
         None | Some("" | "IPv4") => false,
@@ -1268,7 +1272,7 @@ fn icmp_type_of(field: &IcmpField, path: &str) -> Result<u16, CompileError> {
             )
         })?,
     };
-    Ok(u16::from(number))
+    Ok(number == if v6 { 128 } else { 8 })
 }
 
 /// The ICMP type names Cilium accepts, per family.
