@@ -2,6 +2,7 @@
 //! table and events. Everything that needs the kernel sits behind this module.
 
 pub mod attach;
+pub mod load;
 pub mod netlink;
 
 /// The TC program, compiled by build.rs for the bpf target.

@@ -1,0 +1,454 @@
+//! Loads the TC program object: sizes its maps and sets its sampling from configuration (no
+//! recompiling), has the kernel verify both hook programs, and hands out a typed [`Datapath`]
+//! through which the attach manager reaches the programs and the reader reaches the maps.
+
+use std::io;
+
+use auditor_ebpf::{
+    COUNTERS_MAP, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES, EVENTS_MAP, FLOWS_MAP,
+    PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_NOOP, SAMPLE_EVERY_GLOBAL,
+    flow::{Counter, FlowKey, FlowState},
+};
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{ProgramError, SchedClassifier},
+};
+use serde::{Deserialize, Serialize};
+
+use super::{EBPF_OBJECT, attach::TcPrograms};
+
+/// What can be tuned in the datapath without recompiling the program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatapathConfig {
+    /// Flow table capacity (LRU: the least recently used flow makes room for a new one). Each
+    /// entry costs about 200 bytes of kernel memory with the hash table's own overhead.
+    pub flow_table_entries: u32,
+    /// Event ring buffer size in bytes; rounded up to a power of two of at least one page, as the
+    /// kernel requires (so a multiple of the page size: 4 KiB here, 16 KiB on the Raspberry Pi 5).
+    pub events_bytes: u32,
+    /// Keep one in this many packets of answered flows that carry no state change (no SYN, FIN,
+    /// RST); 0 or 1 keeps all. Skipped packets are counted in [`Counter::SampledOut`] and are
+    /// missing from the flow's packet and byte counts.
+    pub sample_every: u32,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            flow_table_entries: DEFAULT_FLOW_TABLE_ENTRIES,
+            events_bytes: DEFAULT_EVENTS_BYTES,
+            sample_every: 1,
+        }
+    }
+}
+
+/// Failures of loading the datapath, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("datapath configuration: {field} = {value}: {reason}")]
+    InvalidConfig {
+        field: &'static str,
+        value: u64,
+        reason: &'static str,
+    },
+    #[error("reading the kernel's page size")]
+    PageSize(#[source] io::Error),
+    #[error("loading the eBPF object (maps and relocations)")]
+    Object(#[source] EbpfError),
+    #[error("the eBPF object has no program {name}")]
+    MissingProgram { name: &'static str },
+    #[error("program {name}: {op}")]
+    Program {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the eBPF object has no map {name}")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {op}")]
+    Map {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The flow table, borrowed from the [`Datapath`] or taken from it.
+pub type FlowTable<T> = HashMap<T, FlowKey, FlowState>;
+
+/// The loaded and verified datapath: programs ready to attach, maps ready to read.
+pub struct Datapath {
+    ebpf: Ebpf,
+    effective: DatapathConfig,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("effective", &self.effective)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads the object embedded at build time with `config` and has the kernel verify the
+    /// ingress and egress programs. Needs `CAP_BPF` and `CAP_NET_ADMIN` (or root).
+    ///
+    /// # Errors
+    /// On an invalid configuration, or when the kernel refuses a map or program (the verifier's
+    /// log is in the error's source chain).
+    pub fn load(config: &DatapathConfig) -> Result<Self, LoadError> {
+        let effective = effective_config(config, page_size()?)?;
+        let DatapathConfig {
+            flow_table_entries,
+            events_bytes,
+            sample_every,
+        } = effective;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(FLOWS_MAP, flow_table_entries)
+            .map_max_entries(EVENTS_MAP, events_bytes)
+            .override_global(SAMPLE_EVERY_GLOBAL, &sample_every, true)
+            .load(EBPF_OBJECT)
+            .map_err(LoadError::Object)?;
+        for name in [PROGRAM_INGRESS, PROGRAM_EGRESS] {
+            classifier_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoadError::Program {
+                    name,
+                    op: "verify and load",
+                    source,
+                })?;
+        }
+        Ok(Self { ebpf, effective })
+    }
+
+    /// The configuration in force: `events_bytes` rounded up, `sample_every` 0 turned into 1.
+    #[must_use]
+    pub const fn config(&self) -> DatapathConfig {
+        self.effective
+    }
+
+    /// Both hook programs, for the attach manager.
+    ///
+    /// # Errors
+    /// Only if the object lacks a program (a build problem).
+    pub fn programs(&mut self) -> Result<TcPrograms<'_>, LoadError> {
+        let mut ingress = None;
+        let mut egress = None;
+        for (name, program) in self.ebpf.programs_mut() {
+            let slot = match name {
+                PROGRAM_INGRESS => &mut ingress,
+                PROGRAM_EGRESS => &mut egress,
+                _ => continue,
+            };
+            let name = if name == PROGRAM_INGRESS {
+                PROGRAM_INGRESS
+            } else {
+                PROGRAM_EGRESS
+            };
+            *slot = Some(<&mut SchedClassifier>::try_from(program).map_err(|source| {
+                LoadError::Program {
+                    name,
+                    op: "is not a TC classifier",
+                    source,
+                }
+            })?);
+        }
+        Ok(TcPrograms {
+            ingress: ingress.ok_or(LoadError::MissingProgram {
+                name: PROGRAM_INGRESS,
+            })?,
+            egress: egress.ok_or(LoadError::MissingProgram {
+                name: PROGRAM_EGRESS,
+            })?,
+        })
+    }
+
+    /// One program by name (`auditor_ebpf::PROGRAM_*`); the no-op baseline is loaded (verified)
+    /// on first request, since only the benchmark uses it.
+    ///
+    /// # Errors
+    /// When the object has no such program or the kernel refuses it.
+    pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoadError> {
+        let program = classifier_mut(&mut self.ebpf, name)?;
+        if name == PROGRAM_NOOP && program.fd().is_err() {
+            program.load().map_err(|source| LoadError::Program {
+                name,
+                op: "verify and load",
+                source,
+            })?;
+        }
+        Ok(program)
+    }
+
+    /// The flow table, borrowed (for walking it while the datapath keeps ownership).
+    ///
+    /// # Errors
+    /// Only if the map was taken or has the wrong type.
+    pub fn flows(&self) -> Result<FlowTable<&MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .map(FLOWS_MAP)
+            .ok_or(LoadError::MissingMap { name: FLOWS_MAP })?;
+        HashMap::try_from(map).map_err(|source| map_error(FLOWS_MAP, source))
+    }
+
+    /// The flow table, mutably borrowed (tests clear it; the reader may delete expired flows).
+    ///
+    /// # Errors
+    /// Only if the map was taken or has the wrong type.
+    pub fn flows_mut(&mut self) -> Result<FlowTable<&mut MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(FLOWS_MAP)
+            .ok_or(LoadError::MissingMap { name: FLOWS_MAP })?;
+        HashMap::try_from(map).map_err(|source| map_error(FLOWS_MAP, source))
+    }
+
+    /// The event ring buffer, mutably borrowed.
+    ///
+    /// # Errors
+    /// Only if the map was taken or has the wrong type.
+    pub fn events_mut(&mut self) -> Result<RingBuf<&mut MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(EVENTS_MAP)
+            .ok_or(LoadError::MissingMap { name: EVENTS_MAP })?;
+        RingBuf::try_from(map).map_err(|source| map_error(EVENTS_MAP, source))
+    }
+
+    /// The event ring buffer, taken out (to move into a reader task; wrap it in `AsyncFd`).
+    ///
+    /// # Errors
+    /// When already taken.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or(LoadError::MissingMap { name: EVENTS_MAP })?;
+        RingBuf::try_from(map).map_err(|source| map_error(EVENTS_MAP, source))
+    }
+
+    /// The flow table, taken out.
+    ///
+    /// # Errors
+    /// When already taken.
+    pub fn take_flows(&mut self) -> Result<FlowTable<MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(FLOWS_MAP)
+            .ok_or(LoadError::MissingMap { name: FLOWS_MAP })?;
+        HashMap::try_from(map).map_err(|source| map_error(FLOWS_MAP, source))
+    }
+
+    /// The per-CPU counters, borrowed.
+    ///
+    /// # Errors
+    /// Only if the map was taken or has the wrong type.
+    pub fn counters(&self) -> Result<PerCpuArray<&MapData, u64>, LoadError> {
+        let map = self
+            .ebpf
+            .map(COUNTERS_MAP)
+            .ok_or(LoadError::MissingMap { name: COUNTERS_MAP })?;
+        PerCpuArray::try_from(map).map_err(|source| map_error(COUNTERS_MAP, source))
+    }
+
+    /// The per-CPU counters, taken out.
+    ///
+    /// # Errors
+    /// When already taken.
+    pub fn take_counters(&mut self) -> Result<PerCpuArray<MapData, u64>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(COUNTERS_MAP)
+            .ok_or(LoadError::MissingMap { name: COUNTERS_MAP })?;
+        PerCpuArray::try_from(map).map_err(|source| map_error(COUNTERS_MAP, source))
+    }
+
+    /// The counters summed over CPUs, now.
+    ///
+    /// # Errors
+    /// When the map was taken or a read fails.
+    pub fn counter_totals(&self) -> Result<CounterTotals, LoadError> {
+        CounterTotals::read(&self.counters()?)
+    }
+}
+
+/// The datapath's counters summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CounterTotals([u64; Counter::COUNT as usize]);
+
+impl CounterTotals {
+    /// Reads and sums every counter of `counters`.
+    ///
+    /// # Errors
+    /// When a map read fails.
+    pub fn read<T: std::borrow::Borrow<MapData>>(
+        counters: &PerCpuArray<T, u64>,
+    ) -> Result<Self, LoadError> {
+        let mut totals = [0u64; Counter::COUNT as usize];
+        for (counter, total) in Counter::ALL.iter().zip(totals.iter_mut()) {
+            let per_cpu = counters
+                .get(&(*counter as u32), 0)
+                .map_err(|source| map_error(COUNTERS_MAP, source))?;
+            *total = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
+        }
+        Ok(Self(totals))
+    }
+
+    /// One counter's total.
+    #[must_use]
+    pub const fn get(&self, counter: Counter) -> u64 {
+        self.0[counter as usize]
+    }
+
+    /// Each counter's growth since `earlier` (counters only grow; wrapping keeps this total).
+    #[must_use]
+    pub fn since(&self, earlier: &Self) -> Self {
+        let mut out = [0u64; Counter::COUNT as usize];
+        for ((o, now), then) in out.iter_mut().zip(self.0).zip(earlier.0) {
+            *o = now.wrapping_sub(then);
+        }
+        Self(out)
+    }
+}
+
+fn classifier_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?;
+    program.try_into().map_err(|source| LoadError::Program {
+        name,
+        op: "is not a TC classifier",
+        source,
+    })
+}
+
+const fn map_error(name: &'static str, source: MapError) -> LoadError {
+    LoadError::Map {
+        name,
+        op: "open with the expected type",
+        source,
+    }
+}
+
+/// The running kernel's page size (4 KiB on x86-64, 16 KiB on the Raspberry Pi 5 kernel).
+fn page_size() -> Result<u32, LoadError> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size <= 0 {
+        return Err(LoadError::PageSize(io::Error::last_os_error()));
+    }
+    u32::try_from(size).map_err(|_| LoadError::PageSize(io::Error::other("page size above 4 GiB")))
+}
+
+/// Validates `config` and rounds what the kernel needs rounded.
+fn effective_config(config: &DatapathConfig, page: u32) -> Result<DatapathConfig, LoadError> {
+    let DatapathConfig {
+        flow_table_entries,
+        events_bytes,
+        sample_every,
+    } = *config;
+    if flow_table_entries == 0 {
+        return Err(LoadError::InvalidConfig {
+            field: "flow_table_entries",
+            value: 0,
+            reason: "must be at least 1",
+        });
+    }
+    Ok(DatapathConfig {
+        flow_table_entries,
+        events_bytes: ring_buffer_bytes(events_bytes, page)?,
+        sample_every: sample_every.max(1),
+    })
+}
+
+/// The kernel wants a ring buffer size that is a power of two and a multiple of the page size;
+/// with a power-of-two page size both hold for the next power of two of at least one page.
+fn ring_buffer_bytes(requested: u32, page: u32) -> Result<u32, LoadError> {
+    requested
+        .max(page)
+        .checked_next_power_of_two()
+        .ok_or(LoadError::InvalidConfig {
+            field: "events_bytes",
+            value: u64::from(requested),
+            reason: "too large: the next power of two exceeds 4 GiB",
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_buffer_rounds_up_to_page_multiple_power_of_two() {
+        for (requested, page, expected) in [
+            (0, 4096, 4096),
+            (1, 4096, 4096),
+            (4096, 4096, 4096),
+            (4097, 4096, 8192),
+            (100_000, 4096, 131_072),
+            (1, 16_384, 16_384),
+            (20_000, 16_384, 32_768),
+            (262_144, 16_384, 262_144),
+        ] {
+            let got = match ring_buffer_bytes(requested, page) {
+                Ok(got) => got,
+                Err(e) => panic!("ring_buffer_bytes({requested}, {page}) failed: {e}"),
+            };
+            assert_eq!(got, expected, "ring_buffer_bytes({requested}, {page})");
+            assert_eq!(
+                got % page,
+                0,
+                "{got} is not a multiple of the page size {page}"
+            );
+        }
+    }
+
+    #[test]
+    fn ring_buffer_too_large_is_an_error() {
+        assert!(
+            matches!(
+                ring_buffer_bytes(u32::MAX, 4096),
+                Err(LoadError::InvalidConfig {
+                    field: "events_bytes",
+                    ..
+                })
+            ),
+            "u32::MAX bytes cannot be rounded up to a power of two"
+        );
+    }
+
+    #[test]
+    fn zero_flow_table_is_rejected_and_sampling_zero_means_all() {
+        let zero = DatapathConfig {
+            flow_table_entries: 0,
+            ..DatapathConfig::default()
+        };
+        assert!(
+            matches!(
+                effective_config(&zero, 4096),
+                Err(LoadError::InvalidConfig {
+                    field: "flow_table_entries",
+                    ..
+                })
+            ),
+            "a flow table of 0 entries must be refused"
+        );
+        let unsampled = DatapathConfig {
+            sample_every: 0,
+            ..DatapathConfig::default()
+        };
+        match effective_config(&unsampled, 4096) {
+            Ok(c) => assert_eq!(c.sample_every, 1, "sample_every 0 keeps every packet"),
+            Err(e) => panic!("default config with sample_every 0 refused: {e}"),
+        }
+    }
+}

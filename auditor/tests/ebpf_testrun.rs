@@ -1,0 +1,823 @@
+//! The TC program against the real kernel through `BPF_PROG_TEST_RUN`: crafted packets, and the
+//! exact flow-table entry, events and counters each must produce. Every run must return
+//! `TC_ACT_UNSPEC` (-1): the program observes and never decides.
+//!
+//! How TestRun builds the skb matters for crafting: it always treats the data as an Ethernet
+//! frame (`eth_type_trans` on loopback, then pushes the 14 bytes back), so `skb->protocol` comes
+//! from bytes 12-13 and `skb->ifindex` is loopback's (1).
+
+#[path = "common/packets.rs"]
+mod packets;
+#[path = "common/testrun.rs"]
+mod testrun;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use auditor::datapath::load::{CounterTotals, DatapathConfig};
+use auditor_ebpf::flow::{
+    Counter, Direction, EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Side,
+};
+use packets::*;
+use testrun::{Harness, coarse_now_ns};
+
+const LOOPBACK_IFINDEX: u32 = 1;
+
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const SERVER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
+
+/// The key of a flow from `src` to `dst`, and which side the source is.
+fn key(proto: u8, src: (IpAddr, u16), dst: (IpAddr, u16)) -> (FlowKey, Side) {
+    FlowKey::from_addrs(proto, src, dst)
+}
+
+fn len(frame: &[u8]) -> u64 {
+    u64::try_from(frame.len()).unwrap_or(u64::MAX)
+}
+
+/// Checks the timestamps of `got` lie in `[t0, t1]` and in order, then returns the expected
+/// state with those timestamps so the whole entry can be compared exactly.
+fn with_times(expected: FlowState, got: &FlowState, t0: u64, t1: u64) -> FlowState {
+    assert!(
+        t0 <= got.first_seen_ns && got.first_seen_ns <= got.last_seen_ns && got.last_seen_ns <= t1,
+        "timestamps out of range: first {} last {} window [{t0}, {t1}]",
+        got.first_seen_ns,
+        got.last_seen_ns
+    );
+    FlowState {
+        first_seen_ns: got.first_seen_ns,
+        last_seen_ns: got.last_seen_ns,
+        ..expected
+    }
+}
+
+/// Compares events field by field after checking their timestamps lie in `[t0, t1]`.
+fn assert_events(got: &[FlowEvent], expected: &[FlowEvent], t0: u64, t1: u64) {
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "event count: got {got:?}, expected {expected:?}"
+    );
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert!(
+            t0 <= g.ts_ns && g.ts_ns <= t1,
+            "event {i} timestamp {} outside [{t0}, {t1}]",
+            g.ts_ns
+        );
+        let e = FlowEvent {
+            ts_ns: g.ts_ns,
+            ..*e
+        };
+        assert_eq!(*g, e, "event {i}");
+    }
+}
+
+fn event(
+    kind: EventKind,
+    key: FlowKey,
+    initiator: Side,
+    direction: Direction,
+    mid: u8,
+) -> FlowEvent {
+    FlowEvent {
+        key,
+        ts_ns: 0,
+        ifindex: LOOPBACK_IFINDEX,
+        kind: kind as u8,
+        initiator: initiator as u8,
+        direction: direction as u8,
+        mid_stream: mid,
+    }
+}
+
+/// Asserts the counters grew by exactly `expected` (others by zero) since `before`, and that
+/// seen packets equal the sum of outcomes.
+fn assert_counters(h: &Harness, before: &CounterTotals, expected: &[(Counter, u64)]) {
+    let delta = h.counters().since(before);
+    for c in Counter::ALL {
+        let want = expected
+            .iter()
+            .find(|(e, _)| *e == c)
+            .map_or(0, |(_, n)| *n);
+        assert_eq!(
+            delta.get(c),
+            want,
+            "counter {} grew by {}, expected {want}",
+            c.name(),
+            delta.get(c)
+        );
+    }
+    let outcomes: u64 = Counter::OUTCOMES.iter().map(|c| delta.get(*c)).sum();
+    assert_eq!(
+        delta.get(Counter::PacketsSeen),
+        outcomes,
+        "every packet must end in exactly one outcome counter"
+    );
+}
+
+fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let (k, client_side) = key(TCP, (client, 40_000), (server, 80));
+    let frame = |from_client: bool, flags: u8, payload: &[u8]| {
+        let (s, d, sp, dp) = if from_client {
+            (client, server, 40_000, 80)
+        } else {
+            (server, client, 80, 40_000)
+        };
+        eth_ip(&ip(s, d, TCP, &tcp(sp, dp, flags, payload)))
+    };
+    let syn = frame(true, SYN, b"");
+    let synack = frame(false, SYN | ACK, b"");
+    let ack = frame(true, ACK, b"");
+    let request = frame(true, PSH | ACK, b"GET / HTTP/1.0\r\n\r\n");
+    let response = frame(false, PSH | ACK, b"HTTP/1.0 200 OK\r\n\r\n");
+    let fin_client = frame(true, FIN | ACK, b"");
+    let fin_server = frame(false, FIN | ACK, b"");
+    let last_ack = frame(true, ACK, b"");
+
+    let t0 = coarse_now_ns();
+    h.pass(Direction::Egress, &syn);
+    let t1 = coarse_now_ns();
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry after the SYN"));
+    let expected = FlowState {
+        first_seen_ns: 0,
+        last_seen_ns: 0,
+        packets: [1, 0],
+        bytes: [len(&syn), 0],
+        ifindex: LOOPBACK_IFINDEX,
+        tcp_flags: [SYN, 0],
+        initiator: client_side as u8,
+        status: FlowStatus::New as u8,
+        direction: Direction::Egress as u8,
+        mid_stream: 0,
+        answered: 0,
+        _pad: [0; 5],
+    };
+    assert_eq!(
+        got,
+        with_times(expected, &got, t0, t1),
+        "entry after the SYN"
+    );
+    assert_events(
+        &h.events(),
+        &[event(EventKind::New, k, client_side, Direction::Egress, 0)],
+        t0,
+        t1,
+    );
+
+    h.pass(Direction::Ingress, &synack);
+    let t2 = coarse_now_ns();
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry after the SYN-ACK"));
+    assert_eq!(
+        got.status(),
+        Some(FlowStatus::Answered),
+        "SYN-ACK answers: {got:?}"
+    );
+    assert_events(
+        &h.events(),
+        &[event(
+            EventKind::Answered,
+            k,
+            client_side,
+            Direction::Ingress,
+            0,
+        )],
+        t0,
+        t2,
+    );
+
+    for (from_client, f) in [
+        (true, &ack),
+        (true, &request),
+        (false, &response),
+        (true, &fin_client),
+    ] {
+        let dir = if from_client {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        };
+        h.pass(dir, f);
+    }
+    assert!(
+        h.events().is_empty(),
+        "data and a one-sided FIN change no status"
+    );
+    h.pass(Direction::Ingress, &fin_server);
+    h.pass(Direction::Egress, &last_ack);
+    let t3 = coarse_now_ns();
+
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry after the teardown"));
+    let expected = FlowState {
+        packets: [5, 3],
+        bytes: [
+            len(&syn) + len(&ack) + len(&request) + len(&fin_client) + len(&last_ack),
+            len(&synack) + len(&response) + len(&fin_server),
+        ],
+        tcp_flags: [SYN | ACK | PSH | FIN, SYN | ACK | PSH | FIN],
+        status: FlowStatus::Closed as u8,
+        answered: 1,
+        ..expected
+    };
+    assert_eq!(
+        got,
+        with_times(expected, &got, t0, t3),
+        "entry after the teardown"
+    );
+    assert_events(
+        &h.events(),
+        &[event(
+            EventKind::Closed,
+            k,
+            client_side,
+            Direction::Ingress,
+            0,
+        )],
+        t0,
+        t3,
+    );
+    assert_eq!(h.flow_count(), 1, "one connection, one entry");
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 8),
+            (Counter::FlowCreated, 1),
+            (Counter::FlowUpdated, 7),
+            (Counter::EventsSent, 3),
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn ipv4_tcp_handshake_and_teardown() {
+    tcp_handshake_and_teardown(CLIENT4.into(), SERVER4.into());
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn ipv6_tcp_handshake_and_teardown() {
+    tcp_handshake_and_teardown(CLIENT6.into(), SERVER6.into());
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn udp_request_and_reply() {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let (k, client_side) = key(UDP, (CLIENT4.into(), 5353), (SERVER4.into(), 53));
+    let request = eth_ip(&ipv4(CLIENT4, SERVER4, UDP, &udp(5353, 53, b"query")));
+    let reply = eth_ip(&ipv4(SERVER4, CLIENT4, UDP, &udp(53, 5353, b"answer!")));
+    let t0 = coarse_now_ns();
+    h.pass(Direction::Ingress, &request);
+    h.pass(Direction::Egress, &reply);
+    let t1 = coarse_now_ns();
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry for the UDP exchange"));
+    let expected = FlowState {
+        first_seen_ns: 0,
+        last_seen_ns: 0,
+        packets: [1, 1],
+        bytes: [len(&request), len(&reply)],
+        ifindex: LOOPBACK_IFINDEX,
+        tcp_flags: [0, 0],
+        initiator: client_side as u8,
+        status: FlowStatus::Answered as u8,
+        direction: Direction::Ingress as u8,
+        mid_stream: 0,
+        answered: 1,
+        _pad: [0; 5],
+    };
+    assert_eq!(got, with_times(expected, &got, t0, t1));
+    assert_events(
+        &h.events(),
+        &[
+            event(EventKind::New, k, client_side, Direction::Ingress, 0),
+            event(EventKind::Answered, k, client_side, Direction::Egress, 0),
+        ],
+        t0,
+        t1,
+    );
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 2),
+            (Counter::FlowCreated, 1),
+            (Counter::FlowUpdated, 1),
+            (Counter::EventsSent, 2),
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn tcp_refused_by_rst() {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let (k, client_side) = key(TCP, (CLIENT4.into(), 41_000), (SERVER4.into(), 81));
+    let syn = eth_ip(&ipv4(CLIENT4, SERVER4, TCP, &tcp(41_000, 81, SYN, b"")));
+    let rst = eth_ip(&ipv4(
+        SERVER4,
+        CLIENT4,
+        TCP,
+        &tcp(81, 41_000, RST | ACK, b""),
+    ));
+    let t0 = coarse_now_ns();
+    h.pass(Direction::Egress, &syn);
+    h.pass(Direction::Ingress, &rst);
+    let t1 = coarse_now_ns();
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry for the refused connection"));
+    let expected = FlowState {
+        first_seen_ns: 0,
+        last_seen_ns: 0,
+        packets: [1, 1],
+        bytes: [len(&syn), len(&rst)],
+        ifindex: LOOPBACK_IFINDEX,
+        tcp_flags: [SYN, RST | ACK],
+        initiator: client_side as u8,
+        status: FlowStatus::Refused as u8,
+        direction: Direction::Egress as u8,
+        mid_stream: 0,
+        answered: 0,
+        _pad: [0; 5],
+    };
+    assert_eq!(got, with_times(expected, &got, t0, t1));
+    assert_events(
+        &h.events(),
+        &[
+            event(EventKind::New, k, client_side, Direction::Egress, 0),
+            event(EventKind::Refused, k, client_side, Direction::Ingress, 0),
+        ],
+        t0,
+        t1,
+    );
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 2),
+            (Counter::FlowCreated, 1),
+            (Counter::FlowUpdated, 1),
+            (Counter::EventsSent, 2),
+        ],
+    );
+
+    // The client tries again from the same port: a new connection on the same key.
+    let t2 = coarse_now_ns();
+    h.pass(Direction::Egress, &syn);
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry for the retry"));
+    assert_eq!(
+        got.status(),
+        Some(FlowStatus::New),
+        "a new SYN restarts a refused flow"
+    );
+    assert_eq!(got.packets, [1, 0], "the restarted flow counts afresh");
+    assert_events(
+        &h.events(),
+        &[event(EventKind::New, k, client_side, Direction::Egress, 0)],
+        t2,
+        coarse_now_ns(),
+    );
+}
+
+fn refused_by_icmp(client: IpAddr, server: IpAddr) {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let (k, client_side) = key(UDP, (client, 33_434), (server, 9));
+    let request_ip = ip(client, server, UDP, &udp(33_434, 9, b"hello?"));
+    let request = eth_ip(&request_ip);
+    let unreachable = match (server, client) {
+        (IpAddr::V4(s), IpAddr::V4(c)) => ipv4(s, c, ICMP, &icmp_unreachable(3, &request_ip)),
+        (IpAddr::V6(s), IpAddr::V6(c)) => ipv6(s, c, ICMPV6, &icmpv6_unreachable(4, &request_ip)),
+        _ => panic!("mixed families"),
+    };
+    let t0 = coarse_now_ns();
+    h.pass(Direction::Egress, &request);
+    h.pass(Direction::Ingress, &eth_ip(&unreachable));
+    let t1 = coarse_now_ns();
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry for the refused request"));
+    let expected = FlowState {
+        first_seen_ns: 0,
+        last_seen_ns: 0,
+        packets: [1, 0],
+        bytes: [len(&request), 0],
+        ifindex: LOOPBACK_IFINDEX,
+        tcp_flags: [0, 0],
+        initiator: client_side as u8,
+        status: FlowStatus::Refused as u8,
+        direction: Direction::Egress as u8,
+        mid_stream: 0,
+        answered: 0,
+        _pad: [0; 5],
+    };
+    assert_eq!(got, with_times(expected, &got, t0, t1));
+    assert_events(
+        &h.events(),
+        &[
+            event(EventKind::New, k, client_side, Direction::Egress, 0),
+            event(EventKind::Refused, k, client_side, Direction::Ingress, 0),
+        ],
+        t0,
+        t1,
+    );
+    assert_eq!(h.flow_count(), 1, "the ICMP error itself is no flow");
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 2),
+            (Counter::FlowCreated, 1),
+            (Counter::IcmpErrorMatched, 1),
+            (Counter::EventsSent, 2),
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn ipv4_refused_by_icmp_port_unreachable() {
+    refused_by_icmp(CLIENT4.into(), SERVER4.into());
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn ipv6_refused_by_icmpv6_port_unreachable() {
+    refused_by_icmp(CLIENT6.into(), SERVER6.into());
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn icmp_error_about_unknown_flow_is_counted_only() {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let original = ipv4(CLIENT4, SERVER4, UDP, &udp(1234, 9, b"x"));
+    let unreachable = ipv4(SERVER4, CLIENT4, ICMP, &icmp_unreachable(3, &original));
+    h.pass(Direction::Ingress, &eth_ip(&unreachable));
+    assert!(h.events().is_empty(), "no event without a flow");
+    assert_eq!(h.flow_count(), 0, "no flow from an ICMP error");
+    assert_counters(
+        &h,
+        &before,
+        &[(Counter::PacketsSeen, 1), (Counter::IcmpErrorUnmatched, 1)],
+    );
+}
+
+/// An L3 device (tunl0, WireGuard) hands TC the IP header at offset 0. TestRun derives
+/// `skb->protocol` from bytes 12-13 as if they were an EtherType; for a bare IPv4 packet those
+/// are the first two bytes of the source address, so a source in 8.0.0.0/16 makes the kernel say
+/// ETH_P_IP, as a real L3 device's skb would. (For IPv6, bytes 12-13 are source bytes 4-5:
+/// 2001:db8:86dd::/48 gives ETH_P_IPV6.)
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn l3_device_packets_without_ethernet_header() {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let src4 = Ipv4Addr::new(8, 0, 0, 1);
+    let dst4 = SERVER4;
+    let pkt4 = ipv4(src4, dst4, TCP, &tcp(50_000, 443, SYN, b""));
+    assert_eq!(
+        pkt4[12..14],
+        ETH_P_IP.to_be_bytes(),
+        "crafting: source must start 8.0"
+    );
+    let src6 = Ipv6Addr::new(0x2001, 0xdb8, 0x86dd, 0, 0, 0, 0, 1);
+    // TestRun wants the 40 bytes after the would-be Ethernet header to hold an IPv6 header.
+    let pkt6 = ipv6(src6, SERVER6, UDP, &udp(50_001, 53, b"query-data"));
+    assert_eq!(
+        pkt6[12..14],
+        ETH_P_IPV6.to_be_bytes(),
+        "crafting: source bytes 4-5 must be 86dd"
+    );
+
+    let t0 = coarse_now_ns();
+    h.pass(Direction::Ingress, &pkt4);
+    h.pass(Direction::Ingress, &pkt6);
+    let t1 = coarse_now_ns();
+
+    let (k4, side4) = key(TCP, (src4.into(), 50_000), (dst4.into(), 443));
+    let got = h
+        .flow(&k4)
+        .unwrap_or_else(|| panic!("no flow for the bare IPv4 packet"));
+    let expected = FlowState {
+        first_seen_ns: 0,
+        last_seen_ns: 0,
+        packets: [1, 0],
+        bytes: [len(&pkt4), 0],
+        ifindex: LOOPBACK_IFINDEX,
+        tcp_flags: [SYN, 0],
+        initiator: side4 as u8,
+        status: FlowStatus::New as u8,
+        direction: Direction::Ingress as u8,
+        mid_stream: 0,
+        answered: 0,
+        _pad: [0; 5],
+    };
+    assert_eq!(got, with_times(expected, &got, t0, t1));
+
+    let (k6, side6) = key(UDP, (src6.into(), 50_001), (SERVER6.into(), 53));
+    let got = h
+        .flow(&k6)
+        .unwrap_or_else(|| panic!("no flow for the bare IPv6 packet"));
+    let expected = FlowState {
+        bytes: [len(&pkt6), 0],
+        tcp_flags: [0, 0],
+        initiator: side6 as u8,
+        ..expected
+    };
+    assert_eq!(got, with_times(expected, &got, t0, t1));
+    assert_events(
+        &h.events(),
+        &[
+            event(EventKind::New, k4, side4, Direction::Ingress, 0),
+            event(EventKind::New, k6, side6, Direction::Ingress, 0),
+        ],
+        t0,
+        t1,
+    );
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 2),
+            (Counter::FlowCreated, 2),
+            (Counter::EventsSent, 2),
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn truncated_packets_are_counted_and_passed() {
+    let mut h = Harness::new();
+    let before = h.counters();
+    // TestRun itself refuses (EINVAL) a frame whose EtherType says IPv4 or IPv6 but that is
+    // shorter than the fixed IP header, so truncation is exercised behind the IP header.
+    let full = eth_ip(&ipv4(CLIENT4, SERVER4, TCP, &tcp(40_000, 80, SYN, b"")));
+    let inside_tcp = &full[..14 + 20 + 10];
+    let mut long_ihl = eth_ip(&ipv4(CLIENT4, SERVER4, UDP, &udp(1, 2, b"")));
+    long_ihl[14] = 0x4f; // header claims 60 bytes, the packet has 28
+    let udp6 = eth_ip(&ipv6(CLIENT6, SERVER6, UDP, &udp(1, 2, b"")));
+    let inside_udp6 = &udp6[..14 + 40 + 4];
+    let hop = eth_ip(&ipv6_ext(
+        CLIENT6,
+        SERVER6,
+        &[(0, vec![1, 4, 0, 0, 0, 0])],
+        UDP,
+        &udp(1, 2, b""),
+    ));
+    let inside_ext = &hop[..14 + 40 + 1];
+    for frame in [inside_tcp, &long_ihl[..], inside_udp6, inside_ext] {
+        h.pass(Direction::Egress, frame);
+    }
+    assert!(h.events().is_empty(), "a truncated packet starts no flow");
+    assert_eq!(h.flow_count(), 0, "a truncated packet starts no flow");
+    assert_counters(
+        &h,
+        &before,
+        &[(Counter::PacketsSeen, 4), (Counter::Truncated, 4)],
+    );
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn non_ip_frame_is_counted_and_passed() {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let arp = eth(
+        ETH_P_ARP,
+        &[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 192, 0, 2, 10],
+    );
+    h.pass(Direction::Ingress, &arp);
+    h.pass(Direction::Egress, &arp);
+    assert!(h.events().is_empty(), "ARP starts no flow");
+    assert_eq!(h.flow_count(), 0, "ARP starts no flow");
+    assert_counters(
+        &h,
+        &before,
+        &[(Counter::PacketsSeen, 2), (Counter::NonIp, 2)],
+    );
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn icmp_echo_is_keyed_by_identifier() {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let request = eth_ip(&ipv4(CLIENT4, SERVER4, ICMP, &icmp_echo(false, 0x4242, 1)));
+    let reply = eth_ip(&ipv4(SERVER4, CLIENT4, ICMP, &icmp_echo(true, 0x4242, 1)));
+    let other_id = eth_ip(&ipv4(CLIENT4, SERVER4, ICMP, &icmp_echo(false, 0x4343, 1)));
+    let request6 = eth_ip(&ipv6(CLIENT6, SERVER6, ICMPV6, &icmpv6_echo(false, 7, 1)));
+    let reply6 = eth_ip(&ipv6(SERVER6, CLIENT6, ICMPV6, &icmpv6_echo(true, 7, 1)));
+    for (dir, f) in [
+        (Direction::Egress, &request),
+        (Direction::Ingress, &reply),
+        (Direction::Egress, &other_id),
+        (Direction::Egress, &request6),
+        (Direction::Ingress, &reply6),
+    ] {
+        h.pass(dir, f);
+    }
+    let (k, side) = key(ICMP, (CLIENT4.into(), 0x4242), (SERVER4.into(), 0x4242));
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow for echo id 0x4242"));
+    assert_eq!(
+        (got.status(), got.initiator(), got.packets),
+        (Some(FlowStatus::Answered), Some(side), [1, 1])
+    );
+    let (k2, _) = key(ICMP, (CLIENT4.into(), 0x4343), (SERVER4.into(), 0x4343));
+    let got = h
+        .flow(&k2)
+        .unwrap_or_else(|| panic!("no flow for echo id 0x4343"));
+    assert_eq!((got.status(), got.packets), (Some(FlowStatus::New), [1, 0]));
+    let (k6, side6) = key(ICMPV6, (CLIENT6.into(), 7), (SERVER6.into(), 7));
+    let got = h
+        .flow(&k6)
+        .unwrap_or_else(|| panic!("no flow for the ICMPv6 echo"));
+    assert_eq!(
+        (got.status(), got.initiator(), got.packets),
+        (Some(FlowStatus::Answered), Some(side6), [1, 1])
+    );
+    assert_eq!(h.flow_count(), 3, "one flow per echo identifier");
+    assert_eq!(h.events().len(), 5, "three New and two Answered events");
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 5),
+            (Counter::FlowCreated, 3),
+            (Counter::FlowUpdated, 2),
+            (Counter::EventsSent, 5),
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn ipv6_extension_headers_are_skipped_and_fragments_counted() {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let hop_by_hop = (0u8, vec![1, 4, 0, 0, 0, 0]); // PadN to 8 bytes
+    let dest_opts = (60u8, vec![1, 4, 0, 0, 0, 0]);
+    let first_fragment = (44u8, vec![0, 1, 0, 0, 0, 42]); // offset 0, M=1
+    let later_fragment = (44u8, vec![0, 0x08, 0, 0, 0, 42]); // offset 1 (8 bytes)
+    let pkt = ipv6_ext(
+        CLIENT6,
+        SERVER6,
+        &[hop_by_hop.clone(), dest_opts, first_fragment],
+        SCTP,
+        &sctp(5000, 6000, &[1, 0, 0, 4]),
+    );
+    h.pass(Direction::Egress, &eth_ip(&pkt));
+    let (k, side) = key(SCTP, (CLIENT6.into(), 5000), (SERVER6.into(), 6000));
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no SCTP flow behind three extension headers"));
+    assert_eq!(
+        (got.initiator(), got.status()),
+        (Some(side), Some(FlowStatus::New))
+    );
+
+    let frag = ipv6_ext(
+        CLIENT6,
+        SERVER6,
+        &[hop_by_hop.clone(), later_fragment],
+        UDP,
+        &[0; 16],
+    );
+    h.pass(Direction::Egress, &eth_ip(&frag));
+    let frag4 = ipv4_frag(CLIENT4, SERVER4, UDP, 0x0010, &[0; 16]);
+    h.pass(Direction::Egress, &eth_ip(&frag4));
+    // More extension headers than the program walks.
+    let deep: Vec<(u8, Vec<u8>)> = (0..7).map(|_| (60u8, vec![1, 4, 0, 0, 0, 0])).collect();
+    let too_deep = ipv6_ext(CLIENT6, SERVER6, &deep, UDP, &udp(1, 2, b""));
+    h.pass(Direction::Egress, &eth_ip(&too_deep));
+    let gre = ipv4(CLIENT4, SERVER4, 47, &[0; 8]);
+    h.pass(Direction::Egress, &eth_ip(&gre));
+    assert_eq!(h.flow_count(), 1, "only the SCTP packet is a flow");
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 5),
+            (Counter::FlowCreated, 1),
+            (Counter::Fragment, 2),
+            (Counter::Malformed, 1),
+            (Counter::OtherProtocol, 1),
+            (Counter::EventsSent, 1),
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn mid_stream_flows_are_marked() {
+    let mut h = Harness::new();
+    // First seen: a data segment from the server. The sender is taken as initiator, marked mid-stream.
+    let data = eth_ip(&ipv4(
+        SERVER4,
+        CLIENT4,
+        TCP,
+        &tcp(80, 40_001, PSH | ACK, b"data"),
+    ));
+    h.pass(Direction::Ingress, &data);
+    let (k, server_side) = key(TCP, (SERVER4.into(), 80), (CLIENT4.into(), 40_001));
+    let got = h.flow(&k).unwrap_or_else(|| panic!("no mid-stream flow"));
+    assert_eq!(
+        (got.initiator(), got.mid_stream, got.status()),
+        (Some(server_side), 1, Some(FlowStatus::New))
+    );
+    // Any non-RST packet back answers a mid-stream flow.
+    let back = eth_ip(&ipv4(CLIENT4, SERVER4, TCP, &tcp(40_001, 80, ACK, b"")));
+    h.pass(Direction::Egress, &back);
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("mid-stream flow vanished"));
+    assert_eq!(
+        (got.status(), got.answered),
+        (Some(FlowStatus::Answered), 1)
+    );
+
+    // First seen: a SYN-ACK. Its receiver sent the SYN, so it is the initiator.
+    let synack = eth_ip(&ipv4(
+        SERVER4,
+        CLIENT4,
+        TCP,
+        &tcp(443, 40_002, SYN | ACK, b""),
+    ));
+    h.pass(Direction::Ingress, &synack);
+    let (k2, client_side) = key(TCP, (CLIENT4.into(), 40_002), (SERVER4.into(), 443));
+    let got = h
+        .flow(&k2)
+        .unwrap_or_else(|| panic!("no flow from a SYN-ACK"));
+    assert_eq!(
+        (got.initiator(), got.mid_stream, got.status(), got.packets),
+        (Some(client_side), 1, Some(FlowStatus::Answered), [0, 1])
+    );
+    let kinds: Vec<_> = h.events().iter().map(FlowEvent::kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            Some(EventKind::New),
+            Some(EventKind::Answered),
+            Some(EventKind::New),
+            Some(EventKind::Answered)
+        ]
+    );
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn sampling_skips_established_packets_but_never_state_changes() {
+    let mut h = Harness::with_config(&DatapathConfig {
+        flow_table_entries: 1024,
+        events_bytes: 64 * 1024,
+        sample_every: 4,
+    });
+    let before = h.counters();
+    let (k, _) = key(UDP, (CLIENT4.into(), 7000), (SERVER4.into(), 7001));
+    let request = eth_ip(&ipv4(CLIENT4, SERVER4, UDP, &udp(7000, 7001, b"a")));
+    let reply = eth_ip(&ipv4(SERVER4, CLIENT4, UDP, &udp(7001, 7000, b"b")));
+    h.pass(Direction::Egress, &request);
+    h.pass(Direction::Ingress, &reply);
+    let n = 4000u64;
+    for _ in 0..n {
+        h.pass(Direction::Egress, &request);
+    }
+    let got = h.flow(&k).unwrap_or_else(|| panic!("no sampled flow"));
+    let delta = h.counters().since(&before);
+    let kept = got.packets[0] - 1;
+    assert_eq!(
+        kept + delta.get(Counter::SampledOut),
+        n,
+        "every established packet is either kept or counted as sampled out"
+    );
+    // One in four kept on average: 1000 expected; 5 sigma of a binomial(4000, 1/4) is ~137.
+    assert!(
+        (800..=1200).contains(&kept),
+        "kept {kept} of {n} with sample_every 4"
+    );
+    assert_eq!(
+        got.status(),
+        Some(FlowStatus::Answered),
+        "the answer was never sampled out"
+    );
+    assert_eq!(h.events().len(), 2, "New and Answered");
+}
