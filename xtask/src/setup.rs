@@ -30,6 +30,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "qemu-user-static",
         "running the arm64 binary on this machine",
     ),
+    (
+        "prometheus",
+        "promtool validates the /metrics exposition in export_http; the lab scrapes the daemon",
+    ),
 ];
 
 pub fn ensure(root: &Path) -> Result<()> {
