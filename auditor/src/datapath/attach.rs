@@ -106,14 +106,14 @@ pub enum AttachError {
         direction: &'static str,
         mode: HookMode,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("adding the clsact qdisc to {interface} (ifindex {ifindex}) failed: {source}")]
     Clsact {
         interface: String,
         ifindex: u32,
         #[source]
-        source: TcError,
+        source: Box<TcError>,
     },
     #[error("invalid interface glob {glob:?}: {reason}")]
     Glob { glob: String, reason: &'static str },
@@ -190,7 +190,11 @@ impl Attacher {
     #[must_use]
     pub fn matches(&self, name: &str) -> bool {
         self.config.uplink.as_deref() == Some(name)
-            || self.config.interfaces.iter().any(|g| glob_match(g.as_bytes(), name.as_bytes()))
+            || self
+                .config
+                .interfaces
+                .iter()
+                .any(|g| glob_match(g.as_bytes(), name.as_bytes()))
     }
 
     /// The interfaces attached now, by ifindex.
@@ -226,7 +230,10 @@ impl Attacher {
                     Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
                     // No clsact qdisc at all: nothing of ours either.
                     Err(TcError::NetlinkError(e))
-                        if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)) => {}
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)
+                        ) => {}
                     Err(e) => tracing::warn!(
                         interface = %link.name, error = %e, "could not remove a stale clsact filter"
                     ),
@@ -244,7 +251,11 @@ impl Attacher {
     ///
     /// # Errors
     /// When attaching fails for another reason than the interface vanishing.
-    pub fn apply(&mut self, programs: &mut TcPrograms<'_>, change: &LinkChange) -> Result<(), AttachError> {
+    pub fn apply(
+        &mut self,
+        programs: &mut TcPrograms<'_>,
+        change: &LinkChange,
+    ) -> Result<(), AttachError> {
         match change {
             LinkChange::Present(link) => self.attach(programs, link).map(drop),
             LinkChange::Removed { ifindex } => {
@@ -262,7 +273,11 @@ impl Attacher {
     ///
     /// # Errors
     /// The first attach failure.
-    pub fn sync(&mut self, programs: &mut TcPrograms<'_>, links: &[Link]) -> Result<(), AttachError> {
+    pub fn sync(
+        &mut self,
+        programs: &mut TcPrograms<'_>,
+        links: &[Link],
+    ) -> Result<(), AttachError> {
         self.check_netns()?;
         let gone: Vec<u32> = self
             .attached
@@ -287,7 +302,11 @@ impl Attacher {
     ///
     /// # Errors
     /// When attaching fails for another reason than the interface vanishing.
-    pub fn attach(&mut self, programs: &mut TcPrograms<'_>, link: &Link) -> Result<Attached, AttachError> {
+    pub fn attach(
+        &mut self,
+        programs: &mut TcPrograms<'_>,
+        link: &Link,
+    ) -> Result<Attached, AttachError> {
         self.check_netns()?;
         if !self.matches(&link.name) {
             self.detach(link.ifindex);
@@ -441,7 +460,7 @@ fn attach_clsact(programs: &mut TcPrograms<'_>, link: &Link) -> Result<Attachmen
             return Err(AttachError::Clsact {
                 interface: link.name.clone(),
                 ifindex: link.ifindex,
-                source,
+                source: Box::new(source),
             });
         }
     }
@@ -468,7 +487,12 @@ fn attach_clsact(programs: &mut TcPrograms<'_>, link: &Link) -> Result<Attachmen
     })
 }
 
-fn attach_error(link: &Link, attach_type: TcAttachType, mode: HookMode, source: ProgramError) -> AttachError {
+fn attach_error(
+    link: &Link,
+    attach_type: TcAttachType,
+    mode: HookMode,
+    source: ProgramError,
+) -> AttachError {
     AttachError::Attach {
         interface: link.name.clone(),
         ifindex: link.ifindex,
@@ -477,7 +501,7 @@ fn attach_error(link: &Link, attach_type: TcAttachType, mode: HookMode, source: 
             TcAttachType::Egress => "egress",
         },
         mode,
-        source,
+        source: Box::new(source),
     }
 }
 
@@ -486,7 +510,9 @@ fn vanished(e: &AttachError) -> bool {
     match e {
         AttachError::Attach { source, .. } => vanished_errno(program_errno(source)),
         AttachError::Clsact { source, .. } => vanished_errno(tc_errno(source)),
-        AttachError::Namespace { .. } | AttachError::WrongNamespace { .. } | AttachError::Glob { .. } => false,
+        AttachError::Namespace { .. }
+        | AttachError::WrongNamespace { .. }
+        | AttachError::Glob { .. } => false,
     }
 }
 
@@ -496,13 +522,14 @@ const fn vanished_errno(errno: Option<i32>) -> bool {
 
 fn program_errno(e: &ProgramError) -> Option<i32> {
     match e {
-        ProgramError::SyscallError(SyscallError { io_error, .. }) | ProgramError::IOError(io_error) => {
-            io_error.raw_os_error()
-        }
+        ProgramError::SyscallError(SyscallError { io_error, .. })
+        | ProgramError::IOError(io_error) => io_error.raw_os_error(),
         ProgramError::UnknownInterface { .. } => Some(libc::ENODEV),
         ProgramError::TcError(e) => tc_errno(e),
         ProgramError::NetlinkError(e) => e.raw_os_error(),
-        ProgramError::LinkError(LinkError::SyscallError(SyscallError { io_error, .. })) => io_error.raw_os_error(),
+        ProgramError::LinkError(LinkError::SyscallError(SyscallError { io_error, .. })) => {
+            io_error.raw_os_error()
+        }
         _ => None,
     }
 }

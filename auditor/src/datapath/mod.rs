@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod load;
+pub mod manager;
 pub mod netlink;
 
 /// The TC program, compiled by build.rs for the bpf target.

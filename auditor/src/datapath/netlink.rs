@@ -78,14 +78,7 @@ pub fn dump_links() -> Result<Vec<Link>, NetlinkError> {
     request[8..12].copy_from_slice(&seq.to_ne_bytes());
     // ifinfomsg: all zero = every family, every interface.
     // SAFETY: the buffer is valid for its length; the fd is an open netlink socket.
-    let sent = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            request.as_ptr().cast(),
-            request.len(),
-            0,
-        )
-    };
+    let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
     if sent < 0 {
         return Err(NetlinkError::Io {
             op: "send RTM_GETLINK",
@@ -160,12 +153,13 @@ impl LinkWatcher {
         }
         // SAFETY: an OwnedFd stays open and refers to the same socket for as long as the AsyncFd
         // owns it.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| {
-            NetlinkError::Io {
-                op: "register with tokio",
-                source: e.into_parts().1,
-            }
-        })?;
+        let fd =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| {
+                NetlinkError::Io {
+                    op: "register with tokio",
+                    source: e.into_parts().1,
+                }
+            })?;
         Ok(Self {
             fd,
             buf: vec![0u8; DATAGRAM_BYTES],
@@ -178,10 +172,11 @@ impl LinkWatcher {
     /// When reading the socket fails for another reason than an overrun, or a resync dump fails.
     pub async fn next(&mut self) -> Result<Vec<LinkChange>, NetlinkError> {
         loop {
-            let mut guard = self.fd.readable().await.map_err(|source| NetlinkError::Io {
-                op: "poll",
-                source,
-            })?;
+            let mut guard = self
+                .fd
+                .readable()
+                .await
+                .map_err(|source| NetlinkError::Io { op: "poll", source })?;
             let buf = &mut self.buf;
             let received = guard.try_io(|fd| recv_nonblocking(fd.get_ref(), buf));
             let n = match received {
@@ -413,7 +408,10 @@ mod tests {
 
     #[test]
     fn parses_name_after_other_attributes() {
-        let payload = link_payload(7, &[(4, &1500u32.to_ne_bytes()), (IFLA_IFNAME, b"cali1234\0")]);
+        let payload = link_payload(
+            7,
+            &[(4, &1500u32.to_ne_bytes()), (IFLA_IFNAME, b"cali1234\0")],
+        );
         let datagram = message(libc::RTM_NEWLINK, 0, &payload);
         let msgs: Vec<_> = Messages::new(&datagram).collect::<Result<_, _>>().unwrap();
         assert_eq!(msgs.len(), 1);
@@ -429,7 +427,11 @@ mod tests {
 
     #[test]
     fn several_messages_in_one_datagram() {
-        let mut datagram = message(libc::RTM_NEWLINK, 0, &link_payload(2, &[(IFLA_IFNAME, b"veth0\0")]));
+        let mut datagram = message(
+            libc::RTM_NEWLINK,
+            0,
+            &link_payload(2, &[(IFLA_IFNAME, b"veth0\0")]),
+        );
         datagram.extend(message(libc::RTM_DELLINK, 0, &link_payload(3, &[])));
         let msgs: Vec<_> = Messages::new(&datagram).collect::<Result<_, _>>().unwrap();
         assert_eq!(msgs.len(), 2);
@@ -439,15 +441,28 @@ mod tests {
 
     #[test]
     fn rejects_lengths_past_the_datagram() {
-        let mut datagram = message(libc::RTM_NEWLINK, 0, &link_payload(2, &[(IFLA_IFNAME, b"veth0\0")]));
+        let mut datagram = message(
+            libc::RTM_NEWLINK,
+            0,
+            &link_payload(2, &[(IFLA_IFNAME, b"veth0\0")]),
+        );
         datagram[0..4].copy_from_slice(&1000u32.to_ne_bytes());
         let first = Messages::new(&datagram).next().unwrap();
-        assert!(first.is_err(), "a message longer than its datagram must be rejected");
+        assert!(
+            first.is_err(),
+            "a message longer than its datagram must be rejected"
+        );
 
         let mut payload = link_payload(2, &[(IFLA_IFNAME, b"veth0\0")]);
         payload[IFINFOMSG_LEN..IFINFOMSG_LEN + 2].copy_from_slice(&200u16.to_ne_bytes());
-        assert!(parse_link(&payload).is_err(), "an attribute past the message must be rejected");
-        assert!(ifindex_of(&[0u8; 8]).is_err(), "a short ifinfomsg must be rejected");
+        assert!(
+            parse_link(&payload).is_err(),
+            "an attribute past the message must be rejected"
+        );
+        assert!(
+            ifindex_of(&[0u8; 8]).is_err(),
+            "a short ifinfomsg must be rejected"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //!   mid-stream: while the tracker still remembers it, that is recognised as the same flow and not
 //!   reported again; after that it is reported again, with `mid_stream` set.
 
+pub mod stream;
 pub mod tracker;
 
 use std::{
@@ -27,6 +28,7 @@ use std::{
 use auditor_ebpf::flow::{Direction, FlowKey, proto};
 use serde::Serialize;
 
+pub use stream::FlowStream;
 pub use tracker::{FlowTracker, Now, WalkVerdict};
 
 /// What the network did with a flow.

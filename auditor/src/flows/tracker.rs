@@ -118,13 +118,21 @@ impl FlowTracker {
     /// Flows still waiting for an answer.
     #[must_use]
     pub fn pending(&self) -> usize {
-        self.flows.values().filter(|t| t.phase == Phase::Pending).count()
+        self.flows
+            .values()
+            .filter(|t| t.phase == Phase::Pending)
+            .count()
     }
 
     /// Feeds one ring-buffer event. `state` is the flow's table entry read right after the event
     /// (for counters; `None` if it is already gone). Returns the flow's record when this event
     /// decided it. Events with undecodable fields are ignored (the kernel never writes them).
-    pub fn on_event(&mut self, event: &FlowEvent, state: Option<&FlowState>, now: &Now) -> Option<FlowRecord> {
+    pub fn on_event(
+        &mut self,
+        event: &FlowEvent,
+        state: Option<&FlowState>,
+        now: &Now,
+    ) -> Option<FlowRecord> {
         let FlowEvent {
             key,
             ts_ns,
@@ -193,7 +201,9 @@ impl FlowTracker {
         let timeout = duration_ns(self.config.answer_timeout);
         self.flows
             .iter()
-            .filter(|(_, t)| t.phase == Phase::Pending && t.first_seen_ns.saturating_add(timeout) <= now.mono_ns)
+            .filter(|(_, t)| {
+                t.phase == Phase::Pending && t.first_seen_ns.saturating_add(timeout) <= now.mono_ns
+            })
             .map(|(k, _)| *k)
             .collect()
     }
@@ -201,7 +211,12 @@ impl FlowTracker {
     /// Decides a pending flow whose answer timeout has passed, from its table entry (`None` when
     /// the entry is gone): an answer or refusal there (whose event was lost) wins, otherwise it is
     /// unanswered.
-    pub fn resolve(&mut self, key: &FlowKey, state: Option<&FlowState>, now: &Now) -> Option<FlowRecord> {
+    pub fn resolve(
+        &mut self,
+        key: &FlowKey,
+        state: Option<&FlowState>,
+        now: &Now,
+    ) -> Option<FlowRecord> {
         let tracked = self.flows.get_mut(key)?;
         if tracked.phase != Phase::Pending {
             return None;
@@ -210,7 +225,8 @@ impl FlowTracker {
             refresh(tracked, s);
             outcome_of(s).unwrap_or(Outcome::Unanswered)
         });
-        let finished = state.is_some_and(|s| matches!(s.status(), Some(FlowStatus::Closed | FlowStatus::Refused)));
+        let finished = state
+            .is_some_and(|s| matches!(s.status(), Some(FlowStatus::Closed | FlowStatus::Refused)));
         decide(*key, tracked, outcome, finished, now)
     }
 
@@ -244,7 +260,10 @@ impl FlowTracker {
         });
         tracked.seen_in_walk = walk;
         refresh(tracked, state);
-        let finished = matches!(state.status(), Some(FlowStatus::Closed | FlowStatus::Refused));
+        let finished = matches!(
+            state.status(),
+            Some(FlowStatus::Closed | FlowStatus::Refused)
+        );
         let record = if tracked.phase == Phase::Pending {
             outcome_of(state).and_then(|outcome| decide(*key, tracked, outcome, finished, now))
         } else {
@@ -293,7 +312,13 @@ fn refresh(tracked: &mut Tracked, state: &FlowState) {
 }
 
 /// Marks a pending flow decided and builds its record; `None` if it was decided before.
-fn decide(key: FlowKey, tracked: &mut Tracked, outcome: Outcome, finished: bool, now: &Now) -> Option<FlowRecord> {
+fn decide(
+    key: FlowKey,
+    tracked: &mut Tracked,
+    outcome: Outcome,
+    finished: bool,
+    now: &Now,
+) -> Option<FlowRecord> {
     let was_pending = tracked.phase == Phase::Pending;
     tracked.phase = if finished {
         Phase::Finished
@@ -404,26 +429,56 @@ mod tests {
     #[test]
     fn answered_flow_is_recorded_once_and_oriented() {
         let mut t = tracker();
-        assert!(t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0)).is_none());
+        assert!(
+            t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0))
+                .is_none()
+        );
         // The same flow's New from a second interface is not a second flow.
-        assert!(t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0)).is_none());
+        assert!(
+            t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0))
+                .is_none()
+        );
         let s = state(proto::TCP, FlowStatus::Answered, true, 0, 1);
         let r = t
-            .on_event(&event(proto::TCP, EventKind::Answered, 1), Some(&s), &now(1))
+            .on_event(
+                &event(proto::TCP, EventKind::Answered, 1),
+                Some(&s),
+                &now(1),
+            )
             .expect("the answer decides the flow");
         assert_eq!(r.outcome, Outcome::Established);
         assert_eq!(r.protocol, Protocol::Tcp);
         assert_eq!(r.initiator, SocketAddr::from(client()));
         assert_eq!(r.responder, SocketAddr::from(server()));
-        assert_eq!(r.packets, PerDirection { to_responder: 3, to_initiator: 2 });
+        assert_eq!(
+            r.packets,
+            PerDirection {
+                to_responder: 3,
+                to_initiator: 2
+            }
+        );
         assert_eq!(r.first_seen, now(0).wall);
         assert_eq!(r.last_seen, now(1).wall);
-        assert_eq!((r.ifindex, r.direction, r.mid_stream), (7, Direction::Egress, false));
+        assert_eq!(
+            (r.ifindex, r.direction, r.mid_stream),
+            (7, Direction::Egress, false)
+        );
         // Neither the close nor a walk reports it again, and nothing is due.
         let closed = state(proto::TCP, FlowStatus::Closed, true, 0, 2);
-        assert!(t.on_event(&event(proto::TCP, EventKind::Closed, 2), Some(&closed), &now(2)).is_none());
+        assert!(
+            t.on_event(
+                &event(proto::TCP, EventKind::Closed, 2),
+                Some(&closed),
+                &now(2)
+            )
+            .is_none()
+        );
         t.begin_walk();
-        assert!(t.on_table_entry(&key(proto::TCP).0, &closed, &now(3)).record.is_none());
+        assert!(
+            t.on_table_entry(&key(proto::TCP).0, &closed, &now(3))
+                .record
+                .is_none()
+        );
         t.end_walk();
         assert!(t.due(&now(100)).is_empty());
     }
@@ -432,7 +487,9 @@ mod tests {
     fn refusal_and_timeout() {
         let mut t = tracker();
         t.on_event(&event(proto::UDP, EventKind::New, 0), None, &now(0));
-        let r = t.on_event(&event(proto::UDP, EventKind::Refused, 0), None, &now(0)).unwrap();
+        let r = t
+            .on_event(&event(proto::UDP, EventKind::Refused, 0), None, &now(0))
+            .unwrap();
         assert_eq!(r.outcome, Outcome::Refused);
 
         let mut t = tracker();
@@ -444,7 +501,10 @@ mod tests {
         let r = t.resolve(&due[0], Some(&s), &now(5)).unwrap();
         assert_eq!(r.outcome, Outcome::Unanswered);
         assert_eq!(r.packets.to_responder, 3);
-        assert!(t.resolve(&due[0], Some(&s), &now(6)).is_none(), "decided twice");
+        assert!(
+            t.resolve(&due[0], Some(&s), &now(6)).is_none(),
+            "decided twice"
+        );
     }
 
     #[test]
@@ -461,13 +521,21 @@ mod tests {
         let mut t = tracker();
         let (k, _) = key(proto::TCP);
         t.begin_walk();
-        let v = t.on_table_entry(&k, &state(proto::TCP, FlowStatus::Answered, true, 0, 1), &now(2));
+        let v = t.on_table_entry(
+            &k,
+            &state(proto::TCP, FlowStatus::Answered, true, 0, 1),
+            &now(2),
+        );
         assert_eq!(v.record.map(|r| r.outcome), Some(Outcome::Established));
         assert!(!v.remove);
         t.end_walk();
         // Idle past the idle timeout: deleted and forgotten.
         t.begin_walk();
-        let v = t.on_table_entry(&k, &state(proto::TCP, FlowStatus::Answered, true, 0, 1), &now(301));
+        let v = t.on_table_entry(
+            &k,
+            &state(proto::TCP, FlowStatus::Answered, true, 0, 1),
+            &now(301),
+        );
         assert!(v.record.is_none());
         assert!(v.remove);
         t.end_walk();
@@ -475,7 +543,10 @@ mod tests {
         // A refused flow lingers 30 s.
         t.begin_walk();
         let s = state(proto::TCP, FlowStatus::Refused, false, 0, 0);
-        assert_eq!(t.on_table_entry(&k, &s, &now(1)).record.map(|r| r.outcome), Some(Outcome::Refused));
+        assert_eq!(
+            t.on_table_entry(&k, &s, &now(1)).record.map(|r| r.outcome),
+            Some(Outcome::Refused)
+        );
         assert!(t.on_table_entry(&k, &s, &now(31)).remove);
     }
 
@@ -484,7 +555,8 @@ mod tests {
         let mut t = tracker();
         t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
         t.on_event(&event(proto::UDP, EventKind::New, 0), None, &now(0));
-        t.on_event(&event(proto::UDP, EventKind::Answered, 0), None, &now(0)).unwrap();
+        t.on_event(&event(proto::UDP, EventKind::Answered, 0), None, &now(0))
+            .unwrap();
         t.begin_walk();
         t.end_walk();
         assert_eq!((t.len(), t.pending()), (1, 1));
@@ -494,15 +566,21 @@ mod tests {
     fn resumed_flow_is_not_reported_again_but_a_reused_key_is() {
         let mut t = tracker();
         t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
-        t.on_event(&event(proto::TCP, EventKind::Answered, 0), None, &now(0)).unwrap();
+        t.on_event(&event(proto::TCP, EventKind::Answered, 0), None, &now(0))
+            .unwrap();
         let mut resumed = event(proto::TCP, EventKind::New, 10);
         resumed.mid_stream = 1;
         t.on_event(&resumed, None, &now(10));
-        assert!(t.on_event(&event(proto::TCP, EventKind::Answered, 10), None, &now(10)).is_none());
+        assert!(
+            t.on_event(&event(proto::TCP, EventKind::Answered, 10), None, &now(10))
+                .is_none()
+        );
         // After a close, a new SYN on the same 4-tuple is a new connection.
         t.on_event(&event(proto::TCP, EventKind::Closed, 11), None, &now(11));
         t.on_event(&event(proto::TCP, EventKind::New, 12), None, &now(12));
-        let r = t.on_event(&event(proto::TCP, EventKind::Answered, 12), None, &now(12)).unwrap();
+        let r = t
+            .on_event(&event(proto::TCP, EventKind::Answered, 12), None, &now(12))
+            .unwrap();
         assert_eq!(r.first_seen, now(12).wall);
     }
 
@@ -511,7 +589,9 @@ mod tests {
         let mut t = tracker();
         t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
         let s = state(proto::TCP, FlowStatus::Closed, false, 0, 1);
-        let r = t.on_event(&event(proto::TCP, EventKind::Closed, 1), Some(&s), &now(1)).unwrap();
+        let r = t
+            .on_event(&event(proto::TCP, EventKind::Closed, 1), Some(&s), &now(1))
+            .unwrap();
         assert_eq!(r.outcome, Outcome::Unanswered);
     }
 }

@@ -1,0 +1,331 @@
+//! The running datapath: the loaded programs attached to the matching interfaces of one network
+//! namespace (kept in step with link notifications), the event ring buffer read asynchronously,
+//! and the flow table and counters read on demand. It hands out raw flow events and table
+//! entries; `flows` turns them into records.
+//!
+//! Run it on a thread of the namespace to watch, inside a tokio runtime (any flavour: the
+//! attacher refuses kernel calls from a thread in another namespace; see [`super::attach`]).
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsRawFd as _, RawFd},
+};
+
+use auditor_ebpf::flow::{Counter, FlowEvent, FlowKey, FlowState};
+use aya::maps::{MapData, MapError, RingBuf};
+use serde::Serialize;
+use tokio::io::{Interest, unix::AsyncFd};
+
+use super::{
+    attach::{AttachConfig, AttachError, AttachedInterface, Attacher},
+    load::{CounterTotals, Datapath, LoadError},
+    netlink::{self, LinkChange, LinkWatcher, NetlinkError},
+};
+
+/// At most this many events per call of [`DatapathManager::next_events`], so a flood cannot
+/// starve the link watcher or the caller's timers.
+const EVENTS_PER_BATCH: usize = 4096;
+
+/// Errors of the running datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error("watching interfaces: {0}")]
+    Netlink(#[from] NetlinkError),
+    #[error("registering the event ring buffer (fd {fd}) with tokio: {source}")]
+    Register {
+        fd: RawFd,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for events: {source}")]
+    Poll {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("flow table {op}: {source}")]
+    Table {
+        op: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The datapath's health, as data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatapathHealth {
+    /// Interfaces the programs are attached to, with the hook mode of each.
+    pub attached: Vec<AttachedInterface>,
+    /// Flow table entries at the last walk.
+    pub flow_table_entries: u64,
+    pub flow_table_capacity: u32,
+    /// Events the kernel could not write (ring buffer full).
+    pub events_lost: u64,
+    /// Flows the kernel could not insert (table update failed).
+    pub inserts_failed: u64,
+    /// Packets counted as truncated or malformed (passed on, never dropped).
+    pub parse_errors: u64,
+    /// Ring-buffer records user space could not decode (a size mismatch: a build problem).
+    pub undecodable_events: u64,
+    /// Every datapath counter by name, summed over CPUs.
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+/// The loaded datapath, attached and watched. See the [module docs](self).
+pub struct DatapathManager {
+    datapath: Datapath,
+    attacher: Attacher,
+    watcher: LinkWatcher,
+    events: AsyncFd<RingBuf<MapData>>,
+    table_entries: u64,
+    undecodable_events: u64,
+}
+
+impl std::fmt::Debug for DatapathManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathManager")
+            .field("datapath", &self.datapath)
+            .field("attacher", &self.attacher)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatapathManager {
+    /// Takes a loaded datapath, removes what a crashed instance left attached, and attaches to
+    /// every matching interface of the calling thread's namespace. Call inside a tokio runtime.
+    ///
+    /// # Errors
+    /// When the namespace's interfaces cannot be listed or watched, the ring buffer cannot be
+    /// registered, or attaching to an interface fails (for another reason than it vanishing).
+    pub fn start(mut datapath: Datapath, config: AttachConfig) -> Result<Self, ManagerError> {
+        let mut attacher = Attacher::new(config)?;
+        // Subscribe before the dump: a link that appears in between is then reported, not missed.
+        let watcher = LinkWatcher::open()?;
+        let links = netlink::dump_links()?;
+        attacher.remove_stale(&links)?;
+        let ring = datapath.take_events()?;
+        let fd = ring.as_raw_fd();
+        // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
+        // which happens only when the AsyncFd (its owner) is dropped.
+        let events =
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+                ManagerError::Register {
+                    fd,
+                    source: e.into_parts().1,
+                }
+            })?;
+        attacher.sync(&mut datapath.programs()?, &links)?;
+        tracing::info!(
+            attached = attacher.attached().len(),
+            interfaces = links.len(),
+            "datapath attached"
+        );
+        Ok(Self {
+            datapath,
+            attacher,
+            watcher,
+            events,
+            table_entries: 0,
+            undecodable_events: 0,
+        })
+    }
+
+    /// Waits for flow events and returns them (never empty), following interface changes
+    /// meanwhile. Cancel-safe: an event is never lost by dropping the future.
+    ///
+    /// # Errors
+    /// When polling the ring buffer or the link watcher fails; attach failures of single
+    /// interfaces are logged, not returned.
+    pub async fn next_events(&mut self) -> Result<Vec<FlowEvent>, ManagerError> {
+        loop {
+            tokio::select! {
+                changes = self.watcher.next() => {
+                    let changes = changes?;
+                    let mut programs = self.datapath.programs()?;
+                    for change in &changes {
+                        if let Err(e) = self.attacher.apply(&mut programs, change) {
+                            tracing::error!(error = %e, "interface change not applied");
+                        }
+                        if let LinkChange::Resync(_) = change {
+                            tracing::info!(attached = self.attacher.attached().len(), "resynced interfaces");
+                        }
+                    }
+                }
+                guard = self.events.readable_mut() => {
+                    let mut guard = guard.map_err(|source| ManagerError::Poll { source })?;
+                    let ring = guard.get_inner_mut();
+                    let mut out = Vec::new();
+                    while out.len() < EVENTS_PER_BATCH {
+                        let Some(item) = ring.next() else { break };
+                        match decode_event(&item) {
+                            Some(event) => out.push(event),
+                            None => self.undecodable_events += 1,
+                        }
+                    }
+                    if out.len() < EVENTS_PER_BATCH {
+                        // Drained: wait for the next wake-up. Otherwise stay ready for the rest.
+                        guard.clear_ready();
+                    }
+                    if !out.is_empty() {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A flow's table entry now; `None` when it is not (or no longer) in the table.
+    ///
+    /// # Errors
+    /// When the lookup fails for another reason than a missing key.
+    pub fn lookup(&self, key: &FlowKey) -> Result<Option<FlowState>, ManagerError> {
+        match self.datapath.flows()?.get(key, 0) {
+            Ok(state) => Ok(Some(state)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(ManagerError::Table {
+                op: "lookup",
+                source,
+            }),
+        }
+    }
+
+    /// Every flow table entry, once each. The kernel keeps inserting and evicting meanwhile, so
+    /// this is a view over the walk's duration, not a snapshot; the walk is bounded by twice the
+    /// capacity in case evictions keep restarting the iteration.
+    ///
+    /// # Errors
+    /// When reading the table fails.
+    pub fn walk(&mut self) -> Result<Vec<(FlowKey, FlowState)>, ManagerError> {
+        let table = self.datapath.flows()?;
+        let bound = 2 * self.datapath.config().flow_table_entries as usize;
+        let mut seen = HashMap::new();
+        for entry in table.iter().take(bound) {
+            match entry {
+                Ok((key, state)) => {
+                    seen.insert(key, state);
+                }
+                // Deleted between finding the key and reading it.
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(ManagerError::Table { op: "walk", source }),
+            }
+        }
+        self.table_entries = seen.len() as u64;
+        Ok(seen.into_iter().collect())
+    }
+
+    /// Deletes a flow from the table (expired); a missing key is fine.
+    ///
+    /// # Errors
+    /// When the deletion fails for another reason.
+    pub fn remove(&mut self, key: &FlowKey) -> Result<(), ManagerError> {
+        match self.datapath.flows_mut()?.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(ManagerError::Table {
+                op: "delete",
+                source,
+            }),
+        }
+    }
+
+    /// The name of an attached interface.
+    #[must_use]
+    pub fn interface_name(&self, ifindex: u32) -> Option<String> {
+        self.attacher
+            .attached()
+            .into_iter()
+            .find(|a| a.ifindex == ifindex)
+            .map(|a| a.name)
+    }
+
+    /// The interfaces attached now.
+    #[must_use]
+    pub fn attached(&self) -> Vec<AttachedInterface> {
+        self.attacher.attached()
+    }
+
+    /// The loaded datapath (configuration, counters, maps).
+    #[must_use]
+    pub const fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    /// Health data now.
+    ///
+    /// # Errors
+    /// When the counters cannot be read.
+    pub fn health(&self) -> Result<DatapathHealth, ManagerError> {
+        let totals: CounterTotals = self.datapath.counter_totals()?;
+        Ok(DatapathHealth {
+            attached: self.attacher.attached(),
+            flow_table_entries: self.table_entries,
+            flow_table_capacity: self.datapath.config().flow_table_entries,
+            events_lost: totals.get(Counter::EventsLost),
+            inserts_failed: totals.get(Counter::InsertFailed),
+            parse_errors: totals.get(Counter::Truncated) + totals.get(Counter::Malformed),
+            undecodable_events: self.undecodable_events,
+            counters: Counter::ALL
+                .iter()
+                .map(|c| (c.name(), totals.get(*c)))
+                .collect(),
+        })
+    }
+
+    /// Detaches from every interface. Dropping the manager does the same; this reports a call
+    /// from the wrong namespace instead of leaving clsact filters behind silently.
+    ///
+    /// # Errors
+    /// When called from a thread in another namespace.
+    pub fn shutdown(&mut self) -> Result<(), ManagerError> {
+        self.attacher.shutdown()?;
+        tracing::info!("datapath detached");
+        Ok(())
+    }
+}
+
+/// A ring-buffer record as a [`FlowEvent`]; `None` when its size is not the event's.
+fn decode_event(bytes: &[u8]) -> Option<FlowEvent> {
+    if bytes.len() != size_of::<FlowEvent>() {
+        return None;
+    }
+    // SAFETY: the length matches, FlowEvent is plain old data valid for any bit pattern
+    // (`aya::Pod`), and read_unaligned copes with the ring buffer's 8-byte alignment.
+    Some(unsafe { bytes.as_ptr().cast::<FlowEvent>().read_unaligned() })
+}
+
+#[cfg(test)]
+mod tests {
+    use auditor_ebpf::flow::{Direction, EventKind, proto};
+
+    use super::*;
+
+    #[test]
+    fn decodes_events_of_the_right_size_only() {
+        let (key, side) = FlowKey::from_addrs(
+            proto::UDP,
+            ("192.0.2.1".parse().unwrap(), 5000),
+            ("192.0.2.2".parse().unwrap(), 53),
+        );
+        let event = FlowEvent {
+            key,
+            ts_ns: 42,
+            ifindex: 3,
+            kind: EventKind::New as u8,
+            initiator: side as u8,
+            direction: Direction::Ingress as u8,
+            mid_stream: 0,
+        };
+        // SAFETY (test): viewing a Pod value's bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(&event).cast::<u8>(),
+                size_of::<FlowEvent>(),
+            )
+        };
+        assert_eq!(decode_event(bytes), Some(event));
+        assert_eq!(decode_event(&bytes[1..]), None);
+        assert_eq!(decode_event(&[bytes, &[0u8; 8]].concat()), None);
+    }
+}

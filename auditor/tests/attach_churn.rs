@@ -1,0 +1,479 @@
+//! Attach/detach churn and crash leftovers, against the real kernel in namespaces of our own:
+//! 200 veth pairs come and go while the loader runs; afterwards nothing of ours stays attached,
+//! no link of ours survives, and no file descriptor leaks. And what a killed instance leaves:
+//! TCX links die with the process, clsact filters do not and the next start removes them.
+
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::{
+    collections::BTreeSet,
+    ffi::CString,
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    sync::{Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use auditor::datapath::{
+    attach::{AttachConfig, AttachMode, AttachedInterface, HookMode},
+    load::{Datapath, DatapathConfig},
+    manager::DatapathManager,
+};
+use aya::programs::{SchedClassifier, TcAttachType, loaded_links};
+use netns::{Netns, open_fds, require_root};
+
+const PAIRS: usize = 200;
+/// Pairs created before the churn and kept through it.
+const SURVIVORS: usize = 3;
+/// How many pairs exist at once during the churn: each new pair deletes the one this far back.
+const WINDOW: usize = 20;
+const CHILD_ENV: &str = "FLOW_AUDITOR_CRASH_CHILD";
+
+/// The tests here count this process's file descriptors: they must not overlap.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+enum Cmd {
+    Attached(mpsc::Sender<Vec<AttachedInterface>>),
+    Stop(mpsc::Sender<()>),
+}
+
+/// The loader on its own thread inside `ns`, controlled through commands.
+struct Loader {
+    commands: tokio::sync::mpsc::UnboundedSender<Cmd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Loader {
+    fn start(ns: &Netns, config: AttachConfig) -> Self {
+        let (commands, mut rx) = tokio::sync::mpsc::unbounded_channel::<Cmd>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = ns.spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
+            runtime.block_on(async move {
+                let datapath = Datapath::load(&DatapathConfig::default())
+                    .unwrap_or_else(|e| panic!("loading the datapath: {e:?}"));
+                let mut manager = DatapathManager::start(datapath, config)
+                    .unwrap_or_else(|e| panic!("starting the manager: {e:?}"));
+                ready_tx
+                    .send(())
+                    .unwrap_or_else(|e| panic!("test gone: {e}"));
+                loop {
+                    tokio::select! {
+                        cmd = rx.recv() => match cmd {
+                            Some(Cmd::Attached(reply)) => {
+                                let _ = reply.send(manager.attached());
+                            }
+                            Some(Cmd::Stop(reply)) => {
+                                manager.shutdown().unwrap_or_else(|e| panic!("shutdown: {e}"));
+                                drop(manager);
+                                let _ = reply.send(());
+                                return;
+                            }
+                            None => return,
+                        },
+                        events = manager.next_events() => {
+                            events.unwrap_or_else(|e| panic!("reading events: {e}"));
+                        }
+                    }
+                }
+            });
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("the loader did not start: {e}"));
+        Self {
+            commands,
+            thread: Some(thread),
+        }
+    }
+
+    fn attached(&self) -> Vec<AttachedInterface> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Cmd::Attached(tx))
+            .unwrap_or_else(|_| panic!("loader thread gone"));
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("loader did not answer: {e}"))
+    }
+
+    /// Polls until the attached interfaces are exactly `names`, or panics after `limit`.
+    fn wait_for(&self, names: &BTreeSet<String>, limit: Duration) -> Vec<AttachedInterface> {
+        let start = Instant::now();
+        loop {
+            let attached = self.attached();
+            let now: BTreeSet<String> = attached.iter().map(|a| a.name.clone()).collect();
+            if &now == names {
+                return attached;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "after {limit:?} attached to {} interfaces, expected {}: extra {:?}, missing {:?}",
+                now.len(),
+                names.len(),
+                now.difference(names).take(5).collect::<Vec<_>>(),
+                names.difference(&now).take(5).collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(mut self) {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Cmd::Stop(tx))
+            .unwrap_or_else(|_| panic!("loader thread gone"));
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("loader did not stop: {e}"));
+        if let Some(thread) = self.thread.take() {
+            thread
+                .join()
+                .unwrap_or_else(|_| panic!("loader thread panicked"));
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // On a panic elsewhere: closing the channel ends the loop, dropping the manager detaches.
+        if let Some(thread) = self.thread.take() {
+            let (tx, _rx) = mpsc::channel();
+            let _ = self.commands.send(Cmd::Stop(tx));
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Our TC programs attached via TCX on `ifname` in `ns`: (ingress, egress) program ids.
+fn tcx_programs(ns: &Netns, ifname: &str) -> (Vec<u32>, Vec<u32>) {
+    let name = CString::new(ifname).unwrap_or_else(|e| panic!("{e}"));
+    ns.run(|| {
+        let query = |attach_type| {
+            let (_, programs) = SchedClassifier::query_tcx(&name, attach_type)
+                .unwrap_or_else(|e| panic!("query_tcx {ifname}: {e}"));
+            programs
+                .iter()
+                .filter(|p| {
+                    p.name_as_str()
+                        .is_some_and(|n| n.starts_with("flow_auditor"))
+                })
+                .map(aya::programs::ProgramInfo::id)
+                .collect::<Vec<_>>()
+        };
+        (query(TcAttachType::Ingress), query(TcAttachType::Egress))
+    })
+}
+
+/// Whether `tc` lists a filter of ours on `ifname` (either direction).
+fn has_clsact_filter(ns: &Netns, ifname: &str) -> bool {
+    ["ingress", "egress"].iter().any(|dir| {
+        ns.output(&["tc", "filter", "show", "dev", ifname, dir])
+            .contains("flow_auditor")
+    })
+}
+
+fn links_of(programs: &BTreeSet<u32>) -> usize {
+    loaded_links()
+        .filter_map(Result::ok)
+        .filter(|l| programs.contains(&l.program_id()))
+        .count()
+}
+
+/// `ip -batch` over the namespace, so 200 pairs come and go in a burst, like a node rescheduling
+/// pods, rather than at the pace of one process per command.
+fn ip_batch(ns: &Netns, lines: &[String]) {
+    let mut child = Command::new("ip")
+        .args(["-n", ns.name(), "-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("ip -batch: {e}"));
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap_or_else(|| panic!("no stdin"));
+        stdin
+            .write_all(lines.join("\n").as_bytes())
+            .unwrap_or_else(|e| panic!("writing to ip -batch: {e}"));
+    }
+    let status = child.wait().unwrap_or_else(|e| panic!("ip -batch: {e}"));
+    assert!(status.success(), "ip -batch failed: {status}");
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn churn_of_200_veth_pairs_leaves_nothing_behind() {
+    require_root();
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ns = Netns::new("churn");
+    let fds_before = open_fds();
+
+    let mut survivors = BTreeSet::new();
+    for i in 0..SURVIVORS {
+        let (a, b) = (format!("veths{i}a"), format!("veths{i}b"));
+        ns.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        survivors.insert(a);
+        survivors.insert(b);
+    }
+    // Not matching the globs: must never be attached.
+    ns.ip(&[
+        "link", "add", "other0", "type", "veth", "peer", "name", "other1",
+    ]);
+
+    let loader = Loader::start(&ns, AttachConfig::default());
+    let attached = loader.wait_for(&survivors, Duration::from_secs(10));
+    assert!(
+        attached.iter().all(|a| a.mode == HookMode::Tcx),
+        "kernel 6.6+ should get TCX everywhere: {attached:?}"
+    );
+    let (ingress, egress) = tcx_programs(&ns, "veths0a");
+    assert_eq!(
+        (ingress.len(), egress.len()),
+        (1, 1),
+        "one program of ours per hook on veths0a"
+    );
+    let ours: BTreeSet<u32> = ingress.iter().chain(&egress).copied().collect();
+    assert_eq!(
+        links_of(&ours),
+        2 * survivors.len(),
+        "one TCX link per hook per interface"
+    );
+    assert_eq!(
+        tcx_programs(&ns, "other0"),
+        (vec![], vec![]),
+        "other0 does not match the globs"
+    );
+
+    // The churn: pair i appears, pair i - WINDOW disappears, then the rest go.
+    let started = Instant::now();
+    let mut lines = Vec::new();
+    for i in 0..PAIRS {
+        lines.push(format!("link add vethc{i}a type veth peer name vethc{i}b"));
+        lines.push(format!("link set vethc{i}a up"));
+        if i >= WINDOW {
+            lines.push(format!("link del vethc{}a", i - WINDOW));
+        }
+    }
+    ip_batch(&ns, &lines);
+    let mut expected = survivors.clone();
+    for i in PAIRS - WINDOW..PAIRS {
+        expected.insert(format!("vethc{i}a"));
+        expected.insert(format!("vethc{i}b"));
+    }
+    loader.wait_for(&expected, Duration::from_secs(30));
+    let converged_add = started.elapsed();
+    assert_eq!(
+        links_of(&ours),
+        2 * expected.len(),
+        "links of deleted interfaces were not closed"
+    );
+    let (ingress, egress) = tcx_programs(&ns, &format!("vethc{}b", PAIRS - 1));
+    assert_eq!(
+        (ingress.len(), egress.len()),
+        (1, 1),
+        "the newest interface has our programs"
+    );
+
+    let deletes: Vec<String> = (PAIRS - WINDOW..PAIRS)
+        .map(|i| format!("link del vethc{i}a"))
+        .collect();
+    ip_batch(&ns, &deletes);
+    loader.wait_for(&survivors, Duration::from_secs(30));
+    let churn = started.elapsed();
+    assert_eq!(
+        links_of(&ours),
+        2 * survivors.len(),
+        "links of deleted interfaces were not closed"
+    );
+
+    loader.stop();
+    for name in &survivors {
+        assert_eq!(
+            tcx_programs(&ns, name),
+            (vec![], vec![]),
+            "{name} still has our program after shutdown"
+        );
+        assert!(
+            !has_clsact_filter(&ns, name),
+            "{name} has a clsact filter of ours after shutdown"
+        );
+    }
+    assert_eq!(links_of(&ours), 0, "a link of ours survived the shutdown");
+    let still_loaded = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ours.contains(&p.id()))
+        .count();
+    assert_eq!(
+        still_loaded, 0,
+        "our programs are still loaded after the loader was dropped"
+    );
+    let fds_after = open_fds();
+    assert_eq!(
+        fds_before, fds_after,
+        "file descriptors leaked: {fds_before} before, {fds_after} after"
+    );
+    println!(
+        "churn: {PAIRS} veth pairs ({} interfaces) added and deleted; attached state converged \
+         {converged_add:?} after the start, all done in {churn:?}; open fds {fds_before} before, \
+         {fds_after} after",
+        2 * PAIRS
+    );
+}
+
+/// Runs only as the child of `killed_instance_leaves_*`: attaches in the given mode inside the
+/// given namespace, says READY, and waits to be killed.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn crash_child() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (ns_name, mode) = spec
+        .split_once(',')
+        .unwrap_or_else(|| panic!("bad {CHILD_ENV}={spec}"));
+    let mode = match mode {
+        "tcx" => AttachMode::Tcx,
+        "clsact" => AttachMode::Clsact,
+        other => panic!("unknown mode {other}"),
+    };
+    let file = std::fs::File::open(format!("/var/run/netns/{ns_name}"))
+        .unwrap_or_else(|e| panic!("open netns {ns_name}: {e}"));
+    // SAFETY: a valid namespace fd; affects this thread only.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
+    runtime.block_on(async {
+        let datapath =
+            Datapath::load(&DatapathConfig::default()).unwrap_or_else(|e| panic!("load: {e:?}"));
+        let config = AttachConfig {
+            mode,
+            ..AttachConfig::default()
+        };
+        let manager =
+            DatapathManager::start(datapath, config).unwrap_or_else(|e| panic!("start: {e:?}"));
+        assert_eq!(
+            manager.attached().len(),
+            2,
+            "child attached to {:?}",
+            manager.attached()
+        );
+        println!("READY");
+        // Killed long before this; bounded so a lost parent cannot leave it running.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(manager);
+    });
+}
+
+/// Starts `crash_child` in `ns` with `mode`, waits for READY, kills it with SIGKILL.
+fn crash_an_instance(ns: &Netns, mode: &str, check_while_running: impl FnOnce()) {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "crash_child",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, format!("{},{mode}", ns.name()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning the child instance: {e}"));
+    let stdout = child
+        .stdout
+        .take()
+        .unwrap_or_else(|| panic!("no child stdout"));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("READY") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(60));
+    if ready.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the child instance never became ready");
+    }
+    check_while_running();
+    child
+        .kill()
+        .unwrap_or_else(|e| panic!("SIGKILL the child: {e}"));
+    child
+        .wait()
+        .unwrap_or_else(|e| panic!("reaping the child: {e}"));
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn killed_instance_leaves_no_tcx_link() {
+    require_root();
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ns = Netns::new("crashtcx");
+    ns.ip(&[
+        "link", "add", "vethk0a", "type", "veth", "peer", "name", "vethk0b",
+    ]);
+    crash_an_instance(&ns, "tcx", || {
+        let (ingress, egress) = tcx_programs(&ns, "vethk0a");
+        assert_eq!(
+            (ingress.len(), egress.len()),
+            (1, 1),
+            "the child did not attach via TCX"
+        );
+    });
+    // The kernel releases a dead process's files asynchronously: allow it a moment.
+    let start = Instant::now();
+    while tcx_programs(&ns, "vethk0a") != (vec![], vec![]) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "a killed instance's TCX links are still attached after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn killed_instance_clsact_filters_are_removed_on_start() {
+    require_root();
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ns = Netns::new("crashcls");
+    ns.ip(&[
+        "link", "add", "vethk0a", "type", "veth", "peer", "name", "vethk0b",
+    ]);
+    crash_an_instance(&ns, "clsact", || {
+        assert!(
+            has_clsact_filter(&ns, "vethk0a"),
+            "the child did not attach a clsact filter"
+        );
+    });
+    assert!(
+        has_clsact_filter(&ns, "vethk0a") && has_clsact_filter(&ns, "vethk0b"),
+        "clsact filters are expected to outlive a killed instance"
+    );
+    let loader = Loader::start(&ns, AttachConfig::default());
+    assert!(
+        !has_clsact_filter(&ns, "vethk0a") && !has_clsact_filter(&ns, "vethk0b"),
+        "the new instance did not remove the leftover clsact filters"
+    );
+    let (ingress, egress) = tcx_programs(&ns, "vethk0a");
+    assert_eq!(
+        (ingress.len(), egress.len()),
+        (1, 1),
+        "the new instance attached via TCX"
+    );
+    loader.stop();
+    assert_eq!(tcx_programs(&ns, "vethk0a"), (vec![], vec![]));
+}

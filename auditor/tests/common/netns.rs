@@ -1,0 +1,186 @@
+//! Network namespaces and veth pairs for kernel tests, each removed by an RAII guard even when the
+//! test panics. Names carry the pid and a counter, so parallel tests and parallel runs never
+//! collide, and nothing here touches the machine's own namespace: every command targets a
+//! namespace these guards created.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different subset of these helpers"
+)]
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace of our own, deleted (with every interface in it) on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `fa-<tag>-<pid>-<n>`, with `lo` up.
+    pub fn new(tag: &str) -> Self {
+        let name = format!(
+            "fa-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <this namespace> args...`, panicking with the command's stderr on failure.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full);
+    }
+
+    /// Sets a sysctl of this namespace (net.* sysctls are per namespace).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("{key}={value}"),
+            ],
+        );
+    }
+
+    /// Output of a command run inside the namespace (`ip netns exec`).
+    pub fn output(&self, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", self.name.as_str()];
+        full.extend_from_slice(args);
+        output("ip", &full)
+    }
+
+    /// Runs `f` on a fresh thread that has joined this namespace, and returns its result.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter();
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| panic!("thread in netns {} panicked", self.name))
+        })
+    }
+
+    /// Spawns a thread that joins this namespace, then runs `f`.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter_path(&path);
+            f()
+        })
+    }
+
+    /// Moves the calling thread into this namespace (for good: use it on a dedicated thread).
+    pub fn enter(&self) {
+        enter_path(&self.path());
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its interfaces (and each veth's peer elsewhere).
+        let status = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("warning: could not delete netns {}: {status:?}", self.name);
+        }
+    }
+}
+
+fn enter_path(path: &str) {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: a valid namespace fd; setns affects only the calling thread for CLONE_NEWNET.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert!(
+        rc == 0,
+        "setns({path}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Creates a veth pair: `a` in `ns_a`, `b` in `ns_b`, both up.
+pub fn veth(ns_a: &Netns, a: &str, ns_b: &Netns, b: &str) {
+    ns_a.ip(&[
+        "link",
+        "add",
+        a,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b,
+        "netns",
+        ns_b.name(),
+    ]);
+    ns_a.ip(&["link", "set", a, "up"]);
+    ns_b.ip(&["link", "set", b, "up"]);
+}
+
+/// Runs a command, panicking with its stderr when it fails.
+pub fn run(program: &str, args: &[&str]) {
+    output(program, args);
+}
+
+/// Runs a command and returns its stdout, panicking with its stderr when it fails.
+pub fn output(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {} failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap_or_else(|e| panic!("read /proc/self/fd: {e}"))
+        .count()
+}
+
+/// Whether we may run kernel tests (root); they are `#[ignore]`d and `cargo xtask test` runs them
+/// as root, so not being root here is a setup error, reported as a failure.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "this test needs root (run it with `cargo xtask test`)"
+    );
+}
