@@ -1,8 +1,9 @@
 //! Who is who: pods, nodes, services and the API server by address, kept as plain facts.
 //! Pure and incremental (the daemon feeds it watch events, `check` feeds it files through `load`);
-//! `k8s` turns Kubernetes objects into these facts.
+//! `k8s` turns Kubernetes objects into these facts; `kube` watches them in the API.
 
 pub mod k8s;
+pub mod kube;
 pub mod load;
 
 use std::collections::{BTreeMap, HashMap};
