@@ -28,6 +28,8 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:19925";
 /// The content type of OpenMetrics text 1.0.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic Prometheus text format, for clients whose `Accept` names only `text/plain`.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Largest request head accepted; scrapes and probes send a few hundred bytes.
 const MAX_HEAD: usize = 8 * 1024;
@@ -247,6 +249,20 @@ async fn read_head(stream: &mut TcpStream, head: &mut Vec<u8>) -> std::io::Resul
     }
 }
 
+/// Whether the client asks for the classic text format: an `Accept` header naming `text/plain`
+/// and not OpenMetrics. Prometheus asks for OpenMetrics; no header (or `*/*`) gets OpenMetrics.
+fn wants_text_format(head: &[u8]) -> bool {
+    let head = String::from_utf8_lossy(head);
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("accept"))
+        .any(|(_, value)| {
+            let value = value.to_ascii_lowercase();
+            value.contains("text/plain") && !value.contains("application/openmetrics-text")
+        })
+}
+
 /// The response to a request head, and whether only the head is to be sent (HEAD).
 fn route(head: &[u8], metrics: &Metrics, readiness: &Readiness) -> (Response, bool) {
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
@@ -278,6 +294,12 @@ fn route(head: &[u8], metrics: &Metrics, readiness: &Readiness) -> (Response, bo
     let path = target.split('?').next().unwrap_or_default();
     let response = match path {
         "/metrics" => match metrics.encode(SystemTime::now()) {
+            Ok(body) if wants_text_format(head) => Response {
+                status: "200 OK",
+                content_type: TEXT_CONTENT_TYPE,
+                body: super::metrics::to_text_format(&body),
+                allow: false,
+            },
             Ok(body) => Response {
                 status: "200 OK",
                 content_type: OPENMETRICS_CONTENT_TYPE,

@@ -290,3 +290,187 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
         u32::try_from(day).unwrap_or(1),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use auditor_ebpf::flow::{Direction as Hook, FlowKey, proto};
+
+    use super::*;
+    use crate::audit::{Judgement, ModelVerdict, PodPeer};
+    use crate::flows::{FlowRecord, PerDirection, Protocol};
+    use crate::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
+
+    fn flow(verdict: AuditVerdict) -> AuditedFlow {
+        let initiator: SocketAddr = "10.244.0.30:41000"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let responder: SocketAddr = "10.244.1.20:5432".parse().unwrap_or_else(|e| panic!("{e}"));
+        let (key, _) = FlowKey::from_addrs(
+            proto::TCP,
+            (initiator.ip(), initiator.port()),
+            (responder.ip(), responder.port()),
+        );
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_763_715_845_250);
+        AuditedFlow {
+            record: FlowRecord {
+                protocol: Protocol::Tcp,
+                initiator,
+                responder,
+                ifindex: 9,
+                interface: "cali42".into(),
+                direction: Hook::Ingress,
+                packets: PerDirection::default(),
+                bytes: PerDirection::default(),
+                first_seen: at,
+                last_seen: at,
+                mid_stream: false,
+                outcome: Outcome::Established,
+                key,
+            },
+            src: Peer::Pod(PodPeer {
+                namespace: "monitoring".into(),
+                name: "prometheus-0".into(),
+                workload: "prometheus".into(),
+                node: Some("node-a".into()),
+            }),
+            dst: Peer::Pod(PodPeer {
+                namespace: "db".into(),
+                name: "postgres-0".into(),
+                workload: "postgres".into(),
+                node: Some("node-b".into()),
+            }),
+            dst_port: Some(5432),
+            judgement: Judgement {
+                verdict: ModelVerdict::Deny,
+                decisions: vec![Decision {
+                    policy: PolicyKey {
+                        kind: PolicyKind::NetworkPolicy,
+                        namespace: "db".into(),
+                        name: "allow-web".into(),
+                    },
+                    direction: Direction::Ingress,
+                    rule: "default-deny".into(),
+                    action: Action::Deny,
+                }],
+                reason: "ingress of pod db/postgres-0 denied by default".into(),
+            },
+            verdict,
+        }
+    }
+
+    fn lines(log: &UnexpectedLog<Vec<u8>>) -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(log.writer())
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect()
+    }
+
+    #[test]
+    fn unexpected_flow_line_names_peers_and_the_denying_rule() {
+        let now = Instant::now();
+        let mut log = UnexpectedLog::new(Vec::new(), LogLimits::default(), None, now);
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_763_715_846);
+        assert_eq!(
+            log.log(&flow(AuditVerdict::Allowed), now, wall).ok(),
+            Some(Logged::Skipped)
+        );
+        assert_eq!(
+            log.log(&flow(AuditVerdict::Denied), now, wall).ok(),
+            Some(Logged::Skipped)
+        );
+        assert_eq!(
+            log.log(&flow(AuditVerdict::Unexpected), now, wall).ok(),
+            Some(Logged::Written)
+        );
+        let lines = lines(&log);
+        assert_eq!(lines.len(), 1, "only the unexpected flow is logged");
+        let l = &lines[0];
+        assert_eq!(l["time"], "2025-11-21T09:04:06.000Z");
+        assert_eq!(l["first_seen"], "2025-11-21T09:04:05.250Z");
+        assert_eq!(l["verdict"], "unexpected");
+        assert_eq!(l["outcome"], "established");
+        assert_eq!(l["protocol"], "TCP");
+        assert_eq!(l["src"]["namespace"], "monitoring");
+        assert_eq!(l["src"]["pod"], "prometheus-0");
+        assert_eq!(l["src"]["workload"], "prometheus");
+        assert_eq!(l["src"]["address"], "10.244.0.30");
+        assert_eq!(l["src"]["port"], 41000);
+        assert_eq!(l["dst"]["pod"], "postgres-0");
+        assert_eq!(l["dst"]["port"], 5432);
+        assert_eq!(l["dst_port"], "5432");
+        assert_eq!(l["denied_by"][0]["policy"]["name"], "allow-web");
+        assert_eq!(l["denied_by"][0]["rule"], "default-deny");
+        assert_eq!(l["denied_by"][0]["direction"], "ingress");
+        assert_eq!(
+            l["reason"],
+            "ingress of pod db/postgres-0 denied by default"
+        );
+    }
+
+    #[test]
+    fn rate_limit_suppresses_counts_and_reports_when_logging_resumes() {
+        let start = Instant::now();
+        let counter = Counter::default();
+        let limits = LogLimits {
+            per_second: 2.0,
+            burst: 3,
+        };
+        let mut log = UnexpectedLog::new(Vec::new(), limits, Some(counter.clone()), start);
+        let wall = SystemTime::UNIX_EPOCH;
+        let f = flow(AuditVerdict::Unexpected);
+        let mut results = Vec::new();
+        for _ in 0..10 {
+            results.push(log.log(&f, start, wall).unwrap_or_else(|e| panic!("{e}")));
+        }
+        assert_eq!(
+            results.iter().filter(|r| **r == Logged::Written).count(),
+            3,
+            "burst of 3"
+        );
+        assert_eq!(log.pending_suppressed(), 7);
+        assert_eq!(counter.get(), 7);
+        // Half a second later one token is back: the suppressed count comes first, then the flow.
+        let later = start + Duration::from_millis(500);
+        assert_eq!(log.log(&f, later, wall).ok(), Some(Logged::Written));
+        let lines = lines(&log);
+        assert_eq!(lines.len(), 5);
+        assert_eq!(lines[3]["suppressed"], 7);
+        assert_eq!(lines[4]["msg"], "unexpected flow");
+        assert_eq!(log.pending_suppressed(), 0);
+        // Suppressed again, then flushed at shutdown.
+        assert_eq!(log.log(&f, later, wall).ok(), Some(Logged::Suppressed));
+        log.flush_suppressed(wall).unwrap_or_else(|e| panic!("{e}"));
+        let lines = self::lines(&log);
+        assert_eq!(
+            lines.last().map(|l| l["suppressed"].clone()),
+            Some(serde_json::json!(1))
+        );
+        assert_eq!(counter.get(), 8);
+    }
+
+    #[test]
+    fn token_bucket_refills_at_its_rate_up_to_its_burst() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10.0, 5, start);
+        assert_eq!((0..20).filter(|_| bucket.try_take(start)).count(), 5);
+        let later = start + Duration::from_secs(1);
+        assert_eq!(
+            (0..20).filter(|_| bucket.try_take(later)).count(),
+            5,
+            "capped at the burst"
+        );
+        let a_bit_later = later + Duration::from_millis(250);
+        assert_eq!((0..20).filter(|_| bucket.try_take(a_bit_later)).count(), 2);
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        let at = |secs: u64| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00.000Z");
+        assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59.000Z");
+        assert_eq!(at(1_709_251_199), "2024-02-29T23:59:59.000Z");
+    }
+}

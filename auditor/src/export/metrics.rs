@@ -12,7 +12,6 @@ use prometheus_client::encoding::{EncodeLabelSet, text};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::audit::{AuditVerdict, AuditedFlow};
@@ -257,12 +256,18 @@ impl Metrics {
             "Unexpected-flow log lines dropped by the rate limit",
             log_suppressed.clone(),
         );
-        registry.register(
-            "build",
-            "Build of the running auditor",
-            Info::new(BuildLabels {
+        // A gauge fixed at 1 rather than an OpenMetrics info: both text formats (and promtool)
+        // understand it, and it joins the usual way (`* on() group_left(version) ...`).
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION"),
-            }),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Build of the running auditor, always 1",
+            build_info,
         );
 
         for source in LostSource::ALL {
@@ -500,6 +505,44 @@ impl Metrics {
     }
 }
 
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition, for clients that ask
+/// for `text/plain` (and for `promtool check metrics`, which reads only that format): counter
+/// families are named with their `_total` suffix, and `# UNIT` / `# EOF` do not exist.
+#[must_use]
+pub fn to_text_format(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|rest| ("# HELP ", rest))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                let _ = writeln!(out, "{prefix}{name}{suffix} {tail}");
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves a set that is still consistent: keep using it.
     mutex
@@ -514,4 +557,37 @@ fn saturating_i64(v: u64) -> i64 {
 fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_format_names_counters_with_total_and_drops_openmetrics_lines() {
+        let om = "# HELP a_flows Flows.\n# TYPE a_flows counter\na_flows_total{x=\"1\"} 3\n\
+                  # HELP a_age Age.\n# TYPE a_age_seconds gauge\n# UNIT a_age_seconds seconds\n\
+                  a_age_seconds 1.5\n# EOF\n";
+        let text = to_text_format(om);
+        assert_eq!(
+            text,
+            "# HELP a_flows_total Flows.\n# TYPE a_flows_total counter\na_flows_total{x=\"1\"} 3\n\
+             # HELP a_age Age.\n# TYPE a_age_seconds gauge\na_age_seconds 1.5\n"
+        );
+    }
+
+    #[test]
+    fn lost_events_follow_the_kernel_total() {
+        let m = Metrics::new();
+        m.set_lost_events(LostSource::FlowTable, 10);
+        m.set_lost_events(LostSource::FlowTable, 25);
+        m.set_lost_events(LostSource::FlowTable, 3);
+        let text = m
+            .encode(SystemTime::now())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            text.contains("flow_auditor_lost_events_total{source=\"flow_table\"} 25\n"),
+            "{text}"
+        );
+    }
 }

@@ -8,9 +8,11 @@ pub mod metrics;
 
 use std::net::SocketAddr;
 
-pub use http::{DEFAULT_METRICS_ADDR, OPENMETRICS_CONTENT_TYPE, Readiness, Server};
+pub use http::{
+    DEFAULT_METRICS_ADDR, OPENMETRICS_CONTENT_TYPE, Readiness, Server, TEXT_CONTENT_TYPE,
+};
 pub use log::{LogLimits, Logged, TokenBucket, UnexpectedLog};
-pub use metrics::{AttachMode, FlowLabels, LostSource, Metrics, RuleLabels};
+pub use metrics::{AttachMode, FlowLabels, LostSource, Metrics, RuleLabels, to_text_format};
 
 /// Failures of the export stage.
 #[derive(Debug, thiserror::Error)]
