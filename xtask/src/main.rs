@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one entry point for everything beyond plain cargo. Every verb first runs
 //! `setup`, which installs what is missing on a Debian/Ubuntu machine, so a newcomer never has to.
 
+mod lab;
 mod setup;
 
 use std::{
@@ -29,6 +30,13 @@ enum Verb {
     },
     /// Run the whole test suite, including the tests that need root and the kernel.
     Test,
+    /// Build everything, then run the Calico homelab in miniature (network namespaces on this
+    /// machine) under the auditor, with a live summary; Ctrl-C removes it all.
+    Demo {
+        /// Stop after this many seconds (non-interactive, for tests and CI).
+        #[arg(long)]
+        duration: Option<u64>,
+    },
     /// Run a benchmark and print its figures.
     Bench {
         #[arg(value_enum)]
@@ -74,6 +82,10 @@ fn main() -> Result<()> {
         Verb::Setup => Ok(()),
         Verb::Build { target } => build(&root, target).map(|_| ()),
         Verb::Test => test(&root),
+        Verb::Demo { duration } => {
+            let binary = build(&root, Target::Host)?;
+            lab::demo(&binary, duration)
+        }
         Verb::Bench { which } => bench(&root, which),
     }
 }
@@ -250,6 +262,11 @@ fn test(root: &Path) -> Result<()> {
         );
     }
     run(&mut cmd)?;
+    if root_user {
+        // The lab end to end: the release daemon, real traffic, a real Prometheus.
+        let binary = build(root, Target::Host)?;
+        lab::e2e::run(root, &binary)?;
+    }
     // The Pi build is part of the suite: a static arm64 binary that runs under qemu.
     build(root, Target::Aarch64)?;
     if !root_user {
