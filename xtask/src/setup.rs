@@ -27,6 +27,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("zlib1g-dev", "bpf-linker's LLVM link"),
     ("iproute2", "network-namespace and veth tests"),
     (
+        "nftables",
+        "the lab (`cargo xtask demo`) enforces some namespaces' policies with nft, as a CNI would",
+    ),
+    (
         "qemu-user-static",
         "running the arm64 binary on this machine",
     ),
