@@ -54,10 +54,12 @@ impl Netns {
         cmd("ip", &full).map(|_| ())
     }
 
-    /// A sysctl of this namespace (net.* sysctls are per namespace).
+    /// A sysctl of this namespace (net.* sysctls are per namespace: /proc/sys/net shows the
+    /// namespace of the thread that opens it).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")])
-            .map(|_| ())
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        in_netns(&self.name, || std::fs::write(&path, value))?
+            .with_context(|| format!("sysctl {key}={value} in netns {}", self.name))
     }
 
     /// Runs a command inside the namespace and returns its stdout.
