@@ -225,9 +225,19 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ObjectError> {
             }
         }
     }
+    let workload = workload(&object.metadata, &name, &pod_labels);
+    let mut pod_labels = pod_labels;
+    let service_account = spec
+        .and_then(|s| s.service_account_name.as_deref())
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or("default");
+    pod_labels.insert(
+        super::CILIUM_SERVICE_ACCOUNT_LABEL.to_owned(),
+        service_account.to_owned(),
+    );
     Ok(Pod {
         namespace: ctx.namespace(),
-        workload: workload(&object.metadata, &name, &pod_labels),
+        workload,
         name,
         labels: pod_labels,
         node: spec.and_then(|s| s.node_name.clone()),

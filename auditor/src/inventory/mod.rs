@@ -21,6 +21,11 @@ pub type Labels = BTreeMap<String, String>;
 /// The label every namespace carries with its own name (set by the API server since 1.21).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
+/// The label Cilium gives every endpoint with its pod's service account; pods carry it here too
+/// so Cilium selectors on it work. Kubernetes itself never sets this key, so NetworkPolicy
+/// selectors are unaffected in practice.
+pub const CILIUM_SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
+
 /// `namespace/name` of a namespaced object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
@@ -234,6 +239,7 @@ pub struct Inventory {
     namespaces: HashMap<String, Namespace>,
     pods: Slab<Pod>,
     pod_ids: HashMap<ObjectKey, PodId>,
+    pods_by_namespace: HashMap<String, Vec<PodId>>,
     nodes: Slab<Node>,
     node_ids: HashMap<String, NodeId>,
     services: Slab<Service>,
@@ -317,6 +323,10 @@ impl Inventory {
             Change::Pod { id, old }
         } else {
             let id = PodId(self.pods.insert(pod));
+            self.pods_by_namespace
+                .entry(key.namespace.clone())
+                .or_default()
+                .push(id);
             self.pod_ids.insert(key, id);
             self.index_pod(id);
             Change::Pod { id, old: None }
@@ -335,6 +345,12 @@ impl Inventory {
         let id = self.pod_ids.remove(key)?;
         self.generation += 1;
         let old = self.pods.remove(id.0)?;
+        if let Some(ids) = self.pods_by_namespace.get_mut(&key.namespace) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                self.pods_by_namespace.remove(&key.namespace);
+            }
+        }
         for &ip in Self::pod_addresses(&old) {
             remove_owner(&mut self.addresses, ip, Owner::Pod(id));
         }
@@ -347,6 +363,14 @@ impl Inventory {
 
     pub fn pod_id(&self, key: &ObjectKey) -> Option<PodId> {
         self.pod_ids.get(key).copied()
+    }
+
+    pub fn pods_in_namespace(&self, namespace: &str) -> impl Iterator<Item = (PodId, &Pod)> {
+        self.pods_by_namespace
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .filter_map(|&id| Some((id, self.pods.get(id.0)?)))
     }
 
     pub fn pods(&self) -> impl Iterator<Item = (PodId, &Pod)> {
