@@ -8,6 +8,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+use crate::datapath::attach::AttachMode;
 use crate::policy::model::{IpBlockReading, ModelConfig};
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -21,6 +22,8 @@ pub struct Config {
     /// How long a flow may wait for an answer before it is `unanswered` ("5s", "500ms", "1m").
     #[serde(deserialize_with = "duration")]
     pub answer_timeout: Duration,
+    /// `auto` (default: TCX on kernels 6.6+, else clsact), `tcx` or `clsact`.
+    pub attach_mode: AttachMode,
 }
 
 impl Default for Config {
@@ -30,6 +33,7 @@ impl Default for Config {
             entities: Entities::default(),
             // SPEC 2: the default answer timeout.
             answer_timeout: Duration::from_secs(5),
+            attach_mode: AttachMode::Auto,
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod check;
 pub mod config;
+pub mod daemon;
 pub mod datapath;
 pub mod export;
 pub mod flows;
