@@ -167,11 +167,20 @@ pub fn output(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Open file descriptors of this process.
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
+/// Open file descriptors of this process, with what each refers to (for failure messages).
+pub fn open_fds() -> Vec<String> {
+    let mut fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
         .unwrap_or_else(|e| panic!("read /proc/self/fd: {e}"))
-        .count()
+        .filter_map(Result::ok)
+        .map(|entry| {
+            let target = std::fs::read_link(entry.path())
+                .map(|t| t.display().to_string())
+                .unwrap_or_else(|_| "?".into());
+            format!("{} -> {target}", entry.file_name().display())
+        })
+        .collect();
+    fds.sort();
+    fds
 }
 
 /// Whether we may run kernel tests (root); they are `#[ignore]`d and `cargo xtask test` runs them
