@@ -261,3 +261,102 @@ fn bad_cilium_policies_are_rejected_with_where_and_why() {
         panic!("{}", failures.join("\n"));
     }
 }
+
+fn flow(src: &str, dst: &str, port: u16) -> auditor::policy::model::Flow {
+    let ip = |text: &str| match text.parse() {
+        Ok(ip) => ip,
+        Err(e) => panic!("{text}: {e}"),
+    };
+    auditor::policy::model::Flow {
+        src: ip(src),
+        dst: ip(dst),
+        protocol: auditor::policy::ir::Protocol::Tcp,
+        port,
+    }
+}
+
+/// The model as the daemon drives it: Cilium policies changed and deleted, a pod relabelled,
+/// each applied incrementally and reflected in the next verdict.
+#[test]
+fn cilium_policy_and_label_changes_apply_incrementally() {
+    use auditor::policy::cilium::{self, CiliumPolicy};
+    use auditor::policy::ir::{PolicyKey, PolicyKind};
+
+    let base = fixtures().join("cilium-base");
+    let config = match auditor::config::Config::from_file(&base.join("config.yaml")) {
+        Ok(config) => config,
+        Err(e) => panic!("config: {e}"),
+    };
+    let policies = fixtures().join("cilium-deny/policies.yaml");
+    let (mut model, _) =
+        match auditor::check::build_model(&[base.join("cluster.yaml")], Some(&policies), &config) {
+            Ok(built) => built,
+            Err(e) => panic!("model: {e}"),
+        };
+    let client_to_web = flow("10.42.0.11", "10.42.0.10", 8080);
+    let client_to_metrics = flow("10.42.0.11", "10.42.0.10", 9100);
+    assert!(
+        !model.verdict(&client_to_web).allowed,
+        "web-deny-client refuses 8080"
+    );
+    assert!(
+        model.verdict(&client_to_metrics).allowed,
+        "9100 is allowed by the NetworkPolicy"
+    );
+
+    // Change the deny to port 9100.
+    let changed: CiliumPolicy = match serde_yaml_ng::from_str(
+        r#"
+metadata: {name: web-deny-client, namespace: app}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: metrics}]}]
+"#,
+    ) {
+        Ok(policy) => policy,
+        Err(e) => panic!("policy: {e}"),
+    };
+    match cilium::compile(PolicyKind::CiliumNetworkPolicy, &changed) {
+        Ok(compiled) => model.upsert_policy(compiled),
+        Err(e) => panic!("compile: {e}"),
+    }
+    assert!(
+        model.verdict(&client_to_web).allowed,
+        "the deny moved away from 8080"
+    );
+    assert!(
+        !model.verdict(&client_to_metrics).allowed,
+        "the deny now names metrics"
+    );
+
+    // Relabel app/client: the deny's fromEndpoints no longer selects it.
+    let Some(mut client) = model
+        .inventory()
+        .pods_in_namespace("app")
+        .find(|(_, pod)| pod.name == "client")
+        .map(|(_, pod)| pod.clone())
+    else {
+        panic!("app/client is missing from the inventory");
+    };
+    client.labels.insert("app".to_owned(), "batch".to_owned());
+    model.upsert_pod(client);
+    assert!(
+        model.verdict(&client_to_metrics).allowed,
+        "relabelled client is not denied"
+    );
+
+    // Delete the clusterwide deny: tools/probe reaches web again.
+    let probe_to_web = flow("10.42.1.22", "10.42.0.10", 8080);
+    assert!(
+        !model.verdict(&probe_to_web).allowed,
+        "deny-from-tools refuses probe"
+    );
+    model.remove_policy(&PolicyKey {
+        kind: PolicyKind::CiliumClusterwideNetworkPolicy,
+        namespace: String::new(),
+        name: "deny-from-tools".to_owned(),
+    });
+    assert!(model.verdict(&probe_to_web).allowed, "the CCNP is gone");
+}
