@@ -82,10 +82,7 @@ fn main() -> Result<()> {
         Verb::Setup => Ok(()),
         Verb::Build { target } => build(&root, target).map(|_| ()),
         Verb::Test => test(&root),
-        Verb::Demo { duration } => {
-            let binary = build(&root, Target::Host)?;
-            lab::demo(&binary, duration)
-        }
+        Verb::Demo { duration } => lab::demo(&root, duration),
         Verb::Bench { which } => bench(&root, which),
     }
 }
@@ -150,23 +147,20 @@ pub(crate) fn is_root() -> bool {
 /// Builds the release binary; returns its path.
 fn build(root: &Path, target: Target) -> Result<PathBuf> {
     let mut cmd = cargo(root);
-    cmd.args([
-        "build",
-        "--release",
-        "--package",
-        "auditor",
-        "--bin",
-        "auditor",
-    ]);
     let binary = match target {
-        Target::Host => root.join("target/release/auditor"),
+        Target::Host => {
+            cmd.arg("build");
+            root.join("target/release/auditor")
+        }
         Target::Aarch64 => {
-            cmd.args(["--target", AARCH64_TARGET]);
+            // zig links the C parts (ring, under kube's TLS) statically against musl for arm64.
+            cmd.args(["zigbuild", "--target", AARCH64_TARGET]);
             root.join("target")
                 .join(AARCH64_TARGET)
                 .join("release/auditor")
         }
     };
+    cmd.args(["--release", "--package", "auditor", "--bin", "auditor"]);
     run(&mut cmd)?;
     if target == Target::Aarch64 {
         check_static_aarch64(&binary)?;

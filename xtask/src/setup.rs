@@ -47,6 +47,9 @@ pub fn ensure(root: &Path) -> Result<()> {
     }
     toolchains()?;
     bpf_linker(root)?;
+    if let Err(e) = zigbuild(root) {
+        missing.push(format!("{e:#}"));
+    }
     if !missing.is_empty() {
         eprintln!("setup could not do everything:");
         for m in &missing {
@@ -212,4 +215,45 @@ fn bpf_linker(root: &Path) -> Result<()> {
         // bpf-linker's build script reads LLVM_PREFIX, llvm-sys reads LLVM_SYS_221_PREFIX.
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
+}
+
+/// `ring` (kube's TLS) has C code, so the static arm64 build links with zig through
+/// cargo-zigbuild; zig itself comes from PyPI (`ziglang`).
+const ZIGLANG_VERSION: &str = "0.17.0";
+const ZIGBUILD_VERSION: &str = "0.24";
+
+fn zigbuild(root: &Path) -> Result<()> {
+    let zig_ok = Command::new("python3")
+        .args(["-m", "ziglang", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !zig_ok {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            &format!("ziglang=={ZIGLANG_VERSION}"),
+        ]))
+        .context("installing zig (PyPI ziglang) for the arm64 build")?;
+    }
+    let zigbuild_ok = Command::new("cargo-zigbuild")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains(&format!(" {ZIGBUILD_VERSION}."))
+        });
+    if !zigbuild_ok {
+        run(Command::new("cargo").current_dir(root).args([
+            &format!("+{USER_TOOLCHAIN}"),
+            "install",
+            "cargo-zigbuild",
+            "--version",
+            &format!("~{ZIGBUILD_VERSION}"),
+            "--locked",
+        ]))
+        .context("installing cargo-zigbuild for the arm64 build")?;
+    }
+    Ok(())
 }
