@@ -26,27 +26,64 @@ use auditor::{
 use auditor_ebpf::flow::Direction;
 use netns::{Netns, require_root};
 
-const POD_A: &str = "192.0.2.10";
-const POD_B: &str = "192.0.2.20";
-/// Routed to a blackhole on the node: nobody answers, and nobody sends an ICMP error either.
-const NOBODY: &str = "203.0.113.99";
-const GATEWAY: &str = "169.254.1.1";
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The addresses of one IP family (documentation ranges only).
+struct Family {
+    pod_a: &'static str,
+    pod_b: &'static str,
+    /// Routed to a blackhole on the node: nobody answers, and nobody sends an ICMP error either.
+    nobody: &'static str,
+    nobody_net: &'static str,
+    /// The pods' default gateway, link-local as Calico has it; it exists only as a static
+    /// neighbour entry pointing at the node side of the veth.
+    gateway: &'static str,
+    host_prefix: &'static str,
+    /// `ip` wants `-6` for IPv6 neighbours and routes.
+    ip_flag: &'static str,
+}
+
+const V4: Family = Family {
+    pod_a: "192.0.2.10",
+    pod_b: "192.0.2.20",
+    nobody: "203.0.113.99",
+    nobody_net: "203.0.113.0/24",
+    gateway: "169.254.1.1",
+    host_prefix: "32",
+    ip_flag: "-4",
+};
+
+const V6: Family = Family {
+    pod_a: "2001:db8::10",
+    pod_b: "2001:db8::20",
+    nobody: "2001:db8:ffff::99",
+    nobody_net: "2001:db8:ffff::/48",
+    gateway: "fe80::1",
+    host_prefix: "128",
+    ip_flag: "-6",
+};
 
 /// A node namespace with two pods, each behind a `cali*` veth.
 struct Cluster {
+    family: &'static Family,
     node: Netns,
     pod_a: Netns,
     pod_b: Netns,
 }
 
 impl Cluster {
-    fn new() -> Self {
+    fn new(family: &'static Family) -> Self {
+        let f = family.ip_flag;
         let node = Netns::new("node");
         let pod_a = Netns::new("poda");
         let pod_b = Netns::new("podb");
         node.sysctl("net.ipv4.ip_forward", "1");
-        for (pod, cali, addr, n) in [(&pod_a, "caliA", POD_A, 1), (&pod_b, "caliB", POD_B, 2)] {
+        node.sysctl("net.ipv6.conf.all.forwarding", "1");
+        let pods = [
+            (&pod_a, "caliA", family.pod_a, 1),
+            (&pod_b, "caliB", family.pod_b, 2),
+        ];
+        for (pod, cali, addr, n) in pods {
             let host_mac = format!("02:00:00:00:0{n}:01");
             let pod_mac = format!("02:00:00:00:0{n}:02");
             node.ip(&[
@@ -66,8 +103,10 @@ impl Cluster {
                 pod.name(),
             ]);
             node.ip(&["link", "set", cali, "up"]);
-            node.ip(&["route", "add", &format!("{addr}/32"), "dev", cali]);
+            let host_route = format!("{addr}/{}", family.host_prefix);
+            node.ip(&[f, "route", "add", &host_route, "dev", cali]);
             node.ip(&[
+                f,
                 "neigh",
                 "add",
                 addr,
@@ -79,13 +118,34 @@ impl Cluster {
                 "permanent",
             ]);
             pod.ip(&["link", "set", "eth0", "up"]);
-            pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
-            pod.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"]);
-            pod.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"]);
+            // nodad: usable at once instead of after duplicate address detection.
+            pod.ip(&["addr", "add", &host_route, "dev", "eth0", "nodad"]);
+            if family.ip_flag == "-4" {
+                pod.ip(&[
+                    "route",
+                    "add",
+                    family.gateway,
+                    "dev",
+                    "eth0",
+                    "scope",
+                    "link",
+                ]);
+            }
             pod.ip(&[
+                f,
+                "route",
+                "add",
+                "default",
+                "via",
+                family.gateway,
+                "dev",
+                "eth0",
+            ]);
+            pod.ip(&[
+                f,
                 "neigh",
                 "add",
-                GATEWAY,
+                family.gateway,
                 "lladdr",
                 &host_mac,
                 "dev",
@@ -94,8 +154,13 @@ impl Cluster {
                 "permanent",
             ]);
         }
-        node.ip(&["route", "add", "blackhole", "203.0.113.0/24"]);
-        Self { node, pod_a, pod_b }
+        node.ip(&[f, "route", "add", "blackhole", family.nobody_net]);
+        Self {
+            family,
+            node,
+            pod_a,
+            pod_b,
+        }
     }
 }
 
@@ -197,14 +262,25 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 
 /// The traffic, each flow from pod A; returns what each flow's record must say.
 fn generate_traffic(cluster: &Cluster) -> Vec<(Protocol, SocketAddr, SocketAddr, Outcome)> {
-    let Cluster { pod_a, pod_b, .. } = cluster;
+    let Cluster {
+        family,
+        pod_a,
+        pod_b,
+        ..
+    } = cluster;
+    let Family {
+        pod_a: a_ip,
+        pod_b: b_ip,
+        nobody,
+        ..
+    } = **family;
     let mut expected = Vec::new();
 
     // TCP, answered and closed cleanly.
     let listener =
-        pod_b.run(|| TcpListener::bind(addr(POD_B, 8080)).unwrap_or_else(|e| panic!("bind: {e}")));
+        pod_b.run(|| TcpListener::bind(addr(b_ip, 8080)).unwrap_or_else(|e| panic!("bind: {e}")));
     let mut client = pod_a.run(|| {
-        TcpStream::connect_timeout(&addr(POD_B, 8080), Duration::from_secs(5))
+        TcpStream::connect_timeout(&addr(b_ip, 8080), Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("TCP connect A -> B:8080: {e}"))
     });
     let (mut server, _) = listener.accept().unwrap_or_else(|e| panic!("accept: {e}"));
@@ -227,20 +303,20 @@ fn generate_traffic(cluster: &Cluster) -> Vec<(Protocol, SocketAddr, SocketAddr,
     expected.push((
         Protocol::Tcp,
         tcp_client,
-        addr(POD_B, 8080),
+        addr(b_ip, 8080),
         Outcome::Established,
     ));
 
     // UDP request and reply.
     let udp_server =
-        pod_b.run(|| UdpSocket::bind(addr(POD_B, 5353)).unwrap_or_else(|e| panic!("bind: {e}")));
+        pod_b.run(|| UdpSocket::bind(addr(b_ip, 5353)).unwrap_or_else(|e| panic!("bind: {e}")));
     let udp_client =
-        pod_a.run(|| UdpSocket::bind(addr(POD_A, 0)).unwrap_or_else(|e| panic!("bind: {e}")));
+        pod_a.run(|| UdpSocket::bind(addr(a_ip, 0)).unwrap_or_else(|e| panic!("bind: {e}")));
     udp_client
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap_or_else(|e| panic!("{e}"));
     udp_client
-        .send_to(b"query", addr(POD_B, 5353))
+        .send_to(b"query", addr(b_ip, 5353))
         .unwrap_or_else(|e| panic!("send: {e}"));
     let mut buf = [0u8; 16];
     udp_server
@@ -259,13 +335,13 @@ fn generate_traffic(cluster: &Cluster) -> Vec<(Protocol, SocketAddr, SocketAddr,
     expected.push((
         Protocol::Udp,
         udp_local,
-        addr(POD_B, 5353),
+        addr(b_ip, 5353),
         Outcome::Established,
     ));
 
     // TCP to a closed port: RST.
     pod_a.run(
-        || match TcpStream::connect_timeout(&addr(POD_B, 9), Duration::from_secs(5)) {
+        || match TcpStream::connect_timeout(&addr(b_ip, 9), Duration::from_secs(5)) {
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
             other => panic!("TCP to a closed port should be refused, got {other:?}"),
         },
@@ -273,16 +349,16 @@ fn generate_traffic(cluster: &Cluster) -> Vec<(Protocol, SocketAddr, SocketAddr,
     // The kernel picked the client port and a failed connect does not tell it: match any port.
     expected.push((
         Protocol::Tcp,
-        addr(POD_A, 0),
-        addr(POD_B, 9),
+        addr(a_ip, 0),
+        addr(b_ip, 9),
         Outcome::Refused,
     ));
 
     // UDP to a closed port: ICMP port unreachable. A connected socket reports it as an error.
     let udp_closed =
-        pod_a.run(|| UdpSocket::bind(addr(POD_A, 0)).unwrap_or_else(|e| panic!("bind: {e}")));
+        pod_a.run(|| UdpSocket::bind(addr(a_ip, 0)).unwrap_or_else(|e| panic!("bind: {e}")));
     udp_closed
-        .connect(addr(POD_B, 9))
+        .connect(addr(b_ip, 9))
         .unwrap_or_else(|e| panic!("connect: {e}"));
     udp_closed
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -295,28 +371,28 @@ fn generate_traffic(cluster: &Cluster) -> Vec<(Protocol, SocketAddr, SocketAddr,
         other => panic!("UDP to a closed port should see ICMP port unreachable, got {other:?}"),
     }
     let local = udp_closed.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    expected.push((Protocol::Udp, local, addr(POD_B, 9), Outcome::Refused));
+    expected.push((Protocol::Udp, local, addr(b_ip, 9), Outcome::Refused));
 
     // Nobody answers: TCP and UDP.
     pod_a.run(
-        || match TcpStream::connect_timeout(&addr(NOBODY, 80), Duration::from_millis(300)) {
+        || match TcpStream::connect_timeout(&addr(nobody, 80), Duration::from_millis(300)) {
             Err(e) if e.kind() == ErrorKind::TimedOut => {}
-            other => panic!("TCP to {NOBODY} should time out, got {other:?}"),
+            other => panic!("TCP to {nobody} should time out, got {other:?}"),
         },
     );
     expected.push((
         Protocol::Tcp,
-        addr(POD_A, 0),
-        addr(NOBODY, 80),
+        addr(a_ip, 0),
+        addr(nobody, 80),
         Outcome::Unanswered,
     ));
     let silent =
-        pod_a.run(|| UdpSocket::bind(addr(POD_A, 0)).unwrap_or_else(|e| panic!("bind: {e}")));
+        pod_a.run(|| UdpSocket::bind(addr(a_ip, 0)).unwrap_or_else(|e| panic!("bind: {e}")));
     silent
-        .send_to(b"hello?", addr(NOBODY, 53))
+        .send_to(b"hello?", addr(nobody, 53))
         .unwrap_or_else(|e| panic!("send: {e}"));
     let local = silent.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    expected.push((Protocol::Udp, local, addr(NOBODY, 53), Outcome::Unanswered));
+    expected.push((Protocol::Udp, local, addr(nobody, 53), Outcome::Unanswered));
     expected
 }
 
@@ -351,9 +427,19 @@ fn is_flow(
 
 #[test]
 #[ignore = "needs root and the kernel; run by cargo xtask test"]
-fn pod_traffic_yields_one_record_per_flow_with_its_outcome() {
+fn ipv4_pod_traffic_yields_one_record_per_flow_with_its_outcome() {
+    pod_traffic_yields_one_record_per_flow_with_its_outcome(&V4);
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn ipv6_pod_traffic_yields_one_record_per_flow_with_its_outcome() {
+    pod_traffic_yields_one_record_per_flow_with_its_outcome(&V6);
+}
+
+fn pod_traffic_yields_one_record_per_flow_with_its_outcome(family: &'static Family) {
     require_root();
-    let cluster = Cluster::new();
+    let cluster = Cluster::new(family);
     let stream = Stream::start(&cluster.node);
     let started = Instant::now();
     let expected = generate_traffic(&cluster);
@@ -439,7 +525,8 @@ fn pod_traffic_yields_one_record_per_flow_with_its_outcome() {
         "the walk found no entry: {health:?}"
     );
     println!(
-        "netns_flows: {} records ({} expected flows) in {elapsed:?}; health: table {}/{}, events lost {}, parse errors {}",
+        "netns_flows {}: {} records ({} expected flows) in {elapsed:?}; health: table {}/{}, events lost {}, parse errors {}",
+        family.ip_flag,
         records.len(),
         expected.len(),
         health.flow_table_entries,
