@@ -409,28 +409,28 @@ fn spawn_kind(
 }
 
 /// Turns a typed object into its update.
-trait IntoUpdate {
-    fn into_update(&self, kind: Kind) -> Result<ModelUpdate, String>;
+trait ToUpdate {
+    fn to_update(&self, kind: Kind) -> Result<ModelUpdate, String>;
 }
 
-impl IntoUpdate for core::Namespace {
-    fn into_update(&self, _: Kind) -> Result<ModelUpdate, String> {
+impl ToUpdate for core::Namespace {
+    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
         k8s::namespace(self)
             .map(ModelUpdate::Namespace)
             .map_err(|e| e.to_string())
     }
 }
 
-impl IntoUpdate for core::Node {
-    fn into_update(&self, _: Kind) -> Result<ModelUpdate, String> {
+impl ToUpdate for core::Node {
+    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
         k8s::node(self)
             .map(ModelUpdate::Node)
             .map_err(|e| e.to_string())
     }
 }
 
-impl IntoUpdate for core::Pod {
-    fn into_update(&self, _: Kind) -> Result<ModelUpdate, String> {
+impl ToUpdate for core::Pod {
+    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
         // A finished pod's address goes back to the pool and may already belong to a new pod.
         let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed")) {
@@ -445,32 +445,32 @@ impl IntoUpdate for core::Pod {
     }
 }
 
-impl IntoUpdate for core::Service {
-    fn into_update(&self, _: Kind) -> Result<ModelUpdate, String> {
+impl ToUpdate for core::Service {
+    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
         k8s::service(self)
             .map(ModelUpdate::Service)
             .map_err(|e| e.to_string())
     }
 }
 
-impl IntoUpdate for discovery::EndpointSlice {
-    fn into_update(&self, _: Kind) -> Result<ModelUpdate, String> {
+impl ToUpdate for discovery::EndpointSlice {
+    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
         k8s::endpoint_slice(self)
             .map(ModelUpdate::EndpointSlice)
             .map_err(|e| e.to_string())
     }
 }
 
-impl IntoUpdate for networking::NetworkPolicy {
-    fn into_update(&self, _: Kind) -> Result<ModelUpdate, String> {
+impl ToUpdate for networking::NetworkPolicy {
+    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
         netpol::compile(self)
             .map(ModelUpdate::Policy)
             .map_err(|e| e.to_string())
     }
 }
 
-fn convert<K: IntoUpdate>(kind: Kind, object: &K) -> Result<ModelUpdate, String> {
-    object.into_update(kind)
+fn convert<K: ToUpdate>(kind: Kind, object: &K) -> Result<ModelUpdate, String> {
+    object.to_update(kind)
 }
 
 fn convert_cilium(kind: Kind, object: &DynamicObject) -> Result<ModelUpdate, String> {
