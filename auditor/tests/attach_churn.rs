@@ -486,3 +486,91 @@ fn killed_instance_clsact_filters_are_removed_on_start() {
     loader.stop();
     assert_eq!(tcx_programs(&ns, "vethk0a"), (vec![], vec![]));
 }
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn attaches_first_in_the_tcx_chain() {
+    require_root();
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ns = Netns::new("first");
+    ns.ip(&[
+        "link", "add", "vethf0a", "type", "veth", "peer", "name", "vethf0b",
+    ]);
+    // Stands in for a CNI's program, attached before we start.
+    let foreign = ns.run(|| {
+        let mut datapath =
+            Datapath::load(&DatapathConfig::default()).unwrap_or_else(|e| panic!("load: {e:?}"));
+        let noop = datapath
+            .program(auditor_ebpf::PROGRAM_NOOP)
+            .unwrap_or_else(|e| panic!("no-op program: {e:?}"));
+        noop.attach(c"vethf0a", TcAttachType::Ingress)
+            .unwrap_or_else(|e| panic!("attaching the stand-in CNI program: {e}"));
+        let id = noop.info().unwrap_or_else(|e| panic!("{e}")).id();
+        (datapath, id)
+    });
+    let loader = Loader::start(&ns, AttachConfig::default());
+    let name = CString::new("vethf0a").unwrap_or_else(|e| panic!("{e}"));
+    let chain: Vec<(u32, String)> = ns.run(|| {
+        let (_, programs) = SchedClassifier::query_tcx(&name, TcAttachType::Ingress)
+            .unwrap_or_else(|e| panic!("query_tcx: {e}"));
+        programs
+            .iter()
+            .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_owned()))
+            .collect()
+    });
+    assert_eq!(chain.len(), 2, "chain on vethf0a ingress: {chain:?}");
+    assert_ne!(
+        chain[0].0, foreign.1,
+        "ours must run before the CNI's: {chain:?}"
+    );
+    assert!(
+        chain[0].1.starts_with("flow_auditor_in"),
+        "first is not ours: {chain:?}"
+    );
+    assert_eq!(
+        chain[1].0, foreign.1,
+        "the CNI's program must stay in the chain: {chain:?}"
+    );
+    loader.stop();
+    drop(foreign);
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn refuses_to_act_from_another_namespace() {
+    require_root();
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ns = Netns::new("elsewhere");
+    let mut attacher = ns.run(|| {
+        auditor::datapath::attach::Attacher::new(AttachConfig::default())
+            .unwrap_or_else(|e| panic!("attacher: {e}"))
+    });
+    // This thread is in another namespace, with interfaces the attacher must never touch.
+    let mut datapath =
+        Datapath::load(&DatapathConfig::default()).unwrap_or_else(|e| panic!("load: {e:?}"));
+    let mut programs = datapath.programs().unwrap_or_else(|e| panic!("{e}"));
+    let link = auditor::datapath::netlink::Link {
+        ifindex: 1,
+        name: "veth-anything".into(),
+    };
+    let result = attacher.attach(&mut programs, &link);
+    assert!(
+        matches!(
+            result,
+            Err(auditor::datapath::attach::AttachError::WrongNamespace { .. })
+        ),
+        "attach from another namespace: {result:?}"
+    );
+    assert!(
+        matches!(
+            attacher.shutdown(),
+            Err(auditor::datapath::attach::AttachError::WrongNamespace { .. })
+        ),
+        "shutdown from another namespace must be refused"
+    );
+    assert!(attacher.attached().is_empty());
+}
