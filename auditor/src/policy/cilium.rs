@@ -328,10 +328,15 @@ pub fn compile(kind: PolicyKind, policy: &CiliumPolicy) -> Result<CompiledPolicy
             });
         }
     };
+    let name = metadata
+        .name
+        .clone()
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| error("metadata.name", "missing"))?;
     let key = PolicyKey {
         kind,
         namespace: namespace.clone().unwrap_or_default(),
-        name: metadata.name.clone().unwrap_or_default(),
+        name,
     };
     let mut compiled = CompiledPolicy {
         key,
@@ -1242,11 +1247,24 @@ fn port_matches(port: &PortProtocol, field: &str) -> Result<Vec<PortMatch>, Comp
             format!("`{text}` is neither a port number nor a port name"),
         ));
     };
+    // For ICMP the "port" is the ICMP type; flows carry none, and an ICMP conversation is an
+    // echo exchange, so only "any type" and echo request can match one (as with `icmps`).
+    let icmp_spec = match &spec {
+        PortSpec::Any | PortSpec::Range(8 | 128, _) => Some(PortSpec::Any),
+        PortSpec::Range(..) | PortSpec::Named(_) => None,
+    };
     Ok(protocols
         .into_iter()
-        .map(|protocol| PortMatch {
-            protocol: Some(protocol),
-            port: spec.clone(),
+        .filter_map(|protocol| {
+            let port = if protocol == Protocol::Icmp {
+                icmp_spec.clone()?
+            } else {
+                spec.clone()
+            };
+            Some(PortMatch {
+                protocol: Some(protocol),
+                port,
+            })
         })
         .collect())
 }
@@ -1702,7 +1720,15 @@ spec:
             port: PortSpec::Any,
         };
         assert_eq!(p.rules.len(), 1, "{p:?}");
-        assert_eq!(p.rules[0].ports, vec![icmp_any.clone(), icmp_any]);
+        assert_eq!(p.rules[0].ports, vec![icmp_any.clone(), icmp_any.clone()]);
+        let p = cnp(r#"
+metadata: {name: p, namespace: app}
+spec:
+  endpointSelector: {}
+  ingress:
+  - toPorts: [{ports: [{port: "8", protocol: ICMP}, {port: "3", protocol: ICMP}]}]
+"#);
+        assert_eq!(p.rules[0].ports, vec![icmp_any]);
         let e = cnp_error(
             r#"
 metadata: {name: p, namespace: app}
@@ -1725,6 +1751,17 @@ spec:
 ",
         );
         assert!(p.rules.is_empty() && p.isolations.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn a_policy_needs_a_name() {
+        let e = cnp_error(
+            "
+metadata: {namespace: app}
+spec: {endpointSelector: {}}
+",
+        );
+        assert_eq!(e.field, "metadata.name");
     }
 
     #[test]
