@@ -9,7 +9,7 @@
 //! expired resourceVersion). Each task keeps the keys and resourceVersions it has reported, its
 //! reflector: a relist sends only what changed and removes what vanished during a gap.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -525,6 +525,17 @@ fn status_code(error: &kube::Error) -> Option<u16> {
 /// The update receiver is gone: the daemon is stopping.
 struct Closed;
 
+enum ListFailure {
+    Closed,
+    Api(KubeError),
+}
+
+impl From<Closed> for ListFailure {
+    fn from(Closed: Closed) -> Self {
+        Self::Closed
+    }
+}
+
 /// What ends a watch.
 enum WatchEnd {
     /// The resourceVersion expired (`410 Gone`) or the API disappeared: list again.
@@ -629,9 +640,11 @@ where
         }
     }
 
-    /// Lists every page; the items and the resourceVersion to watch from.
-    async fn list_all(&self) -> Result<(Vec<K>, String), KubeError> {
-        let mut items = Vec::new();
+    /// Lists page by page, sending each page's changes as it comes so a large cluster is never
+    /// held in memory whole; what no page holds any more is removed at the end. Returns the
+    /// resourceVersion to watch from.
+    async fn list_pages(&mut self) -> Result<String, ListFailure> {
+        let mut seen = HashSet::with_capacity(self.known.len());
         let mut token: Option<String> = None;
         loop {
             let mut params = ListParams::default().limit(self.options.page_size);
@@ -642,8 +655,15 @@ where
                 .api
                 .list(&params)
                 .await
-                .map_err(|e| self.call_error("list", e))?;
-            items.extend(page.items);
+                .map_err(|e| ListFailure::Api(self.call_error("list", e)))?;
+            if token.is_none() {
+                self.mark_fresh().await?;
+            }
+            for object in page.items {
+                let key = object_key(&object);
+                self.changed(key.clone(), &object).await?;
+                seen.insert(key);
+            }
             match page.metadata.continue_.filter(|t| !t.is_empty()) {
                 Some(next) => token = Some(next),
                 None => {
@@ -651,8 +671,11 @@ where
                         .metadata
                         .resource_version
                         .filter(|v| !v.is_empty())
-                        .ok_or(KubeError::NoResourceVersion { kind: self.kind })?;
-                    return Ok((items, version));
+                        .ok_or(ListFailure::Api(KubeError::NoResourceVersion {
+                            kind: self.kind,
+                        }))?;
+                    self.remove_unseen(&seen).await?;
+                    return Ok(version);
                 }
             }
         }
@@ -661,17 +684,16 @@ where
     /// Lists until it works; the model then holds exactly the listed objects.
     async fn list(&mut self) -> Result<String, Closed> {
         loop {
-            match self.list_all().await {
-                Ok((items, version)) => {
-                    self.mark_fresh().await?;
+            match self.list_pages().await {
+                Ok(version) => {
                     if std::mem::take(&mut self.missing) {
                         tracing::info!(kind = %self.kind, "API installed; watching it");
                     }
-                    self.reconcile(items).await?;
                     self.send(ModelUpdate::Synced(self.kind)).await?;
                     return Ok(version);
                 }
-                Err(KubeError::Call { source, .. })
+                Err(ListFailure::Closed) => return Err(Closed),
+                Err(ListFailure::Api(KubeError::Call { source, .. }))
                     if self.kind.is_optional() && status_code(&source) == Some(404) =>
                 {
                     // The API answered: not an outage, just a cluster without this CRD.
@@ -679,12 +701,12 @@ where
                     if !self.missing {
                         self.missing = true;
                         tracing::info!(kind = %self.kind, "API not installed; looking again later");
-                        self.reconcile(Vec::new()).await?;
+                        self.remove_unseen(&HashSet::new()).await?;
                         self.send(ModelUpdate::NotInstalled(self.kind)).await?;
                     }
                     tokio::time::sleep(self.options.missing_retry).await;
                 }
-                Err(error) => {
+                Err(ListFailure::Api(error)) => {
                     self.mark_stale(&error).await?;
                     self.pause().await;
                 }
@@ -692,28 +714,18 @@ where
         }
     }
 
-    /// Sends what changed between `known` and `items`, removals of what is gone included.
-    async fn reconcile(&mut self, items: Vec<K>) -> Result<(), Closed> {
-        let mut seen = HashMap::with_capacity(items.len());
-        for object in items {
-            let key = object_key(&object);
-            let version = object.resource_version().unwrap_or_default();
-            let unchanged = !version.is_empty() && self.known.get(&key) == Some(&version);
-            if !unchanged {
-                self.report(&key, &object).await?;
-            }
-            seen.insert(key, version);
-        }
+    /// Removes from the model what the API no longer has (deleted during a gap in watching).
+    async fn remove_unseen(&mut self, seen: &HashSet<ObjectKey>) -> Result<(), Closed> {
         let gone: Vec<ObjectKey> = self
             .known
             .keys()
-            .filter(|k| !seen.contains_key(*k))
+            .filter(|k| !seen.contains(*k))
             .cloned()
             .collect();
-        for key in &gone {
-            self.send(removal(self.kind, key)).await?;
+        for key in gone {
+            self.known.remove(&key);
+            self.send(removal(self.kind, &key)).await?;
         }
-        self.known = seen;
         Ok(())
     }
 
@@ -779,7 +791,7 @@ where
                 let step = match next {
                     Ok(WatchEvent::Added(object) | WatchEvent::Modified(object)) => {
                         advance(&mut version, &object);
-                        self.changed(object).await
+                        self.changed(object_key(&object), &object).await
                     }
                     Ok(WatchEvent::Deleted(object)) => {
                         advance(&mut version, &object);
@@ -818,13 +830,13 @@ where
         }
     }
 
-    async fn changed(&mut self, object: K) -> Result<(), Closed> {
-        let key = object_key(&object);
+    /// Reports an object unless the model already has this version of it.
+    async fn changed(&mut self, key: ObjectKey, object: &K) -> Result<(), Closed> {
         let version = object.resource_version().unwrap_or_default();
         if !version.is_empty() && self.known.get(&key) == Some(&version) {
             return Ok(());
         }
-        self.report(&key, &object).await?;
+        self.report(&key, object).await?;
         self.known.insert(key, version);
         Ok(())
     }
