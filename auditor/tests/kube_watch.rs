@@ -595,10 +595,61 @@ async fn missing_cilium_crds_are_not_installed_rather_than_an_outage() {
         })
         .await;
     assert!(daemon.allowed(&to_pg(WORKER)) && !daemon.allowed(&to_pg(WEB)));
+
+    // The CRD uninstalled (its objects go with it): its policies leave the model.
+    server.set_missing(apiserver::CILIUM_NETWORK_POLICIES, true);
+    server.drop_watches();
+    daemon
+        .until("CRD uninstalled", |d| {
+            d.status.is_not_installed(Kind::CiliumNetworkPolicy) && d.model.policy_count() == 0
+        })
+        .await;
+    assert!(daemon.allowed(&to_pg(WEB)) && daemon.allowed(&to_pg(WORKER)));
     assert_eq!(
         daemon.count(|u| matches!(u, ModelUpdate::Stale { .. })),
         0,
         "a missing CRD is not an outage"
+    );
+}
+
+#[tokio::test]
+async fn watches_ended_by_the_server_timeout_resume_without_relisting() {
+    let server = ApiServer::start().await;
+    seed(&server);
+    let mut daemon = Daemon::start(
+        &server,
+        &WatchOptions {
+            watch_timeout: Duration::from_secs(1),
+            ..options()
+        },
+    );
+    daemon.until("initial sync", |d| d.status.synced()).await;
+    let lists = total_lists(&server);
+    server_until("pods watched three times", || {
+        server.watches(apiserver::PODS) >= 3
+    })
+    .await;
+    assert!(
+        server.requests().iter().filter(|r| r.watch).all(|r| r
+            .query
+            .get("timeoutSeconds")
+            .map(String::as_str)
+            == Some("1")),
+        "every watch asks the server to end it"
+    );
+    server.apply(apiserver::PODS, pod("shop", "web-2", "web", EXTRA, None));
+    daemon
+        .until("pod added", |d| d.has_pod("shop", "web-2"))
+        .await;
+    assert_eq!(
+        total_lists(&server),
+        lists,
+        "no relist after a normal watch end"
+    );
+    assert_eq!(
+        daemon.count(|u| matches!(u, ModelUpdate::Stale { .. })),
+        0,
+        "a watch timeout is not an outage"
     );
 }
 
