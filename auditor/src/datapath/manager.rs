@@ -7,7 +7,7 @@
 //! attacher refuses kernel calls from a thread in another namespace; see [`super::attach`]).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     os::fd::{AsRawFd as _, RawFd},
 };
 
@@ -25,6 +25,9 @@ use super::{
 /// At most this many events per call of [`DatapathManager::next_events`], so a flood cannot
 /// starve the link watcher or the caller's timers.
 const EVENTS_PER_BATCH: usize = 4096;
+/// Interface changes applied between two looks at the ring buffer (and two yields to the
+/// caller's other tasks): about 100 ms of TCX attaching.
+const CHANGES_PER_STEP: usize = 4;
 
 /// Errors of the running datapath.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,8 @@ pub struct DatapathManager {
     attacher: Attacher,
     watcher: LinkWatcher,
     events: AsyncFd<RingBuf<MapData>>,
+    /// Interface changes read but not applied yet.
+    changes: VecDeque<LinkChange>,
     table_entries: u64,
     undecodable_events: u64,
 }
@@ -128,53 +133,78 @@ impl DatapathManager {
             attacher,
             watcher,
             events,
+            changes: VecDeque::new(),
             table_entries: 0,
             undecodable_events: 0,
         })
     }
 
     /// Waits for flow events and returns them (never empty), following interface changes
-    /// meanwhile. Cancel-safe: an event is never lost by dropping the future.
+    /// meanwhile. Cancel-safe: neither an event nor an interface change is lost by dropping the
+    /// future, so callers can `select!` on it next to their signals and timers.
+    ///
+    /// A burst of new interfaces is attached a few at a time with a yield in between (a TCX
+    /// attach costs ~12 ms of kernel time): events keep being read, and the caller's other
+    /// `select!` branches (SIGTERM) keep being served, while 200 pods start.
     ///
     /// # Errors
     /// When polling the ring buffer or the link watcher fails; attach failures of single
     /// interfaces are logged, not returned.
     pub async fn next_events(&mut self) -> Result<Vec<FlowEvent>, ManagerError> {
         loop {
-            tokio::select! {
-                changes = self.watcher.next() => {
-                    let changes = changes?;
-                    let mut programs = self.datapath.programs()?;
-                    for change in &changes {
-                        if let Err(e) = self.attacher.apply(&mut programs, change) {
-                            tracing::error!(error = %e, "interface change not applied");
-                        }
-                        if let LinkChange::Resync(_) = change {
-                            tracing::info!(attached = self.attacher.attached().len(), "resynced interfaces");
-                        }
-                    }
+            if !self.changes.is_empty() {
+                self.apply_some_changes()?;
+                let events = self.read_events();
+                if !events.is_empty() {
+                    return Ok(events);
                 }
+                tokio::task::yield_now().await;
+                continue;
+            }
+            tokio::select! {
+                changes = self.watcher.next() => self.changes.extend(changes?),
                 guard = self.events.readable_mut() => {
                     let mut guard = guard.map_err(|source| ManagerError::Poll { source })?;
                     let ring = guard.get_inner_mut();
-                    let mut out = Vec::new();
-                    while out.len() < EVENTS_PER_BATCH {
-                        let Some(item) = ring.next() else { break };
-                        match decode_event(&item) {
-                            Some(event) => out.push(event),
-                            None => self.undecodable_events += 1,
-                        }
-                    }
-                    if out.len() < EVENTS_PER_BATCH {
+                    let (events, undecodable) = drain(ring);
+                    self.undecodable_events += undecodable;
+                    if events.len() < EVENTS_PER_BATCH {
                         // Drained: wait for the next wake-up. Otherwise stay ready for the rest.
                         guard.clear_ready();
                     }
-                    if !out.is_empty() {
-                        return Ok(out);
+                    if !events.is_empty() {
+                        return Ok(events);
                     }
                 }
             }
         }
+    }
+
+    /// Applies the next few queued interface changes.
+    fn apply_some_changes(&mut self) -> Result<(), ManagerError> {
+        let mut programs = self.datapath.programs()?;
+        for _ in 0..CHANGES_PER_STEP {
+            let Some(change) = self.changes.pop_front() else {
+                break;
+            };
+            if let Err(e) = self.attacher.apply(&mut programs, &change) {
+                tracing::error!(error = %e, "interface change not applied");
+            }
+            if let LinkChange::Resync(_) = change {
+                tracing::info!(
+                    attached = self.attacher.attached().len(),
+                    "resynced interfaces"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the ring buffer holds now, without waiting for a wake-up.
+    fn read_events(&mut self) -> Vec<FlowEvent> {
+        let (events, undecodable) = drain(self.events.get_mut());
+        self.undecodable_events += undecodable;
+        events
     }
 
     /// A flow's table entry now; `None` when it is not (or no longer) in the table.
@@ -283,6 +313,21 @@ impl DatapathManager {
         tracing::info!("datapath detached");
         Ok(())
     }
+}
+
+/// Up to [`EVENTS_PER_BATCH`] events from the ring buffer, and how many records were
+/// undecodable.
+fn drain(ring: &mut RingBuf<MapData>) -> (Vec<FlowEvent>, u64) {
+    let mut events = Vec::new();
+    let mut undecodable = 0;
+    while events.len() < EVENTS_PER_BATCH {
+        let Some(item) = ring.next() else { break };
+        match decode_event(&item) {
+            Some(event) => events.push(event),
+            None => undecodable += 1,
+        }
+    }
+    (events, undecodable)
 }
 
 /// A ring-buffer record as a [`FlowEvent`]; `None` when its size is not the event's.
