@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use apiserver::ApiServer;
 
 /// Every wait in these tests is bounded by this.
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(30);
 
 const WEB: &str = "10.244.0.10";
 const WORKER: &str = "10.244.0.11";
@@ -469,6 +469,33 @@ async fn an_expired_open_watch_relists() {
     assert!(
         daemon.has_pod("shop", "worker"),
         "the relist kept what exists"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_watch_resumes_from_its_version() {
+    let server = ApiServer::start().await;
+    seed(&server);
+    let mut daemon = Daemon::start(&server, &options());
+    daemon.until("initial sync", |d| d.status.synced()).await;
+    server_until("every kind watching", || server.active_watches() == 8).await;
+    let lists = total_lists(&server);
+    let watches = server.watches(apiserver::PODS);
+    server.fail_watches(500);
+    server_until("pods watched again", || {
+        server.watches(apiserver::PODS) > watches
+    })
+    .await;
+    server.apply(apiserver::PODS, pod("shop", "web-2", "web", EXTRA, None));
+    daemon
+        .until("pod added after the failure", |d| {
+            d.has_pod("shop", "web-2")
+        })
+        .await;
+    assert_eq!(
+        total_lists(&server),
+        lists,
+        "a 500 is not an expiry: no relist"
     );
 }
 

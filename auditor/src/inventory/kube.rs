@@ -619,7 +619,6 @@ where
     }
 
     async fn mark_fresh(&mut self) -> Result<(), Closed> {
-        self.backoff = self.options.initial_backoff;
         if self.stale_since.take().is_some() {
             tracing::info!(kind = %self.kind, "Kubernetes API reachable again");
             self.send(ModelUpdate::Fresh(self.kind)).await?;
@@ -686,6 +685,7 @@ where
         loop {
             match self.list_pages().await {
                 Ok(version) => {
+                    self.backoff = self.options.initial_backoff;
                     if std::mem::take(&mut self.missing) {
                         tracing::info!(kind = %self.kind, "API installed; watching it");
                     }
@@ -777,6 +777,7 @@ where
             }
             let started = Instant::now();
             let mut events = 0_u64;
+            let mut failed = false;
             let mut stream = std::pin::pin!(stream);
             loop {
                 let next = match tokio::time::timeout(idle_limit, stream.next()).await {
@@ -787,17 +788,19 @@ where
                         break;
                     }
                 };
-                events += 1;
                 let step = match next {
                     Ok(WatchEvent::Added(object) | WatchEvent::Modified(object)) => {
+                        events += 1;
                         advance(&mut version, &object);
                         self.changed(object_key(&object), &object).await
                     }
                     Ok(WatchEvent::Deleted(object)) => {
+                        events += 1;
                         advance(&mut version, &object);
                         self.deleted(&object).await
                     }
                     Ok(WatchEvent::Bookmark(bookmark)) => {
+                        events += 1;
                         if !bookmark.metadata.resource_version.is_empty() {
                             version = bookmark.metadata.resource_version;
                         }
@@ -810,11 +813,13 @@ where
                     Ok(WatchEvent::Error(status)) => {
                         tracing::warn!(kind = %self.kind, code = status.code,
                             message = %status.message, "watch error; resuming");
+                        failed = true;
                         break;
                     }
                     Err(e) if status_code(&e) == Some(410) => return WatchEnd::Relist,
                     Err(e) => {
                         tracing::warn!(kind = %self.kind, error = %e, "watch interrupted; resuming");
+                        failed = true;
                         break;
                     }
                 };
@@ -822,9 +827,11 @@ where
                     return WatchEnd::Closed;
                 }
             }
-            // A watch the server ends at once, again and again (a proxy, an overloaded server),
-            // must not become a busy loop.
-            if events == 0 && started.elapsed() < Duration::from_secs(1) {
+            // A watch that works resets the backoff; one the server ends at once or with an
+            // error, again and again (a proxy, an overloaded server), must not become a busy loop.
+            if events > 0 && !failed {
+                self.backoff = self.options.initial_backoff;
+            } else if failed || started.elapsed() < Duration::from_secs(1) {
                 self.pause().await;
             }
         }

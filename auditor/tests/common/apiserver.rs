@@ -120,6 +120,8 @@ struct State {
     /// Bumped to make every open watch do something once.
     drop_epoch: u64,
     expire_epoch: u64,
+    fail_epoch: u64,
+    fail_code: u16,
     bookmark_epoch: u64,
     bookmarks_sent: u64,
     active_watches: usize,
@@ -322,6 +324,16 @@ impl ApiServer {
         state.expire_epoch += 1;
         state.compacted = state.version;
         state.events.clear();
+        drop(state);
+        self.shared.poke();
+    }
+
+    /// Ends every open watch with an ERROR event carrying a Status with `code` (not an expiry:
+    /// the history stays, so a client can resume).
+    pub fn fail_watches(&self, code: u16) {
+        let mut state = self.shared.lock();
+        state.fail_epoch += 1;
+        state.fail_code = code;
         drop(state);
         self.shared.poke();
     }
@@ -581,7 +593,7 @@ async fn serve_watch<W: AsyncWrite + Unpin>(
         .map_or(Duration::from_secs(300), Duration::from_secs);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut tick = shared.tick.subscribe();
-    let (mut cursor, expired, as_status, drop0, expire0, bookmark0) = {
+    let (mut cursor, expired, as_status, drop0, expire0, fail0, bookmark0) = {
         let state = shared.lock();
         // "" and "0" mean "from anything": this server then starts at the present.
         let cursor = match query.get("resourceVersion").map(String::as_str) {
@@ -594,6 +606,7 @@ async fn serve_watch<W: AsyncWrite + Unpin>(
             state.gone_as_status,
             state.drop_epoch,
             state.expire_epoch,
+            state.fail_epoch,
             state.bookmark_epoch,
         )
     };
@@ -619,7 +632,7 @@ async fn serve_watch<W: AsyncWrite + Unpin>(
     let _guard = WatchGuard(shared);
     let mut bookmark_seen = bookmark0;
     loop {
-        let (lines, dropped, expire, bookmark) = {
+        let (lines, dropped, expire, fail, bookmark) = {
             let mut state = shared.lock();
             let lines: Vec<(u64, Value)> = state
                 .events
@@ -636,6 +649,7 @@ async fn serve_watch<W: AsyncWrite + Unpin>(
                 lines,
                 state.drop_epoch != drop0,
                 state.expire_epoch != expire0,
+                (state.fail_epoch != fail0).then_some(state.fail_code),
                 bookmark,
             )
         };
@@ -646,6 +660,12 @@ async fn serve_watch<W: AsyncWrite + Unpin>(
         if expire {
             let gone = status(410, "Expired", "too old resource version");
             let _ = chunk(write, &json!({"type": "ERROR", "object": gone})).await;
+            let _ = write.write_all(b"0\r\n\r\n").await;
+            return;
+        }
+        if let Some(code) = fail {
+            let failure = status(code, "InternalError", "the watch failed");
+            let _ = chunk(write, &json!({"type": "ERROR", "object": failure})).await;
             let _ = write.write_all(b"0\r\n\r\n").await;
             return;
         }
