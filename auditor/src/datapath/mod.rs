@@ -7,4 +7,5 @@ pub mod manager;
 pub mod netlink;
 
 /// The TC program, compiled by build.rs for the bpf target.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/auditor-ebpf"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/auditor-ebpf"));
