@@ -228,6 +228,15 @@ fn bad_cilium_policies_are_rejected_with_where_and_why() {
             &["no-selector.yaml:", "endpointSelector"],
         ),
         (
+            "wrong-type-json.json",
+            &[
+                "wrong-type-json.json:",
+                "items[0]",
+                "json-bad",
+                "ports[0].endPort",
+            ],
+        ),
+        (
             "l7-in-deny.yaml",
             &["l7-in-deny.yaml:", "ingressDeny[0].toPorts[0]"],
         ),
