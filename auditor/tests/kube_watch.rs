@@ -139,6 +139,7 @@ fn options() -> WatchOptions {
         watch_timeout: Duration::from_secs(60),
         // Small pages, so lists take several requests.
         page_size: 2,
+        request_timeout: Duration::from_secs(5),
     }
 }
 
@@ -576,6 +577,44 @@ async fn an_unreachable_server_keeps_the_model_and_reports_staleness() {
         "the history was kept, so watches resumed without relisting"
     );
     assert_eq!(daemon.status.staleness(SystemTime::now()), Duration::ZERO);
+}
+
+#[tokio::test]
+async fn a_server_that_stops_answering_is_an_outage() {
+    let server = ApiServer::start().await;
+    seed(&server);
+    let mut daemon = Daemon::start(
+        &server,
+        &WatchOptions {
+            request_timeout: Duration::from_millis(300),
+            ..options()
+        },
+    );
+    daemon.until("initial sync", |d| d.status.synced()).await;
+    server_until("every kind watching", || server.active_watches() == 8).await;
+    assert!(daemon.allowed(&to_pg(WORKER)));
+    server.set_hang(true);
+    server.drop_watches();
+    daemon
+        .until("staleness reported", |d| d.status.stale_since().is_some())
+        .await;
+    let error = daemon.log.iter().find_map(|u| match u {
+        ModelUpdate::Stale { error, .. } => Some(error.clone()),
+        _ => None,
+    });
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("no answer within")),
+        "{error:?}"
+    );
+    server.apply(apiserver::NETWORK_POLICIES, netpol_pg_from_web());
+    server.set_hang(false);
+    daemon
+        .until("answering again", |d| {
+            d.status.stale_since().is_none() && !d.allowed(&to_pg(WORKER))
+        })
+        .await;
 }
 
 #[tokio::test]

@@ -292,6 +292,9 @@ pub struct WatchOptions {
     pub watch_timeout: Duration,
     /// Objects per list page.
     pub page_size: u32,
+    /// How long a list page or the start of a watch may take: an API server that accepts
+    /// connections but does not answer is an outage too.
+    pub request_timeout: Duration,
 }
 
 impl Default for WatchOptions {
@@ -305,6 +308,7 @@ impl Default for WatchOptions {
             // Below the API server's own limit, and what client-go uses on average.
             watch_timeout: Duration::from_secs(290),
             page_size: 500,
+            request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -323,6 +327,12 @@ pub enum KubeError {
         kind: Kind,
         #[source]
         source: kube::Error,
+    },
+    #[error("{op} {kind}: no answer within {after:?}")]
+    Timeout {
+        op: &'static str,
+        kind: Kind,
+        after: Duration,
     },
     #[error("list {kind}: the answer has no resourceVersion to watch from")]
     NoResourceVersion { kind: Kind },
@@ -631,6 +641,14 @@ where
         self.backoff = (self.backoff * 2).min(self.options.max_backoff);
     }
 
+    fn timeout_error(&self, op: &'static str) -> KubeError {
+        KubeError::Timeout {
+            op,
+            kind: self.kind,
+            after: self.options.request_timeout,
+        }
+    }
+
     fn call_error(&self, op: &'static str, source: kube::Error) -> KubeError {
         KubeError::Call {
             op,
@@ -650,10 +668,9 @@ where
             if let Some(token) = &token {
                 params = params.continue_token(token);
             }
-            let page = self
-                .api
-                .list(&params)
+            let page = tokio::time::timeout(self.options.request_timeout, self.api.list(&params))
                 .await
+                .map_err(|_| ListFailure::Api(self.timeout_error("list")))?
                 .map_err(|e| ListFailure::Api(self.call_error("list", e)))?;
             if token.is_none() {
                 self.mark_fresh().await?;
@@ -754,16 +771,29 @@ where
         let idle_limit = self.options.watch_timeout + Duration::from_secs(30);
         loop {
             let params = WatchParams::default().timeout(timeout_secs);
-            let stream = match self.api.watch(&params, &version).await {
-                Ok(stream) => stream,
-                Err(e) if status_code(&e) == Some(410) => {
+            let started = tokio::time::timeout(
+                self.options.request_timeout,
+                self.api.watch(&params, &version),
+            )
+            .await;
+            let stream = match started {
+                Err(_) => {
+                    let error = self.timeout_error("watch");
+                    if self.mark_stale(&error).await.is_err() {
+                        return WatchEnd::Closed;
+                    }
+                    self.pause().await;
+                    continue;
+                }
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) if status_code(&e) == Some(410) => {
                     tracing::info!(kind = %self.kind, "resourceVersion expired; listing again");
                     return WatchEnd::Relist;
                 }
-                Err(e) if self.kind.is_optional() && status_code(&e) == Some(404) => {
+                Ok(Err(e)) if self.kind.is_optional() && status_code(&e) == Some(404) => {
                     return WatchEnd::Relist;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     let error = self.call_error("watch", e);
                     if self.mark_stale(&error).await.is_err() {
                         return WatchEnd::Closed;

@@ -117,6 +117,7 @@ struct State {
     missing: HashSet<Resource>,
     /// Answer an expired watch with an HTTP 410 instead of an ERROR event.
     gone_as_status: bool,
+    hang: bool,
     /// Bumped to make every open watch do something once.
     drop_epoch: u64,
     expire_epoch: u64,
@@ -338,6 +339,11 @@ impl ApiServer {
         self.shared.poke();
     }
 
+    /// Accepts connections and reads requests but never answers them (an overloaded server).
+    pub fn set_hang(&self, on: bool) {
+        self.shared.lock().hang = on;
+    }
+
     /// Answers expired watches with an HTTP 410 status instead of an ERROR event.
     pub fn set_gone_as_status(&self, on: bool) {
         self.shared.lock().gone_as_status = on;
@@ -457,6 +463,10 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream) {
             resource_version: query.get("resourceVersion").cloned(),
             query: query.clone(),
         });
+        if shared.lock().hang {
+            // Held until the client gives up or the server stops.
+            std::future::pending::<()>().await;
+        }
         let missing = resource.is_some_and(|r| shared.lock().missing.contains(&r));
         let Some(resource) = resource.filter(|_| method == "GET" && !missing) else {
             let body = status(
