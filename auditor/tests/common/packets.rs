@@ -236,6 +236,17 @@ impl Rng {
         (0..len).map(|_| self.byte()).collect()
     }
 
+    /// Uniform index in `0..n` (n > 0).
+    pub fn index(&mut self, n: usize) -> usize {
+        usize::try_from(self.below(n as u64)).unwrap_or(0)
+    }
+
+    /// Random bytes, up to `max - 1` of them.
+    pub fn bytes_below(&mut self, max: usize) -> Vec<u8> {
+        let len = self.index(max);
+        self.bytes(len)
+    }
+
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
