@@ -48,6 +48,8 @@ pub struct DirectionExplanation {
     /// For `default-deny`: the policies isolating the pod.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub isolated_by: Vec<String>,
+    /// The sentence the `reason` is made of (kept out of JSON, which has `reason`).
+    #[serde(skip)]
     pub text: String,
 }
 

@@ -52,7 +52,7 @@ pub struct Flow {
 pub struct RuleId(pub u32);
 
 /// How one direction of a flow was decided.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Decision {
     /// This end is not a pod, so no policy applies to it in this direction.
     NotAPod,
@@ -87,7 +87,7 @@ impl Decision {
 }
 
 /// Why a flow to a Service address could not reach any endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ServiceProblem {
     /// The Service has no port with this number and protocol.
     NoSuchPort,
@@ -96,7 +96,7 @@ pub enum ServiceProblem {
 }
 
 /// A flow to a ClusterIP is judged per ready endpoint; this says which one the verdict shows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceHop {
     pub service: ServiceId,
     /// How many ready endpoints were judged.
@@ -107,7 +107,7 @@ pub struct ServiceHop {
     pub problem: Option<ServiceProblem>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Verdict {
     pub allowed: bool,
     pub egress: Decision,
@@ -262,14 +262,86 @@ pub struct Model {
     policies: Vec<Option<PolicyEntry>>,
     free_policies: Vec<u32>,
     policy_ids: HashMap<PolicyKey, u32>,
+    /// Namespace labels with the name label, for every namespace that has identities or an
+    /// object (selectors borrow them instead of rebuilding them).
+    ns_labels: HashMap<String, Labels>,
     apiserver: FxHashSet<IpAddr>,
     cluster_cidrs: Vec<IpNet>,
+    /// Ready endpoints per Service port (same order as the Service's ports), rebuilt by
+    /// [`Model::verdict`] when `endpoints_dirty`.
+    service_endpoints: FxHashMap<ServiceId, Vec<Vec<(IpAddr, u16)>>>,
+    endpoints_dirty: bool,
     generation: u64,
-    cache: FxHashMap<Flow, Verdict>,
+    cache: VerdictCache,
+}
+
+/// Verdicts of flows judged since the last change. IPv4 flows use a packed 16-byte key and
+/// every entry points into a small table of distinct verdicts, so the hot set stays compact.
+#[derive(Clone, Debug, Default)]
+struct VerdictCache {
+    v4: FxHashMap<(u64, u32), u32>,
+    other: FxHashMap<Flow, u32>,
+    verdicts: Vec<Verdict>,
+    verdict_ids: FxHashMap<Verdict, u32>,
+}
+
+impl VerdictCache {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            v4: FxHashMap::with_capacity_and_hasher(n, Default::default()),
+            ..Self::default()
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.v4.len() + self.other.len()
+    }
+
+    fn clear(&mut self) {
+        if self.len() > 0 || !self.verdicts.is_empty() {
+            self.v4.clear();
+            self.other.clear();
+            self.verdicts.clear();
+            self.verdict_ids.clear();
+        }
+    }
+
+    fn key4(flow: &Flow) -> Option<(u64, u32)> {
+        match (flow.src, flow.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => Some((
+                (u64::from(u32::from(s)) << 32) | u64::from(u32::from(d)),
+                (u32::from(flow.protocol as u8) << 16) | u32::from(flow.port),
+            )),
+            _ => None,
+        }
+    }
+
+    fn get(&self, flow: &Flow) -> Option<Verdict> {
+        let id = match Self::key4(flow) {
+            Some(k) => self.v4.get(&k)?,
+            None => self.other.get(flow)?,
+        };
+        self.verdicts.get(*id as usize).copied()
+    }
+
+    fn insert(&mut self, flow: &Flow, verdict: Verdict) {
+        let next = u32::try_from(self.verdicts.len()).unwrap_or(u32::MAX);
+        let id = *self.verdict_ids.entry(verdict).or_insert(next);
+        if id == next {
+            self.verdicts.push(verdict);
+        }
+        match Self::key4(flow) {
+            Some(k) => self.v4.insert(k, id),
+            None => self.other.insert(*flow, id),
+        };
+    }
 }
 
 /// Past this many cached verdicts the cache starts over, so memory stays bounded.
 const CACHE_LIMIT: usize = 1 << 20;
+/// Reserved up front (about 1.5 MiB): a busy node's flows fit without the table growing
+/// while verdicts are asked for; a clear keeps the capacity.
+const CACHE_RESERVE: usize = 1 << 16;
 
 fn slab_insert<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<u32>, value: T) -> u32 {
     if let Some(i) = free.pop() {
@@ -312,10 +384,13 @@ impl Model {
             policies: Vec::new(),
             free_policies: Vec::new(),
             policy_ids: HashMap::new(),
+            ns_labels: HashMap::new(),
             apiserver: FxHashSet::default(),
             cluster_cidrs: Vec::new(),
+            service_endpoints: FxHashMap::default(),
+            endpoints_dirty: false,
             generation: 0,
-            cache: FxHashMap::default(),
+            cache: VerdictCache::with_capacity(CACHE_RESERVE),
         }
     }
 
@@ -337,6 +412,21 @@ impl Model {
         self.cache.clear();
     }
 
+    /// Inventory changed in a way that may move Service endpoints.
+    fn endpoints_changed(&mut self) {
+        self.endpoints_dirty = true;
+        self.changed();
+    }
+
+    fn labels_of_namespace(&self, name: &str) -> Option<&Labels> {
+        self.ns_labels.get(name)
+    }
+
+    fn refresh_namespace_labels(&mut self, name: &str) {
+        let labels = self.inventory.namespace_labels(name);
+        self.ns_labels.insert(name.to_owned(), labels);
+    }
+
     /// Facts derived from several objects (API server, cluster CIDRs), refreshed when nodes,
     /// Services or endpoints change.
     fn refresh_derived(&mut self) {
@@ -356,12 +446,14 @@ impl Model {
     pub fn upsert_namespace(&mut self, namespace: Namespace) {
         let name = namespace.name.clone();
         self.inventory.upsert_namespace(namespace);
+        self.refresh_namespace_labels(&name);
         self.refresh_namespace(&name);
         self.changed();
     }
 
     pub fn remove_namespace(&mut self, name: &str) {
         self.inventory.remove_namespace(name);
+        self.refresh_namespace_labels(name);
         self.refresh_namespace(name);
         self.changed();
     }
@@ -397,7 +489,7 @@ impl Model {
         if let Some(old) = self.pod_identity[index].replace(new) {
             self.release_identity(old);
         }
-        self.changed();
+        self.endpoints_changed();
     }
 
     pub fn remove_pod(&mut self, key: &ObjectKey) {
@@ -411,7 +503,7 @@ impl Model {
             {
                 self.release_identity(old);
             }
-            self.changed();
+            self.endpoints_changed();
         }
     }
 
@@ -429,24 +521,24 @@ impl Model {
 
     pub fn upsert_service(&mut self, service: Service) {
         self.inventory.upsert_service(service);
-        self.changed();
+        self.endpoints_changed();
     }
 
     pub fn remove_service(&mut self, key: &ObjectKey) {
         self.inventory.remove_service(key);
-        self.changed();
+        self.endpoints_changed();
     }
 
     pub fn upsert_endpoint_slice(&mut self, slice: EndpointSlice) {
         self.inventory.upsert_endpoint_slice(slice);
         self.refresh_derived();
-        self.changed();
+        self.endpoints_changed();
     }
 
     pub fn remove_endpoint_slice(&mut self, key: &ObjectKey) {
         self.inventory.remove_endpoint_slice(key);
         self.refresh_derived();
-        self.changed();
+        self.endpoints_changed();
     }
 
     // ---- identities ----
@@ -463,6 +555,9 @@ impl Model {
             return id;
         }
         let namespace = key.namespace.clone();
+        if !self.ns_labels.contains_key(&namespace) {
+            self.refresh_namespace_labels(&namespace);
+        }
         let identity = Identity {
             key: key.clone(),
             pods: 1,
@@ -513,7 +608,10 @@ impl Model {
             return;
         };
         let namespace = identity.key.namespace.clone();
-        let ns_labels = self.inventory.namespace_labels(&namespace);
+        let ns_labels = self
+            .labels_of_namespace(&namespace)
+            .cloned()
+            .unwrap_or_else(|| self.inventory.namespace_labels(&namespace));
         let candidates: Vec<SelectorId> = self
             .selectors_by_namespace
             .get(&namespace)
@@ -600,9 +698,24 @@ impl Model {
             return sid;
         }
         let mut members = Bits::default();
-        for (namespace, ids) in &self.identities_by_namespace {
-            let ns_labels = self.inventory.namespace_labels(namespace);
-            if !subject.namespaces.matches(namespace, &ns_labels) {
+        let scoped = selector_namespace(subject).map(|ns| {
+            self.identities_by_namespace
+                .get_key_value(ns)
+                .into_iter()
+                .collect::<Vec<_>>()
+        });
+        let namespaces: Vec<(&String, &Vec<IdentityId>)> = match scoped {
+            Some(one) => one,
+            None => self.identities_by_namespace.iter().collect(),
+        };
+        for (namespace, ids) in namespaces {
+            let matched = match self.labels_of_namespace(namespace) {
+                Some(labels) => subject.namespaces.matches(namespace, labels),
+                None => subject
+                    .namespaces
+                    .matches(namespace, &self.inventory.namespace_labels(namespace)),
+            };
+            if !matched {
                 continue;
             }
             for id in ids {
@@ -889,14 +1002,31 @@ impl Model {
     /// The verdict for a flow, from the cache when this flow was judged since the last change.
     pub fn verdict(&mut self, flow: &Flow) -> Verdict {
         if let Some(v) = self.cache.get(flow) {
-            return *v;
+            return v;
+        }
+        if self.endpoints_dirty {
+            self.rebuild_service_endpoints();
         }
         let v = self.judge(flow);
         if self.cache.len() >= CACHE_LIMIT {
             self.cache.clear();
         }
-        self.cache.insert(*flow, v);
+        self.cache.insert(flow, v);
         v
+    }
+
+    fn rebuild_service_endpoints(&mut self) {
+        let mut all = FxHashMap::default();
+        for (id, service) in self.inventory.services() {
+            let per_port = service
+                .ports
+                .iter()
+                .map(|p| self.compute_service_endpoints(service, p))
+                .collect();
+            all.insert(id, per_port);
+        }
+        self.service_endpoints = all;
+        self.endpoints_dirty = false;
     }
 
     /// The verdict for a flow, computed (no cache).
@@ -923,16 +1053,26 @@ impl Model {
         let Some(service) = self.inventory.service(id) else {
             return denied(ServiceProblem::NoReadyEndpoint);
         };
-        let Some(port) = service
+        let Some((index, port)) = service
             .ports
             .iter()
-            .find(|p| p.port == flow.port && p.protocol == flow.protocol)
+            .enumerate()
+            .find(|(_, p)| p.port == flow.port && p.protocol == flow.protocol)
         else {
             return denied(ServiceProblem::NoSuchPort);
         };
-        let endpoints = self.service_endpoints(service, port);
+        let computed;
+        let endpoints: &[(IpAddr, u16)] = match self.service_endpoints.get(&id) {
+            Some(per_port) if !self.endpoints_dirty => {
+                per_port.get(index).map_or(&[], Vec::as_slice)
+            }
+            _ => {
+                computed = self.compute_service_endpoints(service, port);
+                &computed
+            }
+        };
         let mut shown: Option<(Verdict, (IpAddr, u16))> = None;
-        for &(ip, target) in &endpoints {
+        for &(ip, target) in endpoints {
             let v = self.judge_direct(flow.src, src, ip, self.resolve(ip), flow.protocol, target);
             let replace = match &shown {
                 None => true,
@@ -961,7 +1101,7 @@ impl Model {
 
     /// Ready endpoints (address, translated port) of a Service port: from its EndpointSlices,
     /// or from its selector and the pods' container ports when it has none.
-    fn service_endpoints(
+    fn compute_service_endpoints(
         &self,
         service: &Service,
         port: &crate::inventory::ServicePort,
@@ -988,9 +1128,8 @@ impl Model {
                 }
             }
         } else if let Some(selector) = &service.selector {
-            for (_, pod) in self.inventory.pods() {
-                let selected = pod.namespace == service.namespace
-                    && selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
+            for (_, pod) in self.inventory.pods_in_namespace(&service.namespace) {
+                let selected = selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
                 if !selected {
                     continue;
                 }
