@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -149,30 +149,35 @@ impl Shared {
     }
 }
 
+/// Opens the listening socket: where it is created decides the network namespace it serves.
+pub type Bind = Box<dyn Fn(SocketAddr) -> std::net::TcpListener + Send + Sync>;
+
 /// The server; dropping it stops every connection.
 pub struct ApiServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    bind: Bind,
 }
 
 impl ApiServer {
-    /// Starts on an ephemeral port of 127.0.0.1.
+    /// Starts on an ephemeral port of 127.0.0.1 (of the calling thread's network namespace).
     pub async fn start() -> Self {
+        Self::start_with(Box::new(bind_here)).await
+    }
+
+    /// Starts on an ephemeral port of 127.0.0.1 of the socket `bind` opens (on every restart).
+    pub async fn start_with(bind: Bind) -> Self {
         let (tick, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             tick,
             tasks: Mutex::new(Vec::new()),
         });
-        let listener = bind(
-            "127.0.0.1:0"
-                .parse()
-                .unwrap_or_else(|e| panic!("addr: {e}")),
-        );
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)));
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("local address of the test API server: {e}"));
-        let server = Self { shared, addr };
+        let server = Self { shared, addr, bind };
         server.serve(listener);
         server
     }
@@ -191,7 +196,12 @@ impl ApiServer {
         kube::Client::try_from(config).unwrap_or_else(|e| panic!("kube client: {e}"))
     }
 
-    fn serve(&self, listener: TcpListener) {
+    fn serve(&self, listener: std::net::TcpListener) {
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("non-blocking listener: {e}"));
+        let listener = TcpListener::from_std(listener)
+            .unwrap_or_else(|e| panic!("listener into the runtime: {e}"));
         let shared = Arc::clone(&self.shared);
         let accept = tokio::spawn(async move {
             loop {
@@ -238,7 +248,7 @@ impl ApiServer {
 
     /// Listens again on the same address, with the same objects and history.
     pub fn restart(&self) {
-        let listener = bind(self.addr);
+        let listener = (self.bind)(self.addr);
         self.serve(listener);
     }
 
@@ -406,18 +416,11 @@ impl Drop for ApiServer {
     }
 }
 
-fn bind(addr: SocketAddr) -> TcpListener {
-    let socket = TcpSocket::new_v4().unwrap_or_else(|e| panic!("socket: {e}"));
-    // Restarting on the same port while the old connections sit in TIME_WAIT.
-    socket
-        .set_reuseaddr(true)
-        .unwrap_or_else(|e| panic!("SO_REUSEADDR: {e}"));
-    socket
-        .bind(addr)
-        .unwrap_or_else(|e| panic!("bind the test API server to {addr}: {e}"));
-    socket
-        .listen(64)
-        .unwrap_or_else(|e| panic!("listen on {addr}: {e}"))
+/// Binds in the calling thread's network namespace. The standard library sets SO_REUSEADDR on
+/// Unix, so a restart gets the same port back while old connections sit in TIME_WAIT.
+pub fn bind_here(addr: SocketAddr) -> std::net::TcpListener {
+    std::net::TcpListener::bind(addr)
+        .unwrap_or_else(|e| panic!("bind the test API server to {addr}: {e}"))
 }
 
 fn parse_query(query: &str) -> BTreeMap<String, String> {
