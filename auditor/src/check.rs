@@ -12,7 +12,7 @@ use crate::config::{Config, ConfigError};
 use crate::inventory::k8s::{self, ObjectError};
 use crate::inventory::load::{self, LoadError, Located, Object, Source};
 use crate::policy::ir::{CompileError, PolicyKind, Protocol};
-use crate::policy::model::{Flow, Model};
+use crate::policy::model::{Flow, Model, ModelConfig};
 use crate::policy::{cilium, netpol};
 
 #[derive(Debug, thiserror::Error)]
@@ -158,28 +158,39 @@ pub fn build_model(
             .cloned()
             .collect::<Vec<_>>(),
     };
-    let mut model = Model::new(config.model_config());
+    let model = model_from_objects(&objects, &policy_objects, config.model_config())?;
+    Ok((
+        model,
+        BuildStats {
+            objects: objects.iter().filter(|o| !o.object.is_policy()).count(),
+            policies: policy_objects.len(),
+        },
+    ))
+}
+
+/// Builds a model from loaded objects: the inventory from the non-policy objects of
+/// `inventory`, the policies from `policies`.
+pub fn model_from_objects(
+    inventory: &[Located],
+    policies: &[Located],
+    config: ModelConfig,
+) -> Result<Model, CheckError> {
+    let mut model = Model::new(config);
     // Namespaces first so identities see their labels at once (correct either way, cheaper).
     let rank = |o: &Located| match o.object {
         Object::Namespace(_) => 0,
         Object::Node(_) => 1,
         _ => 2,
     };
-    let mut inventory: Vec<&Located> = objects.iter().filter(|o| !o.object.is_policy()).collect();
-    inventory.sort_by_key(|o| rank(o));
-    for located in &inventory {
+    let mut objects: Vec<&Located> = inventory.iter().filter(|o| !o.object.is_policy()).collect();
+    objects.sort_by_key(|o| rank(o));
+    for located in objects {
         apply_inventory_object(&mut model, located)?;
     }
-    for located in &policy_objects {
+    for located in policies.iter().filter(|o| o.object.is_policy()) {
         apply_policy_object(&mut model, located)?;
     }
-    Ok((
-        model,
-        BuildStats {
-            objects: inventory.len(),
-            policies: policy_objects.len(),
-        },
-    ))
+    Ok(model)
 }
 
 /// The fields of a flow line; other keys are allowed and ignored.
