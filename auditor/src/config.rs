@@ -112,23 +112,17 @@ impl Config {
         }) {
             return Ok(Self::default());
         }
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            let line = inner.location().map_or(1, |l| l.line());
-            let text = inner.to_string();
+        // The YAML crate's messages already name the field path.
+        serde_yaml_ng::from_str(text).map_err(|e| {
+            let line = e.location().map_or(1, |l| l.line());
+            let text = e.to_string();
             let message = text
                 .find(" at line ")
                 .map_or(text.clone(), |i| text[..i].to_owned());
             ConfigError::Invalid {
                 path: path.to_path_buf(),
                 line,
-                message: if field.is_empty() || field == "." {
-                    message
-                } else {
-                    format!("{field}: {message}")
-                },
+                message,
             }
         })
     }

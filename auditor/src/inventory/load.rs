@@ -280,15 +280,9 @@ fn yaml_message(e: &serde_yaml_ng::Error) -> String {
 
 fn parse_as<T: DeserializeOwned>(text: &str, format: Format) -> Result<T, (Option<usize>, String)> {
     match format {
-        Format::Yaml => {
-            let de = serde_yaml_ng::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                let line = inner.location().map(|l| l.line());
-                (line, with_path(&path, &yaml_message(&inner)))
-            })
-        }
+        // The YAML crate's messages already name the field path.
+        Format::Yaml => serde_yaml_ng::from_str(text)
+            .map_err(|e| (e.location().map(|l| l.line()), yaml_message(&e))),
         Format::Json => {
             let mut de = serde_json::Deserializer::from_str(text);
             let parsed = serde_path_to_error::deserialize(&mut de).map_err(|e| {
