@@ -167,6 +167,11 @@ fn selectors_are_scoped_like_cilium_scopes_them() {
 }
 
 #[test]
+fn host_policies_are_named_on_node_flows() {
+    base_case("cilium-host");
+}
+
+#[test]
 fn unjudgeable_rules_are_named_not_guessed() {
     base_case("cilium-unjudgeable");
 }

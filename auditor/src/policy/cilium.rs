@@ -342,6 +342,7 @@ pub fn compile(kind: PolicyKind, policy: &CiliumPolicy) -> Result<CompiledPolicy
         key,
         isolations: Vec::new(),
         rules: Vec::new(),
+        unjudged: Vec::new(),
     };
     if spec.is_none() && specs.is_none() {
         return Err(CompileError {
@@ -416,12 +417,14 @@ fn compile_rule(
             ));
         }
         (None, Some(_)) => {
-            // Host policies judge traffic of the nodes themselves, which the model does not do.
+            // Host policies judge traffic of the nodes themselves, which the model does not
+            // do; explanations of flows to and from nodes name them instead.
             tracing::warn!(
                 policy = %out.key,
                 rule = path,
                 "host policy (nodeSelector) is not judged"
             );
+            out.unjudged.push(format!("{path} (host policy)"));
             return Ok(());
         }
         (Some(selector), None) => subject_of(scope, selector, &format!("{path}.endpointSelector"))?,
@@ -1741,7 +1744,7 @@ spec:
     }
 
     #[test]
-    fn host_policies_compile_to_nothing() {
+    fn host_policies_compile_to_a_note_only() {
         let p = ccnp(
             "
 metadata: {name: p}
@@ -1751,6 +1754,7 @@ spec:
 ",
         );
         assert!(p.rules.is_empty() && p.isolations.is_empty(), "{p:?}");
+        assert_eq!(p.unjudged, ["spec (host policy)"]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::ir::{Direction, Peer, Peers, Unjudgeable};
-use super::model::{Decision, Flow, Model, PeerInfo, RuleId, ServiceProblem, Verdict};
+use super::model::{Decision, Flow, Model, PeerInfo, PeerKind, RuleId, ServiceProblem, Verdict};
 
 /// A rule, named the way metrics label it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -222,6 +222,23 @@ impl Model {
             Decision::NotAPod => {
                 out.by = "not-a-pod";
                 out.text = format!("no policy applies, the {end} is {}", peer_text(subject));
+                // A node's own traffic is what Cilium host policies govern, and those are not
+                // judged: say so rather than let "no policy applies" stand unqualified.
+                let on_node = matches!(subject.kind, PeerKind::Node)
+                    || (matches!(subject.kind, PeerKind::KubeApiserver)
+                        && !subject.name.is_empty());
+                if on_node {
+                    let host: Vec<String> = self
+                        .unjudged_policies()
+                        .flat_map(|(key, what)| what.iter().map(move |w| format!("{key} {w}")))
+                        .collect();
+                    if !host.is_empty() {
+                        out.text.push_str(&format!(
+                            " (not judged, may apply to it: {})",
+                            host.join(", ")
+                        ));
+                    }
+                }
             }
             Decision::OwnNode => {
                 out.by = "own-node";

@@ -115,6 +115,9 @@ pub struct CompiledPolicy {
     /// (deny rules too), left out when `enableDefaultDeny` opts out of that direction.
     pub isolations: Vec<Isolation>,
     pub rules: Vec<Rule>,
+    /// Parts of the object the model does not judge at all, e.g. `spec (host policy)` for a
+    /// Cilium `nodeSelector` rule: explanations of flows to and from nodes name them.
+    pub unjudged: Vec<String>,
 }
 
 /// "Endpoints selected by `subject` are default-deny for `direction`".

@@ -3,7 +3,7 @@
 //! selector knows the identities it matches and every identity the rules that apply to it, so an
 //! update touches only what it changes. Verdicts are cached per flow until the next change.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -262,6 +262,8 @@ pub struct Model {
     policies: Vec<Option<PolicyEntry>>,
     free_policies: Vec<u32>,
     policy_ids: HashMap<PolicyKey, u32>,
+    /// What loaded policies hold that is not judged (Cilium host policies), for explanations.
+    unjudged: BTreeMap<PolicyKey, Vec<String>>,
     /// Namespace labels with the name label, for every namespace that has identities or an
     /// object (selectors borrow them instead of rebuilding them).
     ns_labels: HashMap<String, Labels>,
@@ -384,6 +386,7 @@ impl Model {
             policies: Vec::new(),
             free_policies: Vec::new(),
             policy_ids: HashMap::new(),
+            unjudged: BTreeMap::new(),
             ns_labels: HashMap::new(),
             apiserver: FxHashSet::default(),
             cluster_cidrs: Vec::new(),
@@ -793,7 +796,11 @@ impl Model {
             key,
             isolations,
             rules,
+            unjudged,
         } = policy;
+        if !unjudged.is_empty() {
+            self.unjudged.insert(key.clone(), unjudged);
+        }
         let pid = slab_insert(
             &mut self.policies,
             &mut self.free_policies,
@@ -883,6 +890,13 @@ impl Model {
         self.changed();
     }
 
+    /// Parts of loaded policies that are not judged (Cilium host policies), by policy.
+    pub fn unjudged_policies(&self) -> impl Iterator<Item = (&PolicyKey, &[String])> {
+        self.unjudged
+            .iter()
+            .map(|(key, what)| (key, what.as_slice()))
+    }
+
     pub fn remove_policy(&mut self, key: &PolicyKey) {
         if self.unload_policy(key) {
             self.changed();
@@ -890,6 +904,7 @@ impl Model {
     }
 
     fn unload_policy(&mut self, key: &PolicyKey) -> bool {
+        self.unjudged.remove(key);
         let Some(pid) = self.policy_ids.remove(key) else {
             return false;
         };

@@ -111,6 +111,7 @@ pub fn compile(policy: &networking::NetworkPolicy) -> Result<CompiledPolicy, Com
         key,
         isolations,
         rules,
+        unjudged: Vec::new(),
     })
 }
 
