@@ -374,3 +374,70 @@ spec:
     });
     assert!(model.verdict(&probe_to_web).allowed, "the CCNP is gone");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+    /// Any policy the types accept compiles or fails with an error naming a field under `spec`;
+    /// nothing panics, whatever the ports, CIDRs, selectors and entities say.
+    #[test]
+    fn compiling_arbitrary_cilium_policies_never_panics(
+        clusterwide in proptest::bool::ANY,
+        selector_key in "(k8s:|any:|reserved:|container:|\\$)?[a-z.]{0,12}(namespace)?",
+        selector_value in "[a-z0-9]{0,6}",
+        operator in proptest::sample::select(vec!["In", "NotIn", "Exists", "DoesNotExist"]),
+        values in proptest::collection::vec("[a-z]{0,4}", 0..3),
+        entity in proptest::sample::select(vec![
+            "all", "world", "world-ipv4", "world-ipv6", "cluster", "host", "remote-node",
+            "kube-apiserver", "ingress", "health", "init", "unmanaged", "none",
+        ]),
+        cidr in "([0-9]{1,3}\\.){3}[0-9]{1,3}(/[0-9]{1,2})?|[0-9a-f:]{2,12}(/[0-9]{1,3})?",
+        except in "([0-9]{1,3}\\.){3}[0-9]{1,3}/[0-9]{1,2}",
+        port in "[0-9]{0,6}|[a-zA-Z_-]{0,16}",
+        end_port in proptest::option::of(-5i32..70_000),
+        protocol in proptest::sample::select(vec!["TCP", "udp", "SCTP", "ANY", "ICMP", "IGMP", "", "QUIC"]),
+        icmp_type in "[0-9]{1,3}|EchoRequest|EchoReply|Pong",
+        family in proptest::sample::select(vec!["IPv4", "IPv6", "", "IPX"]),
+        default_deny in proptest::option::of(proptest::bool::ANY),
+        node_selector in proptest::bool::ANY,
+    ) {
+        use auditor::policy::cilium::{self, CiliumPolicy};
+        use auditor::policy::ir::PolicyKind;
+
+        let selector = serde_json::json!({
+            "matchLabels": {selector_key.clone(): selector_value},
+            "matchExpressions": [{"key": selector_key, "operator": operator, "values": values}],
+        });
+        let mut rule = serde_json::json!({
+            "ingress": [
+                {"fromEndpoints": [selector.clone()], "fromEntities": [entity],
+                 "toPorts": [{"ports": [{"port": port, "endPort": end_port, "protocol": protocol}]}]},
+                {"fromCIDRSet": [{"cidr": cidr, "except": [except]}], "fromCIDR": [cidr],
+                 "icmps": [{"fields": [{"type": icmp_type, "family": family}]}]},
+            ],
+            "egressDeny": [{"toEndpoints": [selector.clone()], "toEntities": [entity]}],
+        });
+        if let Some(flag) = default_deny {
+            rule["enableDefaultDeny"] = serde_json::json!({"ingress": flag, "egress": !flag});
+        }
+        let subject = if node_selector { "nodeSelector" } else { "endpointSelector" };
+        rule[subject] = selector;
+        let object = serde_json::json!({
+            "metadata": {"name": "p", "namespace": "app"},
+            "specs": [rule],
+        });
+        // Numbers where strings belong are type errors; those are the loader's to report.
+        let Ok(policy) = serde_json::from_value::<CiliumPolicy>(object) else {
+            return Ok(());
+        };
+        let kind = if clusterwide {
+            PolicyKind::CiliumClusterwideNetworkPolicy
+        } else {
+            PolicyKind::CiliumNetworkPolicy
+        };
+        if let Err(e) = cilium::compile(kind, &policy) {
+            proptest::prop_assert!(e.field.starts_with("specs[0]"), "{e}");
+            proptest::prop_assert!(!e.reason.is_empty());
+        }
+    }
+}
