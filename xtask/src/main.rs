@@ -1,6 +1,8 @@
 //! `cargo xtask`: the one entry point for everything beyond plain cargo. Every verb first runs
 //! `setup`, which installs what is missing on a Debian/Ubuntu machine, so a newcomer never has to.
 
+mod deploy;
+mod image;
 mod lab;
 mod setup;
 
@@ -37,6 +39,14 @@ enum Verb {
         #[arg(long)]
         duration: Option<u64>,
     },
+    /// Check deploy/ alone: every overlay builds, every object is valid for its kind, the alerts
+    /// pass their promtool tests (also part of `test`).
+    Deploy,
+    /// Build the multi-architecture OCI image (linux/arm64 + linux/amd64) into
+    /// target/image/flow-auditor (an OCI layout `skopeo copy --all` pushes) and check it.
+    Image,
+    /// Only the lab's end-to-end test (root), which `test` runs as one of its steps.
+    LabTest,
     /// Run a benchmark and print its figures.
     Bench {
         #[arg(value_enum)]
@@ -73,6 +83,8 @@ impl Bench {
 
 /// The static arm64 target for the Raspberry Pi 5.
 const AARCH64_TARGET: &str = "aarch64-unknown-linux-musl";
+/// The static x86_64 target, for the amd64 half of the image.
+const X86_64_TARGET: &str = "x86_64-unknown-linux-musl";
 
 fn main() -> Result<()> {
     let Cli { command } = Cli::parse();
@@ -83,7 +95,10 @@ fn main() -> Result<()> {
         Verb::Build { target } => build(&root, target).map(|_| ()),
         Verb::Test => test(&root),
         Verb::Demo { duration } => lab::demo(&root, duration),
+        Verb::LabTest => lab::e2e::run(&root, &lab::binary(&root)?),
         Verb::Bench { which } => bench(&root, which),
+        Verb::Deploy => deploy::run(&root),
+        Verb::Image => image::run(&root).map(|_| ()),
     }
 }
 
@@ -256,13 +271,15 @@ fn test(root: &Path) -> Result<()> {
         );
     }
     run(&mut cmd)?;
+    // The manifests in deploy/ build, are valid for their kinds, fit together; alerts pass promtool.
+    deploy::run(root)?;
     if root_user {
         // The lab end to end: the release daemon, real traffic, a real Prometheus.
-        let binary = build(root, Target::Host)?;
-        lab::e2e::run(root, &binary)?;
+        lab::e2e::run(root, &lab::binary(root)?)?;
     }
-    // The Pi build is part of the suite: a static arm64 binary that runs under qemu.
-    build(root, Target::Aarch64)?;
+    // The Pi build is part of the suite: a static arm64 binary that runs under qemu, in the
+    // multi-architecture image skopeo can push.
+    image::run(root)?;
     if !root_user {
         loud_notice("Kernel tests were SKIPPED (not root): this run is incomplete.");
     }

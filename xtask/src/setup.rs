@@ -35,6 +35,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "running the arm64 binary on this machine",
     ),
     (
+        "skopeo",
+        "`cargo xtask image` inspects and copies the OCI image it writes (no Docker engine)",
+    ),
+    (
         "prometheus",
         "promtool validates the /metrics exposition in export_http; the lab scrapes the daemon",
     ),
@@ -146,14 +150,17 @@ fn toolchains() -> Result<()> {
         "--toolchain",
         USER_TOOLCHAIN,
     ])?;
-    if !targets.lines().any(|t| t.trim() == AARCH64_TARGET) {
-        run(Command::new("rustup").args([
-            "target",
-            "add",
-            AARCH64_TARGET,
-            "--toolchain",
-            USER_TOOLCHAIN,
-        ]))?;
+    // The static musl targets: arm64 for the Pi 5, x86_64 for the amd64 half of the image.
+    for target in [AARCH64_TARGET, crate::X86_64_TARGET] {
+        if !targets.lines().any(|t| t.trim() == target) {
+            run(Command::new("rustup").args([
+                "target",
+                "add",
+                target,
+                "--toolchain",
+                USER_TOOLCHAIN,
+            ]))?;
+        }
     }
     Ok(())
 }
