@@ -7,7 +7,7 @@ use auditor_ebpf::{
     MAX_HEADER_BYTES,
     flow::{Counter, FlowKey, Side, ipv4_mapped, proto, tcp_flags},
 };
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 
 const ETH_HLEN: usize = 14;
 /// `skb->protocol` values, as the kernel stores them (network byte order in the low 16 bits).
@@ -70,10 +70,11 @@ struct Packet {
 }
 
 impl Packet {
-    /// `N` bytes at `off`, or `None` when they are not in the packet (or beyond
-    /// [`MAX_HEADER_BYTES`], which also keeps every offset bounded for the verifier).
+    /// The `N` bytes at `off`, read in place, or `None` when they are not in the packet (or
+    /// beyond [`MAX_HEADER_BYTES`], which also keeps every offset bounded for the verifier).
+    /// In place rather than copied: copies of headers filled the 512-byte BPF stack.
     #[inline(always)]
-    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+    fn load<const N: usize>(&self, off: usize) -> Option<&[u8; N]> {
         if off > MAX_OFF {
             return None;
         }
@@ -81,19 +82,29 @@ impl Packet {
         if at + N > self.end {
             return None;
         }
-        // SAFETY: `at..at + N` was just checked to lie inside the packet's linear data, and a
-        // byte array has no alignment requirement.
-        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
+        // SAFETY: `at..at + N` was just checked to lie inside the packet's linear data, which
+        // stays put for the program run (we pull only before parsing), and a byte array has no
+        // alignment requirement.
+        Some(unsafe { &*(at as *const [u8; N]) })
     }
 }
 
 /// Parses the packet in `ctx`; `skb_protocol` is `skb->protocol`, already known to be
 /// [`PROTO_IPV4`] or [`PROTO_IPV6`].
-#[inline(always)]
+///
+/// A BPF subprogram, not inlined: it has many paths, each with its own temporaries, and inlined
+/// into the caller (once per retry) they pushed one frame past the verifier's 512 bytes.
+#[inline(never)]
 pub fn parse(ctx: &TcContext, skb_protocol: u32) -> Result<Parsed, Counter> {
-    let pkt = Packet {
-        start: ctx.data(),
-        end: ctx.data_end(),
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // Volatile, so LLVM cannot hoist these loads into the caller and pass the packet pointers
+    // as (zero-extended) integer arguments, which the verifier rejects as pointer arithmetic.
+    // SAFETY: the context of a TC program is the kernel's `__sk_buff` view, valid for the run.
+    let pkt = unsafe {
+        Packet {
+            start: core::ptr::read_volatile(&raw const (*skb).data) as usize,
+            end: core::ptr::read_volatile(&raw const (*skb).data_end) as usize,
+        }
     };
     let v6 = skb_protocol == PROTO_IPV6;
     let version = if v6 { 6 } else { 4 };

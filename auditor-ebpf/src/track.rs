@@ -49,21 +49,27 @@ fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
     if protocol != PROTO_IPV4 && protocol != PROTO_IPV6 {
         return Err(Counter::NonIp);
     }
-    let parsed = match parse::parse(ctx, protocol) {
-        Err(Counter::Truncated) if headers_not_linear(ctx, len) => {
-            // Rare (headers in page fragments): make the first bytes linear and parse again. This
-            // moves bytes between the skb's buffers; their content and the packet's fate stay.
-            let want = if len < MAX_HEADER_BYTES {
-                len
-            } else {
-                MAX_HEADER_BYTES
-            };
-            if ctx.pull_data(want).is_err() {
-                return Err(Counter::Truncated);
+    // One call site in a loop rather than two: inlined twice, the parser's stack temporaries
+    // would be paid twice against the verifier's 512-byte stack.
+    let mut pulled = false;
+    let parsed = loop {
+        match parse::parse(ctx, protocol) {
+            Err(Counter::Truncated) if !pulled && headers_not_linear(ctx, len) => {
+                // Rare (headers in page fragments): make the first bytes linear and parse again.
+                // This moves bytes between the skb's buffers; their content and the packet's fate
+                // stay.
+                let want = if len < MAX_HEADER_BYTES {
+                    len
+                } else {
+                    MAX_HEADER_BYTES
+                };
+                if ctx.pull_data(want).is_err() {
+                    return Err(Counter::Truncated);
+                }
+                pulled = true;
             }
-            parse::parse(ctx, protocol)?
+            other => break other?,
         }
-        other => other?,
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -86,7 +92,8 @@ fn headers_not_linear(ctx: &TcContext, len: u32) -> bool {
     linear < MAX_HEADER_BYTES as usize && (len as usize) > linear
 }
 
-#[inline(always)]
+/// Not inlined, like the parser: separate frames keep each under the verifier's stack limit.
+#[inline(never)]
 fn track(seen: &Seen, meta: &Meta) -> Result<Counter, Counter> {
     if let Some(state) = FLOWS.get_ptr_mut(&seen.key) {
         // SAFETY: a live value of the flow table; LRU values stay valid for this program run.
@@ -111,8 +118,9 @@ fn track(seen: &Seen, meta: &Meta) -> Result<Counter, Counter> {
     }
 }
 
-/// The state of a flow whose first packet is `seen`.
-#[inline(always)]
+/// The state of a flow whose first packet is `seen`. Not inlined, for the same stack reason as
+/// `emit`; it is off the established-flow path.
+#[inline(never)]
 fn fresh_state(seen: &Seen, meta: &Meta) -> FlowState {
     let (initiator, mid_stream, status) = match seen.opening {
         Opening::Opening => (seen.sender, 0, FlowStatus::New),
@@ -222,7 +230,7 @@ fn next_tcp_status(status: u8, from_initiator: bool, flags: u8, state: &mut Flow
 }
 
 /// An ICMP destination unreachable about a packet `sender` sent in flow `key`.
-#[inline(always)]
+#[inline(never)]
 fn refuse(key: &FlowKey, sender: Side, meta: &Meta) -> Result<Counter, Counter> {
     let Some(state) = FLOWS.get_ptr_mut(key) else {
         return Err(Counter::IcmpErrorUnmatched);
@@ -249,7 +257,9 @@ fn sampled_out() -> bool {
     every > 1 && unsafe { bpf_get_prandom_u32() } % every != 0
 }
 
-#[inline(always)]
+/// Not inlined: five call sites on the rare state-change paths would each get their own event
+/// on the stack.
+#[inline(never)]
 fn emit(kind: EventKind, key: &FlowKey, state: &FlowState, meta: &Meta) {
     let event = FlowEvent {
         key: *key,

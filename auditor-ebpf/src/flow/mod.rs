@@ -366,7 +366,8 @@ pub enum Counter {
     /// Outcome: an ICMP/ICMPv6 destination unreachable whose embedded packet is not a flow in
     /// the table, was not sent by the flow's initiator, or could not be parsed.
     IcmpErrorUnmatched = 8,
-    /// Outcome: the packet started a flow (a new table entry).
+    /// Outcome: the packet started a flow: a new table entry, or a TCP SYN restarting a refused
+    /// or closed flow with the same key (TIME_WAIT reuse, a retry from the same port).
     FlowCreated = 9,
     /// Outcome: the packet updated an existing flow.
     FlowUpdated = 10,
