@@ -1,18 +1,23 @@
-//! Memory of recently counted flows, so a flow reported twice (seen on two local interfaces, by
-//! two event paths, or once addressed to a Service ClusterIP and once to the endpoint it was
-//! translated to) is counted once. Bounded in time and in entries.
+//! Memory of recently counted flows, so a flow reported twice (seen on two local interfaces, or
+//! by an event and again by a table walk) is counted once, and of the endpoints initiators just
+//! reached, so a flow seen both addressed to a Service ClusterIP and to the endpoint it was
+//! translated to is counted once. Bounded in time and in entries.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use auditor_ebpf::flow::FlowKey;
+use rustc_hash::FxHashMap;
 
 use crate::flows::Protocol;
 
 /// Two sightings of one flow may disagree on its first-seen time by this much (the kernel clock
 /// is coarse, and wall-clock conversion happens at slightly different instants).
 const SLACK: Duration = Duration::from_secs(1);
+
+/// An initiator's socket: what a ClusterIP record and its endpoint record share.
+pub(super) type Initiator = (Protocol, SocketAddr);
 
 #[derive(Clone, Copy, Debug)]
 struct Seen {
@@ -22,26 +27,15 @@ struct Seen {
     seq: u64,
 }
 
-/// The flows counted within the horizon, by normalised key and by initiator socket.
+/// Counted flows by normalised key, for recognising repeats.
 #[derive(Debug)]
 pub(super) struct Recent {
     horizon: Duration,
     capacity: usize,
-    by_key: HashMap<FlowKey, Seen>,
-    /// Responders each initiator socket talked to, for pairing Service and endpoint records.
-    by_initiator: HashMap<(Protocol, SocketAddr), Vec<(IpAddr, SystemTime)>>,
-    /// Insertion order, for expiry.
-    order: VecDeque<Remembered>,
+    by_key: FxHashMap<FlowKey, Seen>,
+    /// Insertion order, for expiry: (seq, key, when remembered).
+    order: VecDeque<(u64, FlowKey, SystemTime)>,
     next_seq: u64,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Remembered {
-    seq: u64,
-    key: FlowKey,
-    initiator: (Protocol, SocketAddr),
-    responder: IpAddr,
-    at: SystemTime,
 }
 
 impl Recent {
@@ -49,8 +43,7 @@ impl Recent {
         Self {
             horizon,
             capacity: capacity.max(1),
-            by_key: HashMap::new(),
-            by_initiator: HashMap::new(),
+            by_key: FxHashMap::default(),
             order: VecDeque::new(),
             next_seq: 0,
         }
@@ -69,25 +62,9 @@ impl Recent {
         })
     }
 
-    /// Whether `initiator` opened a flow to one of `responders` around `first_seen`.
-    pub(super) fn initiator_reached(
-        &self,
-        initiator: (Protocol, SocketAddr),
-        first_seen: SystemTime,
-        window: Duration,
-        mut is_candidate: impl FnMut(IpAddr) -> bool,
-    ) -> bool {
-        self.by_initiator.get(&initiator).is_some_and(|seen| {
-            seen.iter()
-                .any(|&(responder, at)| close(at, first_seen, window) && is_candidate(responder))
-        })
-    }
-
     pub(super) fn remember(
         &mut self,
         key: FlowKey,
-        initiator: (Protocol, SocketAddr),
-        responder: IpAddr,
         first_seen: SystemTime,
         last_seen: SystemTime,
         now: SystemTime,
@@ -102,17 +79,7 @@ impl Recent {
                 seq,
             },
         );
-        self.by_initiator
-            .entry(initiator)
-            .or_default()
-            .push((responder, first_seen));
-        self.order.push_back(Remembered {
-            seq,
-            key,
-            initiator,
-            responder,
-            at: now,
-        });
+        self.order.push_back((seq, key, now));
         while self.order.len() > self.capacity {
             self.pop_oldest();
         }
@@ -123,29 +90,91 @@ impl Recent {
         let cutoff = now
             .checked_sub(self.horizon)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        while self.order.front().is_some_and(|r| r.at < cutoff) {
+        while self.order.front().is_some_and(|&(_, _, at)| at < cutoff) {
             self.pop_oldest();
         }
     }
 
     fn pop_oldest(&mut self) {
-        let Some(Remembered {
-            seq,
-            key,
-            initiator,
-            responder,
-            at: _,
-        }) = self.order.pop_front()
-        else {
+        let Some((seq, key, _)) = self.order.pop_front() else {
             return;
         };
         // A newer sighting of the same key stays until its own turn.
         if self.by_key.get(&key).is_some_and(|seen| seen.seq == seq) {
             self.by_key.remove(&key);
         }
+    }
+}
+
+/// The responders each initiator socket reached recently (counted flows to pods), kept only
+/// as long as a ClusterIP record of the same flow can still arrive.
+#[derive(Debug)]
+pub(super) struct Reached {
+    window: Duration,
+    capacity: usize,
+    by_initiator: FxHashMap<Initiator, Vec<(IpAddr, SystemTime)>>,
+    order: VecDeque<(Initiator, SystemTime)>,
+}
+
+impl Reached {
+    pub(super) fn new(window: Duration, capacity: usize) -> Self {
+        Self {
+            window,
+            capacity: capacity.max(1),
+            by_initiator: FxHashMap::default(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Whether `initiator` reached one of the candidates around `first_seen`.
+    pub(super) fn reached(
+        &self,
+        initiator: &Initiator,
+        first_seen: SystemTime,
+        within: Duration,
+        mut is_candidate: impl FnMut(IpAddr) -> bool,
+    ) -> bool {
+        self.by_initiator.get(initiator).is_some_and(|seen| {
+            seen.iter()
+                .any(|&(responder, at)| close(at, first_seen, within) && is_candidate(responder))
+        })
+    }
+
+    pub(super) fn insert(
+        &mut self,
+        initiator: Initiator,
+        responder: IpAddr,
+        first_seen: SystemTime,
+        now: SystemTime,
+    ) {
+        self.by_initiator
+            .entry(initiator)
+            .or_default()
+            .push((responder, first_seen));
+        self.order.push_back((initiator, now));
+        while self.order.len() > self.capacity {
+            self.pop_oldest();
+        }
+    }
+
+    pub(super) fn expire(&mut self, now: SystemTime) {
+        let cutoff = now
+            .checked_sub(self.window)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        while self.order.front().is_some_and(|&(_, at)| at < cutoff) {
+            self.pop_oldest();
+        }
+    }
+
+    /// Drops the oldest responder of the oldest entry's initiator (entries of one initiator are
+    /// pushed in time order, so its first is its oldest).
+    fn pop_oldest(&mut self) {
+        let Some((initiator, _)) = self.order.pop_front() else {
+            return;
+        };
         if let Some(seen) = self.by_initiator.get_mut(&initiator) {
-            if let Some(pos) = seen.iter().position(|&(r, _)| r == responder) {
-                seen.remove(pos);
+            if !seen.is_empty() {
+                seen.remove(0);
             }
             if seen.is_empty() {
                 self.by_initiator.remove(&initiator);
@@ -154,7 +183,6 @@ impl Recent {
     }
 }
 
-fn close(a: SystemTime, b: SystemTime, window: Duration) -> bool {
-    let d = a.duration_since(b).unwrap_or_else(|e| e.duration());
-    d <= window
+pub(super) fn close(a: SystemTime, b: SystemTime, window: Duration) -> bool {
+    a.duration_since(b).unwrap_or_else(|e| e.duration()) <= window
 }

@@ -17,6 +17,8 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
+use auditor_ebpf::flow::FlowKey;
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::flows::{self, FlowRecord, Outcome};
@@ -163,10 +165,13 @@ impl Default for AuditConfig {
         Self {
             local_node: None,
             service_hold: Duration::from_secs(1),
-            // Covers the flow stream's walk interval and answer timeout several times over.
-            horizon: Duration::from_secs(60),
-            // Matches the flow table's order of magnitude (64k flows) with room for bursts.
-            capacity: 262_144,
+            // Repeats arrive within a walk interval (2 s) of each other; a margin on top.
+            horizon: Duration::from_secs(30),
+            // About 200 bytes each (key, times, order): 32k flows cost ~6 MiB at most, within
+            // the agent's memory budget. At high flow rates the capacity, not the horizon,
+            // bounds the memory: 32k flows is a third of a second at 100k flows/s, still far
+            // longer than two interfaces' events of one flow are apart.
+            capacity: 32_768,
         }
     }
 }
@@ -204,7 +209,10 @@ struct Held {
 pub struct Auditor {
     config: AuditConfig,
     recent: dedup::Recent,
-    held: Vec<Held>,
+    reached: dedup::Reached,
+    /// ClusterIP flows waiting for their endpoint's record, by key and by initiator socket.
+    held: FxHashMap<FlowKey, Held>,
+    held_by_initiator: FxHashMap<dedup::Initiator, Vec<FlowKey>>,
     stats: AuditStats,
 }
 
@@ -212,10 +220,18 @@ impl Auditor {
     #[must_use]
     pub fn new(config: AuditConfig) -> Self {
         let recent = dedup::Recent::new(config.horizon, config.capacity);
+        // The endpoint record and the ClusterIP record are decided by the same answer; a few
+        // holds' worth of memory covers the stream delivering them apart.
+        let reached = dedup::Reached::new(
+            config.service_hold.max(Duration::from_secs(1)) * 4,
+            config.capacity,
+        );
         Self {
             config,
             recent,
-            held: Vec::new(),
+            reached,
+            held: FxHashMap::default(),
+            held_by_initiator: FxHashMap::default(),
             stats: AuditStats::default(),
         }
     }
@@ -252,7 +268,7 @@ impl Auditor {
         now: SystemTime,
     ) -> Option<AuditedFlow> {
         if self.recent.is_duplicate(&record.key, record.first_seen)
-            || self.held.iter().any(|h| h.record.key == record.key)
+            || self.held.contains_key(&record.key)
         {
             self.stats.duplicates += 1;
             return None;
@@ -270,88 +286,126 @@ impl Auditor {
         let initiator = (record.protocol, record.initiator);
         let hold = self.config.service_hold;
         if let Peer::Service { namespace, name } = &dst {
-            let translated =
-                self.recent
-                    .initiator_reached(initiator, record.first_seen, hold, |ip| {
-                        ctx.resolver.is_endpoint_of(namespace, name, ip)
-                    });
+            let translated = self
+                .reached
+                .reached(&initiator, record.first_seen, hold, |ip| {
+                    ctx.resolver.is_endpoint_of(namespace, name, ip)
+                });
             if translated {
                 self.stats.superseded += 1;
-                self.remember(&record, now);
+                self.recent
+                    .remember(record.key, record.first_seen, record.last_seen, now);
                 return None;
             }
-            self.held.push(Held {
-                record,
-                src,
-                dst,
-                due: now + hold,
-            });
+            self.held_by_initiator
+                .entry(initiator)
+                .or_default()
+                .push(record.key);
+            self.held.insert(
+                record.key,
+                Held {
+                    record,
+                    src,
+                    dst,
+                    due: now + hold,
+                },
+            );
             return None;
         }
-        let before = self.held.len();
+        if matches!(dst, Peer::Pod(_)) {
+            self.supersede_held(&initiator, &record, ctx, now);
+            self.reached
+                .insert(initiator, record.responder.ip(), record.first_seen, now);
+        }
+        Some(self.audit(record, src, dst, ctx, now))
+    }
+
+    /// Drops held ClusterIP records of the flow `record` (to an endpoint) is the translation of.
+    fn supersede_held(
+        &mut self,
+        initiator: &dedup::Initiator,
+        record: &FlowRecord,
+        ctx: &Context<'_>,
+        now: SystemTime,
+    ) {
+        let Some(keys) = self.held_by_initiator.get_mut(initiator) else {
+            return;
+        };
         let responder = record.responder.ip();
-        let mut superseded = Vec::new();
-        self.held.retain(|h| {
-            let same = (h.record.protocol, h.record.initiator) == initiator
-                && within(h.record.first_seen, record.first_seen, hold)
+        let hold = self.config.service_hold;
+        let held = &mut self.held;
+        let recent = &mut self.recent;
+        let mut superseded = 0;
+        keys.retain(|key| {
+            let Some(h) = held.get(key) else {
+                return false;
+            };
+            let same = dedup::close(h.record.first_seen, record.first_seen, hold)
                 && matches!(&h.dst, Peer::Service { namespace, name }
                     if ctx.resolver.is_endpoint_of(namespace, name, responder));
             if same {
-                superseded.push(h.record.clone());
+                if let Some(h) = held.remove(key) {
+                    recent.remember(h.record.key, h.record.first_seen, h.record.last_seen, now);
+                }
+                superseded += 1;
             }
             !same
         });
-        self.stats.superseded += (before - self.held.len()) as u64;
-        for held in &superseded {
-            self.remember(held, now);
+        if keys.is_empty() {
+            self.held_by_initiator.remove(initiator);
         }
-        Some(self.audit(record, src, dst, ctx, now))
+        self.stats.superseded += superseded;
     }
 
     /// Releases ClusterIP flows whose wait is over (judged on every ready endpoint, by the
     /// model) and forgets counted flows older than the horizon. Call it about once a second.
     pub fn tick(&mut self, ctx: &Context<'_>, now: SystemTime) -> Vec<AuditedFlow> {
         self.recent.expire(now);
-        let (due, waiting): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
-            .into_iter()
-            .partition(|h| h.due <= now);
-        self.held = waiting;
-        due.into_iter()
-            .map(
-                |Held {
-                     record,
-                     src,
-                     dst,
-                     due: _,
-                 }| self.audit(record, src, dst, ctx, now),
-            )
-            .collect()
+        self.reached.expire(now);
+        let due: Vec<FlowKey> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.due <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        self.release(due, ctx, now)
     }
 
     /// Releases every waiting flow (shutdown: count what was seen).
     pub fn flush(&mut self, ctx: &Context<'_>, now: SystemTime) -> Vec<AuditedFlow> {
-        std::mem::take(&mut self.held)
-            .into_iter()
-            .map(
-                |Held {
-                     record,
-                     src,
-                     dst,
-                     due: _,
-                 }| self.audit(record, src, dst, ctx, now),
-            )
-            .collect()
+        let all: Vec<FlowKey> = self.held.keys().copied().collect();
+        self.release(all, ctx, now)
     }
 
-    fn remember(&mut self, record: &FlowRecord, now: SystemTime) {
-        self.recent.remember(
-            record.key,
-            (record.protocol, record.initiator),
-            record.responder.ip(),
-            record.first_seen,
-            record.last_seen,
-            now,
-        );
+    fn release(
+        &mut self,
+        keys: Vec<FlowKey>,
+        ctx: &Context<'_>,
+        now: SystemTime,
+    ) -> Vec<AuditedFlow> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some(Held {
+                record,
+                src,
+                dst,
+                due: _,
+            }) = self.held.remove(&key)
+            else {
+                continue;
+            };
+            let initiator = (record.protocol, record.initiator);
+            if let Some(keys) = self.held_by_initiator.get_mut(&initiator) {
+                keys.retain(|k| *k != key);
+                if keys.is_empty() {
+                    self.held_by_initiator.remove(&initiator);
+                }
+            }
+            out.push(self.audit(record, src, dst, ctx, now));
+        }
+        // Deterministic order for the caller (and its logs): by first sight.
+        out.sort_by_key(|f| f.record.first_seen);
+        out
     }
 
     fn audit(
@@ -362,7 +416,8 @@ impl Auditor {
         ctx: &Context<'_>,
         now: SystemTime,
     ) -> AuditedFlow {
-        self.remember(&record, now);
+        self.recent
+            .remember(record.key, record.first_seen, record.last_seen, now);
         self.stats.counted += 1;
         let protocol = model_protocol(record.protocol);
         let port = record.responder.port();
@@ -385,10 +440,6 @@ impl Auditor {
             verdict,
         }
     }
-}
-
-fn within(a: SystemTime, b: SystemTime, window: Duration) -> bool {
-    a.duration_since(b).unwrap_or_else(|e| e.duration()) <= window
 }
 
 #[cfg(test)]

@@ -101,9 +101,7 @@ impl Resolver<'_> {
     /// k3s and kubeadm clusters it listens on a node address, whose other ports are the node's).
     #[must_use]
     pub fn resolve(&self, ip: IpAddr, port: u16) -> Peer {
-        if self.is_apiserver(ip, port) {
-            return Peer::KubeApiserver;
-        }
+        // Pods and Services first: they are most flows, and never API server endpoints here.
         match self.inventory.owner(ip) {
             Some(Owner::Pod(id)) => {
                 if let Some(pod) = self.inventory.pod(id) {
@@ -115,13 +113,6 @@ impl Resolver<'_> {
                     });
                 }
             }
-            Some(Owner::Node(id)) => {
-                if let Some(node) = self.inventory.node(id) {
-                    return Peer::Node {
-                        name: node.name.clone(),
-                    };
-                }
-            }
             Some(Owner::Service(id)) => {
                 if let Some(service) = self.inventory.service(id) {
                     return Peer::Service {
@@ -130,9 +121,21 @@ impl Resolver<'_> {
                     };
                 }
             }
+            Some(Owner::Node(id)) => {
+                if self.is_apiserver(ip, port) {
+                    return Peer::KubeApiserver;
+                }
+                if let Some(node) = self.inventory.node(id) {
+                    return Peer::Node {
+                        name: node.name.clone(),
+                    };
+                }
+            }
             None => {}
         }
-        if self.ingress.iter().any(|net| net.contains(&ip)) {
+        if self.is_apiserver(ip, port) {
+            Peer::KubeApiserver
+        } else if self.ingress.iter().any(|net| net.contains(&ip)) {
             Peer::Ingress
         } else if self.inventory.in_pod_cidr(ip) {
             Peer::Unknown
