@@ -223,18 +223,22 @@ fn dir_index(d: Direction) -> usize {
     }
 }
 
+/// A node name, interned so comparing nodes on the hot path compares integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct NodeName(u32);
+
 /// One end of a flow, resolved.
 #[derive(Clone, Copy, Debug)]
-enum Side<'a> {
+enum Side {
     Pod {
         pod: PodId,
         identity: IdentityId,
-        node: Option<&'a str>,
+        node: Option<NodeName>,
     },
     /// A node address (or a hostNetwork pod's); `name` is unknown when only a hostNetwork pod
     /// without `nodeName` claims it.
     Node {
-        name: Option<&'a str>,
+        name: Option<NodeName>,
     },
     Service(ServiceId),
     External,
@@ -269,6 +273,10 @@ pub struct Model {
     ns_labels: HashMap<String, Labels>,
     apiserver: FxHashSet<IpAddr>,
     cluster_cidrs: Vec<IpNet>,
+    /// Every address the inventory knows, resolved: one lookup per end of a flow.
+    addresses: FxHashMap<IpAddr, Side>,
+    node_names: Vec<String>,
+    node_name_ids: HashMap<String, NodeName>,
     /// Ready endpoints per Service port (same order as the Service's ports), rebuilt by
     /// [`Model::verdict`] when `endpoints_dirty`.
     service_endpoints: FxHashMap<ServiceId, Vec<Vec<(IpAddr, u16)>>>,
@@ -390,6 +398,9 @@ impl Model {
             ns_labels: HashMap::new(),
             apiserver: FxHashSet::default(),
             cluster_cidrs: Vec::new(),
+            addresses: FxHashMap::default(),
+            node_names: Vec::new(),
+            node_name_ids: HashMap::new(),
             service_endpoints: FxHashMap::default(),
             endpoints_dirty: false,
             generation: 0,
@@ -480,10 +491,12 @@ impl Model {
             labels: pod.labels.clone(),
             ports: pod.ports.clone(),
         };
+        let mut ips = pod.ips.clone();
         let change = self.inventory.upsert_pod(pod);
-        let crate::inventory::Change::Pod { id, .. } = change else {
+        let crate::inventory::Change::Pod { id, old } = change else {
             return;
         };
+        ips.extend(old.into_iter().flat_map(|o| o.ips));
         let index = id.0 as usize;
         if self.pod_identity.len() <= index {
             self.pod_identity.resize(index + 1, None);
@@ -492,13 +505,15 @@ impl Model {
         if let Some(old) = self.pod_identity[index].replace(new) {
             self.release_identity(old);
         }
+        self.reindex(&ips);
         self.endpoints_changed();
     }
 
     pub fn remove_pod(&mut self, key: &ObjectKey) {
-        if let Some(crate::inventory::Change::PodRemoved { id, .. }) =
+        if let Some(crate::inventory::Change::PodRemoved { id, old }) =
             self.inventory.remove_pod(key)
         {
+            self.reindex(&old.ips);
             if let Some(old) = self
                 .pod_identity
                 .get_mut(id.0 as usize)
@@ -510,26 +525,105 @@ impl Model {
         }
     }
 
+    fn node_addresses(&self, name: &str) -> Vec<IpAddr> {
+        self.inventory
+            .node_id(name)
+            .and_then(|id| self.inventory.node(id))
+            .map(|n| n.addresses.clone())
+            .unwrap_or_default()
+    }
+
     pub fn upsert_node(&mut self, node: Node) {
+        let mut ips = self.node_addresses(&node.name);
+        ips.extend(node.addresses.iter().copied());
         self.inventory.upsert_node(node);
+        self.reindex(&ips);
         self.refresh_derived();
         self.changed();
     }
 
     pub fn remove_node(&mut self, name: &str) {
+        let ips = self.node_addresses(name);
         self.inventory.remove_node(name);
+        self.reindex(&ips);
         self.refresh_derived();
         self.changed();
     }
 
+    fn service_addresses(&self, key: &ObjectKey) -> Vec<IpAddr> {
+        self.inventory
+            .services()
+            .find(|(_, s)| s.namespace == key.namespace && s.name == key.name)
+            .map(|(_, s)| s.cluster_ips.clone())
+            .unwrap_or_default()
+    }
+
     pub fn upsert_service(&mut self, service: Service) {
+        let mut ips = self.service_addresses(&service.key());
+        ips.extend(service.cluster_ips.iter().copied());
         self.inventory.upsert_service(service);
+        self.reindex(&ips);
         self.endpoints_changed();
     }
 
     pub fn remove_service(&mut self, key: &ObjectKey) {
+        let ips = self.service_addresses(key);
         self.inventory.remove_service(key);
+        self.reindex(&ips);
         self.endpoints_changed();
+    }
+
+    fn node_name(&mut self, name: &str) -> NodeName {
+        if let Some(&id) = self.node_name_ids.get(name) {
+            return id;
+        }
+        let id = NodeName(u32::try_from(self.node_names.len()).unwrap_or(u32::MAX));
+        self.node_names.push(name.to_owned());
+        self.node_name_ids.insert(name.to_owned(), id);
+        id
+    }
+
+    /// Re-resolves addresses whose owners may have changed.
+    fn reindex(&mut self, ips: &[IpAddr]) {
+        for &ip in ips {
+            let side = match self.inventory.owner(ip) {
+                Some(Owner::Node(id)) => {
+                    let name = self.inventory.node(id).map(|n| n.name.clone());
+                    Side::Node {
+                        name: name.map(|n| self.node_name(&n)),
+                    }
+                }
+                Some(Owner::Pod(pod_id)) => {
+                    let Some(pod) = self.inventory.pod(pod_id) else {
+                        self.addresses.remove(&ip);
+                        continue;
+                    };
+                    let host_network = pod.host_network;
+                    let node = pod.node.clone().map(|n| self.node_name(&n));
+                    if host_network {
+                        Side::Node { name: node }
+                    } else {
+                        match self.pod_identity.get(pod_id.0 as usize).copied().flatten() {
+                            Some(identity) => Side::Pod {
+                                pod: pod_id,
+                                identity,
+                                node,
+                            },
+                            None => {
+                                self.addresses.remove(&ip);
+                                continue;
+                            }
+                        }
+                    }
+                }
+                Some(Owner::Service(id)) => Side::Service(id),
+                None => {
+                    self.addresses.remove(&ip);
+                    continue;
+                }
+            };
+            self.addresses.insert(ip, side);
+        }
     }
 
     pub fn upsert_endpoint_slice(&mut self, slice: EndpointSlice) {
@@ -986,32 +1080,8 @@ impl Model {
 
     // ---- verdicts ----
 
-    fn resolve(&self, ip: IpAddr) -> Side<'_> {
-        match self.inventory.owner(ip) {
-            Some(Owner::Node(id)) => Side::Node {
-                name: self.inventory.node(id).map(|n| n.name.as_str()),
-            },
-            Some(Owner::Pod(pod_id)) => {
-                let Some(pod) = self.inventory.pod(pod_id) else {
-                    return Side::External;
-                };
-                if pod.host_network {
-                    return Side::Node {
-                        name: pod.node.as_deref(),
-                    };
-                }
-                match self.pod_identity.get(pod_id.0 as usize).copied().flatten() {
-                    Some(identity) => Side::Pod {
-                        pod: pod_id,
-                        identity,
-                        node: pod.node.as_deref(),
-                    },
-                    None => Side::External,
-                }
-            }
-            Some(Owner::Service(id)) => Side::Service(id),
-            None => Side::External,
-        }
+    fn resolve(&self, ip: IpAddr) -> Side {
+        self.addresses.get(&ip).copied().unwrap_or(Side::External)
     }
 
     /// The verdict for a flow, from the cache when this flow was judged since the last change.
@@ -1053,7 +1123,7 @@ impl Model {
         }
     }
 
-    fn judge_service(&self, flow: &Flow, src: Side<'_>, id: ServiceId) -> Verdict {
+    fn judge_service(&self, flow: &Flow, src: Side, id: ServiceId) -> Verdict {
         let denied = |problem| Verdict {
             allowed: false,
             egress: Decision::NotAPod,
@@ -1171,9 +1241,9 @@ impl Model {
     fn judge_direct(
         &self,
         src_ip: IpAddr,
-        src: Side<'_>,
+        src: Side,
         dst_ip: IpAddr,
-        dst: Side<'_>,
+        dst: Side,
         protocol: Protocol,
         port: u16,
     ) -> Verdict {
@@ -1234,10 +1304,10 @@ impl Model {
     fn decide(
         &self,
         identity: IdentityId,
-        node: Option<&str>,
+        node: Option<NodeName>,
         direction: Direction,
         other_ip: IpAddr,
-        other: Side<'_>,
+        other: Side,
         protocol: Protocol,
         port: u16,
         dst_identity: Option<IdentityId>,
@@ -1285,8 +1355,8 @@ impl Model {
         &self,
         entry: &RuleEntry,
         ip: IpAddr,
-        other: Side<'_>,
-        subject_node: Option<&str>,
+        other: Side,
+        subject_node: Option<NodeName>,
     ) -> bool {
         let Some(peers) = &entry.peers else {
             return true;
@@ -1320,7 +1390,7 @@ impl Model {
 
     /// World: not a pod, node, pod-CIDR or `ingress` address. An API server outside the
     /// cluster stays world (and is kube-apiserver too).
-    fn is_world(&self, ip: IpAddr, side: Side<'_>) -> bool {
+    fn is_world(&self, ip: IpAddr, side: Side) -> bool {
         matches!(side, Side::External | Side::Service(_))
             && !self.cluster_cidrs.iter().any(|c| c.contains(&ip))
             && !self.is_ingress(ip)
@@ -1330,8 +1400,8 @@ impl Model {
         &self,
         entity: Entity,
         ip: IpAddr,
-        other: Side<'_>,
-        subject_node: Option<&str>,
+        other: Side,
+        subject_node: Option<NodeName>,
     ) -> bool {
         match entity {
             Entity::All => true,
@@ -1372,7 +1442,10 @@ impl Model {
                     PeerKind::Node
                 },
                 namespace: String::new(),
-                name: name.unwrap_or_default().to_owned(),
+                name: name
+                    .and_then(|n| self.node_names.get(n.0 as usize))
+                    .cloned()
+                    .unwrap_or_default(),
                 workload: if apiserver { "kube-apiserver" } else { "node" }.to_owned(),
             },
             Side::Service(id) => match self.inventory.service(id) {
