@@ -66,6 +66,8 @@ enum Bench {
     Datapath,
     /// Policy model build, update and verdict throughput.
     Policy,
+    /// The daemon under real traffic: new flows per second, lost events, resident memory.
+    Daemon,
 }
 
 impl Bench {
@@ -73,11 +75,12 @@ impl Bench {
         match self {
             Bench::Datapath => "datapath",
             Bench::Policy => "policy",
+            Bench::Daemon => "daemon",
         }
     }
 
     fn needs_root(self) -> bool {
-        matches!(self, Bench::Datapath)
+        matches!(self, Bench::Datapath | Bench::Daemon)
     }
 }
 
