@@ -48,6 +48,18 @@ impl Proc {
             // Its own process group: the terminal's Ctrl-C reaches only xtask, which then stops
             // the child in order (SIGTERM, so it detaches its programs) before removing the lab.
             .process_group(0);
+        // SAFETY: prctl is async-signal-safe and touches nothing of the parent's state.
+        unsafe {
+            // If xtask itself is killed (SIGKILL, no guards run), the child goes too instead of
+            // auditing a lab whose namespaces the next run removes.
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         if pipe_stdout {
             cmd.stdout(Stdio::piped());
         } else {
@@ -163,6 +175,9 @@ impl Daemon {
             metrics.to_string(),
             "--answer-timeout".to_owned(),
             answer_timeout.to_owned(),
+            // Every pod of the snapshot is scheduled on this node, so this agent counts them all.
+            "--node".to_owned(),
+            super::cluster::NODE_NAME.to_owned(),
         ];
         let (proc, stdout) = Proc::spawn(
             "auditor run",

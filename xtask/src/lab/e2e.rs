@@ -18,12 +18,18 @@ use super::{Lab, catch_signals};
 const PROMETHEUS_ADDR: &str = "127.0.0.1:19090";
 /// Short, so `unanswered` flows (dropped by LocalStack's enforcement) resolve quickly.
 const ANSWER_TIMEOUT: &str = "1s";
+/// The script is played this many times, so counters rise between scrapes and the dashboard's
+/// `increase()` / `rate()` panels have something to show; EXPECTED counts one round.
+const ROUNDS: u64 = 2;
+/// Between rounds: a few of Prometheus's 1 s scrapes.
+const ROUND_GAP: Duration = Duration::from_secs(3);
 /// How long the counts may take to settle in Prometheus (answer timeout + scrape interval +
 /// the daemon's pipeline), polled every second.
 const SETTLE: Duration = Duration::from_secs(30);
 
 /// One expected `sum by (verdict, src_namespace, dst_namespace) (flow_auditor_flows_total)`
-/// series: (verdict, source namespace, destination namespace, flows, why). An empty namespace is
+/// series for one round of the script: (verdict, source namespace, destination namespace,
+/// flows, why). An empty namespace is
 /// a peer outside the cluster.
 type Expected = (&'static str, &'static str, &'static str, u64, &'static str);
 
@@ -267,6 +273,9 @@ impl Checks {
 /// Runs the lab e2e with the release `binary`; prints `lab e2e: N passed, M failed` and fails
 /// when anything did.
 pub fn run(root: &Path, binary: &Path) -> Result<()> {
+    if !crate::is_root() {
+        bail!("the lab e2e creates network namespaces and loads eBPF programs: run it as root");
+    }
     catch_signals();
     let started = Instant::now();
     let mut checks = Checks {
@@ -311,10 +320,16 @@ fn run_checks(root: &Path, binary: &Path, checks: &mut Checks) -> Result<()> {
         }),
     );
 
-    let results = traffic::play_all(&lab.topo, SCRIPT);
+    let mut results = Vec::new();
+    for round in 0..ROUNDS {
+        if round > 0 {
+            std::thread::sleep(ROUND_GAP);
+        }
+        results.extend(traffic::play_all(&lab.topo, SCRIPT));
+    }
     checks.record("the lab's network behaves as designed", {
         let mut wrong = Vec::new();
-        for (conv, seen) in SCRIPT.iter().zip(&results) {
+        for (conv, seen) in SCRIPT.iter().cycle().zip(&results) {
             let want = expected_seen(conv.from, conv.to, conv.port);
             match seen {
                 Ok(seen) if *seen == want => {}
@@ -334,7 +349,12 @@ fn run_checks(root: &Path, binary: &Path, checks: &mut Checks) -> Result<()> {
 
     let want: BTreeMap<(String, String, String), u64> = EXPECTED
         .iter()
-        .map(|(v, s, d, n, _)| (((*v).to_owned(), (*s).to_owned(), (*d).to_owned()), *n))
+        .map(|(v, s, d, n, _)| {
+            (
+                ((*v).to_owned(), (*s).to_owned(), (*d).to_owned()),
+                n * ROUNDS,
+            )
+        })
         .collect();
     let query = "sum by (verdict, src_namespace, dst_namespace) (flow_auditor_flows_total)";
     let mut last = BTreeMap::new();
@@ -361,7 +381,7 @@ fn run_checks(root: &Path, binary: &Path, checks: &mut Checks) -> Result<()> {
         let want_unexpected: u64 = EXPECTED
             .iter()
             .filter(|e| e.0 == "unexpected")
-            .map(|e| e.3)
+            .map(|e| e.3 * ROUNDS)
             .sum();
         if u64::try_from(flows).ok() == Some(want_unexpected) {
             Ok(())
@@ -540,37 +560,43 @@ fn panel_queries(v: &serde_json::Value, out: &mut Vec<(String, String)>) {
 /// Grafana's variables replaced as Grafana would for this short-lived Prometheus: intervals by
 /// windows it has data for, template variables by "any value".
 fn substitute(expr: &str) -> String {
-    let mut s = expr.to_owned();
-    for (var, value) in [
-        ("$__rate_interval", "1m"),
-        ("${__rate_interval}", "1m"),
-        ("$__interval", "15s"),
-        ("${__interval}", "15s"),
-        ("$__range", "5m"),
-        ("${__range}", "5m"),
-    ] {
-        s = s.replace(var, value);
-    }
-    // Label matchers on template variables: `="$var"` / `=~"$var"` / `!~"$var"` become "any".
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s.as_str();
+    let mut out = String::with_capacity(expr.len());
+    let mut rest = expr;
     while let Some(i) = rest.find('$') {
-        let (before, after) = rest.split_at(i);
-        let name_len = after[1..]
-            .trim_start_matches('{')
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let braced = after.starts_with('{');
+        let body = if braced { &after[1..] } else { after };
+        let len = body
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(after.len() - 1);
-        let braced = after[1..].starts_with('{');
-        let var_len = 1 + name_len + if braced { 2 } else { 0 };
-        let mut before = before.to_owned();
-        if before.ends_with("=\"") && !before.ends_with("~\"") && !before.ends_with("!=\"") {
-            // `label="$var"` -> `label=~".*"`
-            before.truncate(before.len() - 2);
-            before.push_str("=~\"");
+            .unwrap_or(body.len());
+        let name = &body[..len];
+        // `$1` in label_replace and a lone `$` are not variables.
+        if name.is_empty()
+            || name.starts_with(|c: char| c.is_ascii_digit())
+            || (braced && !body[len..].starts_with('}'))
+        {
+            out.push('$');
+            rest = after;
+            continue;
         }
-        out.push_str(&before);
-        out.push_str(".*");
-        rest = &after[var_len.min(after.len())..];
+        let value = match name {
+            "__rate_interval" => "1m",
+            "__interval" => "15s",
+            "__interval_ms" => "15000",
+            "__range" => "5m",
+            "__range_s" => "300",
+            _ => {
+                // `label="$var"` becomes `label=~".*"`: every value, as "All" selects.
+                if out.ends_with("=\"") && !out.ends_with("!=\"") {
+                    out.truncate(out.len() - 2);
+                    out.push_str("=~\"");
+                }
+                ".*"
+            }
+        };
+        out.push_str(value);
+        rest = &after[len + if braced { 2 } else { 0 }..];
     }
     out.push_str(rest);
     out
@@ -586,6 +612,12 @@ mod tests {
             "sum(rate(flow_auditor_flows_total{src_namespace=\"$namespace\",verdict=~\"${verdict}\"}[$__rate_interval]))",
         );
         let want = "sum(rate(flow_auditor_flows_total{src_namespace=~\".*\",verdict=~\".*\"}[1m]))";
+        if got != want {
+            panic!("got {got}\nwant {want}");
+        }
+        let kept = "label_replace(x{i=~\"$instance\"}[$__range], \"src\", \"$1\", \"k\", \"(.+)\")";
+        let got = substitute(kept);
+        let want = "label_replace(x{i=~\".*\"}[5m], \"src\", \"$1\", \"k\", \"(.+)\")";
         if got != want {
             panic!("got {got}\nwant {want}");
         }

@@ -159,15 +159,25 @@ impl Lab {
     }
 }
 
+/// The auditor binary the lab runs: `$FLOW_AUDITOR_LAB_BINARY` when set (a build of your own),
+/// else a fresh release build.
+pub fn binary(root: &Path) -> Result<PathBuf> {
+    match std::env::var_os("FLOW_AUDITOR_LAB_BINARY") {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => crate::build(root, crate::Target::Host),
+    }
+}
+
 /// `cargo xtask demo [--duration SECS]`.
-pub fn demo(binary: &Path, duration: Option<u64>) -> Result<()> {
+pub fn demo(root: &Path, duration: Option<u64>) -> Result<()> {
     if !crate::is_root() {
         bail!(
             "the lab creates network namespaces and loads eBPF programs: run `sudo cargo xtask demo`"
         );
     }
+    let binary = binary(root)?;
     catch_signals();
-    let mut lab = Lab::up(binary, "5s", "lab")?;
+    let mut lab = Lab::up(&binary, "5s", "lab")?;
     let result = demo_loop(&mut lab, duration);
     let down = lab.down();
     result.and(down)
