@@ -134,3 +134,48 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5 parsecs"), None);
+        assert_eq!(parse_duration(""), None);
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let path = Path::new("config.yaml");
+        let empty = Config::from_text(path, "# nothing\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(empty, Config::default());
+        assert_eq!(empty.answer_timeout, Duration::from_secs(5));
+        let c = Config::from_text(
+            path,
+            "ipBlockReading: cilium\nentities: {ingress: [10.0.0.0/24, \"fd00::/64\"]}\nanswerTimeout: 750ms\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.ip_block_reading, IpBlockReading::Cilium);
+        assert_eq!(c.entities.ingress.len(), 2);
+        assert_eq!(c.answer_timeout, Duration::from_millis(750));
+        assert_eq!(c.model_config().ingress_cidrs, c.entities.ingress);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let path = Path::new("config.yaml");
+        let err = Config::from_text(path, "entities:\n  ingress: [not-a-cidr]\n")
+            .err()
+            .unwrap_or_else(|| panic!("accepted a bad CIDR"));
+        assert!(err.to_string().starts_with("config.yaml:2:"), "{err}");
+        let err = Config::from_text(path, "answerTimeout: soon\n")
+            .err()
+            .unwrap_or_else(|| panic!("accepted a bad duration"));
+        assert!(err.to_string().contains("not a duration"), "{err}");
+    }
+}

@@ -463,3 +463,96 @@ pub fn endpoints(object: &core::Endpoints) -> Result<Vec<EndpointSlice>, ObjectE
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_with_owner(name: &str, labels: &[(&str, &str)], owner: Option<(&str, &str)>) -> Pod {
+        let owner = owner.map(|(kind, name)| {
+            serde_json::json!([{"apiVersion": "apps/v1", "kind": kind, "name": name,
+                                "uid": "u", "controller": true}])
+        });
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+            .collect();
+        let object: core::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "labels": labels,
+                         "ownerReferences": owner},
+            "spec": {"containers": [{"name": "c", "ports": [
+                {"name": "http", "containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}]}]},
+            "status": {"podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]}
+        }))
+        .unwrap_or_else(|e| panic!("fixture: {e}"));
+        pod(&object).unwrap_or_else(|e| panic!("conversion: {e}"))
+    }
+
+    fn workload_of(p: &Pod) -> (&str, &str) {
+        (p.workload.kind.as_str(), p.workload.name.as_str())
+    }
+
+    #[test]
+    fn workloads_from_owner_references() {
+        let p = pod_with_owner(
+            "web-7d9c6b5f4-abcde",
+            &[("pod-template-hash", "7d9c6b5f4")],
+            Some(("ReplicaSet", "web-7d9c6b5f4")),
+        );
+        assert_eq!(workload_of(&p), ("Deployment", "web"));
+        // Without the hash label a hash-shaped suffix is still stripped ...
+        let p = pod_with_owner("api-x", &[], Some(("ReplicaSet", "api-server-5f6d7c8b9")));
+        assert_eq!(workload_of(&p), ("Deployment", "api-server"));
+        // ... but a ReplicaSet of its own keeps its name.
+        let p = pod_with_owner("rs-x", &[], Some(("ReplicaSet", "legacy-Frontend")));
+        assert_eq!(workload_of(&p), ("ReplicaSet", "legacy-Frontend"));
+        let p = pod_with_owner("db-0", &[], Some(("StatefulSet", "db")));
+        assert_eq!(workload_of(&p), ("StatefulSet", "db"));
+        let p = pod_with_owner("backup-29000000-xyz", &[], Some(("Job", "backup-29000000")));
+        assert_eq!(workload_of(&p), ("CronJob", "backup"));
+        let p = pod_with_owner("migrate-abc", &[], Some(("Job", "migrate")));
+        assert_eq!(workload_of(&p), ("Job", "migrate"));
+        let p = pod_with_owner("debug", &[], None);
+        assert_eq!(workload_of(&p), ("Pod", "debug"));
+    }
+
+    #[test]
+    fn pod_addresses_and_ports() {
+        let p = pod_with_owner("p", &[], None);
+        assert_eq!(p.ips.len(), 2, "{:?}", p.ips);
+        assert!(p.ips.iter().any(IpAddr::is_ipv6));
+        assert!(p.ports.contains(&ContainerPort {
+            name: Some("http".to_owned()),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }));
+        assert!(
+            p.ports
+                .iter()
+                .any(|c| c.port == 53 && c.protocol == Protocol::Udp)
+        );
+    }
+
+    #[test]
+    fn bad_addresses_name_the_field() {
+        let object: core::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns"},
+            "status": {"podIP": "10.0.0.300"}
+        }))
+        .unwrap_or_else(|e| panic!("fixture: {e}"));
+        let err = pod(&object)
+            .err()
+            .unwrap_or_else(|| panic!("accepted a bad IP"));
+        assert_eq!(err.field, "status.podIP");
+        assert_eq!(err.object, "ns/p");
+        let slice: discovery::EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s", "namespace": "ns"},
+            "addressType": "IPv4", "endpoints": []
+        }))
+        .unwrap_or_else(|e| panic!("fixture: {e}"));
+        let err = endpoint_slice(&slice)
+            .err()
+            .unwrap_or_else(|| panic!("accepted a slice without its Service"));
+        assert_eq!(err.field, "metadata.labels");
+    }
+}
