@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use crate::deploy::Checks;
-use crate::{Elf, Target, X86_64_TARGET, display};
+use crate::{Elf, X86_64_TARGET, display};
 
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -41,8 +41,9 @@ struct Blob {
 
 /// Builds both binaries and the image, then checks it; prints `image: N passed, M failed`.
 pub fn run(root: &Path) -> Result<PathBuf> {
-    let arm64 = crate::build(root, Target::Aarch64)?;
-    let amd64 = build_x86_64(root)?;
+    let arm64 = build_static(root, crate::AARCH64_TARGET)?;
+    crate::check_static_aarch64(&arm64)?;
+    let amd64 = build_static(root, X86_64_TARGET)?;
     let tag = env!("CARGO_PKG_VERSION");
     let layout = root.join("target/image/flow-auditor");
     let arches = [
@@ -76,10 +77,11 @@ pub fn run(root: &Path) -> Result<PathBuf> {
     Ok(layout)
 }
 
-/// The static x86_64 binary, linked by zig like the arm64 one (ring has C code).
-fn build_x86_64(root: &Path) -> Result<PathBuf> {
+/// A static musl release binary, linked by zig (ring, under kube's TLS, has C code). Honours
+/// `CARGO_TARGET_DIR` like the cargo it runs.
+fn build_static(root: &Path, target: &str) -> Result<PathBuf> {
     let mut cmd = crate::cargo(root);
-    cmd.args(["zigbuild", "--target", X86_64_TARGET]).args([
+    cmd.args(["zigbuild", "--target", target]).args([
         "--release",
         "--package",
         "auditor",
@@ -87,10 +89,10 @@ fn build_x86_64(root: &Path) -> Result<PathBuf> {
         "auditor",
     ]);
     crate::run(&mut cmd)?;
-    Ok(root
-        .join("target")
-        .join(X86_64_TARGET)
-        .join("release/auditor"))
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map_or_else(|| root.join("target"), |dir| root.join(dir));
+    Ok(target_dir.join(target).join("release/auditor"))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
