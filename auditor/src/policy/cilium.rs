@@ -427,7 +427,21 @@ fn compile_rule(
             out.unjudged.push(format!("{path} (host policy)"));
             return Ok(());
         }
-        (Some(selector), None) => subject_of(scope, selector, &format!("{path}.endpointSelector"))?,
+        (Some(selector), None) => {
+            match subject_of(scope, selector, &format!("{path}.endpointSelector"))? {
+                Some(subject) => subject,
+                None => {
+                    // It selects Cilium's special endpoints (health, init, ...), never a pod,
+                    // and no flow the model judges has those at either end.
+                    tracing::warn!(
+                        policy = %out.key,
+                        rule = path,
+                        "endpointSelector on reserved labels selects no pod; not judged"
+                    );
+                    return Ok(());
+                }
+            }
+        }
     };
 
     let has_ingress = non_empty(ingress) || non_empty(ingress_deny);
@@ -976,22 +990,30 @@ fn namespace_scope(named: Option<&str>, mut requirements: Vec<Requirement>) -> N
     }
 }
 
-/// The endpoints a rule applies to. In a CNP they are always in the policy's namespace.
+/// The endpoints a rule applies to; in a CNP always in the policy's namespace. `None` when the
+/// selector requires a `reserved:` (or other non-Kubernetes) label, which no pod has: it selects
+/// Cilium's special endpoints (health, ...), which the model does not judge.
 fn subject_of(
     scope: Scope<'_>,
     selector: &EndpointSelector,
     field: &str,
-) -> Result<Subject, CompileError> {
+) -> Result<Option<Subject>, CompileError> {
     let mut raw = Vec::new();
     raw_requirements(selector, field, &mut raw)?;
-    let split = split(raw, scope.namespace.is_some());
-    if !split.reserved.is_empty() || !split.unknown.is_empty() {
-        return Err(error(
-            field,
-            "an endpointSelector can only use Kubernetes labels (a `reserved:` or other label \
-             source selects endpoints the model does not judge; use nodeSelector for hosts)",
-        ));
+    // Pods carry no such labels: NotIn / DoesNotExist on them hold for every pod, In / Exists
+    // for none.
+    let mut non_pod = false;
+    raw.retain(|r| {
+        if r.source == LabelSource::Kubernetes {
+            return true;
+        }
+        non_pod |= matches!(r.operator, Operator::In(_) | Operator::Exists);
+        false
+    });
+    if non_pod {
+        return Ok(None);
     }
+    let split = split(raw, scope.namespace.is_some());
     let Split {
         pods,
         namespaces,
@@ -1004,10 +1026,10 @@ fn subject_of(
     if impossible {
         pods.requirements.push(never_requirement());
     }
-    Ok(Subject {
+    Ok(Some(Subject {
         namespaces: namespace_scope(scope.namespace, namespaces),
         pods,
-    })
+    }))
 }
 
 /// A requirement no pod meets: `In` with no values.
@@ -1755,6 +1777,28 @@ spec:
         );
         assert!(p.rules.is_empty() && p.isolations.is_empty(), "{p:?}");
         assert_eq!(p.unjudged, ["spec (host policy)"]);
+    }
+
+    #[test]
+    fn subjects_on_reserved_labels_select_no_pod() {
+        let p = ccnp(
+            r#"
+metadata: {name: p}
+specs:
+- endpointSelector: {matchLabels: {"reserved:health": ""}}
+  ingress: [{fromEntities: [remote-node]}]
+- endpointSelector:
+    matchLabels: {app: web}
+    matchExpressions: [{key: "reserved:host", operator: DoesNotExist}]
+  ingress: [{fromEntities: [cluster]}]
+"#,
+        );
+        assert!(p.unjudged.is_empty(), "{p:?}");
+        assert_eq!(p.rules.len(), 1, "{p:?}");
+        assert_eq!(
+            p.rules[0].subject.pods.requirements,
+            vec![req("app", Operator::In(vec!["web".to_owned()]))]
+        );
     }
 
     #[test]
