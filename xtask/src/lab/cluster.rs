@@ -94,12 +94,7 @@ impl Pod {
     /// pod's identity (Calico uses SHA-1; any stable hash gives the same shape).
     pub fn cali(&self) -> String {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self
-            .namespace
-            .bytes()
-            .chain([b'.'])
-            .chain(self.name.bytes())
-        {
+        for b in self.namespace.bytes().chain(*b".").chain(self.name.bytes()) {
             hash ^= u64::from(b);
             hash = hash.wrapping_mul(0x0100_0000_01b3);
         }

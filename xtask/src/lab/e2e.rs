@@ -663,6 +663,44 @@ mod tests {
         }
     }
 
+    /// The comparison itself: placeholder zeros are ignored, a missing, extra or different
+    /// count is reported with the reason written next to the expectation.
+    #[test]
+    fn counts_compare_exactly_and_name_the_difference() {
+        let result: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[
+              {"metric": {"verdict": "allowed", "src_namespace": "default", "dst_namespace": "default"}, "value": [1, "4"]},
+              {"metric": {"verdict": "denied", "src_namespace": "", "dst_namespace": ""}, "value": [1, "0"]},
+              {"metric": {"verdict": "unexpected", "src_namespace": "loki", "dst_namespace": "loki"}, "value": [1, "3"]}
+            ]"#,
+        )
+        .unwrap_or_else(|e| panic!("bad fixture: {e}"));
+        let got = by_pair(&result).unwrap_or_else(|e| panic!("by_pair: {e:#}"));
+        let key = |v: &str, s: &str, d: &str| (v.to_owned(), s.to_owned(), d.to_owned());
+        let want: BTreeMap<_, _> = [
+            (key("allowed", "default", "default"), 4),
+            (key("unexpected", "loki", "loki"), 2),
+            (key("allowed", "velero", ""), 2),
+        ]
+        .into_iter()
+        .collect();
+        if got.len() != 2 {
+            panic!("the zero-valued placeholder should be dropped: {got:?}");
+        }
+        let text = diff(&want, &got);
+        for needle in [
+            "unexpected loki -> loki: want 2, got 3 (Promtail to Loki's gRPC 9095",
+            "allowed velero -> : want 2, got none",
+        ] {
+            if !text.contains(needle) {
+                panic!("diff lacks {needle:?}:\n{text}");
+            }
+        }
+        if text.contains("default -> default") {
+            panic!("an equal count was reported as a difference:\n{text}");
+        }
+    }
+
     #[test]
     fn expectations_cover_every_conversation_of_the_script() {
         let total: u64 = EXPECTED.iter().map(|e| e.3).sum();

@@ -23,6 +23,8 @@ use traffic::{SCRIPT, Servers};
 /// The daemon's `--metrics-addr` inside the node namespace (the default port, on loopback: the
 /// lab's node is not reachable from the machine anyway).
 const METRICS_ADDR: &str = "127.0.0.1:19925";
+/// The daemon's answer timeout in the demo: the product's default.
+const DEMO_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between two rounds of the traffic script in the demo.
 const ROUND_PAUSE: Duration = Duration::from_secs(3);
 
@@ -177,7 +179,8 @@ pub fn demo(root: &Path, duration: Option<u64>) -> Result<()> {
     }
     let binary = binary(root)?;
     catch_signals();
-    let mut lab = Lab::up(&binary, "5s", "lab")?;
+    let answer_timeout = format!("{}s", DEMO_ANSWER_TIMEOUT.as_secs());
+    let mut lab = Lab::up(&binary, &answer_timeout, "lab")?;
     let result = demo_loop(&mut lab, duration);
     let down = lab.down();
     result.and(down)
@@ -211,7 +214,11 @@ fn demo_loop(lab: &mut Lab, duration: Option<u64>) -> Result<()> {
         }
         lab.daemon.proc.check_alive()?;
     }
-    // The final picture, once the last round's unanswered flows have timed out.
+    if !interrupted() {
+        // The final picture once the last round's unanswered flows have timed out (the
+        // daemon's answer timeout, then its one-second release tick).
+        std::thread::sleep(DEMO_ANSWER_TIMEOUT + Duration::from_secs(2));
+    }
     let text = lab.daemon.scrape()?;
     print!("{}", summary(lab, &text, round, started.elapsed()));
     if interrupted() {
@@ -298,13 +305,34 @@ fn describe_unexpected(line: &str) -> String {
             ),
         }
     };
+    // The rule that denies it, short; the full explanation is in the JSON line.
+    let denied: Vec<String> = v["denied_by"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let p = &d["policy"];
+            format!(
+                "{} {}/{} {} {}",
+                p["kind"].as_str().unwrap_or("?"),
+                p["namespace"].as_str().unwrap_or(""),
+                p["name"].as_str().unwrap_or("?"),
+                d["direction"].as_str().unwrap_or("?"),
+                d["rule"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
     format!(
-        "{} -> {} {}/{} ({}): {}",
+        "{} -> {} {}/{} {}, denied by {}",
         end(&v["src"]),
         end(&v["dst"]),
         v["protocol"].as_str().unwrap_or("?"),
-        v["dst_port"].as_str().unwrap_or("?"),
+        v["dst"]["port"],
         v["outcome"].as_str().unwrap_or("?"),
-        v["reason"].as_str().unwrap_or("")
+        if denied.is_empty() {
+            v["reason"].as_str().unwrap_or("?").to_owned()
+        } else {
+            denied.join(", ")
+        }
     )
 }

@@ -137,6 +137,20 @@ pub fn remove_stale() -> Result<()> {
         eprintln!("lab: removing netns {name} left by an earlier run (pid {pid} is gone)");
         cmd("ip", &["netns", "del", name])?;
     }
+    // The snapshot and logs of such runs (`flow-auditor-lab-<pid>`, `flow-auditor-lab-e2e-<pid>`).
+    let tmp = std::env::temp_dir();
+    for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("flow-auditor-lab-") {
+            continue;
+        }
+        let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     Ok(())
 }
 
