@@ -239,6 +239,76 @@ const EXPECTED: &[Expected] = &[
     ),
 ];
 
+/// `sum by (verdict, outcome)` for one round: every allowed and unexpected flow was answered
+/// (the lab serves every port the script uses); of the four enforced denials, velero's chains
+/// reset two (`refused`) and localstack's chains drop two (`unanswered`).
+const EXPECTED_OUTCOMES: &[(&[&str], u64)] = &[
+    (&["allowed", "established"], 33),
+    (&["denied", "refused"], 2),
+    (&["denied", "unanswered"], 2),
+    (&["unexpected", "established"], 5),
+];
+
+/// `sum by (src_workload, dst_workload, dst_port)` of the unexpected flows, one round. Workloads
+/// come from the owner references of the snapshot (StatefulSet, DaemonSet, a Deployment through
+/// its ReplicaSet, a bare pod by its own name); a destination outside the cluster is `world`,
+/// and port 80 there is `other` (no pod declares it and no policy names it).
+const EXPECTED_UNEXPECTED: &[(&[&str], u64)] = &[
+    (&["promtail", "loki", "9095"], 1),
+    (
+        &[
+            "prometheus-kube-prometheus-stack-prometheus",
+            "promtail",
+            "3101",
+        ],
+        1,
+    ),
+    (&["debug-shell", "loki", "3100"], 1),
+    (&["unipoller", "world", "other"], 1),
+    (&["trivy-operator", "world", "other"], 1),
+];
+
+/// Runs `promql` until its non-zero series, keyed by `labels`, equal `want` (times [`ROUNDS`]).
+fn exact(
+    prometheus: &Prometheus,
+    promql: &str,
+    labels: &[&str],
+    want: &[(&[&str], u64)],
+) -> Result<()> {
+    let want: BTreeMap<Vec<String>, u64> = want
+        .iter()
+        .map(|(k, n)| (k.iter().map(|s| (*s).to_owned()).collect(), n * ROUNDS))
+        .collect();
+    let mut got = BTreeMap::new();
+    let settled = wait_for(Duration::from_secs(10), || {
+        got.clear();
+        for series in prometheus.query(promql)? {
+            let key: Vec<String> = labels
+                .iter()
+                .map(|l| series["metric"][l].as_str().unwrap_or("").to_owned())
+                .collect();
+            let value: f64 = series["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no value in {series}"))?;
+            if value != 0.0 {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "flow counts are small non-negative integers"
+                )]
+                got.insert(key, value.round() as u64);
+            }
+        }
+        if got == want {
+            Ok(())
+        } else {
+            bail!("not equal yet")
+        }
+    });
+    settled.map_err(|_| anyhow::anyhow!("{promql}: want {want:?}, got {got:?}"))
+}
+
 /// What each client of [`SCRIPT`] must see: the lab's network itself must behave as designed
 /// (enforced denials refused or silent, everything else answered) for the counts to mean much.
 fn expected_seen(from: &str, to: &str, port: u16) -> Seen {
@@ -287,11 +357,10 @@ pub fn run(root: &Path, binary: &Path) -> Result<()> {
         checks.failed += 1;
         eprintln!("lab e2e: FAILED: the lab could not run: {e:#}");
     }
+    eprintln!("lab e2e: took {}s", started.elapsed().as_secs());
     println!(
-        "lab e2e: {} passed, {} failed ({}s)",
-        checks.passed,
-        checks.failed,
-        started.elapsed().as_secs()
+        "lab e2e: {} passed, {} failed",
+        checks.passed, checks.failed
     );
     if checks.failed > 0 {
         bail!("lab e2e: {} check(s) failed", checks.failed);
@@ -391,6 +460,26 @@ fn run_checks(root: &Path, binary: &Path, checks: &mut Checks) -> Result<()> {
             ))
         }
     });
+
+    checks.record(
+        "outcomes: denials refused by velero's resets, unanswered by localstack's drops",
+        exact(
+            &prometheus,
+            "sum by (verdict, outcome) (flow_auditor_flows_total)",
+            &["verdict", "outcome"],
+            EXPECTED_OUTCOMES,
+        ),
+    );
+    checks.record(
+        "unexpected flows by workload and port",
+        exact(
+            &prometheus,
+            "sum by (src_workload, dst_workload, dst_port) \
+             (flow_auditor_flows_total{verdict=\"unexpected\"})",
+            &["src_workload", "dst_workload", "dst_port"],
+            EXPECTED_UNEXPECTED,
+        ),
+    );
 
     dashboard_checks(root, &prometheus, checks)?;
 
@@ -703,6 +792,24 @@ mod tests {
 
     #[test]
     fn expectations_cover_every_conversation_of_the_script() {
+        let by_verdict =
+            |v: &str| -> u64 { EXPECTED.iter().filter(|e| e.0 == v).map(|e| e.3).sum() };
+        let outcomes = |v: &str| -> u64 {
+            EXPECTED_OUTCOMES
+                .iter()
+                .filter(|(k, _)| k[0] == v)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        for verdict in ["allowed", "denied", "unexpected"] {
+            if by_verdict(verdict) != outcomes(verdict) {
+                panic!("{verdict}: the pair table and the outcome table disagree");
+            }
+        }
+        let unexpected: u64 = EXPECTED_UNEXPECTED.iter().map(|(_, n)| n).sum();
+        if unexpected != by_verdict("unexpected") {
+            panic!("the workload table counts {unexpected} unexpected flows");
+        }
         let total: u64 = EXPECTED.iter().map(|e| e.3).sum();
         if total != SCRIPT.len() as u64 {
             panic!(
