@@ -84,6 +84,7 @@ mod tests {
             Peer::Service {
                 namespace: "ns".into(),
                 name: "svc".into(),
+                workload: "w".into(),
             },
         ];
         for initiator in &peers {

@@ -285,7 +285,10 @@ impl Auditor {
         }
         let initiator = (record.protocol, record.initiator);
         let hold = self.config.service_hold;
-        if let Peer::Service { namespace, name } = &dst {
+        if let Peer::Service {
+            namespace, name, ..
+        } = &dst
+        {
             let translated = self
                 .reached
                 .reached(&initiator, record.first_seen, hold, |ip| {
@@ -341,7 +344,7 @@ impl Auditor {
                 return false;
             };
             let same = dedup::close(h.record.first_seen, record.first_seen, hold)
-                && matches!(&h.dst, Peer::Service { namespace, name }
+                && matches!(&h.dst, Peer::Service { namespace, name, .. }
                     if ctx.resolver.is_endpoint_of(namespace, name, responder));
             if same {
                 if let Some(h) = held.remove(key) {

@@ -31,10 +31,13 @@ pub enum Peer {
     },
     /// An API server endpoint (address and port of the `default/kubernetes` EndpointSlice).
     KubeApiserver,
-    /// A Service ClusterIP the flow was seen addressed to, before translation.
+    /// A Service ClusterIP the flow was seen addressed to, before translation. `workload` is
+    /// what its ready endpoints run when they are all one workload (so the series matches the
+    /// one a translated flow gets), else the Service's name.
     Service {
         namespace: String,
         name: String,
+        workload: String,
     },
     /// An address of the `ingress` entity (configuration CIDRs).
     Ingress,
@@ -60,12 +63,13 @@ impl Peer {
         }
     }
 
-    /// The `*_workload` label value: the pod's workload, the Service's name, or what the peer is.
+    /// The `*_workload` label value: the pod's workload, the Service's endpoints' workload, or
+    /// what the peer is.
     #[must_use]
     pub fn workload_label(&self) -> &str {
         match self {
             Self::Pod(pod) => &pod.workload,
-            Self::Service { name, .. } => name,
+            Self::Service { workload, .. } => workload,
             Self::Node { .. } => "node",
             Self::KubeApiserver => "kube-apiserver",
             Self::Ingress => "ingress",
@@ -118,6 +122,9 @@ impl Resolver<'_> {
                     return Peer::Service {
                         namespace: service.namespace.clone(),
                         name: service.name.clone(),
+                        workload: self
+                            .endpoint_workload(&service.namespace, &service.name)
+                            .unwrap_or_else(|| service.name.clone()),
                     };
                 }
             }
@@ -142,6 +149,30 @@ impl Resolver<'_> {
         } else {
             Peer::World
         }
+    }
+
+    /// The one workload every ready endpoint of a Service runs, if there is exactly one.
+    fn endpoint_workload(&self, namespace: &str, name: &str) -> Option<String> {
+        let slices = self
+            .inventory
+            .endpoint_slices(&ObjectKey::new(namespace, name))?;
+        let mut workload: Option<&str> = None;
+        for ip in slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.ready)
+            .flat_map(|e| e.addresses.iter())
+        {
+            let Some(Owner::Pod(id)) = self.inventory.owner(*ip) else {
+                return None;
+            };
+            let this = self.inventory.pod(id)?.workload.name.as_str();
+            match workload {
+                Some(w) if w != this => return None,
+                _ => workload = Some(this),
+            }
+        }
+        workload.map(str::to_owned)
     }
 
     fn is_apiserver(&self, ip: IpAddr, port: u16) -> bool {

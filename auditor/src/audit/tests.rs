@@ -463,8 +463,14 @@ fn clusterip_and_endpoint_records_count_once_on_the_endpoint() {
         out[0].dst,
         Peer::Service {
             namespace: "db".into(),
-            name: "postgres".into()
+            name: "postgres".into(),
+            workload: "postgres".into(),
         }
+    );
+    assert_eq!(
+        out[0].dst.workload_label(),
+        "postgres",
+        "same series as the translated flow's"
     );
     assert_eq!(
         out[0].verdict,
@@ -518,6 +524,42 @@ fn peers_resolve_to_what_the_labels_name() {
             "{peer:?}"
         );
     }
+}
+
+#[test]
+fn a_service_is_labelled_with_its_endpoints_workload_only_when_there_is_one() {
+    let mut fx = Fixture::new();
+    fx.model.upsert_service(Service {
+        namespace: "db".into(),
+        name: "mixed".into(),
+        cluster_ips: vec![ip("10.96.0.60")],
+        ports: vec![],
+        selector: None,
+    });
+    fx.model.upsert_endpoint_slice(EndpointSlice {
+        namespace: "db".into(),
+        name: "mixed-1".into(),
+        service: "mixed".into(),
+        ports: vec![],
+        endpoints: vec![
+            Endpoint {
+                addresses: vec![ip(POSTGRES)],
+                ready: true,
+            },
+            Endpoint {
+                addresses: vec![ip(FRONTEND)],
+                ready: true,
+            },
+        ],
+    });
+    let r = fx.ctx().resolver;
+    assert_eq!(r.resolve(ip("10.96.0.60"), 80).workload_label(), "mixed");
+    assert_eq!(
+        r.resolve(ip(POSTGRES_SVC), 5432).workload_label(),
+        "postgres"
+    );
+    assert!(r.is_endpoint_of("db", "mixed", ip(FRONTEND)));
+    assert!(!r.is_endpoint_of("db", "postgres", ip(FRONTEND)));
 }
 
 #[test]

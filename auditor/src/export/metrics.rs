@@ -1,7 +1,17 @@
 //! The Prometheus metrics of SPEC 5.3: the flow counter, the per-rule hit counter and the health
 //! set, in one registry encoded as OpenMetrics text. Label sets are bounded by the inventory and
 //! the policies, and series go away with the namespace, workload or policy they name.
-
+//!
+//! Exposed (all prefixed `flow_auditor_`):
+//! - `flows_total{verdict, outcome, src_namespace, src_workload, dst_namespace, dst_workload,
+//!   protocol, dst_port}`; one zero-valued series per verdict and possible outcome, with every
+//!   other label empty, exists from the start so `sum by (verdict)` alerts have a series;
+//! - `policy_rule_hits_total{policy_kind, policy_namespace, policy_name, direction, rule, action}`
+//!   (`rule="default-deny"` for each policy isolating a pod no rule admitted the flow to);
+//! - `lost_events_total{source=ring_buffer|flow_table|sampling}`, `flow_table_entries`,
+//!   `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`, `policies{kind}`,
+//!   `policy_errors`, `model_generation`, `model_last_update_timestamp_seconds`,
+//!   `inventory_staleness_seconds`, `unexpected_logs_suppressed_total`, `build_info{version}`.
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::Mutex;
