@@ -125,7 +125,7 @@ impl Model {
             p => format!("{p}/{port}"),
         };
         let mut unjudged = Vec::new();
-        let egress = self.direction(
+        let mut egress = self.direction(
             Direction::Egress,
             verdict.egress,
             flow.src,
@@ -133,7 +133,7 @@ impl Model {
             &format!("{} to {}", what(ingress_port), peer_text(&ingress_peer)),
             &mut unjudged,
         );
-        let ingress = self.direction(
+        let mut ingress = self.direction(
             Direction::Ingress,
             verdict.ingress,
             ingress_ip,
@@ -141,6 +141,42 @@ impl Model {
             &format!("{} from {}", what(ingress_port), peer_text(&src_peer)),
             &mut unjudged,
         );
+        // An allowed direction may still be refused by a deny rule the model cannot judge.
+        let directions = [
+            (Direction::Egress, verdict.egress, flow.src, &mut egress),
+            (
+                Direction::Ingress,
+                verdict.ingress,
+                ingress_ip,
+                &mut ingress,
+            ),
+        ];
+        for (direction, decision, subject_ip, explanation) in directions {
+            if !matches!(decision, Decision::Allowed(_) | Decision::NotIsolated) {
+                continue;
+            }
+            let denies: Vec<RuleRef> = self
+                .unjudged_denies(
+                    subject_ip,
+                    direction,
+                    ingress_ip,
+                    flow.protocol,
+                    ingress_port,
+                )
+                .into_iter()
+                .filter_map(|id| self.rule_ref(id))
+                .collect();
+            for r in denies {
+                explanation.text.push_str(&format!(
+                    " (but {} could deny it and was not judged: {})",
+                    r.text(),
+                    r.unjudgeable
+                        .as_deref()
+                        .unwrap_or("not judgeable from addresses")
+                ));
+                unjudged.push(r);
+            }
+        }
         let service = verdict.service.and_then(|hop| {
             let s = self.inventory().service(hop.service)?;
             let text = match hop.problem {

@@ -1058,6 +1058,42 @@ impl Model {
     }
 
     /// The policies that isolate the pod at `ip` for a direction (for explanations).
+    /// Deny rules of the pod at `subject` for `direction` whose ports fit the flow but whose
+    /// peers cannot all be judged from addresses (Cilium deny rules with `toServices`,
+    /// `toGroups`, `fromRequires`, ...): they might refuse a flow the model allows, so an
+    /// explanation names them. `dst` is the destination, for named ports.
+    pub fn unjudged_denies(
+        &self,
+        subject: IpAddr,
+        direction: Direction,
+        dst: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> Vec<RuleId> {
+        let Side::Pod { identity, .. } = self.resolve(subject) else {
+            return Vec::new();
+        };
+        let Some(subject) = self.identity(identity) else {
+            return Vec::new();
+        };
+        let dst_ports = match self.resolve(dst) {
+            Side::Pod { identity, .. } => self.identity(identity).map(|i| i.key.ports.as_slice()),
+            _ => None,
+        };
+        subject.rules[dir_index(direction)]
+            .iter()
+            .copied()
+            .filter(|rid| {
+                matches!(
+                    self.rules.get(rid.0 as usize),
+                    Some(Some(entry)) if entry.rule.action == Action::Deny
+                        && entry.has_unjudgeable
+                        && ports_match(&entry.rule.ports, protocol, port, dst_ports)
+                )
+            })
+            .collect()
+    }
+
     pub fn isolating_policies(&self, ip: IpAddr, direction: Direction) -> Vec<&PolicyKey> {
         let Side::Pod { identity, .. } = self.resolve(ip) else {
             return Vec::new();
