@@ -1,0 +1,162 @@
+//! Per-packet cost of the TC program, measured by the kernel with `BPF_PROG_TEST_RUN` repeat
+//! counts, side by side in one run: a do-nothing TC program, a packet of an established flow, the
+//! first packet of a new flow, and a non-IP frame. Needs root. Ends with the one summary line
+//! `cargo xtask bench datapath` reports.
+//!
+//! "new" cannot use a repeat count: after the first run the flow exists. It is measured as many
+//! distinct first packets run once each; a single run carries the fixed cost of the kernel's
+//! timer and setup, so the same is measured for the do-nothing program run once each and
+//! subtracted: new = noop + (mean single run of a new flow - mean single run of noop).
+
+#[path = "../tests/common/packets.rs"]
+mod packets;
+#[path = "../tests/common/testrun.rs"]
+mod testrun;
+
+use std::net::Ipv4Addr;
+
+use auditor::datapath::load::DatapathConfig;
+use auditor_ebpf::{PROGRAM_INGRESS, PROGRAM_NOOP, flow::Counter};
+use packets::{ACK, ETH_P_ARP, PSH, SYN, TCP, UDP, eth, eth_ip, ipv4, tcp, udp};
+use testrun::{Harness, PASS, run_program};
+
+/// Runs per repeated measurement: long enough that the kernel's timer is noise.
+const REPEAT: u32 = 2_000_000;
+/// Rounds of each repeated measurement; the median is reported.
+const ROUNDS: usize = 7;
+/// Distinct new flows measured once each.
+const NEW_FLOWS: u16 = 20_000;
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "datapath benchmark: needs root (BPF_PROG_TEST_RUN); run `sudo cargo xtask bench datapath`"
+        );
+        std::process::exit(2);
+    }
+    let mut h = Harness::with_config(&DatapathConfig {
+        flow_table_entries: 65_536,
+        // Room for every New event of the "new" measurement, so the ring buffer never fills and
+        // we time the normal path, not the lost-event one.
+        events_bytes: 16 * 1024 * 1024,
+        sample_every: 1,
+    });
+
+    let client = Ipv4Addr::new(192, 0, 2, 10);
+    let server = Ipv4Addr::new(198, 51, 100, 20);
+    // An established TCP flow: handshake, then a data segment is what we repeat.
+    let syn = eth_ip(&ipv4(client, server, TCP, &tcp(40_000, 80, SYN, b"")));
+    let synack = eth_ip(&ipv4(server, client, TCP, &tcp(80, 40_000, SYN | ACK, b"")));
+    let data = eth_ip(&ipv4(
+        client,
+        server,
+        TCP,
+        &tcp(40_000, 80, PSH | ACK, &[0x61; 64]),
+    ));
+    for frame in [&syn, &synack] {
+        expect_pass(run_program(&mut h.datapath, PROGRAM_INGRESS, frame, 1).0);
+    }
+    let arp = eth(
+        ETH_P_ARP,
+        &[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 192, 0, 2, 10],
+    );
+
+    let mut noop = Vec::new();
+    let mut established = Vec::new();
+    let mut non_ip = Vec::new();
+    for _ in 0..ROUNDS {
+        // Interleaved so drift (frequency, other load) hits every column alike.
+        noop.push(repeated(&mut h, PROGRAM_NOOP, &data));
+        established.push(repeated(&mut h, PROGRAM_INGRESS, &data));
+        non_ip.push(repeated(&mut h, PROGRAM_INGRESS, &arp));
+    }
+    let before = h.counters();
+    let (new_single, noop_single) = new_flows(&mut h, client, server);
+    let delta = h.counters().since(&before);
+    assert_eq!(
+        delta.get(Counter::FlowCreated),
+        u64::from(NEW_FLOWS),
+        "every first packet must have created a flow"
+    );
+    assert_eq!(
+        delta.get(Counter::EventsLost),
+        0,
+        "no event may be lost in the measurement"
+    );
+
+    let noop = median(&mut noop);
+    let established = median(&mut established);
+    let non_ip = median(&mut non_ip);
+    let new = noop + (new_single - noop_single).max(0.0);
+    println!("datapath per-packet cost (BPF_PROG_TEST_RUN, kernel-timed)");
+    println!(
+        "{:<14} {:>10} {:>14}  method",
+        "case", "ns/pkt", "over noop"
+    );
+    println!(
+        "{:<14} {:>10.1} {:>14}  repeat {REPEAT}, median of {ROUNDS}",
+        "noop", noop, "-"
+    );
+    for (name, v, how) in [
+        (
+            "established",
+            established,
+            format!("repeat {REPEAT}, median of {ROUNDS}"),
+        ),
+        (
+            "new",
+            new,
+            format!(
+                "{NEW_FLOWS} flows once each: {new_single:.1} - noop once {noop_single:.1} + noop"
+            ),
+        ),
+        (
+            "non_ip",
+            non_ip,
+            format!("repeat {REPEAT}, median of {ROUNDS}"),
+        ),
+    ] {
+        println!("{name:<14} {v:>10.1} {:>14.1}  {how}", v - noop);
+    }
+    println!(
+        "datapath ns/pkt: noop={noop:.1} established={established:.1} new={new:.1} non_ip={non_ip:.1}"
+    );
+}
+
+fn expect_pass(rc: u32) {
+    assert_eq!(
+        rc, PASS,
+        "the program must pass every packet on, got {rc:#x}"
+    );
+}
+
+/// Mean ns per run of `frame` through `program`, `REPEAT` runs.
+fn repeated(h: &mut Harness, program: &'static str, frame: &[u8]) -> f64 {
+    let (rc, ns) = run_program(&mut h.datapath, program, frame, REPEAT);
+    expect_pass(rc);
+    // The kernel reports the mean duration of one run.
+    ns as f64
+}
+
+/// Mean single-run time of `NEW_FLOWS` first packets, and of the noop program run the same way.
+fn new_flows(h: &mut Harness, client: Ipv4Addr, server: Ipv4Addr) -> (f64, f64) {
+    let mut new_total = 0u64;
+    let mut noop_total = 0u64;
+    for i in 0..NEW_FLOWS {
+        let frame = eth_ip(&ipv4(client, server, UDP, &udp(10_000 + i, 53, b"first")));
+        let (rc, ns) = run_program(&mut h.datapath, PROGRAM_INGRESS, &frame, 1);
+        expect_pass(rc);
+        new_total += ns;
+        let (rc, ns) = run_program(&mut h.datapath, PROGRAM_NOOP, &frame, 1);
+        expect_pass(rc);
+        noop_total += ns;
+    }
+    let n = f64::from(NEW_FLOWS);
+    (new_total as f64 / n, noop_total as f64 / n)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
