@@ -259,32 +259,65 @@ impl Elf {
 }
 
 fn test(root: &Path) -> Result<()> {
-    run(cargo(root).args(["fmt", "--all", "--", "--check"]))?;
     let root_user = is_root();
-    let mut cmd = cargo(root);
-    cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
-    if root_user {
-        // Tests that need root and the kernel are #[ignore]d so plain `cargo test` as a user
-        // passes; here we are root, so they run.
-        cmd.arg("--include-ignored");
-    } else {
+    if !root_user {
         loud_notice(
-            "NOT ROOT: the kernel tests (BPF_PROG_TEST_RUN, network namespaces, attach churn) \
-             are SKIPPED. Run `sudo cargo xtask test` to run them.",
+            "NOT ROOT: the kernel tests (BPF_PROG_TEST_RUN, network namespaces, attach churn, \
+             the lab) are SKIPPED. Run `sudo cargo xtask test` to run them.",
         );
     }
-    run(&mut cmd)?;
-    // The manifests in deploy/ build, are valid for their kinds, fit together; alerts pass promtool.
-    deploy::run(root)?;
+    // Every step runs even when an earlier one failed, so one run shows every failure.
+    let mut steps: Vec<(&str, Box<dyn FnOnce() -> Result<()> + '_>)> = vec![
+        (
+            "cargo test",
+            Box::new(|| {
+                let mut cmd = cargo(root);
+                cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
+                if root_user {
+                    // Tests that need root and the kernel are #[ignore]d so plain `cargo test`
+                    // as a user passes; here we are root, so they run.
+                    cmd.arg("--include-ignored");
+                }
+                run(&mut cmd)
+            }),
+        ),
+        // The manifests in deploy/ build, are valid for their kinds, fit together; alerts pass
+        // promtool.
+        ("deploy", Box::new(|| deploy::run(root))),
+    ];
     if root_user {
         // The lab end to end: the release daemon, real traffic, a real Prometheus.
-        lab::e2e::run(root, &lab::binary(root)?)?;
+        steps.push((
+            "lab e2e",
+            Box::new(|| lab::e2e::run(root, &lab::binary(root)?)),
+        ));
     }
     // The Pi build is part of the suite: a static arm64 binary that runs under qemu, in the
     // multi-architecture image skopeo can push.
-    image::run(root)?;
+    steps.push(("image", Box::new(|| image::run(root).map(|_| ()))));
+    steps.push((
+        "cargo fmt --check",
+        Box::new(|| run(cargo(root).args(["fmt", "--all", "--", "--check"]))),
+    ));
+    let total = steps.len();
+    let mut failed = Vec::new();
+    for (name, step) in steps {
+        eprintln!("\n=== xtask test: {name}");
+        if let Err(e) = step() {
+            eprintln!("=== xtask test: {name} FAILED: {e:#}");
+            failed.push(name);
+        }
+    }
     if !root_user {
         loud_notice("Kernel tests were SKIPPED (not root): this run is incomplete.");
+    }
+    println!(
+        "steps: {} passed, {} failed",
+        total - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        bail!("failed steps: {}", failed.join(", "));
     }
     Ok(())
 }
