@@ -4,6 +4,8 @@
 //! taking effect without a restart, a bad policy file keeping the last good policies, and that
 //! nothing stays attached after SIGTERM or after a SIGKILL followed by a new start.
 
+#[path = "common/apiserver.rs"]
+mod apiserver;
 #[path = "common/netns.rs"]
 mod netns;
 
@@ -16,8 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use apiserver::ApiServer;
 use aya::programs::{SchedClassifier, TcAttachType};
 use netns::{Netns, require_root};
+use serde_json::{Value, json};
 
 const POD_A: &str = "192.0.2.10";
 const POD_B: &str = "192.0.2.20";
@@ -194,6 +198,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(node: &Netns, dir: &TempDir, extra: &[&str], tag: &str) -> Self {
+        Self::start_with_env(node, dir, extra, tag, &[])
+    }
+
+    fn start_with_env(
+        node: &Netns,
+        dir: &TempDir,
+        extra: &[&str],
+        tag: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let stdout = dir.0.join(format!("{tag}.stdout"));
         let stderr = dir.0.join(format!("{tag}.stderr"));
         let file = |p: &Path| std::fs::File::create(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
@@ -220,6 +234,8 @@ impl Daemon {
             .stdout(file(&stdout))
             .stderr(file(&stderr))
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .env_remove("KUBERNETES_SERVICE_HOST")
             .spawn()
             .unwrap_or_else(|e| panic!("spawn the daemon: {e}"));
         Self {
@@ -675,7 +691,10 @@ fn after_sigkill_the_next_start_cleans_up() {
             .node
             .output(&["tc", "filter", "show", "dev", "caliA", dir_name]);
         assert_eq!(
-            filters.lines().filter(|l| l.contains("flow_auditor")).count(),
+            filters
+                .lines()
+                .filter(|l| l.contains("flow_auditor"))
+                .count(),
             1,
             "caliA {dir_name}: {filters}"
         );
@@ -729,4 +748,169 @@ fn bad_input_exits_2_naming_the_file_before_attaching() {
         stderr.contains("--cluster"),
         "says what is missing: {stderr}"
     );
+}
+
+fn netpol(udp: bool) -> Value {
+    let mut ports = vec![json!({"port": 5432, "protocol": "TCP"})];
+    if udp {
+        ports.push(json!({"port": 5353, "protocol": "UDP"}));
+    }
+    json!({
+        "metadata": {"namespace": "db", "name": "postgres-ingress"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "postgres"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "web"}}}],
+                "ports": ports,
+            }],
+        },
+    })
+}
+
+fn kube_pod(namespace: &str, name: &str, ip: &str, ports: Value) -> Value {
+    json!({
+        "metadata": {"namespace": namespace, "name": name, "labels": {"app": name}},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x", "ports": ports}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+/// `--kube` against an in-process API server (list/watch over HTTP) in the node namespace: the
+/// inventory and policies come from the API, a policy change through the API changes the next
+/// verdicts, and when the API goes away the last good model stays and staleness is reported.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn daemon_follows_the_kubernetes_api() {
+    require_root();
+    let cluster = Cluster::new();
+    let dir = TempDir::new("kube");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let ns_path = format!("/var/run/netns/{}", cluster.node.name());
+    // The daemon runs in the node namespace: the API server listens on its loopback.
+    let bind: apiserver::Bind = Box::new(move |addr| {
+        let path = ns_path.clone();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: a valid namespace fd; setns affects only this short-lived thread.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert!(rc == 0, "setns: {}", std::io::Error::last_os_error());
+            apiserver::bind_here(addr)
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("binding in the node namespace panicked"))
+    });
+    let server: ApiServer = runtime.block_on(ApiServer::start_with(bind));
+    let ns = |name: &str| json!({"metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}});
+    server.apply(apiserver::NAMESPACES, ns("web"));
+    server.apply(apiserver::NAMESPACES, ns("db"));
+    server.apply(
+        apiserver::NODES,
+        json!({
+            "metadata": {"name": "node-1"},
+            "spec": {"podCIDR": "192.0.2.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "198.51.100.1"}]},
+        }),
+    );
+    server.apply(
+        apiserver::PODS,
+        kube_pod("web", "frontend", POD_A, json!([])),
+    );
+    server.apply(
+        apiserver::PODS,
+        kube_pod(
+            "db",
+            "postgres",
+            POD_B,
+            json!([{"containerPort": 5432}, {"containerPort": 5353, "protocol": "UDP"}]),
+        ),
+    );
+    server.apply(apiserver::NETWORK_POLICIES, netpol(false));
+    let kubeconfig = dir.write(
+        "kubeconfig",
+        &format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\n\
+             current-context: t\n",
+            server.url()
+        ),
+    );
+    let kubeconfig = kubeconfig.display().to_string();
+    let mut daemon = Daemon::start_with_env(
+        &cluster.node,
+        &dir,
+        &["--kube"],
+        "kube",
+        &[("KUBECONFIG", &kubeconfig)],
+    );
+    daemon.wait_ready(&cluster.node);
+    let first = scrape(&cluster.node);
+    assert_eq!(
+        sample(&first, "flow_auditor_policies{kind=\"NetworkPolicy\"}"),
+        1.0,
+        "{first}"
+    );
+    assert_eq!(
+        sample(&first, "flow_auditor_inventory_staleness_seconds"),
+        0.0,
+        "{first}"
+    );
+
+    let udp_server = cluster
+        .pod_b
+        .run(|| UdpSocket::bind(addr(POD_B, 5353)).unwrap_or_else(|e| panic!("bind: {e}")));
+    udp_server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let unexpected_udp = flow_series("unexpected", "established", "udp", "5353");
+    let allowed_udp = flow_series("allowed", "established", "udp", "5353");
+
+    udp_exchange(&cluster, &udp_server);
+    let metrics = wait_metrics(&cluster.node, &daemon, "the first flow", |m| {
+        flows_total(m) >= 1.0
+    });
+    assert_eq!(sample(&metrics, &unexpected_udp), 1.0, "{metrics}");
+    let generation = sample(&metrics, "flow_auditor_model_generation");
+
+    // The policy changes in the API: the next flow is judged by the new version.
+    server.apply(apiserver::NETWORK_POLICIES, netpol(true));
+    wait_metrics(&cluster.node, &daemon, "the watched policy change", |m| {
+        sample(m, "flow_auditor_model_generation") > generation
+    });
+    udp_exchange(&cluster, &udp_server);
+    let metrics = wait_metrics(&cluster.node, &daemon, "the second flow", |m| {
+        flows_total(m) >= 2.0
+    });
+    assert_eq!(sample(&metrics, &allowed_udp), 1.0, "{metrics}");
+    assert_eq!(sample(&metrics, &unexpected_udp), 1.0, "{metrics}");
+
+    // The API goes away: staleness grows, the last good model keeps judging.
+    runtime.block_on(server.stop());
+    wait_metrics(&cluster.node, &daemon, "the staleness gauge", |m| {
+        sample(m, "flow_auditor_inventory_staleness_seconds") > 0.0
+    });
+    udp_exchange(&cluster, &udp_server);
+    let metrics = wait_metrics(&cluster.node, &daemon, "the third flow", |m| {
+        flows_total(m) >= 3.0
+    });
+    assert_eq!(
+        sample(&metrics, &allowed_udp),
+        2.0,
+        "last good model used:\n{metrics}"
+    );
+    assert_eq!(
+        get(&cluster.node, "/readyz").map(|(s, _)| s),
+        Some(200),
+        "still ready"
+    );
+
+    daemon.signal(libc::SIGTERM);
+    let (status, took) = daemon.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}:\n{}", daemon.log());
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
 }

@@ -681,8 +681,8 @@ async fn daemon(settings: Settings, mut intended: Intended) -> Result<(), Daemon
                         Err(_) => break,
                     }
                 }
-                let loaded = status.synced();
-                readiness.set_model_loaded(loaded);
+                intended.publish(&metrics);
+                readiness.set_model_loaded(status.synced());
             }
             _ = ticks.tick() => {
                 pipeline.release(&mut intended, false);
