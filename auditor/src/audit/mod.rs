@@ -106,7 +106,8 @@ pub struct FlowQuery {
     pub port: u16,
 }
 
-/// The seam to the intended model: the daemon implements it over the policy engine.
+/// The seam to the intended model, implemented for the policy engine ([`crate::policy::model::Model`])
+/// in [`judge`]; tests of the audit logic alone may judge however they like.
 pub trait Judge {
     fn judge(&self, query: &FlowQuery) -> Judgement;
 }
