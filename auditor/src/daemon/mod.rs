@@ -216,6 +216,7 @@ impl Settings {
 pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
     let settings = Settings::from_args(args)?;
     let intended = Intended::initial(&settings)?;
+    release_freed_memory();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // One worker for the pipeline, one for scrapes and watches: the Pi has four cores and
         // shares them with the workloads.
@@ -224,6 +225,16 @@ pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(daemon(settings, intended))
+}
+
+/// Parsing a snapshot builds large temporary object trees; glibc keeps the freed pages resident,
+/// so they are handed back once the model is built (musl returns them by itself).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's own free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// The intended model and what the daemon knows about its sources.
@@ -741,6 +752,7 @@ fn reload(settings: &Settings, intended: &mut Intended, metrics: &Metrics) {
             });
             match result {
                 Ok(()) => {
+                    release_freed_memory();
                     intended.cluster_errors = 0;
                     tracing::info!(
                         generation = intended.generation,
