@@ -49,6 +49,23 @@ fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
     if protocol != PROTO_IPV4 && protocol != PROTO_IPV6 {
         return Err(Counter::NonIp);
     }
+    // The common case (Ethernet, IPv4/IPv6 without options, TCP/UDP) of a flow already in the
+    // table, without the parser's and tracker's subprogram calls; anything else is parsed and
+    // tracked in full below.
+    if let Some(seen) = parse::fast(ctx, protocol) {
+        let meta = Meta {
+            // SAFETY: helper without arguments.
+            now: unsafe { bpf_ktime_get_coarse_ns() },
+            len: u64::from(len),
+            ifindex,
+            direction,
+        };
+        return match FLOWS.get_ptr_mut(&seen.key) {
+            // SAFETY: a live value of the flow table; LRU values stay valid for this program run.
+            Some(state) => Ok(update(unsafe { &mut *state }, &seen, &meta)),
+            None => create(&seen, &meta),
+        };
+    }
     // One call site in a loop rather than two: inlined twice, the parser's stack temporaries
     // would be paid twice against the verifier's 512-byte stack.
     let mut pulled = false;
@@ -99,6 +116,19 @@ fn track(seen: &Seen, meta: &Meta) -> Result<Counter, Counter> {
         // SAFETY: a live value of the flow table; LRU values stay valid for this program run.
         return Ok(update(unsafe { &mut *state }, seen, meta));
     }
+    insert(seen, meta)
+}
+
+/// The fast path's [`insert`]: not inlined, it is off the established-flow path. A copy rather
+/// than a call from `track`, where a fourth frame would pass the verifier's 512 bytes.
+#[inline(never)]
+fn create(seen: &Seen, meta: &Meta) -> Result<Counter, Counter> {
+    insert(seen, meta)
+}
+
+/// Enters a flow the table does not have.
+#[inline(always)]
+fn insert(seen: &Seen, meta: &Meta) -> Result<Counter, Counter> {
     let state = fresh_state(seen, meta);
     match FLOWS.insert(&seen.key, &state, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
@@ -173,7 +203,9 @@ fn update(state: &mut FlowState, seen: &Seen, meta: &Meta) -> Counter {
     state.last_seen_ns = meta.now;
     state.packets[i] += 1;
     state.bytes[i] += meta.len;
-    if flags != 0 {
+    // Only when it adds a flag: a store per packet for flags already seen dirties the line for
+    // nothing.
+    if state.tcp_flags[i] | flags != state.tcp_flags[i] {
         state.tcp_flags[i] |= flags;
     }
     let next = if is_tcp {
