@@ -258,6 +258,9 @@ impl Elf {
     }
 }
 
+/// One step of `cargo xtask test`.
+type Step<'a> = Box<dyn FnOnce() -> Result<()> + 'a>;
+
 fn test(root: &Path) -> Result<()> {
     let root_user = is_root();
     if !root_user {
@@ -267,7 +270,7 @@ fn test(root: &Path) -> Result<()> {
         );
     }
     // Every step runs even when an earlier one failed, so one run shows every failure.
-    let mut steps: Vec<(&str, Box<dyn FnOnce() -> Result<()> + '_>)> = vec![
+    let mut steps: Vec<(&str, Step<'_>)> = vec![
         (
             "cargo test",
             Box::new(|| {
