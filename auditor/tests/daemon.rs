@@ -25,7 +25,6 @@ use serde_json::{Value, json};
 
 const POD_A: &str = "192.0.2.10";
 const POD_B: &str = "192.0.2.20";
-const GATEWAY: &str = "169.254.1.1";
 const METRICS: &str = "127.0.0.1:19925";
 
 /// A node namespace with pod A (`web/frontend`) and pod B (`db/postgres`), each behind a
@@ -43,52 +42,7 @@ impl Cluster {
         let pod_b = Netns::new("dpodb");
         node.sysctl("net.ipv4.ip_forward", "1");
         for (pod, cali, addr, n) in [(&pod_a, "caliA", POD_A, 1), (&pod_b, "caliB", POD_B, 2)] {
-            let host_mac = format!("02:00:00:00:0{n}:01");
-            let pod_mac = format!("02:00:00:00:0{n}:02");
-            node.ip(&[
-                "link",
-                "add",
-                cali,
-                "address",
-                &host_mac,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "address",
-                &pod_mac,
-                "netns",
-                pod.name(),
-            ]);
-            node.ip(&["link", "set", cali, "up"]);
-            node.ip(&["route", "add", &format!("{addr}/32"), "dev", cali]);
-            node.ip(&[
-                "neigh",
-                "add",
-                addr,
-                "lladdr",
-                &pod_mac,
-                "dev",
-                cali,
-                "nud",
-                "permanent",
-            ]);
-            pod.ip(&["link", "set", "eth0", "up"]);
-            pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
-            pod.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"]);
-            pod.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"]);
-            pod.ip(&[
-                "neigh",
-                "add",
-                GATEWAY,
-                "lladdr",
-                &host_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ]);
+            netns::calico_pod(&node, pod, cali, addr, n);
         }
         Self { node, pod_a, pod_b }
     }

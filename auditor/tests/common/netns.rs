@@ -193,3 +193,79 @@ pub fn require_root() {
         "this test needs root (run it with `cargo xtask test`)"
     );
 }
+
+/// The Calico pod gateway: every pod's default route points at this link-local address, which the
+/// host side answers for.
+pub const CALICO_GATEWAY: &str = "169.254.1.1";
+
+/// Wires `pod` to `node` the way Calico does: a veth `cali` (host side) / `eth0` (pod side) with
+/// fixed MACs derived from `tag`, a /32 route to `addr` on the host side, a default route in the
+/// pod via [`CALICO_GATEWAY`], and permanent neighbours both ways (no ARP needed).
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module wires pods"
+)]
+pub fn calico_pod(node: &Netns, pod: &Netns, cali: &str, addr: &str, tag: u8) {
+    let host_mac = format!("02:00:00:00:{tag:02x}:01");
+    let pod_mac = format!("02:00:00:00:{tag:02x}:02");
+    node.ip(&[
+        "link",
+        "add",
+        cali,
+        "address",
+        &host_mac,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "address",
+        &pod_mac,
+        "netns",
+        pod.name(),
+    ]);
+    node.ip(&["link", "set", cali, "up"]);
+    node.ip(&["route", "add", &format!("{addr}/32"), "dev", cali]);
+    node.ip(&[
+        "neigh",
+        "add",
+        addr,
+        "lladdr",
+        &pod_mac,
+        "dev",
+        cali,
+        "nud",
+        "permanent",
+    ]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+    pod.ip(&[
+        "route",
+        "add",
+        CALICO_GATEWAY,
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        CALICO_GATEWAY,
+        "dev",
+        "eth0",
+    ]);
+    pod.ip(&[
+        "neigh",
+        "add",
+        CALICO_GATEWAY,
+        "lladdr",
+        &host_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+}
