@@ -1,7 +1,8 @@
 //! Types shared by the TC program and user space, defined once (kunai-style): each module's
 //! `mod.rs` holds the `#[repr(C)]` layout, `user.rs` (feature `user`) the aya `Pod` impls and
 //! formatting. Map, program and global names are constants both sides use.
-#![no_std]
+// std only for the host unit tests.
+#![cfg_attr(not(test), no_std)]
 
 pub mod flow;
 
