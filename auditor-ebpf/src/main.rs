@@ -36,6 +36,11 @@ mod program {
     #[map]
     pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+    /// Each CPU's last coarse clock reading (see `track::coarse_now`); internal, user space
+    /// never reads it.
+    #[map]
+    pub static CLOCK: PerCpuArray<crate::track::ClockCache> = PerCpuArray::with_max_entries(1, 0);
+
     /// [`auditor_ebpf::SAMPLE_EVERY_GLOBAL`]. In `.rodata`, so once the loader has set it the
     /// verifier sees a constant and prunes the sampling code when it is off.
     #[unsafe(no_mangle)]

@@ -12,13 +12,13 @@ use auditor_ebpf::{
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{__sk_buff, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
 
 use crate::{
     parse::{self, Opening, PROTO_IPV4, PROTO_IPV6, Parsed, Seen},
-    program::{COUNTERS, EVENTS, FLOWS, SAMPLE_EVERY},
+    program::{CLOCK, COUNTERS, EVENTS, FLOWS, SAMPLE_EVERY},
 };
 
 const EEXIST: i32 = 17;
@@ -54,8 +54,7 @@ fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
     // tracked in full below.
     if let Some(seen) = parse::fast(ctx, protocol) {
         let meta = Meta {
-            // SAFETY: helper without arguments.
-            now: unsafe { bpf_ktime_get_coarse_ns() },
+            now: coarse_now(),
             len: u64::from(len),
             ifindex,
             direction,
@@ -88,10 +87,8 @@ fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
             other => break other?,
         }
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let meta = Meta {
-        now,
+        now: coarse_now(),
         len: u64::from(len),
         ifindex,
         direction,
@@ -200,7 +197,11 @@ fn update(state: &mut FlowState, seen: &Seen, meta: &Meta) -> Counter {
     }
     let from_initiator = seen.sender as u8 == state.initiator;
     let i = usize::from(!from_initiator);
-    state.last_seen_ns = meta.now;
+    // Forward only: another CPU's clock reading may be a tick behind this flow's last one (see
+    // `coarse_now`), and within a tick the value is unchanged, so most packets store nothing.
+    if meta.now > state.last_seen_ns {
+        state.last_seen_ns = meta.now;
+    }
     state.packets[i] += 1;
     state.bytes[i] += meta.len;
     // Only when it adds a flag: a store per packet for flags already seen dirties the line for
@@ -273,12 +274,55 @@ fn refuse(key: &FlowKey, sender: Side, meta: &Meta) -> Result<Counter, Counter> 
     if sender as u8 != state.initiator {
         return Err(Counter::IcmpErrorUnmatched);
     }
-    state.last_seen_ns = meta.now;
+    if meta.now > state.last_seen_ns {
+        state.last_seen_ns = meta.now;
+    }
     if state.status == FlowStatus::New as u8 {
         state.status = FlowStatus::Refused as u8;
         emit(EventKind::Refused, key, state, meta);
     }
     Ok(Counter::IcmpErrorMatched)
+}
+
+/// This CPU's last reading of the coarse clock and the jiffies value it was read at.
+#[repr(C)]
+pub struct ClockCache {
+    jiffies: u64,
+    now_ns: u64,
+}
+
+/// `CLOCK_MONOTONIC_COARSE` now, in nanoseconds.
+///
+/// The coarse clock moves only on a timer tick, when jiffies moves too. Reading jiffies is one
+/// load (the verifier inlines `bpf_jiffies64` on 64-bit JITs) while the clock helper cost about
+/// 12 ns a packet on the benchmark machine, so each CPU keeps its last reading and reads the
+/// clock again only once jiffies has moved.
+///
+/// The tick moves jiffies a moment (about a microsecond) before the clock: a reading that has not
+/// moved since the cached one is not cached, so the next packet reads again. After a CPU ran no
+/// packet for a whole tick, a reading taken in that moment cannot be told from a fresh one and
+/// stands for the rest of the tick: such a timestamp is one tick (at most 10 ms) early, which
+/// second-scale timeouts do not notice.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: helper without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cache) = CLOCK.get_ptr_mut(0) else {
+        // SAFETY: helper without arguments.
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: this CPU's slot of a per-CPU array; TC programs do not migrate or nest on a CPU.
+    let cache = unsafe { &mut *cache };
+    if cache.jiffies == jiffies {
+        return cache.now_ns;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now != cache.now_ns {
+        cache.jiffies = jiffies;
+        cache.now_ns = now;
+    }
+    now
 }
 
 #[inline(always)]
