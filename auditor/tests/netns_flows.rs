@@ -30,37 +30,28 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The addresses of one IP family (documentation ranges only).
 struct Family {
+    name: &'static str,
     pod_a: &'static str,
     pod_b: &'static str,
     /// Routed to a blackhole on the node: nobody answers, and nobody sends an ICMP error either.
     nobody: &'static str,
     nobody_net: &'static str,
-    /// The pods' default gateway, link-local as Calico has it; it exists only as a static
-    /// neighbour entry pointing at the node side of the veth.
-    gateway: &'static str,
-    host_prefix: &'static str,
-    /// `ip` wants `-6` for IPv6 neighbours and routes.
-    ip_flag: &'static str,
 }
 
 const V4: Family = Family {
+    name: "IPv4",
     pod_a: "192.0.2.10",
     pod_b: "192.0.2.20",
     nobody: "203.0.113.99",
     nobody_net: "203.0.113.0/24",
-    gateway: "169.254.1.1",
-    host_prefix: "32",
-    ip_flag: "-4",
 };
 
 const V6: Family = Family {
+    name: "IPv6",
     pod_a: "2001:db8::10",
     pod_b: "2001:db8::20",
     nobody: "2001:db8:ffff::99",
     nobody_net: "2001:db8:ffff::/48",
-    gateway: "fe80::1",
-    host_prefix: "128",
-    ip_flag: "-6",
 };
 
 /// A node namespace with two pods, each behind a `cali*` veth.
@@ -73,88 +64,14 @@ struct Cluster {
 
 impl Cluster {
     fn new(family: &'static Family) -> Self {
-        let f = family.ip_flag;
         let node = Netns::new("node");
         let pod_a = Netns::new("poda");
         let pod_b = Netns::new("podb");
         node.sysctl("net.ipv4.ip_forward", "1");
         node.sysctl("net.ipv6.conf.all.forwarding", "1");
-        let pods = [
-            (&pod_a, "caliA", family.pod_a, 1),
-            (&pod_b, "caliB", family.pod_b, 2),
-        ];
-        for (pod, cali, addr, n) in pods {
-            let host_mac = format!("02:00:00:00:0{n}:01");
-            let pod_mac = format!("02:00:00:00:0{n}:02");
-            node.ip(&[
-                "link",
-                "add",
-                cali,
-                "address",
-                &host_mac,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "address",
-                &pod_mac,
-                "netns",
-                pod.name(),
-            ]);
-            node.ip(&["link", "set", cali, "up"]);
-            let host_route = format!("{addr}/{}", family.host_prefix);
-            node.ip(&[f, "route", "add", &host_route, "dev", cali]);
-            node.ip(&[
-                f,
-                "neigh",
-                "add",
-                addr,
-                "lladdr",
-                &pod_mac,
-                "dev",
-                cali,
-                "nud",
-                "permanent",
-            ]);
-            pod.ip(&["link", "set", "eth0", "up"]);
-            // nodad: usable at once instead of after duplicate address detection.
-            pod.ip(&["addr", "add", &host_route, "dev", "eth0", "nodad"]);
-            if family.ip_flag == "-4" {
-                pod.ip(&[
-                    "route",
-                    "add",
-                    family.gateway,
-                    "dev",
-                    "eth0",
-                    "scope",
-                    "link",
-                ]);
-            }
-            pod.ip(&[
-                f,
-                "route",
-                "add",
-                "default",
-                "via",
-                family.gateway,
-                "dev",
-                "eth0",
-            ]);
-            pod.ip(&[
-                f,
-                "neigh",
-                "add",
-                family.gateway,
-                "lladdr",
-                &host_mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ]);
-        }
-        node.ip(&[f, "route", "add", "blackhole", family.nobody_net]);
+        netns::calico_pod(&node, &pod_a, "caliA", family.pod_a, 1);
+        netns::calico_pod(&node, &pod_b, "caliB", family.pod_b, 2);
+        node.ip(&["route", "add", "blackhole", family.nobody_net]);
         Self {
             family,
             node,
@@ -526,7 +443,7 @@ fn pod_traffic_yields_one_record_per_flow_with_its_outcome(family: &'static Fami
     );
     println!(
         "netns_flows {}: {} records ({} expected flows) in {elapsed:?}; health: table {}/{}, events lost {}, parse errors {}",
-        family.ip_flag,
+        family.name,
         records.len(),
         expected.len(),
         health.flow_table_entries,

@@ -197,17 +197,30 @@ pub fn require_root() {
 /// The Calico pod gateway: every pod's default route points at this link-local address, which the
 /// host side answers for.
 pub const CALICO_GATEWAY: &str = "169.254.1.1";
+/// The IPv6 pod gateway, link-local too.
+pub const CALICO_GATEWAY_V6: &str = "fe80::1";
 
 /// Wires `pod` to `node` the way Calico does: a veth `cali` (host side) / `eth0` (pod side) with
-/// fixed MACs derived from `tag`, a /32 route to `addr` on the host side, a default route in the
-/// pod via [`CALICO_GATEWAY`], and permanent neighbours both ways (no ARP needed).
+/// fixed MACs derived from `tag`, a host route (/32 or /128) to `addr` on the host side, a default
+/// route in the pod via [`CALICO_GATEWAY`] or [`CALICO_GATEWAY_V6`], and permanent neighbours both
+/// ways (no ARP or neighbour discovery needed). The family is `addr`'s: IPv4 or IPv6.
 #[allow(
     dead_code,
     reason = "not every test binary that includes this module wires pods"
 )]
 pub fn calico_pod(node: &Netns, pod: &Netns, cali: &str, addr: &str, tag: u8) {
+    let ip: std::net::IpAddr = addr
+        .parse()
+        .unwrap_or_else(|e| panic!("pod address {addr}: {e}"));
+    // `ip` wants the family spelled out for neighbours and routes of IPv6.
+    let (family, prefix, gateway) = if ip.is_ipv4() {
+        ("-4", 32, CALICO_GATEWAY)
+    } else {
+        ("-6", 128, CALICO_GATEWAY_V6)
+    };
     let host_mac = format!("02:00:00:00:{tag:02x}:01");
     let pod_mac = format!("02:00:00:00:{tag:02x}:02");
+    let host_route = format!("{addr}/{prefix}");
     node.ip(&[
         "link",
         "add",
@@ -225,8 +238,9 @@ pub fn calico_pod(node: &Netns, pod: &Netns, cali: &str, addr: &str, tag: u8) {
         pod.name(),
     ]);
     node.ip(&["link", "set", cali, "up"]);
-    node.ip(&["route", "add", &format!("{addr}/32"), "dev", cali]);
+    node.ip(&[family, "route", "add", &host_route, "dev", cali]);
     node.ip(&[
+        family,
         "neigh",
         "add",
         addr,
@@ -238,29 +252,24 @@ pub fn calico_pod(node: &Netns, pod: &Netns, cali: &str, addr: &str, tag: u8) {
         "permanent",
     ]);
     pod.ip(&["link", "set", "eth0", "up"]);
-    pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+    // nodad: an IPv6 address is usable at once instead of after duplicate address detection.
+    let mut add = vec!["addr", "add", host_route.as_str(), "dev", "eth0"];
+    if ip.is_ipv6() {
+        add.push("nodad");
+    }
+    pod.ip(&add);
+    if ip.is_ipv4() {
+        // IPv6 link-local gateways are on-link by definition; IPv4 needs the link route.
+        pod.ip(&["route", "add", gateway, "dev", "eth0", "scope", "link"]);
+    }
     pod.ip(&[
-        "route",
-        "add",
-        CALICO_GATEWAY,
-        "dev",
-        "eth0",
-        "scope",
-        "link",
+        family, "route", "add", "default", "via", gateway, "dev", "eth0",
     ]);
     pod.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        CALICO_GATEWAY,
-        "dev",
-        "eth0",
-    ]);
-    pod.ip(&[
+        family,
         "neigh",
         "add",
-        CALICO_GATEWAY,
+        gateway,
         "lladdr",
         &host_mac,
         "dev",
