@@ -595,11 +595,12 @@ fn dashboard_checks(root: &Path, prometheus: &Prometheus, checks: &mut Checks) -
                 continue;
             }
         };
+        let vars = Variables::of(&json);
         let mut queries = Vec::new();
         panel_queries(&json, &mut queries);
         let mut empty = Vec::new();
         for (title, expr) in &queries {
-            let promql = substitute(expr);
+            let promql = vars.substitute(expr);
             let data = wait_for(Duration::from_secs(5), || {
                 if prometheus.query(&promql)?.is_empty() {
                     bail!("no data");
@@ -627,8 +628,58 @@ fn dashboard_checks(root: &Path, prometheus: &Prometheus, checks: &mut Checks) -
             ))
         };
         checks.record(&name, result);
+        for (var, metric, label) in label_values_queries(&json) {
+            let promql = vars.substitute(&metric);
+            checks.record(
+                &format!("variable ${var}: label_values({metric}, {label}) lists values"),
+                prometheus.query(&promql).and_then(|series| {
+                    if series
+                        .iter()
+                        .any(|s| s["metric"][&label].as_str().is_some_and(|v| !v.is_empty()))
+                    {
+                        Ok(())
+                    } else {
+                        bail!("{promql} has no series with a {label} label")
+                    }
+                }),
+            );
+        }
     }
     Ok(())
+}
+
+/// (variable, metric selector, label) of each query variable of the form
+/// `label_values(selector, label)`: the drop-downs the panels' `$var` come from.
+fn label_values_queries(dashboard: &serde_json::Value) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let query = var["query"]["query"]
+            .as_str()
+            .or_else(|| var["query"].as_str())
+            .unwrap_or_default();
+        if var["type"] != "query" {
+            continue;
+        }
+        let Some(args) = query
+            .trim()
+            .strip_prefix("label_values(")
+            .and_then(|a| a.strip_suffix(')'))
+        else {
+            continue;
+        };
+        if let (Some(name), Some((metric, label))) = (var["name"].as_str(), args.rsplit_once(',')) {
+            out.push((
+                name.to_owned(),
+                metric.trim().to_owned(),
+                label.trim().to_owned(),
+            ));
+        }
+    }
+    out
 }
 
 /// (panel title, expr) of every Prometheus target, rows' nested panels included.
@@ -646,69 +697,180 @@ fn panel_queries(v: &serde_json::Value, out: &mut Vec<(String, String)>) {
     }
 }
 
-/// Grafana's variables replaced as Grafana would for this short-lived Prometheus: intervals by
-/// windows it has data for, template variables by "any value".
-fn substitute(expr: &str) -> String {
-    let mut out = String::with_capacity(expr.len());
-    let mut rest = expr;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        let braced = after.starts_with('{');
-        let body = if braced { &after[1..] } else { after };
-        let len = body
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(body.len());
-        let name = &body[..len];
-        // `$1` in label_replace and a lone `$` are not variables.
-        if name.is_empty()
-            || name.starts_with(|c: char| c.is_ascii_digit())
-            || (braced && !body[len..].starts_with('}'))
+/// What Grafana's variables stand for when the lab runs a panel query: the dashboard's own
+/// template variables as "All" selects them, its built-in intervals as windows this short-lived
+/// Prometheus has data for. Any other `$name` (a `$1` or `$group` in `label_replace`) is the
+/// query's own text and stays.
+struct Variables(BTreeMap<String, String>);
+
+impl Variables {
+    /// The variables `dashboard` defines (`templating.list`), plus Grafana's built-ins.
+    fn of(dashboard: &serde_json::Value) -> Self {
+        let mut vars: BTreeMap<String, String> = [
+            ("__rate_interval", "1m"),
+            ("__interval", "15s"),
+            ("__interval_ms", "15000"),
+            ("__range", "5m"),
+            ("__range_s", "300"),
+            ("__range_ms", "300000"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        for var in dashboard["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
         {
-            out.push('$');
-            rest = after;
-            continue;
+            let Some(name) = var["name"].as_str() else {
+                continue;
+            };
+            // "All" is the custom all value when the dashboard sets one, else any value.
+            let all = var["allValue"]
+                .as_str()
+                .filter(|v| !v.is_empty())
+                .unwrap_or(".*");
+            vars.insert(name.to_owned(), all.to_owned());
         }
-        let value = match name {
-            "__rate_interval" => "1m",
-            "__interval" => "15s",
-            "__interval_ms" => "15000",
-            "__range" => "5m",
-            "__range_s" => "300",
-            _ => {
-                // `label="$var"` becomes `label=~".*"`: every value, as "All" selects.
-                if out.ends_with("=\"") && !out.ends_with("!=\"") {
-                    out.truncate(out.len() - 2);
-                    out.push_str("=~\"");
-                }
-                ".*"
-            }
-        };
-        out.push_str(value);
-        rest = &after[len + if braced { 2 } else { 0 }..];
+        Self(vars)
     }
-    out.push_str(rest);
-    out
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    /// `expr` with `$var`, `${var}`, `${var:format}` and `[[var]]` of known variables replaced.
+    /// A matcher `label="$var"` becomes `label=~"..."`, as "All" needs a regex match.
+    fn substitute(&self, expr: &str) -> String {
+        let mut out = String::with_capacity(expr.len());
+        let mut rest = expr;
+        while let Some(i) = rest.find(['$', '[']) {
+            out.push_str(&rest[..i]);
+            let (name, len) = reference(&rest[i..]);
+            match name.and_then(|n| Some((n, self.get(n)?))) {
+                Some((name, value)) => {
+                    if !name.starts_with("__") && out.ends_with("=\"") && !out.ends_with("!=\"") {
+                        out.truncate(out.len() - 2);
+                        out.push_str("=~\"");
+                    }
+                    out.push_str(value);
+                    rest = &rest[i + len..];
+                }
+                None => {
+                    // Not a variable of ours: keep the character and go on after it.
+                    let c = rest[i..].chars().next().map_or(1, char::len_utf8);
+                    out.push_str(&rest[i..i + c]);
+                    rest = &rest[i + c..];
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+/// The variable name `text` starts with in one of Grafana's syntaxes (`$name`, `${name}`,
+/// `${name:format}`, `[[name]]`) and the length of the whole reference.
+fn reference(text: &str) -> (Option<&str>, usize) {
+    let word = |s: &str| {
+        s.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(s.len())
+    };
+    if let Some(body) = text.strip_prefix("${") {
+        let len = word(body);
+        let tail = &body[len..];
+        let close = if tail.starts_with('}') {
+            Some(0)
+        } else if tail.starts_with(':') {
+            tail.find('}')
+        } else {
+            None
+        };
+        return match close {
+            Some(close) if len > 0 => (Some(&body[..len]), 2 + len + close + 1),
+            _ => (None, 0),
+        };
+    }
+    if let Some(body) = text.strip_prefix("[[") {
+        let len = word(body);
+        return if len > 0 && body[len..].starts_with("]]") {
+            (Some(&body[..len]), 2 + len + 2)
+        } else {
+            (None, 0)
+        };
+    }
+    if let Some(body) = text.strip_prefix('$') {
+        let len = word(body);
+        if len > 0 {
+            return (Some(&body[..len]), 1 + len);
+        }
+    }
+    (None, 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn lab_variables() -> Variables {
+        Variables::of(&serde_json::json!({
+            "templating": {"list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus"},
+                {"name": "instance", "type": "query", "includeAll": true, "allValue": ".*",
+                 "query": {"query": "label_values(flow_auditor_build_info, instance)"}},
+                {"name": "verdict", "type": "custom", "includeAll": true,
+                 "query": "allowed,denied,unexpected"},
+                {"name": "ns", "type": "custom", "includeAll": true, "allValue": "web|db",
+                 "query": "web,db"},
+            ]}
+        }))
+    }
+
     #[test]
-    fn template_variables_become_any_value_matchers() {
-        let got = substitute(
-            "sum(rate(flow_auditor_flows_total{src_namespace=\"$namespace\",verdict=~\"${verdict}\"}[$__rate_interval]))",
+    fn the_dashboards_variables_become_their_all_values() {
+        let vars = lab_variables();
+        let got = vars.substitute(
+            "sum(rate(x{instance=\"$instance\",verdict=~\"${verdict}\",a=~\"${ns:regex}\",b!=\"[[ns]]\"}[$__rate_interval]))",
         );
-        let want = "sum(rate(flow_auditor_flows_total{src_namespace=~\".*\",verdict=~\".*\"}[1m]))";
+        let want = "sum(rate(x{instance=~\".*\",verdict=~\".*\",a=~\"web|db\",b!=\"web|db\"}[1m]))";
         if got != want {
             panic!("got {got}\nwant {want}");
         }
-        let kept = "label_replace(x{i=~\"$instance\"}[$__range], \"src\", \"$1\", \"k\", \"(.+)\")";
-        let got = substitute(kept);
-        let want = "label_replace(x{i=~\".*\"}[5m], \"src\", \"$1\", \"k\", \"(.+)\")";
+    }
+
+    #[test]
+    fn regex_replacement_references_and_unknown_names_stay() {
+        let vars = lab_variables();
+        // `$1`, `${1}`, named groups (`$src`, `${dst}`), a `$` with no name, brackets that are
+        // a range selector: none is a variable of the dashboard.
+        let kept = "label_replace(label_replace(x[$__range], \"a\", \"$1-${1}\", \"k\", \"(.+)\"), \"b\", \"$src/${dst}$\", \"k\", \"(?P<src>.+)/(?P<dst>.+)\")[5m:1m]";
+        let got = vars.substitute(kept);
+        let want = kept.replace("$__range", "5m");
         if got != want {
             panic!("got {got}\nwant {want}");
+        }
+        let got = vars.substitute("x{instance=\"$instances\"} + y{v=\"${verdict\"}");
+        let want = "x{instance=\"$instances\"} + y{v=\"${verdict\"}";
+        if got != want {
+            panic!("got {got}\nwant {want}");
+        }
+    }
+
+    #[test]
+    fn label_values_variables_name_their_metric_and_label() {
+        let dashboard = serde_json::json!({"templating": {"list": [
+            {"name": "instance", "type": "query",
+             "query": {"query": "label_values(flow_auditor_build_info{job=\"a,b\"}, instance)"}},
+            {"name": "verdict", "type": "custom", "query": "label_values(nope, x)"},
+        ]}});
+        let got = label_values_queries(&dashboard);
+        let want = [(
+            "instance".to_owned(),
+            "flow_auditor_build_info{job=\"a,b\"}".to_owned(),
+            "instance".to_owned(),
+        )];
+        if got != want {
+            panic!("got {got:?}");
         }
     }
 
