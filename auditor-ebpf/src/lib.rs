@@ -6,9 +6,14 @@
 
 pub mod flow;
 
-/// Flow table: LRU hash, [`flow::FlowKey`] -> [`flow::FlowState`]. Its size is set by the loader
-/// (`set_max_entries`); [`DEFAULT_FLOW_TABLE_ENTRIES`] is the compiled-in default.
+/// Flow table of every flow that is not IPv4: LRU hash, [`flow::FlowKey`] -> [`flow::FlowState`].
+/// Its size is set by the loader (`set_max_entries`); [`DEFAULT_FLOW_TABLE_ENTRIES`] is the
+/// compiled-in default.
 pub const FLOWS_MAP: &str = "FLOWS";
+/// Flow table of IPv4 flows (both addresses IPv4-mapped in the [`flow::FlowKey`]): LRU hash,
+/// [`flow::FlowKey4`] -> [`flow::FlowState`], sized like [`FLOWS_MAP`]. A flow is in exactly one
+/// of the two tables, chosen by [`flow::FlowKey::narrow`].
+pub const FLOWS4_MAP: &str = "FLOWS4";
 /// Ring buffer of [`flow::FlowEvent`]s. Its size must be a power-of-two multiple of the page size;
 /// the loader rounds the configured size up.
 pub const EVENTS_MAP: &str = "EVENTS";
@@ -28,7 +33,7 @@ pub const PROGRAM_NOOP: &str = "flow_auditor_noop";
 /// carry no state change; 0 or 1 keeps every packet. Set by the loader with `set_global`.
 pub const SAMPLE_EVERY_GLOBAL: &str = "SAMPLE_EVERY";
 
-/// Compiled-in flow table size, used when the loader does not override it.
+/// Compiled-in size of each flow table, used when the loader does not override it.
 pub const DEFAULT_FLOW_TABLE_ENTRIES: u32 = 65_536;
 /// Compiled-in ring buffer size in bytes (a multiple of every page size Linux uses).
 pub const DEFAULT_EVENTS_BYTES: u32 = 256 * 1024;

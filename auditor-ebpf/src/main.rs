@@ -14,7 +14,7 @@ mod track;
 mod program {
     use auditor_ebpf::{
         DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES,
-        flow::{Counter, Direction, FlowKey, FlowState},
+        flow::{Counter, Direction, FlowKey, FlowKey4, FlowState},
     };
     use aya_ebpf::{
         bindings::TC_ACT_UNSPEC,
@@ -23,9 +23,15 @@ mod program {
         programs::TcContext,
     };
 
-    /// The flow table ([`auditor_ebpf::FLOWS_MAP`]); the loader sets its real size.
+    /// The flow table of non-IPv4 flows ([`auditor_ebpf::FLOWS_MAP`]); the loader sets its
+    /// real size.
     #[map]
     pub static FLOWS: LruHashMap<FlowKey, FlowState> =
+        LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_ENTRIES, 0);
+
+    /// The flow table of IPv4 flows ([`auditor_ebpf::FLOWS4_MAP`]); the loader sets its real size.
+    #[map]
+    pub static FLOWS4: LruHashMap<FlowKey4, FlowState> =
         LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_ENTRIES, 0);
 
     /// Flow events ([`auditor_ebpf::EVENTS_MAP`]); the loader sets its real size.

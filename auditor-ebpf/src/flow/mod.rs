@@ -185,6 +185,70 @@ impl FlowKey {
             Side::Hi => (self.hi_addr, self.hi_port),
         }
     }
+
+    /// The key of the IPv4 flow table when both addresses are IPv4-mapped, else `None` (the
+    /// flow belongs in the IPv6 table). Works on words, as the program needs it per packet.
+    #[inline(always)]
+    pub fn narrow(&self) -> Option<FlowKey4> {
+        // SAFETY: `FlowKey` is 40 bytes, 8-aligned and without padding, so its bytes are five
+        // initialised words.
+        let [lo0, lo1, hi0, hi1, tail] = unsafe { core::mem::transmute::<Self, [u64; 5]>(*self) };
+        let prefix = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        if lo0 != 0 || hi0 != 0 || half(lo1, true) != prefix || half(hi1, true) != prefix {
+            return None;
+        }
+        let [a0, a1, a2, a3] = half(lo1, false).to_ne_bytes();
+        let [b0, b1, b2, b3] = half(hi1, false).to_ne_bytes();
+        let addrs = u64::from_ne_bytes([a0, a1, a2, a3, b0, b1, b2, b3]);
+        // SAFETY: `FlowKey4` is 16 bytes without padding, every bit pattern valid: its addresses
+        // word, then ports, protocol and zero padding laid out exactly as `FlowKey`'s last word.
+        Some(unsafe { core::mem::transmute::<[u64; 2], FlowKey4>([addrs, tail]) })
+    }
+}
+
+/// The first (`first`) or last four bytes of a native-endian word, as a native-endian `u32`.
+#[inline(always)]
+const fn half(w: u64, first: bool) -> u32 {
+    if cfg!(target_endian = "little") == first {
+        w as u32
+    } else {
+        (w >> 32) as u32
+    }
+}
+
+/// The key of the IPv4 flow table ([`crate::FLOWS4_MAP`]): a [`FlowKey`] whose addresses are
+/// both IPv4-mapped, without the 24 bytes all such keys share. IPv4 flows have a table of their
+/// own because the kernel hashes and compares the whole key on every packet, and 16 bytes cost
+/// markedly less than 40. Get one with [`FlowKey::narrow`]; [`FlowKey4::widen`] goes back.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey4 {
+    /// IPv4 address of the `lo` endpoint, network byte order.
+    pub lo_addr: [u8; 4],
+    /// IPv4 address of the `hi` endpoint, network byte order.
+    pub hi_addr: [u8; 4],
+    /// As [`FlowKey::lo_port`].
+    pub lo_port: u16,
+    /// As [`FlowKey::hi_port`].
+    pub hi_port: u16,
+    /// As [`FlowKey::proto`].
+    pub proto: u8,
+    /// Always zero: the kernel hashes these bytes too.
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey4 {
+    /// The [`FlowKey`] this key was narrowed from.
+    pub const fn widen(&self) -> FlowKey {
+        FlowKey {
+            lo_addr: ipv4_mapped(self.lo_addr),
+            hi_addr: ipv4_mapped(self.hi_addr),
+            lo_port: self.lo_port,
+            hi_port: self.hi_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// The IPv4-mapped IPv6 form of an IPv4 address, as stored in [`FlowKey`].
@@ -248,7 +312,7 @@ impl FlowStatus {
     }
 }
 
-/// Per-flow state, the value of the flow table ([`crate::FLOWS_MAP`]).
+/// Per-flow state, the value of both flow tables ([`crate::FLOWS4_MAP`], [`crate::FLOWS_MAP`]).
 ///
 /// Arrays of two are indexed by who sent the packet: `[0]` the initiator, `[1]` the responder.
 /// Counters are plain (non-atomic) adds: two CPUs updating the same flow in the same instant can
@@ -484,6 +548,9 @@ impl Counter {
 
 // The kernel copies these verbatim: a layout change must be deliberate.
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowKey4>() == 16);
+const _: () = assert!(core::mem::offset_of!(FlowKey4, lo_port) == 8);
+const _: () = assert!(core::mem::offset_of!(FlowKey, lo_port) == 32);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 64);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
 const _: () = assert!(core::mem::offset_of!(FlowEvent, ts_ns) == 40);
@@ -491,7 +558,7 @@ const _: () = assert!(Counter::ALL.len() == Counter::COUNT as usize);
 
 #[cfg(test)]
 mod tests {
-    use super::{FlowKey, ipv4_mapped, proto, words};
+    use super::{FlowKey, FlowKey4, ipv4_mapped, proto, words};
 
     /// xorshift64: a fixed sequence, so a failure reproduces.
     fn next(state: &mut u64) -> u64 {
@@ -558,5 +625,77 @@ mod tests {
                 "case {i}: padding is hashed, must be zero"
             );
         }
+    }
+
+    /// IPv4 flows are keyed by the narrow key in the kernel and by the wide one everywhere
+    /// else: the two must convert both ways without loss, and only IPv4-mapped pairs narrow.
+    #[test]
+    fn narrow_and_widen_round_trip_ipv4_keys_only() {
+        let mut rng = 0x2545_f491_4f6c_dd1d;
+        for i in 0..20_000u32 {
+            let a = (next(&mut rng) as u32).to_be_bytes();
+            let b = (next(&mut rng) as u32).to_be_bytes();
+            let ports = next(&mut rng);
+            let (sport, dport) = (ports as u16, (ports >> 16) as u16);
+            let (key, _) = FlowKey::new(proto::TCP, ipv4_mapped(a), sport, ipv4_mapped(b), dport);
+            let Some(narrow) = key.narrow() else {
+                panic!("case {i}: an IPv4 key must narrow: {key:?}");
+            };
+            assert_eq!(narrow.widen(), key, "case {i}: round trip");
+            assert_eq!(
+                (
+                    narrow.lo_addr,
+                    narrow.hi_addr,
+                    narrow.lo_port,
+                    narrow.hi_port
+                ),
+                (
+                    [
+                        key.lo_addr[12],
+                        key.lo_addr[13],
+                        key.lo_addr[14],
+                        key.lo_addr[15]
+                    ],
+                    [
+                        key.hi_addr[12],
+                        key.hi_addr[13],
+                        key.hi_addr[14],
+                        key.hi_addr[15]
+                    ],
+                    key.lo_port,
+                    key.hi_port
+                ),
+                "case {i}: fields"
+            );
+            assert_eq!(
+                (narrow.proto, narrow._pad),
+                (proto::TCP, [0; 3]),
+                "case {i}"
+            );
+
+            let mut v6 = ipv4_mapped(b);
+            v6[(i % 12) as usize] ^= 1 << (i % 8);
+            let (mixed, _) = FlowKey::new(proto::UDP, ipv4_mapped(a), sport, v6, dport);
+            assert_eq!(
+                mixed.narrow(),
+                None,
+                "case {i}: a non-mapped address: {mixed:?}"
+            );
+            let (both, _) = FlowKey::new(proto::UDP, v6, sport, v6, dport);
+            assert_eq!(both.narrow(), None, "case {i}: IPv6 addresses: {both:?}");
+        }
+        let zero = FlowKey4 {
+            lo_addr: [0; 4],
+            hi_addr: [0; 4],
+            lo_port: 0,
+            hi_port: 0,
+            proto: proto::ICMP,
+            _pad: [0; 3],
+        };
+        assert_eq!(
+            zero.widen().narrow(),
+            Some(zero),
+            "0.0.0.0 is an IPv4 address too"
+        );
     }
 }

@@ -4,11 +4,15 @@
 use core::fmt;
 use core::net::{IpAddr, Ipv6Addr};
 
-use super::{Direction, EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Side, proto};
+use super::{
+    Direction, EventKind, FlowEvent, FlowKey, FlowKey4, FlowState, FlowStatus, Side, proto,
+};
 
 // SAFETY: `#[repr(C)]`, no implicit padding (sizes asserted in mod.rs), every field is a plain
 // integer or byte array, so every bit pattern is a valid value.
 unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKey4 {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowState {}
 // SAFETY: as above.

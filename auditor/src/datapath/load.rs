@@ -2,16 +2,19 @@
 //! recompiling), has the kernel verify both hook programs, and hands out a typed [`Datapath`]
 //! through which the attach manager reaches the programs and the reader reaches the maps.
 
-use std::io;
+use std::{
+    borrow::{Borrow, BorrowMut},
+    io,
+};
 
 use auditor_ebpf::{
     COUNTERS_MAP, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES, EVENTS_MAP, FLOWS_MAP,
-    PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_NOOP, SAMPLE_EVERY_GLOBAL,
-    flow::{Counter, FlowKey, FlowState},
+    FLOWS4_MAP, PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_NOOP, SAMPLE_EVERY_GLOBAL,
+    flow::{Counter, FlowKey, FlowKey4, FlowState},
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, SchedClassifier},
 };
 use serde::{Deserialize, Serialize};
@@ -22,8 +25,9 @@ use super::{EBPF_OBJECT, attach::TcPrograms};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatapathConfig {
-    /// Flow table capacity (LRU: the least recently used flow makes room for a new one). Each
-    /// entry costs about 200 bytes of kernel memory with the hash table's own overhead.
+    /// Capacity of each of the two flow tables, IPv4 flows and all others (LRU: the least
+    /// recently used flow makes room for a new one). Each entry costs about 170 bytes of kernel
+    /// memory (145 in the IPv4 table) with the hash table's own overhead, allocated up front.
     pub flow_table_entries: u32,
     /// Event ring buffer size in bytes; rounded up to a power of two of at least one page, as the
     /// kernel requires (so a multiple of the page size: 4 KiB here, 16 KiB on the Raspberry Pi 5).
@@ -77,8 +81,48 @@ pub enum LoadError {
     },
 }
 
-/// The flow table, borrowed from the [`Datapath`] or taken from it.
-pub type FlowTable<T> = HashMap<T, FlowKey, FlowState>;
+/// Both flow tables, borrowed from the [`Datapath`] or taken from it: IPv4 flows under the
+/// 16-byte [`FlowKey4`] (cheaper for the kernel to hash per packet), all others under the
+/// [`FlowKey`]. Callers see [`FlowKey`]s only; each flow is in exactly one table.
+pub struct FlowTables<T> {
+    v4: HashMap<T, FlowKey4, FlowState>,
+    other: HashMap<T, FlowKey, FlowState>,
+}
+
+impl<T: Borrow<MapData>> FlowTables<T> {
+    /// The entry of `key`, read from the table it belongs in.
+    ///
+    /// # Errors
+    /// [`MapError::KeyNotFound`] when the flow is in neither table, or the read's failure.
+    pub fn get(&self, key: &FlowKey) -> Result<FlowState, MapError> {
+        match key.narrow() {
+            Some(key4) => self.v4.get(&key4, 0),
+            None => self.other.get(key, 0),
+        }
+    }
+
+    /// Every entry of both tables, IPv4 keys widened back to [`FlowKey`]s.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(FlowKey, FlowState), MapError>> + '_ {
+        let v4 = self
+            .v4
+            .iter()
+            .map(|entry| entry.map(|(key4, state)| (key4.widen(), state)));
+        v4.chain(self.other.iter())
+    }
+}
+
+impl<T: BorrowMut<MapData>> FlowTables<T> {
+    /// Deletes the entry of `key` from the table it belongs in.
+    ///
+    /// # Errors
+    /// [`MapError::KeyNotFound`] when it is in neither, or the deletion's failure.
+    pub fn remove(&mut self, key: &FlowKey) -> Result<(), MapError> {
+        match key.narrow() {
+            Some(key4) => self.v4.remove(&key4),
+            None => self.other.remove(key),
+        }
+    }
+}
 
 /// The loaded and verified datapath: programs ready to attach, maps ready to read.
 pub struct Datapath {
@@ -110,6 +154,7 @@ impl Datapath {
         } = effective;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(FLOWS_MAP, flow_table_entries)
+            .map_max_entries(FLOWS4_MAP, flow_table_entries)
             .map_max_entries(EVENTS_MAP, events_bytes)
             .override_global(SAMPLE_EVERY_GLOBAL, &sample_every, true)
             .load(EBPF_OBJECT)
@@ -185,28 +230,38 @@ impl Datapath {
         Ok(program)
     }
 
-    /// The flow table, borrowed (for walking it while the datapath keeps ownership).
+    /// The flow tables, borrowed (for walking them while the datapath keeps ownership).
     ///
     /// # Errors
-    /// Only if the map was taken or has the wrong type.
-    pub fn flows(&self) -> Result<FlowTable<&MapData>, LoadError> {
-        let map = self
-            .ebpf
-            .map(FLOWS_MAP)
-            .ok_or(LoadError::MissingMap { name: FLOWS_MAP })?;
-        HashMap::try_from(map).map_err(|source| map_error(FLOWS_MAP, source))
+    /// Only if a map was taken or has the wrong type.
+    pub fn flows(&self) -> Result<FlowTables<&MapData>, LoadError> {
+        let map = |name| self.ebpf.map(name).ok_or(LoadError::MissingMap { name });
+        Ok(FlowTables {
+            v4: HashMap::try_from(map(FLOWS4_MAP)?).map_err(|e| map_error(FLOWS4_MAP, e))?,
+            other: HashMap::try_from(map(FLOWS_MAP)?).map_err(|e| map_error(FLOWS_MAP, e))?,
+        })
     }
 
-    /// The flow table, mutably borrowed (tests clear it; the reader may delete expired flows).
+    /// The flow tables, mutably borrowed (the reader deletes expired flows).
     ///
     /// # Errors
-    /// Only if the map was taken or has the wrong type.
-    pub fn flows_mut(&mut self) -> Result<FlowTable<&mut MapData>, LoadError> {
-        let map = self
-            .ebpf
-            .map_mut(FLOWS_MAP)
-            .ok_or(LoadError::MissingMap { name: FLOWS_MAP })?;
-        HashMap::try_from(map).map_err(|source| map_error(FLOWS_MAP, source))
+    /// Only if a map was taken or has the wrong type.
+    pub fn flows_mut(&mut self) -> Result<FlowTables<&mut MapData>, LoadError> {
+        let mut v4 = None;
+        let mut other = None;
+        for (name, map) in self.ebpf.maps_mut() {
+            match name {
+                FLOWS4_MAP => v4 = Some(map),
+                FLOWS_MAP => other = Some(map),
+                _ => {}
+            }
+        }
+        let v4: &mut Map = v4.ok_or(LoadError::MissingMap { name: FLOWS4_MAP })?;
+        let other: &mut Map = other.ok_or(LoadError::MissingMap { name: FLOWS_MAP })?;
+        Ok(FlowTables {
+            v4: HashMap::try_from(v4).map_err(|e| map_error(FLOWS4_MAP, e))?,
+            other: HashMap::try_from(other).map_err(|e| map_error(FLOWS_MAP, e))?,
+        })
     }
 
     /// The event ring buffer, mutably borrowed.
@@ -233,16 +288,24 @@ impl Datapath {
         RingBuf::try_from(map).map_err(|source| map_error(EVENTS_MAP, source))
     }
 
-    /// The flow table, taken out.
+    /// The flow tables, taken out.
     ///
     /// # Errors
     /// When already taken.
-    pub fn take_flows(&mut self) -> Result<FlowTable<MapData>, LoadError> {
-        let map = self
-            .ebpf
-            .take_map(FLOWS_MAP)
-            .ok_or(LoadError::MissingMap { name: FLOWS_MAP })?;
-        HashMap::try_from(map).map_err(|source| map_error(FLOWS_MAP, source))
+    pub fn take_flows(&mut self) -> Result<FlowTables<MapData>, LoadError> {
+        let mut take = |name| {
+            let map = self
+                .ebpf
+                .take_map(name)
+                .ok_or(LoadError::MissingMap { name })?;
+            Ok::<_, LoadError>(map)
+        };
+        let v4 = take(FLOWS4_MAP)?;
+        let other = take(FLOWS_MAP)?;
+        Ok(FlowTables {
+            v4: HashMap::try_from(v4).map_err(|e| map_error(FLOWS4_MAP, e))?,
+            other: HashMap::try_from(other).map_err(|e| map_error(FLOWS_MAP, e))?,
+        })
     }
 
     /// The per-CPU counters, borrowed.

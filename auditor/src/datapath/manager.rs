@@ -62,8 +62,9 @@ pub enum ManagerError {
 pub struct DatapathHealth {
     /// Interfaces the programs are attached to, with the hook mode of each.
     pub attached: Vec<AttachedInterface>,
-    /// Flow table entries at the last walk.
+    /// Entries, at the last walk, of the fuller of the two flow tables (IPv4 flows, others).
     pub flow_table_entries: u64,
+    /// Capacity of each flow table: the LRU evicts once `flow_table_entries` reaches it.
     pub flow_table_capacity: u32,
     /// Events the kernel could not write (ring buffer full).
     pub events_lost: u64,
@@ -212,7 +213,7 @@ impl DatapathManager {
     /// # Errors
     /// When the lookup fails for another reason than a missing key.
     pub fn lookup(&self, key: &FlowKey) -> Result<Option<FlowState>, ManagerError> {
-        match self.datapath.flows()?.get(key, 0) {
+        match self.datapath.flows()?.get(key) {
             Ok(state) => Ok(Some(state)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(ManagerError::Table {
@@ -222,15 +223,15 @@ impl DatapathManager {
         }
     }
 
-    /// Every flow table entry, once each. The kernel keeps inserting and evicting meanwhile, so
-    /// this is a view over the walk's duration, not a snapshot; the walk is bounded by twice the
-    /// capacity in case evictions keep restarting the iteration.
+    /// Every flow table entry (both tables), once each. The kernel keeps inserting and evicting
+    /// meanwhile, so this is a view over the walk's duration, not a snapshot; the walk is bounded
+    /// by twice the tables' capacity in case evictions keep restarting the iteration.
     ///
     /// # Errors
     /// When reading the table fails.
     pub fn walk(&mut self) -> Result<Vec<(FlowKey, FlowState)>, ManagerError> {
         let table = self.datapath.flows()?;
-        let bound = 2 * self.datapath.config().flow_table_entries as usize;
+        let bound = 4 * self.datapath.config().flow_table_entries as usize;
         let mut seen = HashMap::new();
         for entry in table.iter().take(bound) {
             match entry {
@@ -242,7 +243,9 @@ impl DatapathManager {
                 Err(source) => return Err(ManagerError::Table { op: "walk", source }),
             }
         }
-        self.table_entries = seen.len() as u64;
+        let ipv4 = seen.keys().filter(|key| key.narrow().is_some()).count();
+        // The fuller table's count: against one table's capacity it says when eviction starts.
+        self.table_entries = ipv4.max(seen.len() - ipv4) as u64;
         Ok(seen.into_iter().collect())
     }
 

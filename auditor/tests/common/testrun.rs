@@ -88,16 +88,16 @@ impl Harness {
             Ok(f) => f,
             Err(e) => panic!("opening the flow table failed: {}", error_chain(&e)),
         };
-        flows.get(key, 0).ok()
+        flows.get(key).ok()
     }
 
-    /// Number of entries in the flow table.
+    /// Number of entries in the flow tables (IPv4 and other).
     pub fn flow_count(&self) -> usize {
         let flows = match self.datapath.flows() {
             Ok(f) => f,
             Err(e) => panic!("opening the flow table failed: {}", error_chain(&e)),
         };
-        flows.keys().filter(Result::is_ok).count()
+        flows.iter().filter(Result::is_ok).count()
     }
 
     pub fn counters(&self) -> CounterTotals {
