@@ -320,6 +320,57 @@ fn udp_request_and_reply() {
     );
 }
 
+/// The program keeps each CPU's last coarse clock reading until jiffies moves: a flow's packets
+/// sent ticks apart must still carry their own times (IPv4 and IPv6 tables alike), and the first
+/// packet's time must stay.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn timestamps_follow_the_clock_across_ticks() {
+    let mut h = Harness::new();
+    let pairs: [(IpAddr, IpAddr); 2] = [
+        (CLIENT4.into(), SERVER4.into()),
+        (CLIENT6.into(), SERVER6.into()),
+    ];
+    for (client, server) in pairs {
+        let (k, _) = key(UDP, (client, 5353), (server, 53));
+        let request = eth_ip(&ip(client, server, UDP, &udp(5353, 53, b"query")));
+        let flow = |h: &Harness| {
+            h.flow(&k)
+                .unwrap_or_else(|| panic!("no flow entry for {client} -> {server}"))
+        };
+        let t0 = coarse_now_ns();
+        h.pass(Direction::Ingress, &request);
+        h.pass(Direction::Ingress, &request);
+        let first = flow(&h);
+        assert!(
+            t0 <= first.first_seen_ns && first.first_seen_ns <= first.last_seen_ns,
+            "{client}: first packets at {} and {}, test started at {t0}",
+            first.first_seen_ns,
+            first.last_seen_ns
+        );
+        // Several ticks at any HZ (a tick is at most 10 ms).
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        let t1 = coarse_now_ns();
+        assert!(
+            t1 > first.last_seen_ns,
+            "the coarse clock did not move in 40 ms"
+        );
+        h.pass(Direction::Ingress, &request);
+        let t2 = coarse_now_ns();
+        let later = flow(&h);
+        assert_eq!(
+            later.first_seen_ns, first.first_seen_ns,
+            "{client}: first_seen must stay"
+        );
+        assert!(
+            t1 <= later.last_seen_ns && later.last_seen_ns <= t2,
+            "{client}: a packet sent in [{t1}, {t2}] got last_seen {}",
+            later.last_seen_ns
+        );
+        assert_eq!(later.packets, [3, 0], "{client}: three requests");
+    }
+}
+
 #[test]
 #[ignore = "needs root and the kernel; run by cargo xtask test"]
 fn tcp_refused_by_rst() {
