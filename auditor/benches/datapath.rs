@@ -3,10 +3,16 @@
 //! first packet of a new flow, and a non-IP frame. Needs root. Ends with the one summary line
 //! `cargo xtask bench datapath` reports.
 //!
+//! The repeated cases run in many short interleaved rounds and report the fastest round: on a
+//! shared machine other work only ever adds time (cache evictions, interrupts, a busy sibling
+//! core), so the minimum is the program's own cost and the median shows how much the load added.
+//! Every column is measured the same way, so the differences to noop stay fair.
+//!
 //! "new" cannot use a repeat count: after the first run the flow exists. It is measured as many
 //! distinct first packets run once each; a single run carries the fixed cost of the kernel's
 //! timer and setup, so the same is measured for the do-nothing program run once each and
-//! subtracted: new = noop + (mean single run of a new flow - mean single run of noop).
+//! subtracted: new = noop + (mean single run of a new flow - mean single run of noop), taken in
+//! the chunk of flows where that difference is smallest, for the reason above.
 
 #[path = "../tests/common/packets.rs"]
 mod packets;
@@ -21,11 +27,14 @@ use packets::{ACK, ETH_P_ARP, PSH, SYN, TCP, UDP, eth, eth_ip, ipv4, tcp, udp};
 use testrun::{Harness, PASS, run_program};
 
 /// Runs per repeated measurement: long enough that the kernel's timer is noise.
-const REPEAT: u32 = 2_000_000;
-/// Rounds of each repeated measurement; the median is reported.
-const ROUNDS: usize = 7;
+const REPEAT: u32 = 500_000;
+/// Rounds of each repeated measurement; the fastest is reported, the median shown beside it.
+const ROUNDS: usize = 25;
 /// Distinct new flows measured once each.
 const NEW_FLOWS: u16 = 20_000;
+/// Flows per chunk of the new-flow measurement; the chunk with the smallest mean difference to
+/// noop is reported, like the fastest round of the repeated cases.
+const NEW_CHUNK: u16 = 1_000;
 
 fn main() {
     // SAFETY: geteuid has no preconditions.
@@ -85,37 +94,33 @@ fn main() {
         "no event may be lost in the measurement"
     );
 
-    let noop = median(&mut noop);
-    let established = median(&mut established);
-    let non_ip = median(&mut non_ip);
+    let (noop, noop_median) = fastest_and_median(&mut noop);
+    let (established, established_median) = fastest_and_median(&mut established);
+    let (non_ip, non_ip_median) = fastest_and_median(&mut non_ip);
     let new = noop + (new_single - noop_single).max(0.0);
+    let repeated_how = |m: f64| format!("repeat {REPEAT}, fastest of {ROUNDS} (median {m:.1})");
     println!("datapath per-packet cost (BPF_PROG_TEST_RUN, kernel-timed)");
     println!(
         "{:<14} {:>10} {:>14}  method",
         "case", "ns/pkt", "over noop"
     );
     println!(
-        "{:<14} {:>10.1} {:>14}  repeat {REPEAT}, median of {ROUNDS}",
-        "noop", noop, "-"
+        "{:<14} {:>10.1} {:>14}  {}",
+        "noop",
+        noop,
+        "-",
+        repeated_how(noop_median)
     );
     for (name, v, how) in [
-        (
-            "established",
-            established,
-            format!("repeat {REPEAT}, median of {ROUNDS}"),
-        ),
+        ("established", established, repeated_how(established_median)),
         (
             "new",
             new,
             format!(
-                "{NEW_FLOWS} flows once each: {new_single:.1} - noop once {noop_single:.1} + noop"
+                "{NEW_FLOWS} flows once each, fastest chunk of {NEW_CHUNK}: {new_single:.1} - noop once {noop_single:.1} + noop"
             ),
         ),
-        (
-            "non_ip",
-            non_ip,
-            format!("repeat {REPEAT}, median of {ROUNDS}"),
-        ),
+        ("non_ip", non_ip, repeated_how(non_ip_median)),
     ] {
         println!("{name:<14} {v:>10.1} {:>14.1}  {how}", v - noop);
     }
@@ -139,24 +144,34 @@ fn repeated(h: &mut Harness, program: &'static str, frame: &[u8]) -> f64 {
     ns as f64
 }
 
-/// Mean single-run time of `NEW_FLOWS` first packets, and of the noop program run the same way.
+/// Mean single-run time of first packets and of the noop program run the same way, in the chunk
+/// of `NEW_CHUNK` flows (of `NEW_FLOWS`) where the first packets cost least over noop.
 fn new_flows(h: &mut Harness, client: Ipv4Addr, server: Ipv4Addr) -> (f64, f64) {
-    let mut new_total = 0u64;
-    let mut noop_total = 0u64;
-    for i in 0..NEW_FLOWS {
-        let frame = eth_ip(&ipv4(client, server, UDP, &udp(10_000 + i, 53, b"first")));
-        let (rc, ns) = run_program(&mut h.datapath, PROGRAM_INGRESS, &frame, 1);
-        expect_pass(rc);
-        new_total += ns;
-        let (rc, ns) = run_program(&mut h.datapath, PROGRAM_NOOP, &frame, 1);
-        expect_pass(rc);
-        noop_total += ns;
+    let mut best: Option<(f64, f64)> = None;
+    for chunk in 0..NEW_FLOWS / NEW_CHUNK {
+        let mut new_total = 0u64;
+        let mut noop_total = 0u64;
+        for i in 0..NEW_CHUNK {
+            let sport = 10_000 + chunk * NEW_CHUNK + i;
+            let frame = eth_ip(&ipv4(client, server, UDP, &udp(sport, 53, b"first")));
+            let (rc, ns) = run_program(&mut h.datapath, PROGRAM_INGRESS, &frame, 1);
+            expect_pass(rc);
+            new_total += ns;
+            let (rc, ns) = run_program(&mut h.datapath, PROGRAM_NOOP, &frame, 1);
+            expect_pass(rc);
+            noop_total += ns;
+        }
+        let n = f64::from(NEW_CHUNK);
+        let means = (new_total as f64 / n, noop_total as f64 / n);
+        if best.is_none_or(|(new, noop)| means.0 - means.1 < new - noop) {
+            best = Some(means);
+        }
     }
-    let n = f64::from(NEW_FLOWS);
-    (new_total as f64 / n, noop_total as f64 / n)
+    best.unwrap_or_else(|| panic!("NEW_FLOWS must hold at least one chunk of NEW_CHUNK"))
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// The fastest and the median of the rounds of one case.
+fn fastest_and_median(v: &mut [f64]) -> (f64, f64) {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    (v[0], v[v.len() / 2])
 }
