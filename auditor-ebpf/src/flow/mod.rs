@@ -323,7 +323,8 @@ impl FlowStatus {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowState {
     /// When the first packet was seen, `CLOCK_MONOTONIC_COARSE` nanoseconds
-    /// (`bpf_ktime_get_coarse_ns`: tick resolution, which is plenty for second-scale timeouts).
+    /// (`bpf_ktime_get_coarse_ns`: tick resolution, which is plenty for second-scale timeouts;
+    /// read once per tick and CPU, so in rare cases a tick early, see the program's `coarse_now`).
     pub first_seen_ns: u64,
     /// When the last (not sampled-out) packet was seen, same clock as `first_seen_ns`.
     pub last_seen_ns: u64,
