@@ -40,10 +40,15 @@ struct Blob {
 }
 
 /// Builds both binaries and the image, then checks it; prints `image: N passed, M failed`.
+/// Returns the static amd64 binary the image holds (`cargo xtask test` runs the lab with it).
 pub fn run(root: &Path) -> Result<PathBuf> {
     let arm64 = build_static(root, crate::AARCH64_TARGET)?;
     crate::check_static_aarch64(&arm64)?;
     let amd64 = build_static(root, X86_64_TARGET)?;
+    let objcopy = Objcopy::find(root)?;
+    let arm64 = objcopy.strip(&arm64, &root.join("target/image/bin/arm64/auditor"))?;
+    let amd64 = objcopy.strip(&amd64, &root.join("target/image/bin/amd64/auditor"))?;
+    let amd64_binary = amd64.clone();
     let tag = env!("CARGO_PKG_VERSION");
     let layout = root.join("target/image/flow-auditor");
     let arches = [
@@ -74,7 +79,7 @@ pub fn run(root: &Path) -> Result<PathBuf> {
          then: cd deploy/overlays/<cni> && kustomize edit set image flow-auditor=REGISTRY/flow-auditor:{tag}",
         layout.display()
     );
-    Ok(layout)
+    Ok(amd64_binary)
 }
 
 /// A static musl release binary, linked by zig (ring, under kube's TLS, has C code). Honours
@@ -93,6 +98,67 @@ fn build_static(root: &Path, target: &str) -> Result<PathBuf> {
         .map(PathBuf::from)
         .map_or_else(|| root.join("target"), |dir| root.join(dir));
     Ok(target_dir.join(target).join("release/auditor"))
+}
+
+/// The pinned toolchain's `rust-objcopy` (LLVM's, any architecture; part of rustc itself, so
+/// nothing to install), which loads the toolchain's libLLVM.
+struct Objcopy {
+    program: PathBuf,
+    sysroot_lib: PathBuf,
+}
+
+impl Objcopy {
+    fn find(root: &Path) -> Result<Self> {
+        let rustc = |arg: &str| -> Result<String> {
+            let mut cmd = Command::new("rustc");
+            cmd.current_dir(root).arg(arg);
+            // The toolchain rust-toolchain.toml pins, not the one running xtask.
+            cmd.env_remove("RUSTC").env_remove("RUSTUP_TOOLCHAIN");
+            let out = cmd
+                .output()
+                .with_context(|| format!("could not start {}", display(&cmd)))?;
+            ensure!(out.status.success(), "{} failed", display(&cmd));
+            String::from_utf8(out.stdout).context("rustc output is not UTF-8")
+        };
+        let sysroot = PathBuf::from(rustc("--print=sysroot")?.trim());
+        let host = rustc("-vV")?
+            .lines()
+            .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+            .ok_or_else(|| anyhow!("rustc -vV names no host"))?;
+        let program = sysroot
+            .join("lib/rustlib")
+            .join(host)
+            .join("bin/rust-objcopy");
+        ensure!(
+            program.is_file(),
+            "{} is missing (it ships with rustc)",
+            program.display()
+        );
+        Ok(Self {
+            program,
+            sysroot_lib: sysroot.join("lib"),
+        })
+    }
+
+    /// `binary` without its symbol table and debug info, written to `out`: they are a quarter
+    /// of the compressed layer and nothing in a container reads them. (The eBPF object and its
+    /// BTF are data inside the binary, untouched.)
+    fn strip(&self, binary: &Path, out: &Path) -> Result<PathBuf> {
+        let dir = out
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no parent", out.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let partial = out.with_extension("partial");
+        let mut cmd = Command::new(&self.program);
+        cmd.env("LD_LIBRARY_PATH", &self.sysroot_lib)
+            .arg("--strip-all")
+            .arg(binary)
+            .arg(&partial);
+        crate::run(&mut cmd)?;
+        std::fs::rename(&partial, out)
+            .with_context(|| format!("moving {} to {}", partial.display(), out.display()))?;
+        Ok(out.to_path_buf())
+    }
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

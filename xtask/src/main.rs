@@ -269,6 +269,8 @@ fn test(root: &Path) -> Result<()> {
              the lab) are SKIPPED. Run `sudo cargo xtask test` to run them.",
         );
     }
+    // The image step's static amd64 binary, for the lab step after it.
+    let image_amd64 = std::cell::RefCell::new(None);
     // Every step runs even when an earlier one failed, so one run shows every failure.
     let mut steps: Vec<(&str, Step<'_>)> = vec![
         (
@@ -288,16 +290,33 @@ fn test(root: &Path) -> Result<()> {
         // promtool.
         ("deploy", Box::new(|| deploy::run(root))),
     ];
-    if root_user {
-        // The lab end to end: the release daemon, real traffic, a real Prometheus.
-        steps.push((
-            "lab e2e",
-            Box::new(|| lab::e2e::run(root, &lab::binary(root)?)),
-        ));
-    }
     // The Pi build is part of the suite: a static arm64 binary that runs under qemu, in the
     // multi-architecture image skopeo can push.
-    steps.push(("image", Box::new(|| image::run(root).map(|_| ()))));
+    steps.push((
+        "image",
+        Box::new(|| {
+            *image_amd64.borrow_mut() = Some(image::run(root)?);
+            Ok(())
+        }),
+    ));
+    if root_user {
+        // The lab end to end: the release daemon, real traffic, a real Prometheus. It runs the
+        // image's static amd64 binary, the one users deploy, which also saves a release build.
+        steps.push((
+            "lab e2e",
+            Box::new(|| {
+                let prebuilt = image_amd64
+                    .borrow_mut()
+                    .take()
+                    .filter(|_| std::env::var_os("FLOW_AUDITOR_LAB_BINARY").is_none());
+                let binary = match prebuilt {
+                    Some(binary) => binary,
+                    None => lab::binary(root)?,
+                };
+                lab::e2e::run(root, &binary)
+            }),
+        ));
+    }
     steps.push((
         "cargo fmt --check",
         Box::new(|| run(cargo(root).args(["fmt", "--all", "--", "--check"]))),
