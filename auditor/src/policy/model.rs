@@ -175,8 +175,9 @@ struct Identity {
     pods: u32,
     /// Rules whose subject selects this identity, per direction, deny rules first.
     rules: [Vec<RuleId>; 2],
-    /// How many isolations select it, per direction.
-    isolated: [u32; 2],
+    /// The policies isolating it, per direction (a policy once per isolation that selects it):
+    /// the default-deny rule hits of its flows.
+    isolating: [Vec<u32>; 2],
 }
 
 #[derive(Clone, Debug)]
@@ -186,8 +187,9 @@ struct SelectorEntry {
     refs: u32,
     /// Rules that have this selector as their subject.
     subject_rules: Vec<RuleId>,
-    /// Isolations using this selector, per direction.
-    isolations: [u32; 2],
+    /// Policies isolating with this selector, per direction (a policy id once per isolation),
+    /// so the policies isolating a pod are found from its selectors, not by scanning them all.
+    isolations: [Vec<u32>; 2],
 }
 
 #[derive(Clone, Debug)]
@@ -296,13 +298,6 @@ struct VerdictCache {
 }
 
 impl VerdictCache {
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            v4: FxHashMap::with_capacity_and_hasher(n, Default::default()),
-            ..Self::default()
-        }
-    }
-
     fn len(&self) -> usize {
         self.v4.len() + self.other.len()
     }
@@ -341,7 +336,12 @@ impl VerdictCache {
             self.verdicts.push(verdict);
         }
         match Self::key4(flow) {
-            Some(k) => self.v4.insert(k, id),
+            Some(k) => {
+                if self.v4.capacity() == 0 {
+                    self.v4.reserve(CACHE_RESERVE);
+                }
+                self.v4.insert(k, id)
+            }
             None => self.other.insert(*flow, id),
         };
     }
@@ -349,8 +349,9 @@ impl VerdictCache {
 
 /// Past this many cached verdicts the cache starts over, so memory stays bounded.
 const CACHE_LIMIT: usize = 1 << 20;
-/// Reserved up front (about 1.5 MiB): a busy node's flows fit without the table growing
-/// while verdicts are asked for; a clear keeps the capacity.
+/// Reserved at the first cached verdict (about 1.5 MiB), not before: the daemon judges without
+/// the cache and should not pay for it. A busy node's flows then fit without the table growing;
+/// a clear keeps the capacity.
 const CACHE_RESERVE: usize = 1 << 16;
 
 fn slab_insert<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<u32>, value: T) -> u32 {
@@ -404,7 +405,7 @@ impl Model {
             service_endpoints: FxHashMap::default(),
             endpoints_dirty: false,
             generation: 0,
-            cache: VerdictCache::with_capacity(CACHE_RESERVE),
+            cache: VerdictCache::default(),
         }
     }
 
@@ -659,7 +660,7 @@ impl Model {
             key: key.clone(),
             pods: 1,
             rules: [Vec::new(), Vec::new()],
-            isolated: [0, 0],
+            isolating: [Vec::new(), Vec::new()],
         };
         let id = IdentityId(slab_insert(
             &mut self.identities,
@@ -718,7 +719,7 @@ impl Model {
             .copied()
             .collect();
         let mut rules: [Vec<RuleId>; 2] = [Vec::new(), Vec::new()];
-        let mut isolated = [0, 0];
+        let mut isolating: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
         for sid in candidates {
             let Some(Some(sel)) = self.selectors.get_mut(sid.0 as usize) else {
                 continue;
@@ -731,8 +732,8 @@ impl Model {
                 continue;
             }
             sel.members.set(id.0);
-            isolated[0] += sel.isolations[0];
-            isolated[1] += sel.isolations[1];
+            isolating[0].extend_from_slice(&sel.isolations[0]);
+            isolating[1].extend_from_slice(&sel.isolations[1]);
             for &rid in &sel.subject_rules {
                 if let Some(Some(entry)) = self.rules.get(rid.0 as usize) {
                     rules[dir_index(entry.rule.direction)].push(rid);
@@ -744,7 +745,7 @@ impl Model {
         }
         if let Some(Some(identity)) = self.identities.get_mut(id.0 as usize) {
             identity.rules = rules;
-            identity.isolated = isolated;
+            identity.isolating = isolating;
         }
     }
 
@@ -781,7 +782,7 @@ impl Model {
         }
         if let Some(Some(identity)) = self.identities.get_mut(id.0 as usize) {
             identity.rules = [Vec::new(), Vec::new()];
-            identity.isolated = [0, 0];
+            identity.isolating = [Vec::new(), Vec::new()];
         }
     }
 
@@ -828,7 +829,7 @@ impl Model {
             members,
             refs: 1,
             subject_rules: Vec::new(),
-            isolations: [0, 0],
+            isolations: [Vec::new(), Vec::new()],
         };
         let sid = SelectorId(slab_insert(
             &mut self.selectors,
@@ -910,11 +911,11 @@ impl Model {
             let sid = self.intern_selector(&isolation.subject);
             let d = dir_index(isolation.direction);
             if let Some(Some(sel)) = self.selectors.get_mut(sid.0 as usize) {
-                sel.isolations[d] += 1;
+                sel.isolations[d].push(pid);
             }
             for m in self.members(sid) {
                 if let Some(Some(identity)) = self.identities.get_mut(m as usize) {
-                    identity.isolated[d] += 1;
+                    identity.isolating[d].push(pid);
                 }
             }
             isolation_ids.push((sid, isolation.direction));
@@ -1008,12 +1009,17 @@ impl Model {
         self.free_policies.push(pid);
         for (sid, direction) in entry.isolations {
             let d = dir_index(direction);
-            if let Some(Some(sel)) = self.selectors.get_mut(sid.0 as usize) {
-                sel.isolations[d] -= 1;
+            if let Some(Some(sel)) = self.selectors.get_mut(sid.0 as usize)
+                && let Some(i) = sel.isolations[d].iter().position(|p| *p == pid)
+            {
+                sel.isolations[d].swap_remove(i);
             }
             for m in self.members(sid) {
                 if let Some(Some(identity)) = self.identities.get_mut(m as usize) {
-                    identity.isolated[d] -= 1;
+                    let list = &mut identity.isolating[d];
+                    if let Some(i) = list.iter().position(|p| *p == pid) {
+                        list.swap_remove(i);
+                    }
                 }
             }
             self.release_selector(sid);
@@ -1094,23 +1100,24 @@ impl Model {
             .collect()
     }
 
+    /// The policies that isolate the pod at `ip` in `direction`, sorted. Kept per identity, as
+    /// this runs for every default-denied flow.
     pub fn isolating_policies(&self, ip: IpAddr, direction: Direction) -> Vec<&PolicyKey> {
         let Side::Pod { identity, .. } = self.resolve(ip) else {
             return Vec::new();
         };
-        let mut out: Vec<&PolicyKey> = self
-            .policies
+        let Some(subject) = self.identity(identity) else {
+            return Vec::new();
+        };
+        let mut out: Vec<&PolicyKey> = subject.isolating[dir_index(direction)]
             .iter()
-            .flatten()
-            .filter(|p| {
-                p.isolations.iter().any(|(sid, d)| {
-                    *d == direction
-                        && matches!(self.selectors.get(sid.0 as usize), Some(Some(s)) if s.members.contains(identity.0))
-                })
+            .filter_map(|pid| match self.policies.get(*pid as usize) {
+                Some(Some(policy)) => Some(&policy.key),
+                _ => None,
             })
-            .map(|p| &p.key)
             .collect();
-        out.sort();
+        out.sort_unstable();
+        out.dedup();
         out
     }
 
@@ -1352,7 +1359,7 @@ impl Model {
             return Decision::NotIsolated;
         };
         let d = dir_index(direction);
-        let isolated = subject.isolated[d] > 0;
+        let isolated = !subject.isolating[d].is_empty();
         let dst_ports = dst_identity
             .and_then(|i| self.identity(i))
             .map(|i| i.key.ports.as_slice());
