@@ -247,7 +247,6 @@ fn flow(
                 ModelVerdict::Deny
             },
             decisions,
-            reason: String::new(),
         },
         verdict,
     }

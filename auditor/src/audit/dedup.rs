@@ -112,7 +112,8 @@ impl Recent {
 pub(super) struct Reached {
     window: Duration,
     capacity: usize,
-    by_initiator: FxHashMap<Initiator, Vec<(IpAddr, SystemTime)>>,
+    /// Oldest first: one busy initiator socket (a port scan, a proxy) can hold thousands.
+    by_initiator: FxHashMap<Initiator, VecDeque<(IpAddr, SystemTime)>>,
     order: VecDeque<(Initiator, SystemTime)>,
 }
 
@@ -150,7 +151,7 @@ impl Reached {
         self.by_initiator
             .entry(initiator)
             .or_default()
-            .push((responder, first_seen));
+            .push_back((responder, first_seen));
         self.order.push_back((initiator, now));
         while self.order.len() > self.capacity {
             self.pop_oldest();
@@ -173,9 +174,7 @@ impl Reached {
             return;
         };
         if let Some(seen) = self.by_initiator.get_mut(&initiator) {
-            if !seen.is_empty() {
-                seen.remove(0);
-            }
+            seen.pop_front();
             if seen.is_empty() {
                 self.by_initiator.remove(&initiator);
             }

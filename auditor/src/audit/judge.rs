@@ -10,19 +10,24 @@ use super::{Decision, FlowQuery, Judge, Judgement, ModelVerdict};
 /// its flow (Kubernetes' and Cilium's default deny).
 pub const DEFAULT_DENY_RULE: &str = "default-deny";
 
+/// The model's question for a flow.
+fn flow_of(query: &FlowQuery) -> model::Flow {
+    model::Flow {
+        src: query.src,
+        dst: query.dst,
+        protocol: query.protocol,
+        // The model takes ICMP without a port; the flow's "port" is an echo identifier.
+        port: if query.protocol == crate::policy::ir::Protocol::Icmp {
+            0
+        } else {
+            query.port
+        },
+    }
+}
+
 impl Judge for Model {
     fn judge(&self, query: &FlowQuery) -> Judgement {
-        let flow = model::Flow {
-            src: query.src,
-            dst: query.dst,
-            protocol: query.protocol,
-            // The model takes ICMP without a port; the flow's "port" is an echo identifier.
-            port: if query.protocol == crate::policy::ir::Protocol::Icmp {
-                0
-            } else {
-                query.port
-            },
-        };
+        let flow = flow_of(query);
         let verdict = Model::judge(self, &flow);
         // Ingress of a ClusterIP flow is the chosen endpoint's.
         let ingress_ip = verdict
@@ -60,12 +65,6 @@ impl Judge for Model {
                 | model::Decision::NotIsolated => {}
             }
         }
-        // Words cost allocations; only denied flows are ever logged with them.
-        let reason = if verdict.allowed {
-            String::new()
-        } else {
-            self.explain(&flow, &verdict).reason
-        };
         Judgement {
             verdict: if verdict.allowed {
                 ModelVerdict::Allow
@@ -73,7 +72,12 @@ impl Judge for Model {
                 ModelVerdict::Deny
             },
             decisions,
-            reason,
         }
+    }
+
+    fn explain(&self, query: &FlowQuery) -> String {
+        let flow = flow_of(query);
+        let verdict = Model::judge(self, &flow);
+        Model::explain(self, &flow, &verdict).reason
     }
 }

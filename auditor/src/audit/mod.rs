@@ -92,8 +92,6 @@ pub struct Judgement {
     pub verdict: ModelVerdict,
     /// The deciding rules, per direction; empty when no policy applies.
     pub decisions: Vec<Decision>,
-    /// Human-readable explanation (which policy and rule, or why none applies).
-    pub reason: String,
 }
 
 /// A flow as the model judges it: addresses as seen (a Service ClusterIP is the model's to
@@ -110,6 +108,9 @@ pub struct FlowQuery {
 /// in [`judge`]; tests of the audit logic alone may judge however they like.
 pub trait Judge {
     fn judge(&self, query: &FlowQuery) -> Judgement;
+    /// Human-readable explanation of the verdict (which policy and rule, or why none applies).
+    /// Words cost allocations, so they are only made for what gets logged.
+    fn explain(&self, query: &FlowQuery) -> String;
 }
 
 /// The audit verdict of a flow the model judged `model` and the network treated as `outcome`.
@@ -143,6 +144,23 @@ pub struct AuditedFlow {
     pub dst_port: Option<u16>,
     pub judgement: Judgement,
     pub verdict: AuditVerdict,
+}
+
+impl AuditedFlow {
+    /// The question the model answered for this flow (for [`Judge::explain`]).
+    #[must_use]
+    pub fn query(&self) -> FlowQuery {
+        query_of(&self.record)
+    }
+}
+
+fn query_of(record: &FlowRecord) -> FlowQuery {
+    FlowQuery {
+        src: record.initiator.ip(),
+        dst: record.responder.ip(),
+        protocol: model_protocol(record.protocol),
+        port: record.responder.port(),
+    }
 }
 
 /// How the audit stage remembers and waits.
@@ -423,14 +441,9 @@ impl Auditor {
         self.recent
             .remember(record.key, record.first_seen, record.last_seen, now);
         self.stats.counted += 1;
-        let protocol = model_protocol(record.protocol);
-        let port = record.responder.port();
-        let judgement = ctx.judge.judge(&FlowQuery {
-            src: record.initiator.ip(),
-            dst: record.responder.ip(),
-            protocol,
-            port,
-        });
+        let query = query_of(&record);
+        let (protocol, port) = (query.protocol, query.port);
+        let judgement = ctx.judge.judge(&query);
         let verdict = classify(judgement.verdict, record.outcome);
         let dst_port =
             ctx.resolver

@@ -19,7 +19,7 @@ use auditor_ebpf::flow::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::audit::{AuditConfig, AuditedFlow, Auditor, Context, NamedPorts, Resolver};
+use crate::audit::{AuditConfig, AuditedFlow, Auditor, Context, Judge, NamedPorts, Resolver};
 use crate::check::{self, CheckError};
 use crate::config::{Config, ConfigError, parse_duration};
 use crate::datapath::attach::{AttachConfig, HookMode};
@@ -523,7 +523,7 @@ impl Pipeline {
             named_ports: &intended.named_ports,
         };
         if let Some(flow) = self.auditor.push(record, &ctx, SystemTime::now()) {
-            self.emit(&flow);
+            self.emit(&flow, ctx.judge);
         }
     }
 
@@ -545,13 +545,17 @@ impl Pipeline {
             self.auditor.tick(&ctx, now)
         };
         for flow in &flows {
-            self.emit(flow);
+            self.emit(flow, ctx.judge);
         }
     }
 
-    fn emit(&mut self, flow: &AuditedFlow) {
+    fn emit(&mut self, flow: &AuditedFlow, judge: &dyn Judge) {
         self.metrics.record(flow);
-        if let Err(error) = self.log.log(flow, Instant::now(), SystemTime::now()) {
+        let explain = || judge.explain(&flow.query());
+        if let Err(error) = self
+            .log
+            .log(flow, explain, Instant::now(), SystemTime::now())
+        {
             tracing::warn!(%error, "writing the unexpected-flow log failed");
         }
     }

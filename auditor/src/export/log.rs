@@ -110,7 +110,7 @@ struct FlowLine<'a> {
     dst_port: String,
     /// The rules that deny the flow, per direction.
     denied_by: Vec<&'a Decision>,
-    reason: &'a str,
+    reason: String,
     interface: &'a str,
     mid_stream: bool,
     first_seen: String,
@@ -166,13 +166,16 @@ impl<W: Write> UnexpectedLog<W> {
         self.suppressed
     }
 
-    /// Logs `flow` if it is unexpected and the rate allows; `wall` stamps the line.
+    /// Logs `flow` if it is unexpected and the rate allows; `wall` stamps the line. `explain`
+    /// gives the line's `reason` (see [`crate::audit::Judge::explain`]); it is called only for
+    /// a line that is written.
     ///
     /// # Errors
     /// When writing fails.
     pub fn log(
         &mut self,
         flow: &AuditedFlow,
+        explain: impl FnOnce() -> String,
         now: Instant,
         wall: SystemTime,
     ) -> io::Result<Logged> {
@@ -214,7 +217,7 @@ impl<W: Write> UnexpectedLog<W> {
                 .iter()
                 .filter(|d| d.action == crate::policy::ir::Action::Deny)
                 .collect(),
-            reason: &flow.judgement.reason,
+            reason: explain(),
             interface: &record.interface,
             mid_stream: record.mid_stream,
             first_seen: rfc3339(record.first_seen),
@@ -302,6 +305,14 @@ mod tests {
     use crate::flows::{FlowRecord, PerDirection, Protocol};
     use crate::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
 
+    fn reason() -> String {
+        "ingress of pod db/postgres-0 denied by default".to_owned()
+    }
+
+    fn unexplained() -> String {
+        panic!("a line that is not written is not explained")
+    }
+
     fn flow(verdict: AuditVerdict) -> AuditedFlow {
         let initiator: SocketAddr = "10.244.0.30:41000"
             .parse()
@@ -354,7 +365,6 @@ mod tests {
                     rule: "default-deny".into(),
                     action: Action::Deny,
                 }],
-                reason: "ingress of pod db/postgres-0 denied by default".into(),
             },
             verdict,
         }
@@ -373,15 +383,18 @@ mod tests {
         let mut log = UnexpectedLog::new(Vec::new(), LogLimits::default(), None, now);
         let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_763_715_846);
         assert_eq!(
-            log.log(&flow(AuditVerdict::Allowed), now, wall).ok(),
+            log.log(&flow(AuditVerdict::Allowed), unexplained, now, wall)
+                .ok(),
             Some(Logged::Skipped)
         );
         assert_eq!(
-            log.log(&flow(AuditVerdict::Denied), now, wall).ok(),
+            log.log(&flow(AuditVerdict::Denied), unexplained, now, wall)
+                .ok(),
             Some(Logged::Skipped)
         );
         assert_eq!(
-            log.log(&flow(AuditVerdict::Unexpected), now, wall).ok(),
+            log.log(&flow(AuditVerdict::Unexpected), reason, now, wall)
+                .ok(),
             Some(Logged::Written)
         );
         let lines = lines(&log);
@@ -420,9 +433,17 @@ mod tests {
         let mut log = UnexpectedLog::new(Vec::new(), limits, Some(counter.clone()), start);
         let wall = SystemTime::UNIX_EPOCH;
         let f = flow(AuditVerdict::Unexpected);
+        let explained = std::cell::Cell::new(0);
         let mut results = Vec::new();
         for _ in 0..10 {
-            results.push(log.log(&f, start, wall).unwrap_or_else(|e| panic!("{e}")));
+            let explain = || {
+                explained.set(explained.get() + 1);
+                reason()
+            };
+            results.push(
+                log.log(&f, explain, start, wall)
+                    .unwrap_or_else(|e| panic!("{e}")),
+            );
         }
         assert_eq!(
             results.iter().filter(|r| **r == Logged::Written).count(),
@@ -431,16 +452,20 @@ mod tests {
         );
         assert_eq!(log.pending_suppressed(), 7);
         assert_eq!(counter.get(), 7);
+        assert_eq!(explained.get(), 3, "only written lines are explained");
         // Half a second later one token is back: the suppressed count comes first, then the flow.
         let later = start + Duration::from_millis(500);
-        assert_eq!(log.log(&f, later, wall).ok(), Some(Logged::Written));
+        assert_eq!(log.log(&f, reason, later, wall).ok(), Some(Logged::Written));
         let lines = lines(&log);
         assert_eq!(lines.len(), 5);
         assert_eq!(lines[3]["suppressed"], 7);
         assert_eq!(lines[4]["msg"], "unexpected flow");
         assert_eq!(log.pending_suppressed(), 0);
         // Suppressed again, then flushed at shutdown.
-        assert_eq!(log.log(&f, later, wall).ok(), Some(Logged::Suppressed));
+        assert_eq!(
+            log.log(&f, unexplained, later, wall).ok(),
+            Some(Logged::Suppressed)
+        );
         log.flush_suppressed(wall).unwrap_or_else(|e| panic!("{e}"));
         let lines = self::lines(&log);
         assert_eq!(
