@@ -12,8 +12,8 @@
 //!   `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`, `policies{kind}`,
 //!   `policy_errors`, `model_generation`, `model_last_update_timestamp_seconds`,
 //!   `inventory_staleness_seconds`, `unexpected_logs_suppressed_total`, `build_info{version}`.
-use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher as _};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -23,8 +23,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
+use rustc_hash::{FxHashMap, FxHasher};
 
-use crate::audit::{AuditVerdict, AuditedFlow};
+use crate::audit::{AuditVerdict, AuditedFlow, Decision};
 use crate::policy::ir::{PolicyKey, PolicyKind};
 
 use super::ExportError;
@@ -48,16 +49,46 @@ impl FlowLabels {
     pub fn of(flow: &AuditedFlow) -> Self {
         Self {
             verdict: flow.verdict.as_str().to_owned(),
-            outcome: flow.record.outcome.to_string(),
+            outcome: flow.record.outcome.as_str().to_owned(),
             src_namespace: flow.src.namespace_label().to_owned(),
             src_workload: flow.src.workload_label().to_owned(),
             dst_namespace: flow.dst.namespace_label().to_owned(),
             dst_workload: flow.dst.workload_label().to_owned(),
-            protocol: flow.record.protocol.to_string().to_ascii_lowercase(),
+            protocol: flow.record.protocol.label().to_owned(),
             dst_port: flow
                 .dst_port
                 .map_or_else(|| "other".to_owned(), |p| p.to_string()),
         }
+    }
+
+    /// Whether these are the labels of `flow` (compared without building them).
+    fn describe(&self, flow: &AuditedFlow) -> bool {
+        let port_matches = match flow.dst_port {
+            None => self.dst_port == "other",
+            Some(port) => self.dst_port.parse() == Ok(port),
+        };
+        port_matches
+            && self.verdict == flow.verdict.as_str()
+            && self.outcome == flow.record.outcome.as_str()
+            && self.src_namespace == flow.src.namespace_label()
+            && self.src_workload == flow.src.workload_label()
+            && self.dst_namespace == flow.dst.namespace_label()
+            && self.dst_workload == flow.dst.workload_label()
+            && self.protocol == flow.record.protocol.label()
+    }
+
+    /// A hash of `flow`'s label values, for [`Series`].
+    fn hash_of(flow: &AuditedFlow) -> u64 {
+        let mut h = FxHasher::default();
+        flow.verdict.hash(&mut h);
+        flow.record.outcome.hash(&mut h);
+        flow.src.namespace_label().hash(&mut h);
+        flow.src.workload_label().hash(&mut h);
+        flow.dst.namespace_label().hash(&mut h);
+        flow.dst.workload_label().hash(&mut h);
+        flow.record.protocol.hash(&mut h);
+        flow.dst_port.hash(&mut h);
+        h.finish()
     }
 
     /// The always-present series of a verdict and outcome: every other label empty (no real flow
@@ -92,6 +123,89 @@ impl RuleLabels {
         self.policy_kind == key.kind.as_str()
             && self.policy_namespace == key.namespace
             && self.policy_name == key.name
+    }
+
+    fn of(decision: &Decision) -> Self {
+        Self {
+            policy_kind: decision.policy.kind.as_str().to_owned(),
+            policy_namespace: decision.policy.namespace.clone(),
+            policy_name: decision.policy.name.clone(),
+            direction: decision.direction.as_str().to_owned(),
+            rule: decision.rule.clone(),
+            action: decision.action.as_str().to_owned(),
+        }
+    }
+
+    /// Whether these are the labels of `decision` (compared without building them).
+    fn describe(&self, decision: &Decision) -> bool {
+        self.names(&decision.policy)
+            && self.direction == decision.direction.as_str()
+            && self.rule == decision.rule
+            && self.action == decision.action.as_str()
+    }
+
+    fn hash_of(decision: &Decision) -> u64 {
+        let mut h = FxHasher::default();
+        decision.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// The series of a family created so far, with their counters, found by a hash of the label
+/// values: counting a flow of an existing series builds no label set and takes no family lock.
+/// Also what removal walks, since a family cannot be listed.
+#[derive(Debug)]
+struct Series<L> {
+    by_hash: FxHashMap<u64, Vec<(L, Counter)>>,
+    len: usize,
+}
+
+impl<L> Default for Series<L> {
+    fn default() -> Self {
+        Self {
+            by_hash: FxHashMap::default(),
+            len: 0,
+        }
+    }
+}
+
+impl<L: Clone + Hash + Eq> Series<L> {
+    /// Adds one to the series `matches` picks among those hashed `hash`, creating it (labels
+    /// from `make`) in `family` when new.
+    fn inc(
+        &mut self,
+        family: &Family<L, Counter>,
+        hash: u64,
+        matches: impl Fn(&L) -> bool,
+        make: impl FnOnce() -> L,
+    ) {
+        let bucket = self.by_hash.entry(hash).or_default();
+        if let Some((_, counter)) = bucket.iter().find(|(labels, _)| matches(labels)) {
+            counter.inc();
+            return;
+        }
+        let labels = make();
+        let counter = family.get_or_create(&labels).clone();
+        counter.inc();
+        bucket.push((labels, counter));
+        self.len += 1;
+    }
+
+    /// Removes the series `gone` picks from here and from `family`; returns how many.
+    fn remove(&mut self, family: &Family<L, Counter>, gone: impl Fn(&L) -> bool) -> usize {
+        let before = self.len;
+        self.by_hash.retain(|_, bucket| {
+            bucket.retain(|(labels, _)| {
+                let remove = gone(labels);
+                if remove {
+                    family.remove(labels);
+                }
+                !remove
+            });
+            !bucket.is_empty()
+        });
+        self.len = self.by_hash.values().map(Vec::len).sum();
+        before - self.len
     }
 }
 
@@ -165,9 +279,9 @@ pub struct Metrics {
     registry: Registry,
     flows: Family<FlowLabels, Counter>,
     rule_hits: Family<RuleLabels, Counter>,
-    /// The label sets created so far, for removing them: the family cannot be listed.
-    flow_series: Mutex<HashSet<FlowLabels>>,
-    rule_series: Mutex<HashSet<RuleLabels>>,
+    /// The label sets created so far (see [`Series`]).
+    flow_series: Mutex<Series<FlowLabels>>,
+    rule_series: Mutex<Series<RuleLabels>>,
     lost: Family<SourceLabel, Counter>,
     flow_table_entries: Gauge,
     flow_table_capacity: Gauge,
@@ -303,8 +417,8 @@ impl Metrics {
             registry,
             flows,
             rule_hits,
-            flow_series: Mutex::new(HashSet::new()),
-            rule_series: Mutex::new(HashSet::new()),
+            flow_series: Mutex::new(Series::default()),
+            rule_series: Mutex::new(Series::default()),
             lost,
             flow_table_entries,
             flow_table_capacity,
@@ -334,28 +448,22 @@ impl Metrics {
 
     /// Counts one audited flow and the rules that decided it.
     pub fn record(&self, flow: &AuditedFlow) {
-        let labels = FlowLabels::of(flow);
-        // Under the set's lock, so a concurrent removal sees the series in both places or neither.
-        let mut series = lock(&self.flow_series);
-        self.flows.get_or_create(&labels).inc();
-        if !series.contains(&labels) {
-            series.insert(labels);
-        }
-        drop(series);
+        // Under the index's lock, so a concurrent removal sees the series in both places or
+        // neither.
+        lock(&self.flow_series).inc(
+            &self.flows,
+            FlowLabels::hash_of(flow),
+            |labels| labels.describe(flow),
+            || FlowLabels::of(flow),
+        );
         let mut rule_series = lock(&self.rule_series);
         for decision in &flow.judgement.decisions {
-            let labels = RuleLabels {
-                policy_kind: decision.policy.kind.as_str().to_owned(),
-                policy_namespace: decision.policy.namespace.clone(),
-                policy_name: decision.policy.name.clone(),
-                direction: decision.direction.as_str().to_owned(),
-                rule: decision.rule.clone(),
-                action: decision.action.as_str().to_owned(),
-            };
-            self.rule_hits.get_or_create(&labels).inc();
-            if !rule_series.contains(&labels) {
-                rule_series.insert(labels);
-            }
+            rule_series.inc(
+                &self.rule_hits,
+                RuleLabels::hash_of(decision),
+                |labels| labels.describe(decision),
+                || RuleLabels::of(decision),
+            );
         }
     }
 
@@ -368,7 +476,7 @@ impl Metrics {
     /// Number of flow series created by flows (the per-verdict placeholders not included).
     #[must_use]
     pub fn flow_series(&self) -> usize {
-        lock(&self.flow_series).len()
+        lock(&self.flow_series).len
     }
 
     /// Removes every flow series naming `namespace` on either side, and every rule series of a
@@ -379,16 +487,9 @@ impl Metrics {
         }
         let flows =
             self.remove_flows(|l| l.src_namespace == namespace || l.dst_namespace == namespace);
-        let mut rules = lock(&self.rule_series);
-        let before = rules.len();
-        rules.retain(|l| {
-            let gone = l.policy_namespace == namespace;
-            if gone {
-                self.rule_hits.remove(l);
-            }
-            !gone
-        });
-        flows + before - rules.len()
+        let rules =
+            lock(&self.rule_series).remove(&self.rule_hits, |l| l.policy_namespace == namespace);
+        flows + rules
     }
 
     /// Removes every flow series naming the workload `namespace/workload` on either side.
@@ -404,29 +505,11 @@ impl Metrics {
 
     /// Removes every rule series of a policy.
     pub fn remove_policy(&self, key: &PolicyKey) -> usize {
-        let mut rules = lock(&self.rule_series);
-        let before = rules.len();
-        rules.retain(|l| {
-            let gone = l.names(key);
-            if gone {
-                self.rule_hits.remove(l);
-            }
-            !gone
-        });
-        before - rules.len()
+        lock(&self.rule_series).remove(&self.rule_hits, |l| l.names(key))
     }
 
     fn remove_flows(&self, gone: impl Fn(&FlowLabels) -> bool) -> usize {
-        let mut series = lock(&self.flow_series);
-        let before = series.len();
-        series.retain(|l| {
-            let remove = gone(l);
-            if remove {
-                self.flows.remove(l);
-            }
-            !remove
-        });
-        before - series.len()
+        lock(&self.flow_series).remove(&self.flows, gone)
     }
 
     /// Brings a lost-events counter up to the datapath's total (kernel counters only grow; a
@@ -520,7 +603,7 @@ impl Metrics {
 /// families are named with their `_total` suffix, and `# UNIT` / `# EOF` do not exist.
 #[must_use]
 pub fn to_text_format(openmetrics: &str) -> String {
-    let counters: HashSet<&str> = openmetrics
+    let counters: std::collections::HashSet<&str> = openmetrics
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.strip_suffix(" counter"))

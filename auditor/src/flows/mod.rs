@@ -43,13 +43,20 @@ pub enum Outcome {
     Unanswered,
 }
 
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Outcome {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
             Self::Established => "established",
             Self::Refused => "refused",
             Self::Unanswered => "unanswered",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -79,6 +86,20 @@ impl Protocol {
             proto::ICMP => Some(Self::Icmp),
             proto::ICMPV6 => Some(Self::Icmpv6),
             _ => None,
+        }
+    }
+}
+
+impl Protocol {
+    /// The `protocol` metric label value: the name in lower case.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+            Self::Icmp => "icmp",
+            Self::Icmpv6 => "icmpv6",
         }
     }
 }
@@ -119,8 +140,10 @@ pub struct FlowRecord {
     /// Which hook of that interface saw the first packet.
     #[serde(serialize_with = "direction_name")]
     pub direction: Direction,
-    /// Counters when the outcome was decided. Sampling (if configured) leaves established-flow
-    /// packets out of these.
+    /// Counters as of the last read of the flow's table entry before its outcome was decided:
+    /// the event that decided it, a table walk (every `walk_interval`), or, for a flow decided
+    /// unanswered, a lookup at its deadline when events were lost meanwhile. At least the
+    /// first packet. Sampling (if configured) leaves established-flow packets out of these.
     pub packets: PerDirection,
     pub bytes: PerDirection,
     pub first_seen: SystemTime,
