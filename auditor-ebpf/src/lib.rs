@@ -36,7 +36,7 @@ pub const SAMPLE_EVERY_GLOBAL: &str = "SAMPLE_EVERY";
 /// Compiled-in size of each flow table, used when the loader does not override it.
 pub const DEFAULT_FLOW_TABLE_ENTRIES: u32 = 65_536;
 /// Compiled-in ring buffer size in bytes (a multiple of every page size Linux uses).
-pub const DEFAULT_EVENTS_BYTES: u32 = 256 * 1024;
+pub const DEFAULT_EVENTS_BYTES: u32 = 1024 * 1024;
 
 /// How many bytes from the start of the packet the program can read headers from. A packet whose
 /// headers lie beyond this (deep IPv6 extension chains, ICMP errors quoting them) is counted as

@@ -197,6 +197,12 @@ impl Attacher {
                 .any(|g| glob_match(g.as_bytes(), name.as_bytes()))
     }
 
+    /// The name of an attached interface (looked up once per flow record).
+    #[must_use]
+    pub fn name_of(&self, ifindex: u32) -> Option<&str> {
+        self.attached.get(&ifindex).map(|a| a.name.as_str())
+    }
+
     /// The interfaces attached now, by ifindex.
     #[must_use]
     pub fn attached(&self) -> Vec<AttachedInterface> {

@@ -5,6 +5,7 @@
 use std::{
     borrow::{Borrow, BorrowMut},
     io,
+    os::fd::AsFd as _,
 };
 
 use auditor_ebpf::{
@@ -72,6 +73,8 @@ pub enum LoadError {
     },
     #[error("the eBPF object has no map {name}")]
     MissingMap { name: &'static str },
+    #[error("reading the flow tables")]
+    Walk(#[source] io::Error),
     #[error("map {name}: {op}")]
     Map {
         name: &'static str,
@@ -240,6 +243,52 @@ impl Datapath {
             v4: HashMap::try_from(map(FLOWS4_MAP)?).map_err(|e| map_error(FLOWS4_MAP, e))?,
             other: HashMap::try_from(map(FLOWS_MAP)?).map_err(|e| map_error(FLOWS_MAP, e))?,
         })
+    }
+
+    /// Calls `each` for every entry of both flow tables, reading many entries per system call
+    /// where the kernel can (see [`super::batch`]), one by one where it cannot. Returns how many
+    /// entries were read.
+    ///
+    /// # Errors
+    /// When a table is missing or reading it fails.
+    pub fn for_each_flow(
+        &self,
+        mut each: impl FnMut(FlowKey, &FlowState),
+    ) -> Result<usize, LoadError> {
+        let fd = |name| match self.ebpf.map(name) {
+            Some(Map::LruHashMap(data) | Map::HashMap(data)) => Ok(data.fd().as_fd()),
+            Some(_) => Err(map_error(name, MapError::InvalidMapType { map_type: 0 })),
+            None => Err(LoadError::MissingMap { name }),
+        };
+        let (v4, other) = (fd(FLOWS4_MAP)?, fd(FLOWS_MAP)?);
+        let batched = super::batch::for_each::<FlowKey4, FlowState>(v4, |key, state| {
+            each(key.widen(), state);
+        })
+        .and_then(|v4| {
+            super::batch::for_each::<FlowKey, FlowState>(other, |key, state| each(*key, state))
+                .map(|other| v4 + other)
+        });
+        match batched {
+            Ok(n) => Ok(n),
+            Err(super::batch::BatchError::Unsupported(_)) => {
+                // Evictions during a one-by-one walk restart it from the start: bounded.
+                let bound = 4 * self.effective.flow_table_entries as usize;
+                let mut n = 0;
+                for entry in self.flows()?.iter().take(bound) {
+                    match entry {
+                        Ok((key, state)) => {
+                            each(key, &state);
+                            n += 1;
+                        }
+                        // Deleted between finding the key and reading it.
+                        Err(MapError::KeyNotFound) => {}
+                        Err(source) => return Err(map_error(FLOWS_MAP, source)),
+                    }
+                }
+                Ok(n)
+            }
+            Err(super::batch::BatchError::Failed(error)) => Err(LoadError::Walk(error)),
+        }
     }
 
     /// The flow tables, mutably borrowed (the reader deletes expired flows).

@@ -7,7 +7,7 @@
 //! attacher refuses kernel calls from a thread in another namespace; see [`super::attach`]).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     os::fd::{AsRawFd as _, RawFd},
 };
 
@@ -208,6 +208,21 @@ impl DatapathManager {
         events
     }
 
+    /// Events lost so far: not sent (ring buffer full) or not decodable. While this does not
+    /// move, every flow's every state change has been (or is about to be) read as an event.
+    ///
+    /// # Errors
+    /// When the counters cannot be read.
+    pub fn events_lost(&self) -> Result<u64, ManagerError> {
+        let totals = self.datapath.counter_totals()?;
+        Ok(totals.get(Counter::EventsLost) + self.undecodable_events)
+    }
+
+    /// Events waiting in the ring buffer now, without waiting for more.
+    pub fn pending_events(&mut self) -> Vec<FlowEvent> {
+        self.read_events()
+    }
+
     /// A flow's table entry now; `None` when it is not (or no longer) in the table.
     ///
     /// # Errors
@@ -223,30 +238,29 @@ impl DatapathManager {
         }
     }
 
-    /// Every flow table entry (both tables), once each. The kernel keeps inserting and evicting
-    /// meanwhile, so this is a view over the walk's duration, not a snapshot; the walk is bounded
-    /// by twice the tables' capacity in case evictions keep restarting the iteration.
+    /// Calls `each` for every entry of both flow tables. The kernel keeps inserting and
+    /// evicting meanwhile, so this is a view over the walk's duration, not a snapshot: an entry
+    /// may be missed or, rarely, seen twice. Records how many entries the fuller table holds.
     ///
     /// # Errors
     /// When reading the table fails.
-    pub fn walk(&mut self) -> Result<Vec<(FlowKey, FlowState)>, ManagerError> {
-        let table = self.datapath.flows()?;
-        let bound = 4 * self.datapath.config().flow_table_entries as usize;
-        let mut seen = HashMap::new();
-        for entry in table.iter().take(bound) {
-            match entry {
-                Ok((key, state)) => {
-                    seen.insert(key, state);
-                }
-                // Deleted between finding the key and reading it.
-                Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(ManagerError::Table { op: "walk", source }),
+    pub fn walk(
+        &mut self,
+        mut each: impl FnMut(FlowKey, &FlowState),
+    ) -> Result<usize, ManagerError> {
+        let mut ipv4 = 0usize;
+        let mut other = 0usize;
+        let read = self.datapath.for_each_flow(|key, state| {
+            if key.narrow().is_some() {
+                ipv4 += 1;
+            } else {
+                other += 1;
             }
-        }
-        let ipv4 = seen.keys().filter(|key| key.narrow().is_some()).count();
+            each(key, state);
+        })?;
         // The fuller table's count: against one table's capacity it says when eviction starts.
-        self.table_entries = ipv4.max(seen.len() - ipv4) as u64;
-        Ok(seen.into_iter().collect())
+        self.table_entries = ipv4.max(other) as u64;
+        Ok(read)
     }
 
     /// Deletes a flow from the table (expired); a missing key is fine.
@@ -265,12 +279,8 @@ impl DatapathManager {
 
     /// The name of an attached interface.
     #[must_use]
-    pub fn interface_name(&self, ifindex: u32) -> Option<String> {
-        self.attacher
-            .attached()
-            .into_iter()
-            .find(|a| a.ifindex == ifindex)
-            .map(|a| a.name)
+    pub fn interface_name(&self, ifindex: u32) -> Option<&str> {
+        self.attacher.name_of(ifindex)
     }
 
     /// The interfaces attached now.

@@ -2,6 +2,7 @@
 //! table and events. Everything that needs the kernel sits behind this module.
 
 pub mod attach;
+pub mod batch;
 pub mod load;
 pub mod manager;
 pub mod netlink;
