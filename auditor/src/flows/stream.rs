@@ -4,7 +4,8 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use auditor_ebpf::flow::EventKind;
+use auditor_ebpf::flow::{EventKind, FlowKey};
+use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
 
 use super::{FlowRecord, FlowTracker, FlowsConfig, Now};
@@ -13,6 +14,12 @@ use crate::datapath::manager::{DatapathHealth, DatapathManager, ManagerError};
 /// How often pending flows are checked against their answer deadline: the precision of
 /// "unanswered after N seconds".
 const DEADLINE_TICK: Duration = Duration::from_millis(100);
+/// From this many flows due in one tick on, their table entries are read by one batched walk of
+/// the tables rather than a lookup (a system call) each: a walk of two 64k-entry tables costs
+/// about as much as fifteen thousand lookups.
+const BATCH_RESOLVE_MIN: usize = 16_384;
+/// Records handed out between two reads of the ring buffer while decided flows queue up.
+const EVENTS_EVERY: usize = 256;
 
 /// Flow records, one per flow, in the order their outcomes were decided.
 #[derive(Debug)]
@@ -24,6 +31,19 @@ pub struct FlowStream {
     /// created on the first call, inside the runtime.
     ticks: Option<Interval>,
     next_walk: Instant,
+    losses: Losses,
+    /// Records handed out since events were last read (see [`EVENTS_EVERY`]).
+    handed_out: usize,
+}
+
+/// Where the datapath's lost-event count stood, for knowing which flows may have missed one.
+#[derive(Debug)]
+struct Losses {
+    /// Events lost so far.
+    total: u64,
+    /// Kernel time of the deadline tick that noticed the last loss (`u64::MAX` until the count
+    /// was first read).
+    since: u64,
 }
 
 impl FlowStream {
@@ -36,6 +56,11 @@ impl FlowStream {
             ticks: None,
             // The first walk adopts flows that were in the table before we started reading.
             next_walk: Instant::now(),
+            losses: Losses {
+                total: 0,
+                since: u64::MAX,
+            },
+            handed_out: 0,
         }
     }
 
@@ -51,6 +76,8 @@ impl FlowStream {
             ready,
             ticks,
             next_walk,
+            losses,
+            handed_out,
         } = self;
         let ticks = ticks.get_or_insert_with(|| {
             let mut ticks = interval_at(Instant::now() + DEADLINE_TICK, DEADLINE_TICK);
@@ -58,30 +85,69 @@ impl FlowStream {
             ticks
         });
         loop {
+            // A tick can decide thousands of flows at once: while they are handed out, the ring
+            // buffer keeps being read, or it would fill.
+            if *handed_out >= EVENTS_EVERY {
+                *handed_out = 0;
+                let events = manager.pending_events();
+                on_events(manager, tracker, ready, &events, &Now::read())?;
+            }
             if let Some(record) = ready.pop_front() {
+                *handed_out += 1;
                 return Ok(record);
             }
+            *handed_out = 0;
             tokio::select! {
                 events = manager.next_events() => {
                     let events = events?;
-                    let now = Now::read();
-                    for event in &events {
-                        // New carries no counters worth a syscall; the others decide the flow.
-                        let state = match event.kind() {
-                            Some(EventKind::New) | None => None,
-                            Some(_) => manager.lookup(&event.key)?,
-                        };
-                        if let Some(record) = tracker.on_event(event, state.as_ref(), &now) {
-                            push(manager, ready, record);
-                        }
-                    }
+                    on_events(manager, tracker, ready, &events, &Now::read())?;
                 }
                 _ = ticks.tick() => {
+                    // Events already sent are read first: an answer in the ring buffer must not
+                    // lose the race against its flow's deadline.
+                    let events = manager.pending_events();
                     let now = Now::read();
-                    for key in tracker.due(&now) {
-                        let state = manager.lookup(&key)?;
-                        if let Some(record) = tracker.resolve(&key, state.as_ref(), &now) {
-                            push(manager, ready, record);
+                    on_events(manager, tracker, ready, &events, &now)?;
+                    let lost = manager.events_lost()?;
+                    // A loss noticed now happened before now: flows first seen after the tick
+                    // that noticed the last loss have had every event read (no answer was
+                    // missed, and their entries need not be read: their counters are the last
+                    // walk's); older ones are looked up. The first reading counts as a loss:
+                    // what came before it is unknown.
+                    if losses.since == u64::MAX || lost != losses.total {
+                        losses.total = lost;
+                        losses.since = now.mono_ns;
+                    }
+                    let mut unread = Vec::new();
+                    for (key, first_seen) in tracker.due(&now) {
+                        if first_seen > losses.since {
+                            if let Some(record) = tracker.resolve(&key, None, &now) {
+                                push(manager, ready, record);
+                            }
+                        } else {
+                            unread.push(key);
+                        }
+                    }
+                    if unread.len() >= BATCH_RESOLVE_MIN {
+                        // Many at once: one batched read of the table beats a lookup each.
+                        let wanted: FxHashSet<FlowKey> = unread.iter().copied().collect();
+                        let mut states = FxHashMap::default();
+                        manager.walk(|key, state| {
+                            if wanted.contains(&key) {
+                                states.insert(key, *state);
+                            }
+                        })?;
+                        for key in &unread {
+                            if let Some(record) = tracker.resolve(key, states.get(key), &now) {
+                                push(manager, ready, record);
+                            }
+                        }
+                    } else {
+                        for key in &unread {
+                            let state = manager.lookup(key)?;
+                            if let Some(record) = tracker.resolve(key, state.as_ref(), &now) {
+                                push(manager, ready, record);
+                            }
                         }
                     }
                     if Instant::now() >= *next_walk {
@@ -123,31 +189,57 @@ impl FlowStream {
     }
 }
 
+/// Feeds events to the tracker; New carries no counters worth a system call, the others decide
+/// the flow and read its entry.
+fn on_events(
+    manager: &DatapathManager,
+    tracker: &mut FlowTracker,
+    ready: &mut VecDeque<FlowRecord>,
+    events: &[auditor_ebpf::flow::FlowEvent],
+    now: &Now,
+) -> Result<(), ManagerError> {
+    for event in events {
+        let state = match event.kind() {
+            Some(EventKind::New) | None => None,
+            Some(_) => manager.lookup(&event.key)?,
+        };
+        if let Some(record) = tracker.on_event(event, state.as_ref(), now) {
+            push(manager, ready, record);
+        }
+    }
+    Ok(())
+}
+
 /// Walks the flow table through the tracker: adopts and decides flows whose events were lost,
-/// deletes expired entries.
+/// deletes expired entries (after the walk: the table is being read meanwhile).
 fn walk(
     manager: &mut DatapathManager,
     tracker: &mut FlowTracker,
     ready: &mut VecDeque<FlowRecord>,
     now: &Now,
 ) -> Result<(), ManagerError> {
-    let entries = manager.walk()?;
     tracker.begin_walk();
-    let mut removed = 0usize;
-    for (key, state) in &entries {
-        let verdict = tracker.on_table_entry(key, state, now);
+    let mut decided = Vec::new();
+    let mut expired = Vec::new();
+    let entries = manager.walk(|key, state| {
+        let verdict = tracker.on_table_entry(&key, state, now);
         if let Some(record) = verdict.record {
-            push(manager, ready, record);
+            decided.push(record);
         }
         if verdict.remove {
-            manager.remove(key)?;
-            removed += 1;
+            expired.push(key);
         }
+    })?;
+    for record in decided {
+        push(manager, ready, record);
+    }
+    for key in &expired {
+        manager.remove(key)?;
     }
     tracker.end_walk();
     tracing::debug!(
-        entries = entries.len(),
-        removed,
+        entries,
+        removed = expired.len(),
         tracked = tracker.len(),
         "flow table walked"
     );
@@ -157,7 +249,7 @@ fn walk(
 /// Queues a record, naming its interface when it is still attached.
 fn push(manager: &DatapathManager, ready: &mut VecDeque<FlowRecord>, mut record: FlowRecord) {
     if let Some(name) = manager.interface_name(record.ifindex) {
-        record.interface = name;
+        name.clone_into(&mut record.interface);
     }
     ready.push_back(record);
 }

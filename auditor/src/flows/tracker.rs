@@ -3,7 +3,7 @@
 //! performs the lookups and deletions it asks for.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     time::{Duration, SystemTime},
 };
@@ -86,6 +86,10 @@ struct Tracked {
 pub struct FlowTracker {
     config: FlowsConfig,
     flows: HashMap<FlowKey, Tracked>,
+    /// Answer deadlines of pending flows in the order they became pending (so, near enough, in
+    /// deadline order): the deadline check looks at the due ones only, not at every flow.
+    /// Entries of flows decided since are skipped when they come up.
+    deadlines: VecDeque<(u64, FlowKey)>,
     walk: u64,
 }
 
@@ -95,6 +99,7 @@ impl FlowTracker {
         Self {
             config,
             flows: HashMap::new(),
+            deadlines: VecDeque::new(),
             walk: 0,
         }
     }
@@ -163,9 +168,13 @@ impl FlowTracker {
                 Some(t) if t.phase == Phase::Decided && mid_stream != 0 => {}
                 _ => {
                     let mut tracked = fresh();
+                    // The packet that created the entry, the initiator's (or the one taken for
+                    // it); later ones are counted when the table is read.
+                    tracked.packets[0] = 1;
                     if let Some(state) = state {
                         refresh(&mut tracked, state);
                     }
+                    self.expect_answer(key, &tracked);
                     self.flows.insert(key, tracked);
                 }
             }
@@ -194,18 +203,34 @@ impl FlowTracker {
         decide(key, tracked, outcome, finished, now)
     }
 
-    /// Keys of pending flows whose answer timeout has passed. Look each up in the table and call
-    /// [`FlowTracker::resolve`].
-    #[must_use]
-    pub fn due(&self, now: &Now) -> Vec<FlowKey> {
+    /// Queues a newly pending flow's answer deadline.
+    fn expect_answer(&mut self, key: FlowKey, tracked: &Tracked) {
+        let deadline = tracked
+            .first_seen_ns
+            .saturating_add(duration_ns(self.config.answer_timeout));
+        self.deadlines.push_back((deadline, key));
+    }
+
+    /// Keys of pending flows whose answer timeout has passed, each once, with when each was
+    /// first seen (kernel clock). Look each up in the table and call [`FlowTracker::resolve`].
+    pub fn due(&mut self, now: &Now) -> Vec<(FlowKey, u64)> {
         let timeout = duration_ns(self.config.answer_timeout);
-        self.flows
-            .iter()
-            .filter(|(_, t)| {
-                t.phase == Phase::Pending && t.first_seen_ns.saturating_add(timeout) <= now.mono_ns
-            })
-            .map(|(k, _)| *k)
-            .collect()
+        let mut due = Vec::new();
+        while let Some(&(deadline, key)) = self.deadlines.front() {
+            if deadline > now.mono_ns {
+                break;
+            }
+            self.deadlines.pop_front();
+            // A flow decided meanwhile, or one whose key was reused later (that use has an
+            // entry of its own further back), is not due.
+            if let Some(t) = self.flows.get(&key)
+                && t.phase == Phase::Pending
+                && t.first_seen_ns.saturating_add(timeout) <= now.mono_ns
+            {
+                due.push((key, t.first_seen_ns));
+            }
+        }
+        due
     }
 
     /// Decides a pending flow whose answer timeout has passed, from its table entry (`None` when
@@ -246,20 +271,34 @@ impl FlowTracker {
                 remove: false,
             };
         };
-        let tracked = self.flows.entry(*key).or_insert_with(|| Tracked {
-            initiator,
-            first_seen_ns: state.first_seen_ns,
-            last_seen_ns: state.last_seen_ns,
-            ifindex: state.ifindex,
-            direction: state.direction().unwrap_or(Direction::Ingress),
-            mid_stream: state.mid_stream != 0,
-            packets: state.packets,
-            bytes: state.bytes,
-            phase: Phase::Pending,
-            seen_in_walk: walk,
+        let timeout = duration_ns(self.config.answer_timeout);
+        let mut adopted = false;
+        let tracked = self.flows.entry(*key).or_insert_with(|| {
+            adopted = true;
+            Tracked {
+                initiator,
+                first_seen_ns: state.first_seen_ns,
+                last_seen_ns: state.last_seen_ns,
+                ifindex: state.ifindex,
+                direction: state.direction().unwrap_or(Direction::Ingress),
+                mid_stream: state.mid_stream != 0,
+                packets: state.packets,
+                bytes: state.bytes,
+                phase: Phase::Pending,
+                seen_in_walk: walk,
+            }
         });
         tracked.seen_in_walk = walk;
         refresh(tracked, state);
+        if adopted && outcome_of(state).is_none() {
+            // An adopted flow may be older than every queued one: then it goes first.
+            let deadline = tracked.first_seen_ns.saturating_add(timeout);
+            if self.deadlines.front().is_some_and(|(d, _)| deadline <= *d) {
+                self.deadlines.push_front((deadline, *key));
+            } else {
+                self.deadlines.push_back((deadline, *key));
+            }
+        }
         let finished = matches!(
             state.status(),
             Some(FlowStatus::Closed | FlowStatus::Refused)
@@ -496,13 +535,14 @@ mod tests {
         t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
         assert!(t.due(&now(4)).is_empty(), "due before the answer timeout");
         let due = t.due(&now(5));
-        assert_eq!(due, vec![key(proto::TCP).0]);
+        assert_eq!(due, vec![(key(proto::TCP).0, now(0).mono_ns)]);
+        assert!(t.due(&now(5)).is_empty(), "due once");
         let s = state(proto::TCP, FlowStatus::New, false, 0, 4);
-        let r = t.resolve(&due[0], Some(&s), &now(5)).unwrap();
+        let r = t.resolve(&due[0].0, Some(&s), &now(5)).unwrap();
         assert_eq!(r.outcome, Outcome::Unanswered);
         assert_eq!(r.packets.to_responder, 3);
         assert!(
-            t.resolve(&due[0], Some(&s), &now(6)).is_none(),
+            t.resolve(&due[0].0, Some(&s), &now(6)).is_none(),
             "decided twice"
         );
     }
