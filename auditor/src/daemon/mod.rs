@@ -255,6 +255,8 @@ struct Intended {
     rejected: u64,
     cluster_print: Fingerprint,
     policies_print: Fingerprint,
+    /// The generation whose rules have their hit series (see [`Metrics::ensure_rules`]).
+    rules_published: u64,
 }
 
 impl Intended {
@@ -284,6 +286,7 @@ impl Intended {
             rejected: 0,
             cluster_print: Fingerprint::default(),
             policies_print,
+            rules_published: 0,
         };
         match &settings.source {
             Source::Snapshot(paths) => {
@@ -439,7 +442,14 @@ impl Intended {
         &self.named_ports
     }
 
-    fn publish(&self, metrics: &Metrics) {
+    fn publish(&mut self, metrics: &Metrics) {
+        if self.rules_published != self.generation {
+            metrics.ensure_rules(
+                self.model
+                    .rule_names(crate::audit::judge::DEFAULT_DENY_RULE),
+            );
+            self.rules_published = self.generation;
+        }
         let mut per_kind = [
             (PolicyKind::NetworkPolicy, 0),
             (PolicyKind::CiliumNetworkPolicy, 0),

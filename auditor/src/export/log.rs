@@ -295,7 +295,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::SocketAddr;
 
     use auditor_ebpf::flow::{Direction as Hook, FlowKey, proto};
@@ -313,7 +313,9 @@ mod tests {
         panic!("a line that is not written is not explained")
     }
 
-    fn flow(verdict: AuditVerdict) -> AuditedFlow {
+    /// An audited flow for tests: monitoring/prometheus to db/postgres on TCP/5432, denied by
+    /// default by NetworkPolicy db/allow-web.
+    pub(crate) fn flow(verdict: AuditVerdict) -> AuditedFlow {
         let initiator: SocketAddr = "10.244.0.30:41000"
             .parse()
             .unwrap_or_else(|e| panic!("{e}"));

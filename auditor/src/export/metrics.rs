@@ -7,7 +7,8 @@
 //!   protocol, dst_port}`; one zero-valued series per verdict and possible outcome, with every
 //!   other label empty, exists from the start so `sum by (verdict)` alerts have a series;
 //! - `policy_rule_hits_total{policy_kind, policy_namespace, policy_name, direction, rule, action}`
-//!   (`rule="default-deny"` for each policy isolating a pod no rule admitted the flow to);
+//!   (`rule="default-deny"` for each policy isolating a pod no rule admitted the flow to), one
+//!   series per rule of every loaded policy from the moment it is loaded, at zero until used;
 //! - `lost_events_total{source=ring_buffer|flow_table|sampling}`, `flow_table_entries`,
 //!   `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`, `policies{kind}`,
 //!   `policy_errors`, `model_generation`, `model_last_update_timestamp_seconds`,
@@ -26,7 +27,7 @@ use prometheus_client::registry::{Registry, Unit};
 use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::audit::{AuditVerdict, AuditedFlow, Decision};
-use crate::policy::ir::{PolicyKey, PolicyKind};
+use crate::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
 
 use super::ExportError;
 
@@ -145,8 +146,20 @@ impl RuleLabels {
     }
 
     fn hash_of(decision: &Decision) -> u64 {
+        Self::hash_parts(
+            &decision.policy,
+            decision.direction,
+            &decision.rule,
+            decision.action,
+        )
+    }
+
+    fn hash_parts(policy: &PolicyKey, direction: Direction, rule: &str, action: Action) -> u64 {
         let mut h = FxHasher::default();
-        decision.hash(&mut h);
+        policy.hash(&mut h);
+        direction.hash(&mut h);
+        rule.hash(&mut h);
+        action.hash(&mut h);
         h.finish()
     }
 }
@@ -170,6 +183,24 @@ impl<L> Default for Series<L> {
 }
 
 impl<L: Clone + Hash + Eq> Series<L> {
+    /// Creates the series `matches` picks among those hashed `hash` (labels from `make`) at
+    /// zero, if it does not exist yet.
+    fn ensure(
+        &mut self,
+        family: &Family<L, Counter>,
+        hash: u64,
+        matches: impl Fn(&L) -> bool,
+        make: impl FnOnce() -> L,
+    ) {
+        let bucket = self.by_hash.entry(hash).or_default();
+        if !bucket.iter().any(|(labels, _)| matches(labels)) {
+            let labels = make();
+            let counter = family.get_or_create(&labels).clone();
+            bucket.push((labels, counter));
+            self.len += 1;
+        }
+    }
+
     /// Adds one to the series `matches` picks among those hashed `hash`, creating it (labels
     /// from `make`) in `family` when new.
     fn inc(
@@ -467,6 +498,42 @@ impl Metrics {
         }
     }
 
+    /// Makes sure every way the model's policies can decide a flow has a hit series, at zero
+    /// until used (see [`crate::policy::model::Model::rule_names`]), so rules nothing used are
+    /// listed. Series of rules a changed policy no longer has stay until the policy goes.
+    pub fn ensure_rules<'a>(
+        &self,
+        rules: impl Iterator<Item = (&'a PolicyKey, Direction, &'a str, Action)>,
+    ) {
+        let mut series = lock(&self.rule_series);
+        for (policy, direction, rule, action) in rules {
+            series.ensure(
+                &self.rule_hits,
+                RuleLabels::hash_parts(policy, direction, rule, action),
+                |l| {
+                    l.names(policy)
+                        && l.direction == direction.as_str()
+                        && l.rule == rule
+                        && l.action == action.as_str()
+                },
+                || RuleLabels {
+                    policy_kind: policy.kind.as_str().to_owned(),
+                    policy_namespace: policy.namespace.clone(),
+                    policy_name: policy.name.clone(),
+                    direction: direction.as_str().to_owned(),
+                    rule: rule.to_owned(),
+                    action: action.as_str().to_owned(),
+                },
+            );
+        }
+    }
+
+    /// The current value of a rule series (`None` when it does not exist).
+    #[must_use]
+    pub fn rule_count(&self, labels: &RuleLabels) -> Option<u64> {
+        self.rule_hits.get(labels).map(|c| c.get())
+    }
+
     /// The current value of a flow series (`None` when it does not exist).
     #[must_use]
     pub fn flow_count(&self, labels: &FlowLabels) -> Option<u64> {
@@ -667,6 +734,48 @@ mod tests {
             "# HELP a_flows_total Flows.\n# TYPE a_flows_total counter\na_flows_total{x=\"1\"} 3\n\
              # HELP a_age Age.\n# TYPE a_age_seconds gauge\na_age_seconds 1.5\n"
         );
+    }
+
+    #[test]
+    fn every_rule_has_a_series_from_the_start_and_hits_count_in_it() {
+        let m = Metrics::new();
+        let policy = PolicyKey {
+            kind: PolicyKind::NetworkPolicy,
+            namespace: "db".into(),
+            name: "allow-web".into(),
+        };
+        let rules = [
+            (&policy, Direction::Ingress, "ingress[0]", Action::Allow),
+            (&policy, Direction::Ingress, "default-deny", Action::Deny),
+        ];
+        m.ensure_rules(rules.into_iter());
+        m.ensure_rules(rules.into_iter());
+        let labels = |rule: &str, action: &str| RuleLabels {
+            policy_kind: "NetworkPolicy".into(),
+            policy_namespace: "db".into(),
+            policy_name: "allow-web".into(),
+            direction: "ingress".into(),
+            rule: rule.into(),
+            action: action.into(),
+        };
+        assert_eq!(m.rule_count(&labels("ingress[0]", "allow")), Some(0));
+        assert_eq!(m.rule_count(&labels("default-deny", "deny")), Some(0));
+        assert_eq!(lock(&m.rule_series).len, 2, "ensured twice, created once");
+        // The flow denied by default counts in the series made for it, not a new one.
+        m.record(&crate::export::log::tests::flow(AuditVerdict::Unexpected));
+        assert_eq!(m.rule_count(&labels("default-deny", "deny")), Some(1));
+        assert_eq!(m.rule_count(&labels("ingress[0]", "allow")), Some(0));
+        assert_eq!(lock(&m.rule_series).len, 2);
+        let text = m
+            .encode(SystemTime::now())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            text.contains("rule=\"ingress[0]\",action=\"allow\"} 0\n"),
+            "{text}"
+        );
+        // The policy going takes its series along.
+        assert_eq!(m.remove_policy(&policy), 2);
+        assert_eq!(m.rule_count(&labels("ingress[0]", "allow")), None);
     }
 
     #[test]

@@ -1063,6 +1063,34 @@ impl Model {
         Some((&policy.key, &entry.rule))
     }
 
+    /// Every way a loaded policy can decide a flow, as (policy, direction, rule name, action):
+    /// each of its rules, and a `default_deny` named entry per direction it isolates. The
+    /// daemon exposes a zero-valued hit series for each, so rules nothing used show up.
+    pub fn rule_names<'a>(
+        &'a self,
+        default_deny: &'a str,
+    ) -> impl Iterator<Item = (&'a PolicyKey, Direction, &'a str, Action)> + 'a {
+        self.policies.iter().flatten().flat_map(move |policy| {
+            let rules = policy.rules.iter().filter_map(|rid| {
+                let entry = self.rules.get(rid.0 as usize)?.as_ref()?;
+                Some((
+                    &policy.key,
+                    entry.rule.direction,
+                    entry.rule.name.as_str(),
+                    entry.rule.action,
+                ))
+            });
+            let mut directions: Vec<Direction> =
+                policy.isolations.iter().map(|(_, d)| *d).collect();
+            directions.sort_by_key(|d| dir_index(*d));
+            directions.dedup();
+            let isolations = directions
+                .into_iter()
+                .map(move |d| (&policy.key, d, default_deny, Action::Deny));
+            rules.chain(isolations)
+        })
+    }
+
     /// The policies that isolate the pod at `ip` for a direction (for explanations).
     /// Deny rules of the pod at `subject` for `direction` whose ports fit the flow but whose
     /// peers cannot all be judged from addresses (Cilium deny rules with `toServices`,
