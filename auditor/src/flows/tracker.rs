@@ -85,7 +85,9 @@ struct Tracked {
 #[derive(Debug)]
 pub struct FlowTracker {
     config: FlowsConfig,
-    flows: HashMap<FlowKey, Tracked>,
+    /// Keyed by what pods send: a seeded hash, so no one can aim collisions at it, and a fast
+    /// one (SipHash was a tenth of the daemon's time).
+    flows: HashMap<FlowKey, Tracked, foldhash::fast::RandomState>,
     /// Answer deadlines of pending flows in the order they became pending (so, near enough, in
     /// deadline order): the deadline check looks at the due ones only, not at every flow.
     /// Entries of flows decided since are skipped when they come up.
@@ -98,7 +100,7 @@ impl FlowTracker {
     pub fn new(config: FlowsConfig) -> Self {
         Self {
             config,
-            flows: HashMap::new(),
+            flows: HashMap::default(),
             deadlines: VecDeque::new(),
             walk: 0,
         }
