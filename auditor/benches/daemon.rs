@@ -4,11 +4,16 @@
 //! The node routes them to a blackhole, so every flow stays unanswered and is decided at the
 //! answer timeout; meanwhile the 64k-entry flow table stays full. Needs root.
 //!
-//! Figures: `flows_per_s` is flows counted (read from `/metrics`) over the time from the first
-//! packet to the last flow counted, less the answer timeout every flow has to wait; `lost` is
-//! what the datapath reports lost (ring buffer full, table inserts failed), read from
-//! `/metrics` too, and counted flows plus lost must cover every packet sent; `rss_mib` is the
-//! daemon's largest resident set (VmRSS) seen during the run. Ends with the one summary line.
+//! Two phases, each flow to a destination never used before (sent with `sendmmsg`, 64 per call):
+//! 64,000 new flows, counted, then the daemon's resident set (VmRSS) with those 64,000 flows
+//! tracked; then `FA_BENCH_FLOWS` more (450,000) at `FA_BENCH_RATE` per second (150,000).
+//!
+//! Figures: `flows_per_s` is the second phase's flows counted (read from `/metrics`) over the
+//! time from its first packet to its last flow counted, less the answer timeout every flow has
+//! to wait; `lost` is what the datapath reports lost in both phases (ring buffer full, table
+//! inserts failed), read from `/metrics` too, and counted flows plus lost must cover every
+//! packet sent; `rss_mib` is the resident set with 64,000 tracked flows. The second phase's
+//! peak resident set is printed on its own line. Ends with the one summary line.
 
 #[path = "../tests/common/netns.rs"]
 mod netns;
