@@ -872,3 +872,61 @@ fn sampling_skips_established_packets_but_never_state_changes() {
     );
     assert_eq!(h.events().len(), 2, "New and Answered");
 }
+
+/// The table walk reads entries in batches (`BPF_MAP_LOOKUP_BATCH`): it must see exactly the
+/// entries a one-by-one iteration sees, in both tables, with the same values, including tables
+/// larger than one batch and buckets holding several entries.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn batched_walk_reads_every_entry_once() {
+    let mut h = Harness::with_config(&DatapathConfig {
+        flow_table_entries: 16_384,
+        ..DatapathConfig::default()
+    });
+    let (v4, v6) = (9_000u16, 300u16);
+    for i in 0..v4 {
+        h.pass(
+            Direction::Egress,
+            &eth_ip(&ipv4(CLIENT4, SERVER4, UDP, &udp(10_000 + i, 53, b"q"))),
+        );
+    }
+    for i in 0..v6 {
+        h.pass(
+            Direction::Egress,
+            &eth_ip(&ipv6(CLIENT6, SERVER6, UDP, &udp(20_000 + i, 53, b"q"))),
+        );
+    }
+    let mut batched = std::collections::HashMap::new();
+    let read = h
+        .datapath
+        .for_each_flow(|key, state| {
+            assert!(
+                batched.insert(key, *state).is_none(),
+                "entry {key:?} read twice"
+            );
+        })
+        .unwrap_or_else(|e| panic!("batched walk: {e}"));
+    let one_by_one: std::collections::HashMap<FlowKey, FlowState> = h
+        .datapath
+        .flows()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .iter()
+        .map(|entry| entry.unwrap_or_else(|e| panic!("walk: {e}")))
+        .collect();
+    assert_eq!(read, usize::from(v4 + v6));
+    assert_eq!(batched.len(), usize::from(v4 + v6));
+    assert!(
+        batched == one_by_one,
+        "the batched walk and the one-by-one walk differ"
+    );
+    let (probe, _) = key(
+        UDP,
+        (IpAddr::V6(CLIENT6), 20_000 + v6 - 1),
+        (IpAddr::V6(SERVER6), 53),
+    );
+    assert_eq!(
+        batched.get(&probe).map(|s| s.packets),
+        Some([1, 0]),
+        "an IPv6 flow's entry, widened key and value"
+    );
+}
