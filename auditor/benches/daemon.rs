@@ -20,8 +20,7 @@ mod netns;
 
 use std::{
     fmt::Write as _,
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -200,21 +199,9 @@ impl Drop for Daemon {
     }
 }
 
+/// `GET path` against the daemon in the node namespace: (status, body).
 fn get(node: &Netns, path: &str) -> Option<(u16, String)> {
-    node.run(|| {
-        let addr: SocketAddr = METRICS.parse().ok()?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: auditor\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        Some((status, response.split_once("\r\n\r\n")?.1.to_owned()))
-    })
+    node.http_get(METRICS, path)
 }
 
 /// What the bench reads from one scrape.

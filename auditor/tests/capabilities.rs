@@ -9,15 +9,14 @@ mod netns;
 
 use std::{
     ffi::CString,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use netns::{Netns, require_root};
+use netns::{Netns, flows_total, require_root, sample};
 use serde_yaml_ng::Value;
 
 const POD_A: &str = "192.0.2.10";
@@ -326,43 +325,7 @@ impl Drop for Daemon {
 
 /// `GET path` against the daemon in the node namespace: (status, body).
 fn get(node: &Netns, path: &str) -> Option<(u16, String)> {
-    node.run(|| {
-        let addr: SocketAddr = METRICS.parse().ok()?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: auditor\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n")?.1.to_owned();
-        Some((status, body))
-    })
-}
-
-/// The value of the sample whose name and labels are exactly `series`, 0 when absent.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0.0, |v| {
-            v.split(' ')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("bad value of {series}: {v}"))
-        })
-}
-
-/// Sum of every `flow_auditor_flows_total` sample.
-fn flows_total(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("flow_auditor_flows_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    node.http_get(METRICS, path)
 }
 
 /// Programs of ours attached by TCX to `ifname` in `ns`, both directions.

@@ -10,15 +10,14 @@ mod apiserver;
 mod netns;
 
 use std::fs::File;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use apiserver::ApiServer;
-use netns::{Netns, require_root};
+use netns::{Netns, require_root, sample};
 use serde_json::{Value, json};
 
 const POD_A: &str = "192.0.2.10";
@@ -250,34 +249,7 @@ impl Drop for Daemon {
 
 /// `GET path` against the daemon in the node namespace: (status, body).
 fn get(node: &Netns, path: &str) -> Option<(u16, String)> {
-    node.run(|| {
-        let addr: SocketAddr = METRICS.parse().ok()?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: auditor\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n")?.1.to_owned();
-        Some((status, body))
-    })
-}
-
-/// The value of the sample whose name and labels are exactly `series`, 0 when absent.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0.0, |v| {
-            v.split(' ')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("bad value of {series}: {v}"))
-        })
+    node.http_get(METRICS, path)
 }
 
 fn udp_series(verdict: &str) -> String {

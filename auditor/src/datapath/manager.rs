@@ -202,7 +202,7 @@ impl DatapathManager {
     }
 
     /// Reads what the ring buffer holds now, without waiting for a wake-up.
-    fn read_events(&mut self) -> Vec<FlowEvent> {
+    pub fn read_events(&mut self) -> Vec<FlowEvent> {
         let (events, undecodable) = drain(self.events.get_mut());
         self.undecodable_events += undecodable;
         events
@@ -216,11 +216,6 @@ impl DatapathManager {
     pub fn events_lost(&self) -> Result<u64, ManagerError> {
         let totals = self.datapath.counter_totals()?;
         Ok(totals.get(Counter::EventsLost) + self.undecodable_events)
-    }
-
-    /// Events waiting in the ring buffer now, without waiting for more.
-    pub fn pending_events(&mut self) -> Vec<FlowEvent> {
-        self.read_events()
     }
 
     /// A flow's table entry now; `None` when it is not (or no longer) in the table.

@@ -183,43 +183,27 @@ impl<L> Default for Series<L> {
 }
 
 impl<L: Clone + Hash + Eq> Series<L> {
-    /// Creates the series `matches` picks among those hashed `hash` (labels from `make`) at
-    /// zero, if it does not exist yet.
-    fn ensure(
+    /// The counter of the series `matches` picks among those hashed `hash`, created at zero
+    /// (labels from `make`) in `family` when new.
+    fn counter(
         &mut self,
         family: &Family<L, Counter>,
         hash: u64,
         matches: impl Fn(&L) -> bool,
         make: impl FnOnce() -> L,
-    ) {
+    ) -> &Counter {
         let bucket = self.by_hash.entry(hash).or_default();
-        if !bucket.iter().any(|(labels, _)| matches(labels)) {
-            let labels = make();
-            let counter = family.get_or_create(&labels).clone();
-            bucket.push((labels, counter));
-            self.len += 1;
-        }
-    }
-
-    /// Adds one to the series `matches` picks among those hashed `hash`, creating it (labels
-    /// from `make`) in `family` when new.
-    fn inc(
-        &mut self,
-        family: &Family<L, Counter>,
-        hash: u64,
-        matches: impl Fn(&L) -> bool,
-        make: impl FnOnce() -> L,
-    ) {
-        let bucket = self.by_hash.entry(hash).or_default();
-        if let Some((_, counter)) = bucket.iter().find(|(labels, _)| matches(labels)) {
-            counter.inc();
-            return;
-        }
-        let labels = make();
-        let counter = family.get_or_create(&labels).clone();
-        counter.inc();
-        bucket.push((labels, counter));
-        self.len += 1;
+        let at = match bucket.iter().position(|(labels, _)| matches(labels)) {
+            Some(at) => at,
+            None => {
+                let labels = make();
+                let counter = family.get_or_create(&labels).clone();
+                bucket.push((labels, counter));
+                self.len += 1;
+                bucket.len() - 1
+            }
+        };
+        &bucket[at].1
     }
 
     /// Removes the series `gone` picks from here and from `family`; returns how many.
@@ -481,20 +465,24 @@ impl Metrics {
     pub fn record(&self, flow: &AuditedFlow) {
         // Under the index's lock, so a concurrent removal sees the series in both places or
         // neither.
-        lock(&self.flow_series).inc(
-            &self.flows,
-            FlowLabels::hash_of(flow),
-            |labels| labels.describe(flow),
-            || FlowLabels::of(flow),
-        );
+        lock(&self.flow_series)
+            .counter(
+                &self.flows,
+                FlowLabels::hash_of(flow),
+                |labels| labels.describe(flow),
+                || FlowLabels::of(flow),
+            )
+            .inc();
         let mut rule_series = lock(&self.rule_series);
         for decision in &flow.judgement.decisions {
-            rule_series.inc(
-                &self.rule_hits,
-                RuleLabels::hash_of(decision),
-                |labels| labels.describe(decision),
-                || RuleLabels::of(decision),
-            );
+            rule_series
+                .counter(
+                    &self.rule_hits,
+                    RuleLabels::hash_of(decision),
+                    |labels| labels.describe(decision),
+                    || RuleLabels::of(decision),
+                )
+                .inc();
         }
     }
 
@@ -507,7 +495,7 @@ impl Metrics {
     ) {
         let mut series = lock(&self.rule_series);
         for (policy, direction, rule, action) in rules {
-            series.ensure(
+            series.counter(
                 &self.rule_hits,
                 RuleLabels::hash_parts(policy, direction, rule, action),
                 |l| {

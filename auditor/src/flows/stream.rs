@@ -89,7 +89,7 @@ impl FlowStream {
             // buffer keeps being read, or it would fill.
             if *handed_out >= EVENTS_EVERY {
                 *handed_out = 0;
-                let events = manager.pending_events();
+                let events = manager.read_events();
                 on_events(manager, tracker, ready, &events, &Now::read())?;
             }
             if let Some(record) = ready.pop_front() {
@@ -105,7 +105,7 @@ impl FlowStream {
                 _ = ticks.tick() => {
                     // Events already sent are read first: an answer in the ring buffer must not
                     // lose the race against its flow's deadline.
-                    let events = manager.pending_events();
+                    let events = manager.read_events();
                     let now = Now::read();
                     on_events(manager, tracker, ready, &events, &now)?;
                     let lost = manager.events_lost()?;

@@ -10,9 +10,12 @@
 
 use std::{
     fs::File,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
     os::fd::AsRawFd as _,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -277,4 +280,49 @@ pub fn calico_pod(node: &Netns, pod: &Netns, cali: &str, addr: &str, tag: u8) {
         "nud",
         "permanent",
     ]);
+}
+
+impl Netns {
+    /// `GET path` from inside this namespace against `addr` (a daemon's metrics address):
+    /// (status, body), `None` when nothing answers.
+    pub fn http_get(&self, addr: &str, path: &str) -> Option<(u16, String)> {
+        self.run(|| {
+            let addr: SocketAddr = addr.parse().ok()?;
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: auditor\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).ok()?;
+            let status = response.split(' ').nth(1)?.parse().ok()?;
+            let body = response.split_once("\r\n\r\n")?.1.to_owned();
+            Some((status, body))
+        })
+    }
+}
+
+/// The value of the sample whose name and labels are exactly `series` in a metrics text, 0 when
+/// absent.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| {
+            v.split(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("bad value of {series}: {v}"))
+        })
+}
+
+/// Sum of every `flow_auditor_flows_total` sample in a metrics text.
+pub fn flows_total(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("flow_auditor_flows_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
