@@ -15,8 +15,8 @@
 //!   `inventory_staleness_seconds`, `unexpected_logs_suppressed_total`, `build_info{version}`.
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher as _};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use prometheus_client::encoding::{EncodeLabelSet, text};
@@ -111,29 +111,30 @@ impl FlowLabels {
 /// Labels of `flow_auditor_policy_rule_hits_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleLabels {
-    pub policy_kind: String,
-    pub policy_namespace: String,
-    pub policy_name: String,
-    pub direction: String,
-    pub rule: String,
-    pub action: String,
+    pub policy_kind: &'static str,
+    /// Shared by the series of one policy's rules, and with the series index.
+    pub policy_namespace: Arc<str>,
+    pub policy_name: Arc<str>,
+    pub direction: &'static str,
+    pub rule: Arc<str>,
+    pub action: &'static str,
 }
 
 impl RuleLabels {
     fn names(&self, key: &PolicyKey) -> bool {
         self.policy_kind == key.kind.as_str()
-            && self.policy_namespace == key.namespace
-            && self.policy_name == key.name
+            && *self.policy_namespace == *key.namespace
+            && *self.policy_name == *key.name
     }
 
     fn of(decision: &Decision) -> Self {
         Self {
-            policy_kind: decision.policy.kind.as_str().to_owned(),
-            policy_namespace: decision.policy.namespace.clone(),
-            policy_name: decision.policy.name.clone(),
-            direction: decision.direction.as_str().to_owned(),
-            rule: decision.rule.clone(),
-            action: decision.action.as_str().to_owned(),
+            policy_kind: decision.policy.kind.as_str(),
+            policy_namespace: decision.policy.namespace.as_str().into(),
+            policy_name: decision.policy.name.as_str().into(),
+            direction: decision.direction.as_str(),
+            rule: decision.rule.as_str().into(),
+            action: decision.action.as_str(),
         }
     }
 
@@ -141,7 +142,7 @@ impl RuleLabels {
     fn describe(&self, decision: &Decision) -> bool {
         self.names(&decision.policy)
             && self.direction == decision.direction.as_str()
-            && self.rule == decision.rule
+            && *self.rule == *decision.rule
             && self.action == decision.action.as_str()
     }
 
@@ -192,7 +193,12 @@ impl<L: Clone + Hash + Eq> Series<L> {
         matches: impl Fn(&L) -> bool,
         make: impl FnOnce() -> L,
     ) -> &Counter {
-        let bucket = self.by_hash.entry(hash).or_default();
+        // Nearly every bucket holds one series: sized exactly, not the four a pushed-to empty
+        // `Vec` reserves (with thousands of rule series that was most of their memory).
+        let bucket = self
+            .by_hash
+            .entry(hash)
+            .or_insert_with(|| Vec::with_capacity(1));
         let at = match bucket.iter().position(|(labels, _)| matches(labels)) {
             Some(at) => at,
             None => {
@@ -494,23 +500,35 @@ impl Metrics {
         rules: impl Iterator<Item = (&'a PolicyKey, Direction, &'a str, Action)>,
     ) {
         let mut series = lock(&self.rule_series);
+        // The rules come policy by policy: one copy of a policy's names serves all its series.
+        let mut names: Option<(&PolicyKey, Arc<str>, Arc<str>)> = None;
         for (policy, direction, rule, action) in rules {
+            if names.as_ref().is_none_or(|(key, _, _)| *key != policy) {
+                names = Some((
+                    policy,
+                    policy.namespace.as_str().into(),
+                    policy.name.as_str().into(),
+                ));
+            }
+            let Some((_, namespace, name)) = &names else {
+                continue;
+            };
             series.counter(
                 &self.rule_hits,
                 RuleLabels::hash_parts(policy, direction, rule, action),
                 |l| {
                     l.names(policy)
                         && l.direction == direction.as_str()
-                        && l.rule == rule
+                        && *l.rule == *rule
                         && l.action == action.as_str()
                 },
                 || RuleLabels {
-                    policy_kind: policy.kind.as_str().to_owned(),
-                    policy_namespace: policy.namespace.clone(),
-                    policy_name: policy.name.clone(),
-                    direction: direction.as_str().to_owned(),
-                    rule: rule.to_owned(),
-                    action: action.as_str().to_owned(),
+                    policy_kind: policy.kind.as_str(),
+                    policy_namespace: Arc::clone(namespace),
+                    policy_name: Arc::clone(name),
+                    direction: direction.as_str(),
+                    rule: rule.into(),
+                    action: action.as_str(),
                 },
             );
         }
@@ -543,7 +561,7 @@ impl Metrics {
         let flows =
             self.remove_flows(|l| l.src_namespace == namespace || l.dst_namespace == namespace);
         let rules =
-            lock(&self.rule_series).remove(&self.rule_hits, |l| l.policy_namespace == namespace);
+            lock(&self.rule_series).remove(&self.rule_hits, |l| *l.policy_namespace == *namespace);
         flows + rules
     }
 
@@ -738,13 +756,13 @@ mod tests {
         ];
         m.ensure_rules(rules.into_iter());
         m.ensure_rules(rules.into_iter());
-        let labels = |rule: &str, action: &str| RuleLabels {
-            policy_kind: "NetworkPolicy".into(),
+        let labels = |rule: &str, action: &'static str| RuleLabels {
+            policy_kind: "NetworkPolicy",
             policy_namespace: "db".into(),
             policy_name: "allow-web".into(),
-            direction: "ingress".into(),
+            direction: "ingress",
             rule: rule.into(),
-            action: action.into(),
+            action,
         };
         assert_eq!(m.rule_count(&labels("ingress[0]", "allow")), Some(0));
         assert_eq!(m.rule_count(&labels("default-deny", "deny")), Some(0));
