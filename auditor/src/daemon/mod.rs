@@ -214,6 +214,7 @@ impl Settings {
 /// Bad flags, configuration or snapshot files ([`DaemonError::is_bad_input`]), or a failure of
 /// the datapath, the metrics endpoint or the API client.
 pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
+    tune_allocator();
     let settings = Settings::from_args(args)?;
     let intended = Intended::initial(&settings)?;
     release_freed_memory();
@@ -225,6 +226,21 @@ pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(daemon(settings, intended))
+}
+
+/// glibc's defaults trade memory for speed in ways a small agent does not want: an arena per
+/// thread (each keeps its own free memory), and a threshold for serving large blocks from `mmap`
+/// that rises each time such a block is freed, after which the flow tables' large, regrown
+/// arrays come from the heap and leave holes when they are replaced. One arena (the pipeline is
+/// one thread; scrapes and watches are light) and a fixed threshold, so a freed large array
+/// goes back to the kernel at once. musl needs neither.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
 }
 
 /// Parsing a snapshot builds large temporary object trees; glibc keeps the freed pages resident,
