@@ -97,7 +97,11 @@ impl Ctx<'_> {
 }
 
 fn labels(meta: &ObjectMeta) -> Labels {
-    meta.labels.clone().unwrap_or_default()
+    meta.labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
 }
 
 pub fn namespace(object: &core::Namespace) -> Result<Namespace, ObjectError> {
@@ -115,7 +119,7 @@ pub fn namespace(object: &core::Namespace) -> Result<Namespace, ObjectError> {
 fn deployment_of_replicaset(replicaset: &str, pod_labels: &Labels) -> Option<String> {
     if let Some(hash) = pod_labels.get("pod-template-hash") {
         return replicaset
-            .strip_suffix(hash.as_str())
+            .strip_suffix(hash)
             .and_then(|s| s.strip_suffix('-'))
             .map(str::to_owned);
     }
@@ -231,10 +235,7 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ObjectError> {
         .and_then(|s| s.service_account_name.as_deref())
         .filter(|sa| !sa.is_empty())
         .unwrap_or("default");
-    pod_labels.insert(
-        super::CILIUM_SERVICE_ACCOUNT_LABEL.to_owned(),
-        service_account.to_owned(),
-    );
+    pod_labels.insert(super::CILIUM_SERVICE_ACCOUNT_LABEL, service_account);
     Ok(Pod {
         namespace: ctx.namespace(),
         workload,
@@ -337,7 +338,11 @@ pub fn service(object: &core::Service) -> Result<Service, ObjectError> {
                 target,
             });
         }
-        selector = spec.selector.clone().filter(|s| !s.is_empty());
+        selector = spec
+            .selector
+            .clone()
+            .filter(|s| !s.is_empty())
+            .map(Labels::from);
     }
     Ok(Service {
         namespace: ctx.namespace(),
