@@ -4,6 +4,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    hash::BuildHasher as _,
     net::SocketAddr,
     time::{Duration, SystemTime},
 };
@@ -58,14 +59,17 @@ pub struct WalkVerdict {
     pub remove: bool,
 }
 
+/// A flow whose outcome is known: all the tracker keeps of it until its table entry goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Pending,
-    Decided,
+struct Settled {
+    last_seen_ns: u64,
+    /// Walk generation that last saw the entry in the table.
+    seen_in_walk: u32,
     /// TCP close seen (or the flow was refused): only lingers until deletion.
-    Finished,
+    finished: bool,
 }
 
+/// A flow waiting for its answer, with what its record will carry.
 #[derive(Debug, Clone)]
 struct Tracked {
     initiator: Side,
@@ -76,23 +80,27 @@ struct Tracked {
     mid_stream: bool,
     packets: [u64; 2],
     bytes: [u64; 2],
-    phase: Phase,
-    /// Walk generation that last saw the entry in the table.
-    seen_in_walk: u64,
 }
 
 /// Decides each flow's outcome once. See the [module docs](super) for the life of a flow.
 #[derive(Debug)]
 pub struct FlowTracker {
     config: FlowsConfig,
-    /// Keyed by what pods send: a seeded hash, so no one can aim collisions at it, and a fast
-    /// one (SipHash was a tenth of the daemon's time).
-    flows: HashMap<FlowKey, Tracked, foldhash::fast::RandomState>,
+    /// Flows waiting for an answer, by key. The maps hash what pods send: a seeded hash, so no
+    /// one can aim collisions at them, and a fast one (SipHash was a tenth of the daemon's time).
+    pending: HashMap<FlowKey, Tracked, foldhash::fast::RandomState>,
+    /// Decided flows still in the table, by a seeded 64-bit hash of their key: most tracked flows
+    /// are here, and an entry is 24 bytes instead of 104. A false match needs two of the table's
+    /// (at most some 10^5) keys to share a hash, about one chance in 10^9 for a full table; it
+    /// would make the later flow's `New` look like a resumed one (`mid_stream`) or its events
+    /// look like the earlier one's, so that one flow would go uncounted.
+    settled: HashMap<u64, Settled, rustc_hash::FxBuildHasher>,
+    hasher: foldhash::fast::RandomState,
     /// Answer deadlines of pending flows in the order they became pending (so, near enough, in
     /// deadline order): the deadline check looks at the due ones only, not at every flow.
     /// Entries of flows decided since are skipped when they come up.
     deadlines: VecDeque<(u64, FlowKey)>,
-    walk: u64,
+    walk: u32,
 }
 
 impl FlowTracker {
@@ -100,7 +108,9 @@ impl FlowTracker {
     pub fn new(config: FlowsConfig) -> Self {
         Self {
             config,
-            flows: HashMap::default(),
+            pending: HashMap::default(),
+            settled: HashMap::default(),
+            hasher: foldhash::fast::RandomState::default(),
             deadlines: VecDeque::new(),
             walk: 0,
         }
@@ -114,21 +124,22 @@ impl FlowTracker {
     /// Flows tracked now (pending, decided or lingering).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.flows.len()
+        self.pending.len() + self.settled.len()
     }
 
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.flows.is_empty()
+        self.pending.is_empty() && self.settled.is_empty()
     }
 
     /// Flows still waiting for an answer.
     #[must_use]
     pub fn pending(&self) -> usize {
-        self.flows
-            .values()
-            .filter(|t| t.phase == Phase::Pending)
-            .count()
+        self.pending.len()
+    }
+
+    fn hash(&self, key: &FlowKey) -> u64 {
+        self.hasher.hash_one(key)
     }
 
     /// Feeds one ring-buffer event. `state` is the flow's table entry read right after the event
@@ -150,6 +161,7 @@ impl FlowTracker {
             mid_stream,
         } = *event;
         let (kind, initiator, direction) = (event.kind()?, event.initiator()?, event.direction()?);
+        let hash = self.hash(&key);
         let fresh = || Tracked {
             initiator,
             first_seen_ns: ts_ns,
@@ -159,33 +171,42 @@ impl FlowTracker {
             mid_stream: mid_stream != 0,
             packets: [0; 2],
             bytes: [0; 2],
-            phase: Phase::Pending,
-            seen_in_walk: 0,
         };
         if kind == EventKind::New {
-            match self.flows.get(&key) {
-                // The same flow seen on a second CPU or interface in the same instant.
-                Some(t) if t.phase == Phase::Pending => {}
-                // A flow we already reported, resuming after its entry was deleted or evicted.
-                Some(t) if t.phase == Phase::Decided && mid_stream != 0 => {}
-                _ => {
-                    let mut tracked = fresh();
-                    // The packet that created the entry, the initiator's (or the one taken for
-                    // it); later ones are counted when the table is read.
-                    tracked.packets[0] = 1;
-                    if let Some(state) = state {
-                        refresh(&mut tracked, state);
-                    }
-                    self.expect_answer(key, &tracked);
-                    self.flows.insert(key, tracked);
-                }
+            // The same flow seen on a second CPU or interface in the same instant.
+            if self.pending.contains_key(&key) {
+                return None;
             }
+            // A flow we already reported, resuming after its entry was deleted or evicted.
+            if mid_stream != 0 && self.settled.get(&hash).is_some_and(|s| !s.finished) {
+                return None;
+            }
+            self.settled.remove(&hash);
+            let mut tracked = fresh();
+            // The packet that created the entry, the initiator's (or the one taken for it);
+            // later ones are counted when the table is read.
+            tracked.packets[0] = 1;
+            if let Some(state) = state {
+                refresh(&mut tracked, state);
+            }
+            self.expect_answer(key, &tracked);
+            self.pending.insert(key, tracked);
+            return None;
+        }
+        let finished = matches!(kind, EventKind::Closed | EventKind::Refused);
+        // Already decided: the event only moves it on to lingering.
+        if let Some(settled) = self.settled.get_mut(&hash) {
+            settled.last_seen_ns = settled
+                .last_seen_ns
+                .max(ts_ns)
+                .max(state.map_or(0, |s| s.last_seen_ns));
+            settled.finished |= finished;
             return None;
         }
         // An answer, refusal or close whose `New` we never saw (lost event, or started before us).
-        let tracked = self.flows.entry(key).or_insert_with(fresh);
+        let mut tracked = self.pending.remove(&key).unwrap_or_else(fresh);
         if let Some(state) = state {
-            refresh(tracked, state);
+            refresh(&mut tracked, state);
         }
         tracked.last_seen_ns = tracked.last_seen_ns.max(ts_ns);
         let outcome = match kind {
@@ -201,8 +222,7 @@ impl FlowTracker {
                 }
             }
         };
-        let finished = matches!(kind, EventKind::Closed | EventKind::Refused);
-        decide(key, tracked, outcome, finished, now)
+        self.settle(key, &tracked, outcome, finished, now)
     }
 
     /// Queues a newly pending flow's answer deadline.
@@ -225,12 +245,19 @@ impl FlowTracker {
             self.deadlines.pop_front();
             // A flow decided meanwhile, or one whose key was reused later (that use has an
             // entry of its own further back), is not due.
-            if let Some(t) = self.flows.get(&key)
-                && t.phase == Phase::Pending
+            if let Some(t) = self.pending.get(&key)
                 && t.first_seen_ns.saturating_add(timeout) <= now.mono_ns
             {
                 due.push((key, t.first_seen_ns));
             }
+        }
+        // A burst of new flows grows these far beyond what the steady state needs, and a hash
+        // map never shrinks by itself: give the room back once the burst has been decided.
+        shrink_map(&mut self.pending);
+        if self.deadlines.capacity() > SHRINK_ABOVE
+            && self.deadlines.len() * 4 < self.deadlines.capacity()
+        {
+            self.deadlines.shrink_to(self.deadlines.len() * 2);
         }
         due
     }
@@ -244,83 +271,96 @@ impl FlowTracker {
         state: Option<&FlowState>,
         now: &Now,
     ) -> Option<FlowRecord> {
-        let tracked = self.flows.get_mut(key)?;
-        if tracked.phase != Phase::Pending {
-            return None;
-        }
+        let mut tracked = self.pending.remove(key)?;
         let outcome = state.map_or(Outcome::Unanswered, |s| {
-            refresh(tracked, s);
+            refresh(&mut tracked, s);
             outcome_of(s).unwrap_or(Outcome::Unanswered)
         });
         let finished = state
             .is_some_and(|s| matches!(s.status(), Some(FlowStatus::Closed | FlowStatus::Refused)));
-        decide(*key, tracked, outcome, finished, now)
+        self.settle(*key, &tracked, outcome, finished, now)
     }
 
     /// Starts a walk of the flow table; call [`FlowTracker::on_table_entry`] for every entry and
     /// [`FlowTracker::end_walk`] after the last.
     pub fn begin_walk(&mut self) {
-        self.walk += 1;
+        self.walk = self.walk.wrapping_add(1);
     }
 
     /// Reconciles one table entry: adopts flows whose `New` event was lost, decides those whose
     /// answer or refusal event was lost, refreshes counters, and says whether to delete the entry.
     pub fn on_table_entry(&mut self, key: &FlowKey, state: &FlowState, now: &Now) -> WalkVerdict {
         let walk = self.walk;
-        let Some(initiator) = state.initiator() else {
-            return WalkVerdict {
-                record: None,
-                remove: false,
-            };
-        };
-        let timeout = duration_ns(self.config.answer_timeout);
-        let mut adopted = false;
-        let tracked = self.flows.entry(*key).or_insert_with(|| {
-            adopted = true;
-            Tracked {
-                initiator,
-                first_seen_ns: state.first_seen_ns,
-                last_seen_ns: state.last_seen_ns,
-                ifindex: state.ifindex,
-                direction: state.direction().unwrap_or(Direction::Ingress),
-                mid_stream: state.mid_stream != 0,
-                packets: state.packets,
-                bytes: state.bytes,
-                phase: Phase::Pending,
-                seen_in_walk: walk,
-            }
-        });
-        tracked.seen_in_walk = walk;
-        refresh(tracked, state);
-        if adopted && outcome_of(state).is_none() {
-            // An adopted flow may be older than every queued one: then it goes first.
-            let deadline = tracked.first_seen_ns.saturating_add(timeout);
-            if self.deadlines.front().is_some_and(|(d, _)| deadline <= *d) {
-                self.deadlines.push_front((deadline, *key));
-            } else {
-                self.deadlines.push_back((deadline, *key));
-            }
-        }
         let finished = matches!(
             state.status(),
             Some(FlowStatus::Closed | FlowStatus::Refused)
         );
-        let record = if tracked.phase == Phase::Pending {
-            outcome_of(state).and_then(|outcome| decide(*key, tracked, outcome, finished, now))
-        } else {
-            if finished {
-                tracked.phase = Phase::Finished;
+        let hash = self.hash(key);
+        let mut record = None;
+        if !self.settled.contains_key(&hash) {
+            let Some(initiator) = state.initiator() else {
+                return WalkVerdict {
+                    record: None,
+                    remove: false,
+                };
+            };
+            let outcome = outcome_of(state);
+            let tracked = match self.pending.get_mut(key) {
+                Some(tracked) => tracked,
+                None => {
+                    let tracked = Tracked {
+                        initiator,
+                        first_seen_ns: state.first_seen_ns,
+                        last_seen_ns: state.last_seen_ns,
+                        ifindex: state.ifindex,
+                        direction: state.direction().unwrap_or(Direction::Ingress),
+                        mid_stream: state.mid_stream != 0,
+                        packets: state.packets,
+                        bytes: state.bytes,
+                    };
+                    if outcome.is_none() {
+                        // An adopted flow may be older than every queued one: then it goes first.
+                        let deadline = tracked
+                            .first_seen_ns
+                            .saturating_add(duration_ns(self.config.answer_timeout));
+                        if self.deadlines.front().is_some_and(|(d, _)| deadline <= *d) {
+                            self.deadlines.push_front((deadline, *key));
+                        } else {
+                            self.deadlines.push_back((deadline, *key));
+                        }
+                    }
+                    self.pending.entry(*key).or_insert(tracked)
+                }
+            };
+            refresh(tracked, state);
+            let Some(outcome) = outcome else {
+                return WalkVerdict {
+                    record: None,
+                    remove: false,
+                };
+            };
+            if let Some(tracked) = self.pending.remove(key) {
+                record = self.settle(*key, &tracked, outcome, finished, now);
             }
-            None
+        }
+        let Some(settled) = self.settled.get_mut(&hash) else {
+            return WalkVerdict {
+                record,
+                remove: false,
+            };
         };
-        let idle_ns = now.mono_ns.saturating_sub(tracked.last_seen_ns);
-        let remove = match tracked.phase {
-            Phase::Pending => false,
-            Phase::Decided => idle_ns >= duration_ns(self.config.idle_timeout),
-            Phase::Finished => idle_ns >= duration_ns(self.config.closed_linger),
+        settled.seen_in_walk = walk;
+        settled.last_seen_ns = settled.last_seen_ns.max(state.last_seen_ns);
+        settled.finished |= finished;
+        let idle_ns = now.mono_ns.saturating_sub(settled.last_seen_ns);
+        let linger = if settled.finished {
+            self.config.closed_linger
+        } else {
+            self.config.idle_timeout
         };
+        let remove = idle_ns >= duration_ns(linger);
         if remove {
-            self.flows.remove(key);
+            self.settled.remove(&hash);
         }
         WalkVerdict { record, remove }
     }
@@ -329,8 +369,40 @@ impl FlowTracker {
     /// their timeout resolves them.
     pub fn end_walk(&mut self) {
         let walk = self.walk;
-        self.flows
-            .retain(|_, t| t.phase == Phase::Pending || t.seen_in_walk == walk);
+        self.settled.retain(|_, s| s.seen_in_walk == walk);
+        shrink_map(&mut self.settled);
+    }
+
+    /// Moves a pending flow to the decided ones and builds its record.
+    fn settle(
+        &mut self,
+        key: FlowKey,
+        tracked: &Tracked,
+        outcome: Outcome,
+        finished: bool,
+        now: &Now,
+    ) -> Option<FlowRecord> {
+        let hash = self.hash(&key);
+        self.settled.insert(
+            hash,
+            Settled {
+                last_seen_ns: tracked.last_seen_ns,
+                seen_in_walk: self.walk,
+                finished,
+            },
+        );
+        record(key, tracked, outcome, now)
+    }
+}
+
+/// Below this capacity a collection is never shrunk (not worth the reallocation).
+const SHRINK_ABOVE: usize = 4096;
+
+/// Shrinks a map less than a quarter full to twice its length (so a map hovering around one size
+/// is not reallocated back and forth).
+fn shrink_map<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(map: &mut HashMap<K, V, S>) {
+    if map.capacity() > SHRINK_ABOVE && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -352,33 +424,15 @@ fn refresh(tracked: &mut Tracked, state: &FlowState) {
     tracked.first_seen_ns = tracked.first_seen_ns.min(state.first_seen_ns);
 }
 
-/// Marks a pending flow decided and builds its record; `None` if it was decided before.
-fn decide(
-    key: FlowKey,
-    tracked: &mut Tracked,
-    outcome: Outcome,
-    finished: bool,
-    now: &Now,
-) -> Option<FlowRecord> {
-    let was_pending = tracked.phase == Phase::Pending;
-    tracked.phase = if finished {
-        Phase::Finished
-    } else if was_pending {
-        Phase::Decided
-    } else {
-        tracked.phase
-    };
-    if !was_pending {
-        return None;
-    }
-    let protocol = Protocol::from_number(key.proto)?;
+/// A decided flow's record (`None` for a protocol the datapath never keys flows by).
+fn record(key: FlowKey, tracked: &Tracked, outcome: Outcome, now: &Now) -> Option<FlowRecord> {
     let responder_side = match tracked.initiator {
         Side::Lo => Side::Hi,
         Side::Hi => Side::Lo,
     };
     let socket = |side| SocketAddr::from(key.socket(side));
     Some(FlowRecord {
-        protocol,
+        protocol: Protocol::from_number(key.proto)?,
         initiator: socket(tracked.initiator),
         responder: socket(responder_side),
         ifindex: tracked.ifindex,
