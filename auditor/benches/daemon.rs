@@ -12,7 +12,8 @@
 //! time from its first packet to its last flow counted, less the answer timeout every flow has
 //! to wait; `lost` is what the datapath reports lost in both phases (ring buffer full, table
 //! inserts failed), read from `/metrics` too, and counted flows plus lost must cover every
-//! packet sent; `rss_mib` is the resident set with 64,000 tracked flows. The second phase's
+//! packet sent; `rss_mib` is the resident set with 64,000 tracked flows, read 11 s after they
+//! were counted (the resident set right when they were counted is printed too). The second phase's
 //! peak resident set is printed on its own line. Ends with the one summary line.
 
 #[path = "../tests/common/netns.rs"]
@@ -35,6 +36,9 @@ const NODES: usize = 20;
 const METRICS: &str = "127.0.0.1:19925";
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 const GATEWAY: &str = "169.254.1.1";
+/// How long after the tracked flows are counted their memory is read: longer than the daemon's
+/// period for handing freed memory back.
+const STEADY_AFTER: Duration = Duration::from_secs(11);
 /// Flows sent; overridable with `FA_BENCH_FLOWS`.
 const FLOWS: u32 = 450_000;
 /// Sending rate, flows per second; overridable with `FA_BENCH_RATE`.
@@ -361,6 +365,11 @@ fn main() {
     let start_counts = scrape(&node);
     let sent = send(&pod, client, 0, TRACKED, rate.min(TRACKED));
     let tracked = settle(&node, pid, start_counts, TRACKED);
+    let counted_rss = rss_kib(pid, "VmRSS:");
+    // The steady state with those flows tracked: after the burst's buffers are released (the
+    // daemon hands freed memory back every ten seconds).
+    std::thread::sleep(STEADY_AFTER);
+    let steady = scrape(&node);
     let tracked_rss = rss_kib(pid, "VmRSS:");
 
     // The rate: `flows` more new flows at `rate`, each decided unanswered a second later.
@@ -409,10 +418,12 @@ fn main() {
         mib(idle_rss)
     );
     println!(
-        "tracked: {TRACKED} new flows sent in {:.2} s, {} counted, {lost_tracked} lost (reported), flow table {} entries; rss {:.1} MiB",
+        "tracked: {TRACKED} new flows sent in {:.2} s, {} counted, {lost_tracked} lost (reported); rss {:.1} MiB when counted; {} s later flow table {} entries, rss {:.1} MiB",
         sent.1.as_secs_f64(),
         tracked.last.flows - start_counts.flows,
-        tracked.last.table_entries,
+        mib(counted_rss),
+        STEADY_AFTER.as_secs(),
+        steady.table_entries,
         mib(tracked_rss)
     );
     println!(
