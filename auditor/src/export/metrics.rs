@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use prometheus_client::encoding::{EncodeLabelSet, text};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -188,10 +190,10 @@ impl<L: Clone + Hash + Eq> Series<L> {
     /// (labels from `make`) in `family` when new.
     fn counter(
         &mut self,
-        family: &Family<L, Counter>,
         hash: u64,
         matches: impl Fn(&L) -> bool,
         make: impl FnOnce() -> L,
+        create: impl FnOnce(&L) -> Counter,
     ) -> &Counter {
         // Nearly every bucket holds one series: sized exactly, not the four a pushed-to empty
         // `Vec` reserves (with thousands of rule series that was most of their memory).
@@ -203,7 +205,7 @@ impl<L: Clone + Hash + Eq> Series<L> {
             Some(at) => at,
             None => {
                 let labels = make();
-                let counter = family.get_or_create(&labels).clone();
+                let counter = create(&labels);
                 bucket.push((labels, counter));
                 self.len += 1;
                 bucket.len() - 1
@@ -212,14 +214,14 @@ impl<L: Clone + Hash + Eq> Series<L> {
         &bucket[at].1
     }
 
-    /// Removes the series `gone` picks from here and from `family`; returns how many.
-    fn remove(&mut self, family: &Family<L, Counter>, gone: impl Fn(&L) -> bool) -> usize {
+    /// Removes the series `gone` picks (telling `removed` of each); returns how many.
+    fn remove(&mut self, gone: impl Fn(&L) -> bool, mut removed: impl FnMut(&L)) -> usize {
         let before = self.len;
         self.by_hash.retain(|_, bucket| {
             bucket.retain(|(labels, _)| {
                 let remove = gone(labels);
                 if remove {
-                    family.remove(labels);
+                    removed(labels);
                 }
                 !remove
             });
@@ -227,6 +229,30 @@ impl<L: Clone + Hash + Eq> Series<L> {
         });
         self.len = self.by_hash.values().map(Vec::len).sum();
         before - self.len
+    }
+}
+
+/// `flow_auditor_policy_rule_hits_total`, encoded straight from the series index.
+#[derive(Debug)]
+struct RuleHits(Arc<Mutex<Series<RuleLabels>>>);
+
+impl Collector for RuleHits {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let series = lock(&self.0);
+        // As a family does: no series, no descriptor.
+        if series.len == 0 {
+            return Ok(());
+        }
+        let mut metric = encoder.encode_descriptor(
+            "policy_rule_hits",
+            "Flows decided by each policy rule, per direction",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, counter) in series.by_hash.values().flatten() {
+            counter.encode(metric.encode_family(labels)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -299,10 +325,11 @@ type GaugeF64 = Gauge<f64, AtomicU64>;
 pub struct Metrics {
     registry: Registry,
     flows: Family<FlowLabels, Counter>,
-    rule_hits: Family<RuleLabels, Counter>,
     /// The label sets created so far (see [`Series`]).
     flow_series: Mutex<Series<FlowLabels>>,
-    rule_series: Mutex<Series<RuleLabels>>,
+    /// The rule hit series: stored here only, and encoded from here by [`RuleHits`] (a family
+    /// would keep a second copy of every label set, and there is a series per rule).
+    rule_series: Arc<Mutex<Series<RuleLabels>>>,
     lost: Family<SourceLabel, Counter>,
     flow_table_entries: Gauge,
     flow_table_capacity: Gauge,
@@ -333,12 +360,8 @@ impl Metrics {
             "Flows counted, by audit verdict, outcome, peers, protocol and destination port",
             flows.clone(),
         );
-        let rule_hits = Family::<RuleLabels, Counter>::default();
-        registry.register(
-            "policy_rule_hits",
-            "Flows decided by each policy rule, per direction",
-            rule_hits.clone(),
-        );
+        let rule_series = Arc::new(Mutex::new(Series::default()));
+        registry.register_collector(Box::new(RuleHits(Arc::clone(&rule_series))));
         let lost = Family::<SourceLabel, Counter>::default();
         registry.register(
             "lost_events",
@@ -437,9 +460,8 @@ impl Metrics {
         let metrics = Self {
             registry,
             flows,
-            rule_hits,
             flow_series: Mutex::new(Series::default()),
-            rule_series: Mutex::new(Series::default()),
+            rule_series,
             lost,
             flow_table_entries,
             flow_table_capacity,
@@ -473,20 +495,20 @@ impl Metrics {
         // neither.
         lock(&self.flow_series)
             .counter(
-                &self.flows,
                 FlowLabels::hash_of(flow),
                 |labels| labels.describe(flow),
                 || FlowLabels::of(flow),
+                |labels| self.flows.get_or_create(labels).clone(),
             )
             .inc();
         let mut rule_series = lock(&self.rule_series);
         for decision in &flow.judgement.decisions {
             rule_series
                 .counter(
-                    &self.rule_hits,
                     RuleLabels::hash_of(decision),
                     |labels| labels.describe(decision),
                     || RuleLabels::of(decision),
+                    |_| Counter::default(),
                 )
                 .inc();
         }
@@ -514,7 +536,6 @@ impl Metrics {
                 continue;
             };
             series.counter(
-                &self.rule_hits,
                 RuleLabels::hash_parts(policy, direction, rule, action),
                 |l| {
                     l.names(policy)
@@ -530,6 +551,7 @@ impl Metrics {
                     rule: rule.into(),
                     action: action.as_str(),
                 },
+                |_| Counter::default(),
             );
         }
     }
@@ -537,7 +559,12 @@ impl Metrics {
     /// The current value of a rule series (`None` when it does not exist).
     #[must_use]
     pub fn rule_count(&self, labels: &RuleLabels) -> Option<u64> {
-        self.rule_hits.get(labels).map(|c| c.get())
+        lock(&self.rule_series)
+            .by_hash
+            .values()
+            .flatten()
+            .find(|(l, _)| l == labels)
+            .map(|(_, c)| c.get())
     }
 
     /// The current value of a flow series (`None` when it does not exist).
@@ -560,8 +587,7 @@ impl Metrics {
         }
         let flows =
             self.remove_flows(|l| l.src_namespace == namespace || l.dst_namespace == namespace);
-        let rules =
-            lock(&self.rule_series).remove(&self.rule_hits, |l| *l.policy_namespace == *namespace);
+        let rules = lock(&self.rule_series).remove(|l| *l.policy_namespace == *namespace, |_| {});
         flows + rules
     }
 
@@ -578,11 +604,13 @@ impl Metrics {
 
     /// Removes every rule series of a policy.
     pub fn remove_policy(&self, key: &PolicyKey) -> usize {
-        lock(&self.rule_series).remove(&self.rule_hits, |l| l.names(key))
+        lock(&self.rule_series).remove(|l| l.names(key), |_| {})
     }
 
     fn remove_flows(&self, gone: impl Fn(&FlowLabels) -> bool) -> usize {
-        lock(&self.flow_series).remove(&self.flows, gone)
+        lock(&self.flow_series).remove(gone, |labels| {
+            self.flows.remove(labels);
+        })
     }
 
     /// Brings a lost-events counter up to the datapath's total (kernel counters only grow; a
