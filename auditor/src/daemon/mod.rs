@@ -500,6 +500,7 @@ fn build(
     for policy in policies.unwrap_or(&snapshot.policies).values() {
         model.upsert_policy(policy.clone());
     }
+    model.shrink_to_fit();
     Ok(model)
 }
 

@@ -243,9 +243,15 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ObjectError> {
         labels: pod_labels,
         node: spec.and_then(|s| s.node_name.clone()),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        ips,
-        ports,
+        // Kept for the pod's life; most pods have one address and a port or two.
+        ips: shrunk(ips),
+        ports: shrunk(ports),
     })
+}
+
+fn shrunk<T>(mut items: Vec<T>) -> Vec<T> {
+    items.shrink_to_fit();
+    items
 }
 
 pub fn node(object: &core::Node) -> Result<Node, ObjectError> {

@@ -300,6 +300,11 @@ impl<T> Slab<T> {
         self.slots.get(id as usize)?.as_ref()
     }
 
+    fn shrink_to_fit(&mut self) {
+        self.slots.shrink_to_fit();
+        self.free.shrink_to_fit();
+    }
+
     fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
         self.slots
             .iter()
@@ -348,6 +353,25 @@ fn remove_owner(map: &mut FxHashMap<IpAddr, Vec<Owner>>, ip: IpAddr, owner: Owne
 impl Inventory {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Gives back the room that growing one object at a time left over (up to half of each
+    /// table): for after a bulk load.
+    pub fn shrink_to_fit(&mut self) {
+        self.pods.shrink_to_fit();
+        self.pod_ids.shrink_to_fit();
+        self.pods_by_namespace.shrink_to_fit();
+        for ids in self.pods_by_namespace.values_mut() {
+            ids.shrink_to_fit();
+        }
+        self.nodes.shrink_to_fit();
+        self.node_ids.shrink_to_fit();
+        self.services.shrink_to_fit();
+        self.service_ids.shrink_to_fit();
+        self.slices.shrink_to_fit();
+        self.slices_by_service.shrink_to_fit();
+        self.addresses.shrink_to_fit();
+        self.namespaces.shrink_to_fit();
     }
 
     /// Bumped on every change; caches built on the inventory compare it.

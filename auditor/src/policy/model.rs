@@ -417,6 +417,23 @@ impl Model {
         &self.inventory
     }
 
+    /// Gives back the room that growing one object at a time left over: for after a bulk load.
+    pub fn shrink_to_fit(&mut self) {
+        self.inventory.shrink_to_fit();
+        self.identities.shrink_to_fit();
+        self.identity_ids.shrink_to_fit();
+        self.identities_by_namespace.shrink_to_fit();
+        self.pod_identity.shrink_to_fit();
+        self.selectors.shrink_to_fit();
+        self.selector_ids.shrink_to_fit();
+        self.selectors_by_namespace.shrink_to_fit();
+        self.rules.shrink_to_fit();
+        self.policies.shrink_to_fit();
+        self.policy_ids.shrink_to_fit();
+        self.ns_labels.shrink_to_fit();
+        self.addresses.shrink_to_fit();
+    }
+
     /// Bumped by every change to the inventory or the policies.
     pub fn generation(&self) -> u64 {
         self.generation

@@ -71,6 +71,8 @@ impl LabelSelector {
                 operator,
             });
         }
+        // Policies are kept for as long as they exist; most selectors have one requirement.
+        requirements.shrink_to_fit();
         Ok(Self { requirements })
     }
 }
