@@ -48,9 +48,16 @@ impl Hasher {
 #[derive(Clone, Copy, Debug)]
 struct Seen {
     first_seen: Millis,
-    last_seen: Millis,
+    /// Milliseconds from the first to the last packet (saturating at 49 days).
+    lasted: u32,
     /// Which entry of `order` remembered it last: only that one's expiry forgets it.
     seq: u32,
+}
+
+impl Seen {
+    fn last_seen(&self) -> Millis {
+        self.first_seen.saturating_add(u64::from(self.lasted))
+    }
 }
 
 /// Counted flows by normalised key, for recognising repeats.
@@ -88,7 +95,7 @@ impl Recent {
         let first = millis(first_seen);
         let slack = duration_ms(SLACK);
         self.by_key.get(&self.hasher.of(key)).is_some_and(|seen| {
-            first <= seen.last_seen.saturating_add(slack)
+            first <= seen.last_seen().saturating_add(slack)
                 && seen.first_seen <= first.saturating_add(slack)
         })
     }
@@ -110,11 +117,12 @@ impl Recent {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         let hash = self.hasher.of(&key);
+        let (first, last) = (millis(first_seen), millis(last_seen));
         self.by_key.insert(
             hash,
             Seen {
-                first_seen: millis(first_seen),
-                last_seen: millis(last_seen),
+                first_seen: first,
+                lasted: u32::try_from(last.saturating_sub(first)).unwrap_or(u32::MAX),
                 seq,
             },
         );

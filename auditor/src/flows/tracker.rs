@@ -59,14 +59,49 @@ pub struct WalkVerdict {
     pub remove: bool,
 }
 
-/// A flow whose outcome is known: all the tracker keeps of it until its table entry goes.
+/// A flow whose outcome is known: all the tracker keeps of it until its table entry goes,
+/// in 8 bytes (with its key's hash, 16 per flow).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Settled {
-    last_seen_ns: u64,
-    /// Walk generation that last saw the entry in the table.
-    seen_in_walk: u32,
+    /// Its last packet, in [`Ticks`].
+    last_seen: Ticks,
+    /// Walk generation that last saw the entry in the table (wrapping: only entries seen by
+    /// the latest walk survive it, so an old generation never comes back to match).
+    seen_in_walk: u16,
     /// TCP close seen (or the flow was refused): only lingers until deletion.
     finished: bool,
+}
+
+/// The kernel clock in units of 2^20 ns (about a millisecond), wrapping every 52 days: the
+/// idle and linger spans measured with it are minutes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ticks(u32);
+
+impl Ticks {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "wrapping is the representation"
+    )]
+    const fn of(ns: u64) -> Self {
+        Self((ns >> 20) as u32)
+    }
+
+    /// The later of two times less than 26 days apart.
+    const fn max(self, other: Self) -> Self {
+        if self.since(other) > 0 { self } else { other }
+    }
+
+    /// How far `self` is after `earlier`, negative when before.
+    #[expect(clippy::cast_possible_wrap, reason = "wrapping difference")]
+    const fn since(self, earlier: Self) -> i32 {
+        self.0.wrapping_sub(earlier.0) as i32
+    }
+
+    /// Whether at least `span` passed from `earlier` to `self`.
+    fn passed(self, earlier: Self, span: Duration) -> bool {
+        let elapsed = u64::try_from(self.since(earlier)).unwrap_or(0);
+        elapsed >= duration_ns(span) >> 20
+    }
 }
 
 /// A flow waiting for its answer, with what its record will carry.
@@ -90,7 +125,7 @@ pub struct FlowTracker {
     /// one can aim collisions at them, and a fast one (SipHash was a tenth of the daemon's time).
     pending: HashMap<FlowKey, Tracked, foldhash::fast::RandomState>,
     /// Decided flows still in the table, by a seeded 64-bit hash of their key: most tracked flows
-    /// are here, and an entry is 24 bytes instead of 104. A false match needs two of the table's
+    /// are here, and an entry is 16 bytes instead of 104. A false match needs two of the table's
     /// (at most some 10^5) keys to share a hash, about one chance in 10^9 for a full table; it
     /// would make the later flow's `New` look like a resumed one (`mid_stream`) or its events
     /// look like the earlier one's, so that one flow would go uncounted.
@@ -100,7 +135,7 @@ pub struct FlowTracker {
     /// deadline order): the deadline check looks at the due ones only, not at every flow.
     /// Entries of flows decided since are skipped when they come up.
     deadlines: VecDeque<(u64, FlowKey)>,
-    walk: u32,
+    walk: u16,
 }
 
 impl FlowTracker {
@@ -196,10 +231,10 @@ impl FlowTracker {
         let finished = matches!(kind, EventKind::Closed | EventKind::Refused);
         // Already decided: the event only moves it on to lingering.
         if let Some(settled) = self.settled.get_mut(&hash) {
-            settled.last_seen_ns = settled
-                .last_seen_ns
-                .max(ts_ns)
-                .max(state.map_or(0, |s| s.last_seen_ns));
+            settled.last_seen = settled.last_seen.max(Ticks::of(ts_ns));
+            if let Some(state) = state {
+                settled.last_seen = settled.last_seen.max(Ticks::of(state.last_seen_ns));
+            }
             settled.finished |= finished;
             return None;
         }
@@ -350,15 +385,14 @@ impl FlowTracker {
             };
         };
         settled.seen_in_walk = walk;
-        settled.last_seen_ns = settled.last_seen_ns.max(state.last_seen_ns);
+        settled.last_seen = settled.last_seen.max(Ticks::of(state.last_seen_ns));
         settled.finished |= finished;
-        let idle_ns = now.mono_ns.saturating_sub(settled.last_seen_ns);
         let linger = if settled.finished {
             self.config.closed_linger
         } else {
             self.config.idle_timeout
         };
-        let remove = idle_ns >= duration_ns(linger);
+        let remove = Ticks::of(now.mono_ns).passed(settled.last_seen, linger);
         if remove {
             self.settled.remove(&hash);
         }
@@ -386,7 +420,7 @@ impl FlowTracker {
         self.settled.insert(
             hash,
             Settled {
-                last_seen_ns: tracked.last_seen_ns,
+                last_seen: Ticks::of(tracked.last_seen_ns),
                 seen_in_walk: self.walk,
                 finished,
             },
