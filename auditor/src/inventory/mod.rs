@@ -8,6 +8,7 @@ pub mod load;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -261,6 +262,55 @@ pub enum Owner {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceId(pub u32);
 
+/// Pods by namespace and name. Holds only ids: keys are hashed and compared through the pods
+/// themselves, so names are not stored a second time (with 10,000 pods that was a megabyte).
+#[derive(Clone, Debug, Default)]
+struct PodIndex(hashbrown::HashTable<PodId>);
+
+impl PodIndex {
+    fn hash(namespace: &str, name: &str) -> u64 {
+        let mut h = rustc_hash::FxHasher::default();
+        namespace.hash(&mut h);
+        name.hash(&mut h);
+        h.finish()
+    }
+
+    fn hash_pod(pod: &Pod) -> u64 {
+        Self::hash(&pod.namespace, &pod.name)
+    }
+
+    fn is(pods: &Slab<Pod>, id: PodId, key: &ObjectKey) -> bool {
+        pods.get(id.0)
+            .is_some_and(|p| p.namespace == key.namespace && p.name == key.name)
+    }
+
+    fn get(&self, pods: &Slab<Pod>, key: &ObjectKey) -> Option<PodId> {
+        self.0
+            .find(Self::hash(&key.namespace, &key.name), |&id| {
+                Self::is(pods, id, key)
+            })
+            .copied()
+    }
+
+    /// Indexes `id`, which `pods` already holds under `key`.
+    fn insert(&mut self, pods: &Slab<Pod>, key: &ObjectKey, id: PodId) {
+        self.0
+            .insert_unique(Self::hash(&key.namespace, &key.name), id, |&other| {
+                pods.get(other.0).map_or(0, Self::hash_pod)
+            });
+    }
+
+    /// Call before the pod leaves `pods`.
+    fn remove(&mut self, pods: &Slab<Pod>, key: &ObjectKey) -> Option<PodId> {
+        self.0
+            .find_entry(Self::hash(&key.namespace, &key.name), |&id| {
+                Self::is(pods, id, key)
+            })
+            .ok()
+            .map(|entry| entry.remove().0)
+    }
+}
+
 /// A slab: ids stay valid until their object is deleted, and deleted slots are reused.
 #[derive(Clone, Debug)]
 struct Slab<T> {
@@ -327,7 +377,7 @@ pub enum Change {
 pub struct Inventory {
     namespaces: HashMap<String, Namespace>,
     pods: Slab<Pod>,
-    pod_ids: HashMap<ObjectKey, PodId>,
+    pod_ids: PodIndex,
     pods_by_namespace: HashMap<String, Vec<PodId>>,
     nodes: Slab<Node>,
     node_ids: HashMap<String, NodeId>,
@@ -359,7 +409,9 @@ impl Inventory {
     /// table): for after a bulk load.
     pub fn shrink_to_fit(&mut self) {
         self.pods.shrink_to_fit();
-        self.pod_ids.shrink_to_fit();
+        self.pod_ids
+            .0
+            .shrink_to_fit(|id| self.pods.get(id.0).map_or(0, PodIndex::hash_pod));
         self.pods_by_namespace.shrink_to_fit();
         for ids in self.pods_by_namespace.values_mut() {
             ids.shrink_to_fit();
@@ -420,7 +472,7 @@ impl Inventory {
     pub fn upsert_pod(&mut self, pod: Pod) -> Change {
         self.generation += 1;
         let key = pod.key();
-        if let Some(&id) = self.pod_ids.get(&key) {
+        if let Some(id) = self.pod_ids.get(&self.pods, &key) {
             let old = self.pods.slots[id.0 as usize].replace(pod);
             if let Some(old) = &old {
                 for &ip in Self::pod_addresses(old) {
@@ -435,7 +487,7 @@ impl Inventory {
                 .entry(key.namespace.clone())
                 .or_default()
                 .push(id);
-            self.pod_ids.insert(key, id);
+            self.pod_ids.insert(&self.pods, &key, id);
             self.index_pod(id);
             Change::Pod { id, old: None }
         }
@@ -450,7 +502,7 @@ impl Inventory {
     }
 
     pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<Change> {
-        let id = self.pod_ids.remove(key)?;
+        let id = self.pod_ids.remove(&self.pods, key)?;
         self.generation += 1;
         let old = self.pods.remove(id.0)?;
         if let Some(ids) = self.pods_by_namespace.get_mut(&key.namespace) {
@@ -470,7 +522,7 @@ impl Inventory {
     }
 
     pub fn pod_id(&self, key: &ObjectKey) -> Option<PodId> {
-        self.pod_ids.get(key).copied()
+        self.pod_ids.get(&self.pods, key)
     }
 
     pub fn pods_in_namespace(&self, namespace: &str) -> impl Iterator<Item = (PodId, &Pod)> {

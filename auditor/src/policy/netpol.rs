@@ -191,8 +191,9 @@ fn ports(
     list: Option<&[networking::NetworkPolicyPort]>,
     field: &str,
 ) -> Result<Vec<PortMatch>, CompileError> {
-    let mut out = Vec::new();
-    for (i, p) in list.unwrap_or_default().iter().enumerate() {
+    let list = list.unwrap_or_default();
+    let mut out = Vec::with_capacity(list.len());
+    for (i, p) in list.iter().enumerate() {
         let at = format!("{field}[{i}]");
         let protocol = match p.protocol.as_deref() {
             None | Some("TCP") => Protocol::Tcp,
