@@ -187,9 +187,10 @@ impl Default for AuditConfig {
             // Repeats arrive within a walk interval (2 s) of each other; a margin on top.
             horizon: Duration::from_secs(30),
             // About 75 bytes each (a 24-byte entry in a table at most half full, 24 in the expiry
-            // queue): 32k flows cost ~2.4 MiB at most, within the agent's memory budget. At high flow rates the capacity, not the horizon,
-            // bounds the memory: 32k flows is a third of a second at 100k flows/s, still far
-            // longer than two interfaces' events of one flow are apart.
+            // queue): 32k flows cost ~2.4 MiB at most, within the agent's memory budget. At high
+            // flow rates the capacity, not the horizon, bounds the memory: 32k flows is a third
+            // of a second at 100k flows/s, still far longer than two interfaces' events of one
+            // flow are apart.
             capacity: 32_768,
         }
     }

@@ -41,8 +41,8 @@ pub use files::{Fingerprint, Policies, Snapshot, load_policies, load_snapshot, m
 /// polled for changes.
 const TICK: Duration = Duration::from_secs(1);
 /// How often freed memory is handed back to the kernel (glibc keeps freed pages inside its heap;
-/// a burst of flows leaves megabytes of them). A trim walks the allocator's free lists: about
-/// a millisecond, so every ten seconds costs nothing measurable.
+/// a burst of flows leaves megabytes of them). A trim walks the allocator's free lists, so it
+/// runs every ten ticks rather than on every one.
 const TRIM_EVERY_TICKS: u32 = 10;
 /// Model updates from the API applied in one go before flows get their turn again.
 const UPDATES_PER_BATCH: usize = 256;

@@ -142,10 +142,20 @@ impl RuleLabels {
 
     /// Whether these are the labels of `decision` (compared without building them).
     fn describe(&self, decision: &Decision) -> bool {
-        self.names(&decision.policy)
-            && self.direction == decision.direction.as_str()
-            && *self.rule == *decision.rule
-            && self.action == decision.action.as_str()
+        self.is(
+            &decision.policy,
+            decision.direction,
+            &decision.rule,
+            decision.action,
+        )
+    }
+
+    /// Whether these are the labels of that policy's rule.
+    fn is(&self, policy: &PolicyKey, direction: Direction, rule: &str, action: Action) -> bool {
+        self.names(policy)
+            && self.direction == direction.as_str()
+            && *self.rule == *rule
+            && self.action == action.as_str()
     }
 
     fn hash_of(decision: &Decision) -> u64 {
@@ -537,12 +547,7 @@ impl Metrics {
             };
             series.counter(
                 RuleLabels::hash_parts(policy, direction, rule, action),
-                |l| {
-                    l.names(policy)
-                        && l.direction == direction.as_str()
-                        && *l.rule == *rule
-                        && l.action == action.as_str()
-                },
+                |l| l.is(policy, direction, rule, action),
                 || RuleLabels {
                     policy_kind: policy.kind.as_str(),
                     policy_namespace: Arc::clone(namespace),

@@ -3,7 +3,7 @@
 //! performs the lookups and deletions it asks for.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     hash::BuildHasher as _,
     net::SocketAddr,
     time::{Duration, SystemTime},
@@ -224,7 +224,12 @@ impl FlowTracker {
             if let Some(state) = state {
                 refresh(&mut tracked, state);
             }
-            self.expect_answer(key, &tracked);
+            expect_answer(
+                &mut self.deadlines,
+                self.config.answer_timeout,
+                key,
+                tracked.first_seen_ns,
+            );
             self.pending.insert(key, tracked);
             return None;
         }
@@ -257,15 +262,7 @@ impl FlowTracker {
                 }
             }
         };
-        self.settle(key, &tracked, outcome, finished, now)
-    }
-
-    /// Queues a newly pending flow's answer deadline.
-    fn expect_answer(&mut self, key: FlowKey, tracked: &Tracked) {
-        let deadline = tracked
-            .first_seen_ns
-            .saturating_add(duration_ns(self.config.answer_timeout));
-        self.deadlines.push_back((deadline, key));
+        self.settle(key, hash, &tracked, outcome, finished, now)
     }
 
     /// Keys of pending flows whose answer timeout has passed, each once, with when each was
@@ -289,9 +286,7 @@ impl FlowTracker {
         // A burst of new flows grows these far beyond what the steady state needs, and a hash
         // map never shrinks by itself: give the room back once the burst has been decided.
         shrink_map(&mut self.pending);
-        if self.deadlines.capacity() > SHRINK_ABOVE
-            && self.deadlines.len() * 4 < self.deadlines.capacity()
-        {
+        if oversized(self.deadlines.len(), self.deadlines.capacity()) {
             self.deadlines.shrink_to(self.deadlines.len() * 2);
         }
         due
@@ -313,7 +308,8 @@ impl FlowTracker {
         });
         let finished = state
             .is_some_and(|s| matches!(s.status(), Some(FlowStatus::Closed | FlowStatus::Refused)));
-        self.settle(*key, &tracked, outcome, finished, now)
+        let hash = self.hash(key);
+        self.settle(*key, hash, &tracked, outcome, finished, now)
     }
 
     /// Starts a walk of the flow table; call [`FlowTracker::on_table_entry`] for every entry and
@@ -340,10 +336,10 @@ impl FlowTracker {
                 };
             };
             let outcome = outcome_of(state);
-            let tracked = match self.pending.get_mut(key) {
-                Some(tracked) => tracked,
-                None => {
-                    let tracked = Tracked {
+            let tracked = match self.pending.entry(*key) {
+                Entry::Occupied(entry) => entry.into_mut(),
+                Entry::Vacant(entry) => {
+                    let tracked = entry.insert(Tracked {
                         initiator,
                         first_seen_ns: state.first_seen_ns,
                         last_seen_ns: state.last_seen_ns,
@@ -352,19 +348,16 @@ impl FlowTracker {
                         mid_stream: state.mid_stream != 0,
                         packets: state.packets,
                         bytes: state.bytes,
-                    };
+                    });
                     if outcome.is_none() {
-                        // An adopted flow may be older than every queued one: then it goes first.
-                        let deadline = tracked
-                            .first_seen_ns
-                            .saturating_add(duration_ns(self.config.answer_timeout));
-                        if self.deadlines.front().is_some_and(|(d, _)| deadline <= *d) {
-                            self.deadlines.push_front((deadline, *key));
-                        } else {
-                            self.deadlines.push_back((deadline, *key));
-                        }
+                        expect_answer(
+                            &mut self.deadlines,
+                            self.config.answer_timeout,
+                            *key,
+                            tracked.first_seen_ns,
+                        );
                     }
-                    self.pending.entry(*key).or_insert(tracked)
+                    tracked
                 }
             };
             refresh(tracked, state);
@@ -375,7 +368,7 @@ impl FlowTracker {
                 };
             };
             if let Some(tracked) = self.pending.remove(key) {
-                record = self.settle(*key, &tracked, outcome, finished, now);
+                record = self.settle(*key, hash, &tracked, outcome, finished, now);
             }
         }
         let Some(settled) = self.settled.get_mut(&hash) else {
@@ -407,16 +400,16 @@ impl FlowTracker {
         shrink_map(&mut self.settled);
     }
 
-    /// Moves a pending flow to the decided ones and builds its record.
+    /// Moves a pending flow (its key hashed `hash`) to the decided ones and builds its record.
     fn settle(
         &mut self,
         key: FlowKey,
+        hash: u64,
         tracked: &Tracked,
         outcome: Outcome,
         finished: bool,
         now: &Now,
     ) -> Option<FlowRecord> {
-        let hash = self.hash(&key);
         self.settled.insert(
             hash,
             Settled {
@@ -432,11 +425,31 @@ impl FlowTracker {
 /// Below this capacity a collection is never shrunk (not worth the reallocation).
 const SHRINK_ABOVE: usize = 4096;
 
-/// Shrinks a map less than a quarter full to twice its length (so a map hovering around one size
-/// is not reallocated back and forth).
+/// Whether a collection is worth shrinking to twice its length: less than a quarter full (so
+/// one hovering around a size is not reallocated back and forth) and not small.
+const fn oversized(len: usize, capacity: usize) -> bool {
+    capacity > SHRINK_ABOVE && len * 4 < capacity
+}
+
 fn shrink_map<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(map: &mut HashMap<K, V, S>) {
-    if map.capacity() > SHRINK_ABOVE && map.len() * 4 < map.capacity() {
+    if oversized(map.len(), map.capacity()) {
         map.shrink_to(map.len() * 2);
+    }
+}
+
+/// Queues the answer deadline of a flow that became pending. Usually the latest so far; an
+/// adopted flow (its `New` event lost) may be older than every queued one, and then goes first.
+fn expect_answer(
+    deadlines: &mut VecDeque<(u64, FlowKey)>,
+    timeout: Duration,
+    key: FlowKey,
+    first_seen_ns: u64,
+) {
+    let deadline = first_seen_ns.saturating_add(duration_ns(timeout));
+    if deadlines.front().is_some_and(|(d, _)| deadline <= *d) {
+        deadlines.push_front((deadline, key));
+    } else {
+        deadlines.push_back((deadline, key));
     }
 }
 
