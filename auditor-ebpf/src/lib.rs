@@ -10,10 +10,14 @@ pub mod flow;
 /// Its size is set by the loader (`set_max_entries`); [`DEFAULT_FLOW_TABLE_ENTRIES`] is the
 /// compiled-in default.
 pub const FLOWS_MAP: &str = "FLOWS";
-/// Flow table of IPv4 flows (both addresses IPv4-mapped in the [`flow::FlowKey`]): LRU hash,
-/// [`flow::FlowKey4`] -> [`flow::FlowState`], sized like [`FLOWS_MAP`]. A flow is in exactly one
-/// of the two tables, chosen by [`flow::FlowKey::narrow`].
+/// Flow table of IPv4 flows other than TCP (both addresses IPv4-mapped in the
+/// [`flow::FlowKey`]): LRU hash, [`flow::FlowKey4`] -> [`flow::FlowState`], sized like
+/// [`FLOWS_MAP`]. A flow is in exactly one of the three tables: [`flow::FlowKey::narrow`] picks
+/// the IPv4 ones, [`flow::FlowKey4::tcp`] the TCP one among those.
 pub const FLOWS4_MAP: &str = "FLOWS4";
+/// Flow table of IPv4 TCP flows: LRU hash, [`flow::FlowKeyTcp4`] -> [`flow::FlowState`], sized
+/// like [`FLOWS_MAP`].
+pub const FLOWS4_TCP_MAP: &str = "FLOWS4_TCP";
 /// Ring buffer of [`flow::FlowEvent`]s. Its size must be a power-of-two multiple of the page size;
 /// the loader rounds the configured size up.
 pub const EVENTS_MAP: &str = "EVENTS";

@@ -14,7 +14,7 @@ mod track;
 mod program {
     use auditor_ebpf::{
         DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES,
-        flow::{Counter, Direction, FlowKey, FlowKey4, FlowState},
+        flow::{Counter, Direction, FlowKey, FlowKey4, FlowKeyTcp4, FlowState},
     };
     use aya_ebpf::{
         bindings::TC_ACT_UNSPEC,
@@ -29,9 +29,16 @@ mod program {
     pub static FLOWS: LruHashMap<FlowKey, FlowState> =
         LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_ENTRIES, 0);
 
-    /// The flow table of IPv4 flows ([`auditor_ebpf::FLOWS4_MAP`]); the loader sets its real size.
+    /// The flow table of IPv4 flows but TCP ([`auditor_ebpf::FLOWS4_MAP`]); the loader sets its
+    /// real size.
     #[map]
     pub static FLOWS4: LruHashMap<FlowKey4, FlowState> =
+        LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_ENTRIES, 0);
+
+    /// The flow table of IPv4 TCP flows ([`auditor_ebpf::FLOWS4_TCP_MAP`]); the loader sets its
+    /// real size.
+    #[map]
+    pub static FLOWS4_TCP: LruHashMap<FlowKeyTcp4, FlowState> =
         LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_ENTRIES, 0);
 
     /// Flow events ([`auditor_ebpf::EVENTS_MAP`]); the loader sets its real size.
@@ -41,11 +48,6 @@ mod program {
     /// Per-CPU counters ([`auditor_ebpf::COUNTERS_MAP`]), indexed by [`Counter`].
     #[map]
     pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
-
-    /// Each CPU's last coarse clock reading (see `track::coarse_now`); internal, user space
-    /// never reads it.
-    #[map]
-    pub static CLOCK: PerCpuArray<crate::track::ClockCache> = PerCpuArray::with_max_entries(1, 0);
 
     /// [`auditor_ebpf::SAMPLE_EVERY_GLOBAL`]. In `.rodata`, so once the loader has set it the
     /// verifier sees a constant and prunes the sampling code when it is off.

@@ -5,7 +5,7 @@
 
 use auditor_ebpf::{
     MAX_HEADER_BYTES,
-    flow::{Counter, FlowKey, Side, ipv4_mapped, proto, tcp_flags},
+    flow::{Counter, FlowKey, FlowKey4, Side, ipv4_mapped, proto, tcp_flags},
 };
 use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 
@@ -43,9 +43,10 @@ pub enum Opening {
     MidStream,
 }
 
-/// A packet of a flow.
-pub struct Seen {
-    pub key: FlowKey,
+/// A packet of a flow, keyed for the table it belongs in: [`FlowKey4`] on the IPv4 fast path,
+/// [`FlowKey`] everywhere else.
+pub struct Seen<K = FlowKey> {
+    pub key: K,
     /// The sender's side of `key`.
     pub sender: Side,
     /// TCP flags byte; 0 for other protocols.
@@ -336,97 +337,41 @@ const fn be16(hi: u8, lo: u8) -> u16 {
     u16::from_be_bytes([hi, lo])
 }
 
-/// The established-flow fast path's parser: an Ethernet frame carrying IPv4 without options (and
-/// not a fragment) or IPv6 without extension headers, then TCP or UDP, read with a few word loads
-/// straight into the key. `None` for anything else (or too short), which [`parse`] then handles
-/// and counts; for every packet this accepts, [`parse`] would return the same [`Seen`].
+/// The fast path's parser for IPv4: an Ethernet frame carrying IPv4 without options, not a later
+/// fragment, then TCP or UDP, read with a few word loads straight into the narrow key. `None` for
+/// anything else (or too short), which [`parse`] then handles and counts; for every packet this
+/// accepts, [`parse`] would return the same [`Seen`], its key narrowed.
 ///
 /// Inlined into the program, unlike [`parse`]: its few temporaries fit the caller's frame, and the
-/// BPF-to-BPF call, the byte-by-byte address copies and the returned enum were most of the cost
-/// of an established-flow packet.
+/// BPF-to-BPF call, byte-by-byte address copies, the returned enum and the wide key (built, then
+/// narrowed) were most of the cost of an established-flow packet.
 #[inline(always)]
-pub fn fast(ctx: &TcContext, skb_protocol: u32) -> Option<Seen> {
-    let skb = ctx.as_ptr().cast::<__sk_buff>();
-    // SAFETY: as in `parse`.
-    let (start, end) = unsafe {
+pub fn fast4(ctx: &TcContext) -> Option<Seen<FlowKey4>> {
+    let (start, end) = bounds(ctx);
+    // Ethernet + 20-byte IPv4 header + the 8 bytes every transport needs for its ports.
+    if start + ETH_HLEN + 20 + 8 > end {
+        return None;
+    }
+    // SAFETY: the 42 bytes at `start` were just checked to lie in the packet.
+    let (ethertype, vihl, frag, protocol, src, dst, ports) = unsafe {
         (
-            core::ptr::read_volatile(&raw const (*skb).data) as usize,
-            core::ptr::read_volatile(&raw const (*skb).data_end) as usize,
+            word::<u16>(start + 12),
+            word::<u8>(start + ETH_HLEN),
+            word::<u16>(start + ETH_HLEN + 6),
+            word::<u8>(start + ETH_HLEN + 9),
+            word::<u32>(start + ETH_HLEN + 12),
+            word::<u32>(start + ETH_HLEN + 16),
+            word::<u32>(start + ETH_HLEN + 20),
         )
     };
-    let (l4, protocol, lo0, lo1, hi0, hi1) = if skb_protocol == PROTO_IPV4 {
-        // Ethernet + 20-byte IPv4 header + the 8 bytes every transport needs for its ports.
-        if start + ETH_HLEN + 20 + 8 > end {
-            return None;
-        }
-        // SAFETY: the 42 bytes at `start` were just checked to lie in the packet.
-        let (ethertype, vihl, frag, protocol, src, dst) = unsafe {
-            (
-                word::<u16>(start + 12),
-                word::<u8>(start + ETH_HLEN),
-                word::<u16>(start + ETH_HLEN + 6),
-                word::<u8>(start + ETH_HLEN + 9),
-                word::<u32>(start + ETH_HLEN + 12),
-                word::<u32>(start + ETH_HLEN + 16),
-            )
-        };
-        // Version 4 with IHL 5 (so the network offset is 14, as `network_offset` decides), not a
-        // later fragment (offset bits of the big-endian flags/offset field).
-        if u32::from(ethertype) != skb_protocol || vihl != 0x45 || u16::from_be(frag) & 0x1fff != 0
-        {
-            return None;
-        }
-        (
-            start + ETH_HLEN + 20,
-            protocol,
-            0,
-            ipv4_mapped_word(src),
-            0,
-            ipv4_mapped_word(dst),
-        )
-    } else {
-        if start + ETH_HLEN + 40 + 8 > end {
-            return None;
-        }
-        // SAFETY: the 62 bytes at `start` were just checked to lie in the packet.
-        let (ethertype, version, protocol, s0, s1, d0, d1) = unsafe {
-            (
-                word::<u16>(start + 12),
-                word::<u8>(start + ETH_HLEN),
-                word::<u8>(start + ETH_HLEN + 6),
-                word::<u64>(start + ETH_HLEN + 8),
-                word::<u64>(start + ETH_HLEN + 16),
-                word::<u64>(start + ETH_HLEN + 24),
-                word::<u64>(start + ETH_HLEN + 32),
-            )
-        };
-        if u32::from(ethertype) != skb_protocol || version >> 4 != 6 {
-            return None;
-        }
-        (start + ETH_HLEN + 40, protocol, s0, s1, d0, d1)
-    };
-    // SAFETY: the 8 bytes at `l4` were checked with the IP header above.
-    let ports = unsafe { word::<u32>(l4) };
-    let flags = match protocol {
-        proto::TCP => {
-            if l4 + 20 > end {
-                return None;
-            }
-            // SAFETY: just checked.
-            unsafe { word::<u8>(l4 + 13) }
-        }
-        proto::UDP => 0,
-        _ => return None,
-    };
-    let [s_hi, s_lo, d_hi, d_lo] = ports.to_ne_bytes();
-    let (sport, dport) = (be16(s_hi, s_lo), be16(d_hi, d_lo));
-    let opening = match flags & (tcp_flags::SYN | tcp_flags::ACK) {
-        _ if protocol == proto::UDP => Opening::Opening,
-        tcp_flags::SYN => Opening::Opening,
-        f if f == tcp_flags::SYN | tcp_flags::ACK => Opening::Answer,
-        _ => Opening::MidStream,
-    };
-    let (key, sender) = FlowKey::from_words(protocol, [lo0, lo1], sport, [hi0, hi1], dport);
+    // Version 4 with IHL 5 (so the network offset is 14, as `network_offset` decides), not a
+    // later fragment (offset bits of the big-endian flags/offset field).
+    if u32::from(ethertype) != PROTO_IPV4 || vihl != 0x45 || u16::from_be(frag) & 0x1fff != 0 {
+        return None;
+    }
+    let (flags, opening) = transport_fast(start + ETH_HLEN + 20, end, protocol)?;
+    let (sport, dport) = ports_of(ports);
+    let (key, sender) = FlowKey4::from_native(protocol, src, sport, dst, dport);
     Some(Seen {
         key,
         sender,
@@ -435,12 +380,81 @@ pub fn fast(ctx: &TcContext, skb_protocol: u32) -> Option<Seen> {
     })
 }
 
-/// The second native-endian word of [`ipv4_mapped`]`(v4)`, `v4` loaded natively; its first word
-/// is zero.
+/// [`fast4`] for IPv6 without extension headers, into the wide key.
 #[inline(always)]
-const fn ipv4_mapped_word(v4: u32) -> u64 {
-    let [a, b, c, d] = v4.to_ne_bytes();
-    u64::from_ne_bytes([0, 0, 0xff, 0xff, a, b, c, d])
+pub fn fast6(ctx: &TcContext) -> Option<Seen> {
+    let (start, end) = bounds(ctx);
+    if start + ETH_HLEN + 40 + 8 > end {
+        return None;
+    }
+    // SAFETY: the 62 bytes at `start` were just checked to lie in the packet.
+    let (ethertype, version, protocol, s0, s1, d0, d1, ports) = unsafe {
+        (
+            word::<u16>(start + 12),
+            word::<u8>(start + ETH_HLEN),
+            word::<u8>(start + ETH_HLEN + 6),
+            word::<u64>(start + ETH_HLEN + 8),
+            word::<u64>(start + ETH_HLEN + 16),
+            word::<u64>(start + ETH_HLEN + 24),
+            word::<u64>(start + ETH_HLEN + 32),
+            word::<u32>(start + ETH_HLEN + 40),
+        )
+    };
+    if u32::from(ethertype) != PROTO_IPV6 || version >> 4 != 6 {
+        return None;
+    }
+    let (flags, opening) = transport_fast(start + ETH_HLEN + 40, end, protocol)?;
+    let (sport, dport) = ports_of(ports);
+    let (key, sender) = FlowKey::from_words(protocol, [s0, s1], sport, [d0, d1], dport);
+    Some(Seen {
+        key,
+        sender,
+        tcp_flags: flags,
+        opening,
+    })
+}
+
+/// The packet's linear data, `(start, end)`.
+#[inline(always)]
+fn bounds(ctx: &TcContext) -> (usize, usize) {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: as in `parse`.
+    unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*skb).data) as usize,
+            core::ptr::read_volatile(&raw const (*skb).data_end) as usize,
+        )
+    }
+}
+
+/// The fast path's transport: TCP flags and opening for TCP (its 20-byte header must be in the
+/// packet), UDP, else `None`. The caller checked that 8 bytes at `l4` are in the packet.
+#[inline(always)]
+fn transport_fast(l4: usize, end: usize, protocol: u8) -> Option<(u8, Opening)> {
+    match protocol {
+        proto::TCP => {
+            if l4 + 20 > end {
+                return None;
+            }
+            // SAFETY: just checked.
+            let flags = unsafe { word::<u8>(l4 + 13) };
+            let opening = match flags & (tcp_flags::SYN | tcp_flags::ACK) {
+                tcp_flags::SYN => Opening::Opening,
+                f if f == tcp_flags::SYN | tcp_flags::ACK => Opening::Answer,
+                _ => Opening::MidStream,
+            };
+            Some((flags, opening))
+        }
+        proto::UDP => Some((0, Opening::Opening)),
+        _ => None,
+    }
+}
+
+/// Source and destination port, host order, from the transport header's first word as loaded.
+#[inline(always)]
+const fn ports_of(ports: u32) -> (u16, u16) {
+    let [s_hi, s_lo, d_hi, d_lo] = ports.to_ne_bytes();
+    (be16(s_hi, s_lo), be16(d_hi, d_lo))
 }
 
 /// A `T` read at packet address `at`.

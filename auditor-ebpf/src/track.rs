@@ -5,8 +5,8 @@
 use auditor_ebpf::{
     MAX_HEADER_BYTES,
     flow::{
-        Counter, Direction, EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Side, proto,
-        tcp_flags,
+        Counter, Direction, EventKind, FlowEvent, FlowKey, FlowKey4, FlowState, FlowStatus, Side,
+        proto, tcp_flags,
     },
 };
 use aya_ebpf::{
@@ -18,23 +18,25 @@ use aya_ebpf::{
 
 use crate::{
     parse::{self, Opening, PROTO_IPV4, PROTO_IPV6, Parsed, Seen},
-    program::{CLOCK, COUNTERS, EVENTS, FLOWS, FLOWS4, SAMPLE_EVERY},
+    program::{COUNTERS, EVENTS, FLOWS, FLOWS4, FLOWS4_TCP, SAMPLE_EVERY},
 };
 
 const EEXIST: i32 = 17;
 
 /// Facts about the packet being handled, besides what the parser found.
 struct Meta {
-    now: u64,
-    len: u64,
+    /// The low 32 bits of jiffies (see [`FlowState::tick`]).
+    tick: u32,
+    /// `skb->len`.
+    len: u32,
     ifindex: u32,
     direction: Direction,
 }
 
-/// Handles one packet: counts it as seen and in exactly one outcome counter.
+/// Handles one packet and counts it in exactly one outcome counter (the sum of those is the
+/// packets seen, so there is no separate count per packet).
 #[inline(always)]
 pub fn observe(ctx: &TcContext, direction: Direction) {
-    count(Counter::PacketsSeen);
     let outcome = match handle(ctx, direction) {
         Ok(c) | Err(c) => c,
     };
@@ -49,26 +51,49 @@ fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
     if protocol != PROTO_IPV4 && protocol != PROTO_IPV6 {
         return Err(Counter::NonIp);
     }
-    // The common case (Ethernet, IPv4/IPv6 without options, TCP/UDP) of a flow already in the
-    // table, without the parser's and tracker's subprogram calls; anything else is parsed and
-    // tracked in full below.
-    if let Some(seen) = parse::fast(ctx, protocol) {
-        let meta = Meta {
-            now: coarse_now(),
-            len: u64::from(len),
-            ifindex,
-            direction,
-        };
-        return match find(&seen.key) {
-            // SAFETY: a live value of the flow table; LRU values stay valid for this program run.
-            Some(state) => Ok(update(unsafe { &mut *state }, &seen, &meta)),
-            None => create(&seen, &meta),
-        };
+    let meta = Meta {
+        tick: tick(),
+        len,
+        ifindex,
+        direction,
+    };
+    // The common case, an Ethernet frame with IPv4 without options and TCP or UDP, is read by the
+    // inlined fast parser straight into the narrow key of its IPv4 table.
+    if protocol == PROTO_IPV4 {
+        if let Some(seen) = parse::fast4(ctx) {
+            return track(&seen, &meta);
+        }
     }
+    // IPv6 without extension headers has a fast parser too; anything else is parsed in full.
+    let fast6 = if protocol == PROTO_IPV6 {
+        parse::fast6(ctx)
+    } else {
+        None
+    };
+    let parsed = match fast6 {
+        Some(seen) => Parsed::Flow(seen),
+        None => parse_any(ctx, protocol, len)?,
+    };
+    dispatch(&parsed, &meta)
+}
+
+/// Tracks a packet the IPv4 fast path did not take. Not inlined: a frame of its own, beside the
+/// parser's rather than under it, keeps the two within the verifier's 512 bytes of stack.
+#[inline(never)]
+fn dispatch(parsed: &Parsed, meta: &Meta) -> Result<Counter, Counter> {
+    match parsed {
+        Parsed::Flow(seen) => track(seen, meta),
+        Parsed::Unreachable { key, sender } => refuse(key, *sender, meta),
+    }
+}
+
+/// [`parse::parse`], with the rare retry after making the headers linear.
+#[inline(always)]
+fn parse_any(ctx: &TcContext, protocol: u32, len: u32) -> Result<Parsed, Counter> {
     // One call site in a loop rather than two: inlined twice, the parser's stack temporaries
     // would be paid twice against the verifier's 512-byte stack.
     let mut pulled = false;
-    let parsed = loop {
+    loop {
         match parse::parse(ctx, protocol) {
             Err(Counter::Truncated) if !pulled && headers_not_linear(ctx, len) => {
                 // Rare (headers in page fragments): make the first bytes linear and parse again.
@@ -84,18 +109,8 @@ fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
                 }
                 pulled = true;
             }
-            other => break other?,
+            other => return other,
         }
-    };
-    let meta = Meta {
-        now: coarse_now(),
-        len: u64::from(len),
-        ifindex,
-        direction,
-    };
-    match parsed {
-        Parsed::Flow(seen) => track(&seen, &meta),
-        Parsed::Unreachable { key, sender } => refuse(&key, sender, &meta),
     }
 }
 
@@ -106,99 +121,204 @@ fn headers_not_linear(ctx: &TcContext, len: u32) -> bool {
     linear < MAX_HEADER_BYTES as usize && (len as usize) > linear
 }
 
-/// The table entry of the flow `key`: IPv4 flows are in their own table under the 16-byte key,
-/// which the kernel hashes and compares in less time than the 40-byte one.
-#[inline(always)]
-fn find(key: &FlowKey) -> Option<*mut FlowState> {
-    match key.narrow() {
-        Some(key4) => FLOWS4.get_ptr_mut(&key4),
-        None => FLOWS.get_ptr_mut(key),
+/// The key of one of the flow tables.
+trait TableKey {
+    /// The flow's entry, if its table has it.
+    fn find(&self) -> Option<*mut FlowState>;
+    /// Inserts the flow into its table, unless another CPU just did (`-EEXIST`).
+    fn enter(&self, state: &FlowState) -> Result<(), i32>;
+    fn proto(&self) -> u8;
+    /// The key as user space and the events know it.
+    fn wide(&self) -> FlowKey;
+}
+
+/// An IPv4 flow is in the TCP table, under its key's first 12 bytes, or in the other IPv4 table.
+impl TableKey for FlowKey4 {
+    #[inline(always)]
+    fn find(&self) -> Option<*mut FlowState> {
+        if self.proto == proto::TCP {
+            FLOWS4_TCP.get_ptr_mut(self.tcp_prefix())
+        } else {
+            FLOWS4.get_ptr_mut(self)
+        }
+    }
+
+    #[inline(always)]
+    fn enter(&self, state: &FlowState) -> Result<(), i32> {
+        if self.proto == proto::TCP {
+            FLOWS4_TCP.insert(self.tcp_prefix(), state, u64::from(BPF_NOEXIST))
+        } else {
+            FLOWS4.insert(self, state, u64::from(BPF_NOEXIST))
+        }
+    }
+
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+
+    #[inline(always)]
+    fn wide(&self) -> FlowKey {
+        self.widen()
     }
 }
 
-/// Inserts the flow `key` into its table, unless another CPU just did.
-#[inline(always)]
-fn enter(key: &FlowKey, state: &FlowState) -> Result<(), i32> {
-    match key.narrow() {
-        Some(key4) => FLOWS4.insert(&key4, state, u64::from(BPF_NOEXIST)),
-        None => FLOWS.insert(key, state, u64::from(BPF_NOEXIST)),
+/// A wide key whose addresses are both IPv4-mapped still lives in an IPv4 table, under its
+/// narrow form, wherever the packet was parsed.
+impl TableKey for FlowKey {
+    #[inline(always)]
+    fn find(&self) -> Option<*mut FlowState> {
+        match self.narrow() {
+            Some(key4) => key4.find(),
+            None => FLOWS.get_ptr_mut(self),
+        }
+    }
+
+    #[inline(always)]
+    fn enter(&self, state: &FlowState) -> Result<(), i32> {
+        match self.narrow() {
+            Some(key4) => key4.enter(state),
+            None => FLOWS.insert(self, state, u64::from(BPF_NOEXIST)),
+        }
+    }
+
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+
+    #[inline(always)]
+    fn wide(&self) -> FlowKey {
+        *self
     }
 }
 
-/// Not inlined, like the parser: separate frames keep each under the verifier's stack limit.
+/// Updates the packet's flow, or creates it. Inlined once per key type.
+#[inline(always)]
+fn track<K: TableKey>(seen: &Seen<K>, meta: &Meta) -> Result<Counter, Counter> {
+    let state = match seen.key.find() {
+        Some(state) => state,
+        None => match create(seen, meta) {
+            Some(outcome) => return outcome,
+            // Another CPU created the flow between our lookup and insert: this packet updates it.
+            None => seen.key.find().ok_or(Counter::InsertFailed)?,
+        },
+    };
+    // SAFETY: a live value of the flow table; LRU values stay valid for this program run.
+    Ok(update(unsafe { &mut *state }, seen, meta))
+}
+
+/// Enters a flow the table does not have: its outcome, or `None` when another CPU entered it
+/// first. Not inlined: it is off the established-flow path, and a frame of its own keeps the
+/// caller's small.
 #[inline(never)]
-fn track(seen: &Seen, meta: &Meta) -> Result<Counter, Counter> {
-    if let Some(state) = find(&seen.key) {
-        // SAFETY: a live value of the flow table; LRU values stay valid for this program run.
-        return Ok(update(unsafe { &mut *state }, seen, meta));
-    }
-    insert(seen, meta)
-}
-
-/// The fast path's [`insert`]: not inlined, it is off the established-flow path. A copy rather
-/// than a call from `track`, where a fourth frame would pass the verifier's 512 bytes.
-#[inline(never)]
-fn create(seen: &Seen, meta: &Meta) -> Result<Counter, Counter> {
-    insert(seen, meta)
-}
-
-/// Enters a flow the table does not have.
-#[inline(always)]
-fn insert(seen: &Seen, meta: &Meta) -> Result<Counter, Counter> {
+fn create<K: TableKey>(seen: &Seen<K>, meta: &Meta) -> Option<Result<Counter, Counter>> {
     let state = fresh_state(seen, meta);
-    match enter(&seen.key, &state) {
+    match seen.key.enter(&state) {
         Ok(()) => {
             emit(EventKind::New, &seen.key, &state, meta);
             if state.status == FlowStatus::Answered as u8 {
                 emit(EventKind::Answered, &seen.key, &state, meta);
             }
-            Ok(Counter::FlowCreated)
+            Some(Ok(Counter::FlowCreated))
         }
-        // Another CPU created the flow between our lookup and insert: this packet updates it.
-        Err(e) if e == -EEXIST => match find(&seen.key) {
-            // SAFETY: as above.
-            Some(state) => Ok(update(unsafe { &mut *state }, seen, meta)),
-            None => Err(Counter::InsertFailed),
-        },
-        Err(_) => Err(Counter::InsertFailed),
+        Err(e) if e == -EEXIST => None,
+        Err(_) => Some(Err(Counter::InsertFailed)),
     }
 }
 
 /// The state of a flow whose first packet is `seen`. Not inlined, for the same stack reason as
 /// `emit`; it is off the established-flow path.
 #[inline(never)]
-fn fresh_state(seen: &Seen, meta: &Meta) -> FlowState {
+fn fresh_state<K>(seen: &Seen<K>, meta: &Meta) -> FlowState {
     let (initiator, mid_stream, status) = match seen.opening {
         Opening::Opening => (seen.sender, 0, FlowStatus::New),
         Opening::Answer => (other(seen.sender), 1, FlowStatus::Answered),
         Opening::MidStream => (seen.sender, 1, FlowStatus::New),
     };
-    let mut state = FlowState {
-        first_seen_ns: meta.now,
-        last_seen_ns: meta.now,
-        packets: [0; 2],
-        bytes: [0; 2],
+    let now = coarse_ns();
+    let len = u64::from(meta.len);
+    let flags = seen.tcp_flags;
+    // Whole arrays rather than a store at a computed index, which compiled to byte-wise zeroing.
+    let (packets, bytes, tcp_flags) = if seen.sender == initiator {
+        ([1, 0], [len, 0], [flags, 0])
+    } else {
+        ([0, 1], [0, len], [0, flags])
+    };
+    FlowState {
+        first_seen_ns: now,
+        last_seen_ns: now,
+        packets,
+        bytes,
         ifindex: meta.ifindex,
-        tcp_flags: [0; 2],
+        tcp_flags,
         initiator: initiator as u8,
         status: status as u8,
         direction: meta.direction as u8,
         mid_stream,
         answered: u8::from(status == FlowStatus::Answered),
-        _pad: [0; 5],
-    };
-    let i = usize::from(seen.sender != initiator);
-    state.packets[i] = 1;
-    state.bytes[i] = meta.len;
-    state.tcp_flags[i] = seen.tcp_flags;
-    state
+        _pad: 0,
+        tick: meta.tick,
+    }
 }
 
+/// A packet of a flow in the table. The common case, an answered flow's packet without SYN, FIN
+/// or RST, cannot change the flow's status: it is counted here, inlined; every other packet goes
+/// through [`transition`].
 #[inline(always)]
-fn update(state: &mut FlowState, seen: &Seen, meta: &Meta) -> Counter {
+fn update<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: &Meta) -> Counter {
+    if state.status == FlowStatus::Answered as u8
+        && seen.tcp_flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) == 0
+    {
+        if sampled_out() {
+            return Counter::SampledOut;
+        }
+        account(state, seen.sender, seen.tcp_flags, meta);
+        return Counter::FlowUpdated;
+    }
+    transition(state, seen, meta)
+}
+
+/// Adds the packet to its sender's counters and flags, and moves `last_seen_ns` once per tick.
+#[inline(always)]
+fn account(state: &mut FlowState, sender: Side, flags: u8, meta: &Meta) {
+    let i = usize::from(sender as u8 != state.initiator);
+    if state.tick != meta.tick {
+        stamp(state, meta.tick);
+    }
+    state.packets[i] += 1;
+    state.bytes[i] += u64::from(meta.len);
+    // Only when it adds a flag: a store per packet for flags already seen dirties the line for
+    // nothing.
+    if state.tcp_flags[i] | flags != state.tcp_flags[i] {
+        state.tcp_flags[i] |= flags;
+    }
+}
+
+/// Sets `last_seen_ns` to the clock now, forward only: another CPU may have stored a later
+/// reading. The tick is recorded only when the clock has moved past the stored reading, because
+/// the timer tick moves jiffies a moment (about a microsecond) before the clock: a reading taken
+/// in that moment, still equal to the stored one, leaves the tick unrecorded so the next packet
+/// reads again. (If the flow's stored reading is older than the last tick, such a reading is
+/// stored and stands for the tick: `last_seen_ns` one tick early, which second-scale timeouts do
+/// not notice.)
+#[inline(always)]
+fn stamp(state: &mut FlowState, tick: u32) {
+    let now = coarse_ns();
+    if now > state.last_seen_ns {
+        state.last_seen_ns = now;
+        state.tick = tick;
+    }
+}
+
+/// Every packet of a flow in the table that [`update`] does not count inline: anything on a flow
+/// not yet answered, refused or closed, and SYN, FIN and RST. Moves the status and sends the
+/// event of a change. Not inlined: one copy per key type, off the established-flow path.
+#[inline(never)]
+fn transition<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: &Meta) -> Counter {
     let status = state.status;
     let flags = seen.tcp_flags;
-    let is_tcp = seen.key.proto == proto::TCP;
+    let is_tcp = seen.key.proto() == proto::TCP;
     // A new SYN on a finished TCP flow is a new connection reusing the 5-tuple.
     if is_tcp
         && seen.opening == Opening::Opening
@@ -208,26 +328,8 @@ fn update(state: &mut FlowState, seen: &Seen, meta: &Meta) -> Counter {
         emit(EventKind::New, &seen.key, state, meta);
         return Counter::FlowCreated;
     }
-    if status == FlowStatus::Answered as u8
-        && flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) == 0
-        && sampled_out()
-    {
-        return Counter::SampledOut;
-    }
     let from_initiator = seen.sender as u8 == state.initiator;
-    let i = usize::from(!from_initiator);
-    // Forward only: another CPU's clock reading may be a tick behind this flow's last one (see
-    // `coarse_now`), and within a tick the value is unchanged, so most packets store nothing.
-    if meta.now > state.last_seen_ns {
-        state.last_seen_ns = meta.now;
-    }
-    state.packets[i] += 1;
-    state.bytes[i] += meta.len;
-    // Only when it adds a flag: a store per packet for flags already seen dirties the line for
-    // nothing.
-    if state.tcp_flags[i] | flags != state.tcp_flags[i] {
-        state.tcp_flags[i] |= flags;
-    }
+    account(state, seen.sender, flags, meta);
     let next = if is_tcp {
         next_tcp_status(status, from_initiator, flags, state)
     } else if status == FlowStatus::New as u8 && !from_initiator {
@@ -245,6 +347,7 @@ fn update(state: &mut FlowState, seen: &Seen, meta: &Meta) -> Counter {
         } else {
             EventKind::Closed
         };
+        stamp(state, meta.tick);
         emit(kind, &seen.key, state, meta);
     }
     Counter::FlowUpdated
@@ -284,7 +387,7 @@ fn next_tcp_status(status: u8, from_initiator: bool, flags: u8, state: &mut Flow
 /// An ICMP destination unreachable about a packet `sender` sent in flow `key`.
 #[inline(never)]
 fn refuse(key: &FlowKey, sender: Side, meta: &Meta) -> Result<Counter, Counter> {
-    let Some(state) = find(key) else {
+    let Some(state) = key.find() else {
         return Err(Counter::IcmpErrorUnmatched);
     };
     // SAFETY: a live value of the flow table.
@@ -293,9 +396,7 @@ fn refuse(key: &FlowKey, sender: Side, meta: &Meta) -> Result<Counter, Counter> 
     if sender as u8 != state.initiator {
         return Err(Counter::IcmpErrorUnmatched);
     }
-    if meta.now > state.last_seen_ns {
-        state.last_seen_ns = meta.now;
-    }
+    stamp(state, meta.tick);
     if state.status == FlowStatus::New as u8 {
         state.status = FlowStatus::Refused as u8;
         emit(EventKind::Refused, key, state, meta);
@@ -303,45 +404,20 @@ fn refuse(key: &FlowKey, sender: Side, meta: &Meta) -> Result<Counter, Counter> 
     Ok(Counter::IcmpErrorMatched)
 }
 
-/// This CPU's last reading of the coarse clock and the jiffies value it was read at.
-#[repr(C)]
-pub struct ClockCache {
-    jiffies: u64,
-    now_ns: u64,
+/// `CLOCK_MONOTONIC_COARSE` now, in nanoseconds: the clock of every time the program stores.
+/// A helper call (about 12 ns on the benchmark machine), so established-flow packets call it
+/// once per tick and flow (see [`stamp`]).
+#[inline(always)]
+fn coarse_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// `CLOCK_MONOTONIC_COARSE` now, in nanoseconds.
-///
-/// The coarse clock moves only on a timer tick, when jiffies moves too. Reading jiffies is one
-/// load (the verifier inlines `bpf_jiffies64` on 64-bit JITs) while the clock helper cost about
-/// 12 ns a packet on the benchmark machine, so each CPU keeps its last reading and reads the
-/// clock again only once jiffies has moved.
-///
-/// The tick moves jiffies a moment (about a microsecond) before the clock: a reading that has not
-/// moved since the cached one is not cached, so the next packet reads again. After a CPU ran no
-/// packet for a whole tick, a reading taken in that moment cannot be told from a fresh one and
-/// stands for the rest of the tick: such a timestamp is one tick (at most 10 ms) early, which
-/// second-scale timeouts do not notice.
+/// The low 32 bits of jiffies: one load (the verifier inlines `bpf_jiffies64` on 64-bit JITs).
 #[inline(always)]
-fn coarse_now() -> u64 {
+fn tick() -> u32 {
     // SAFETY: helper without arguments.
-    let jiffies = unsafe { bpf_jiffies64() };
-    let Some(cache) = CLOCK.get_ptr_mut(0) else {
-        // SAFETY: helper without arguments.
-        return unsafe { bpf_ktime_get_coarse_ns() };
-    };
-    // SAFETY: this CPU's slot of a per-CPU array; TC programs do not migrate or nest on a CPU.
-    let cache = unsafe { &mut *cache };
-    if cache.jiffies == jiffies {
-        return cache.now_ns;
-    }
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if now != cache.now_ns {
-        cache.jiffies = jiffies;
-        cache.now_ns = now;
-    }
-    now
+    unsafe { bpf_jiffies64() as u32 }
 }
 
 #[inline(always)]
@@ -354,11 +430,13 @@ fn sampled_out() -> bool {
 
 /// Not inlined: five call sites on the rare state-change paths would each get their own event
 /// on the stack.
+///
+/// The event's time is the flow's `last_seen_ns`, which every caller has just set.
 #[inline(never)]
-fn emit(kind: EventKind, key: &FlowKey, state: &FlowState, meta: &Meta) {
+fn emit<K: TableKey>(kind: EventKind, key: &K, state: &FlowState, meta: &Meta) {
     let event = FlowEvent {
-        key: *key,
-        ts_ns: meta.now,
+        key: key.wide(),
+        ts_ns: state.last_seen_ns,
         ifindex: meta.ifindex,
         kind: kind as u8,
         initiator: state.initiator,

@@ -5,7 +5,8 @@ use core::fmt;
 use core::net::{IpAddr, Ipv6Addr};
 
 use super::{
-    Direction, EventKind, FlowEvent, FlowKey, FlowKey4, FlowState, FlowStatus, Side, proto,
+    Direction, EventKind, FlowEvent, FlowKey, FlowKey4, FlowKeyTcp4, FlowState, FlowStatus, Side,
+    proto,
 };
 
 // SAFETY: `#[repr(C)]`, no implicit padding (sizes asserted in mod.rs), every field is a plain
@@ -13,6 +14,8 @@ use super::{
 unsafe impl aya::Pod for FlowKey {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowKey4 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowKeyTcp4 {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowState {}
 // SAFETY: as above.

@@ -10,8 +10,8 @@ use std::{
 
 use auditor_ebpf::{
     COUNTERS_MAP, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES, EVENTS_MAP, FLOWS_MAP,
-    FLOWS4_MAP, PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_NOOP, SAMPLE_EVERY_GLOBAL,
-    flow::{Counter, FlowKey, FlowKey4, FlowState},
+    FLOWS4_MAP, FLOWS4_TCP_MAP, PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_NOOP, SAMPLE_EVERY_GLOBAL,
+    flow::{Counter, FlowKey, FlowKey4, FlowKeyTcp4, FlowState},
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -26,9 +26,10 @@ use super::{EBPF_OBJECT, attach::TcPrograms};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatapathConfig {
-    /// Capacity of each of the two flow tables, IPv4 flows and all others (LRU: the least
-    /// recently used flow makes room for a new one). Each entry costs about 170 bytes of kernel
-    /// memory (145 in the IPv4 table) with the hash table's own overhead, allocated up front.
+    /// Capacity of each of the three flow tables, IPv4 TCP flows, other IPv4 flows and all
+    /// others (LRU: the least recently used flow makes room for a new one). Each entry costs
+    /// about 170 bytes of kernel memory (145 in the IPv4 tables) with the hash table's own
+    /// overhead, allocated up front.
     pub flow_table_entries: u32,
     /// Event ring buffer size in bytes; rounded up to a power of two of at least one page, as the
     /// kernel requires (so a multiple of the page size: 4 KiB here, 16 KiB on the Raspberry Pi 5).
@@ -84,33 +85,69 @@ pub enum LoadError {
     },
 }
 
-/// Both flow tables, borrowed from the [`Datapath`] or taken from it: IPv4 flows under the
-/// 16-byte [`FlowKey4`] (cheaper for the kernel to hash per packet), all others under the
-/// [`FlowKey`]. Callers see [`FlowKey`]s only; each flow is in exactly one table.
+/// The flow tables, borrowed from the [`Datapath`] or taken from it: IPv4 TCP flows under the
+/// 12-byte [`FlowKeyTcp4`], other IPv4 flows under the 16-byte [`FlowKey4`] (short keys cost the
+/// kernel less to hash per packet), all others under the [`FlowKey`]. Callers see [`FlowKey`]s
+/// only; each flow is in exactly one table.
 pub struct FlowTables<T> {
+    tcp4: HashMap<T, FlowKeyTcp4, FlowState>,
     v4: HashMap<T, FlowKey4, FlowState>,
     other: HashMap<T, FlowKey, FlowState>,
 }
+
+/// Which table a flow is kept in, under which key.
+enum Slot {
+    Tcp4(FlowKeyTcp4),
+    V4(FlowKey4),
+    Other,
+}
+
+/// The table of `key`: the program's choice (`TableKey` in `auditor-ebpf`).
+fn slot(key: &FlowKey) -> Slot {
+    match key.narrow() {
+        Some(key4) => key4.tcp().map_or(Slot::V4(key4), Slot::Tcp4),
+        None => Slot::Other,
+    }
+}
+
+/// The index of `key`'s table in [`TABLES`] order (IPv4 TCP, other IPv4, the rest), for
+/// per-table counts.
+#[must_use]
+pub fn table_index(key: &FlowKey) -> usize {
+    match slot(key) {
+        Slot::Tcp4(_) => 0,
+        Slot::V4(_) => 1,
+        Slot::Other => 2,
+    }
+}
+
+/// The flow tables' map names, in [`table_index`] order.
+pub const TABLES: [&str; 3] = [FLOWS4_TCP_MAP, FLOWS4_MAP, FLOWS_MAP];
 
 impl<T: Borrow<MapData>> FlowTables<T> {
     /// The entry of `key`, read from the table it belongs in.
     ///
     /// # Errors
-    /// [`MapError::KeyNotFound`] when the flow is in neither table, or the read's failure.
+    /// [`MapError::KeyNotFound`] when the flow is in none of the tables, or the read's failure.
     pub fn get(&self, key: &FlowKey) -> Result<FlowState, MapError> {
-        match key.narrow() {
-            Some(key4) => self.v4.get(&key4, 0),
-            None => self.other.get(key, 0),
+        match slot(key) {
+            Slot::Tcp4(tcp) => self.tcp4.get(&tcp, 0),
+            Slot::V4(key4) => self.v4.get(&key4, 0),
+            Slot::Other => self.other.get(key, 0),
         }
     }
 
-    /// Every entry of both tables, IPv4 keys widened back to [`FlowKey`]s.
+    /// Every entry of every table, narrow keys widened back to [`FlowKey`]s.
     pub fn iter(&self) -> impl Iterator<Item = Result<(FlowKey, FlowState), MapError>> + '_ {
+        let tcp4 = self
+            .tcp4
+            .iter()
+            .map(|entry| entry.map(|(tcp, state)| (tcp.widen(), state)));
         let v4 = self
             .v4
             .iter()
             .map(|entry| entry.map(|(key4, state)| (key4.widen(), state)));
-        v4.chain(self.other.iter())
+        tcp4.chain(v4).chain(self.other.iter())
     }
 }
 
@@ -118,11 +155,12 @@ impl<T: BorrowMut<MapData>> FlowTables<T> {
     /// Deletes the entry of `key` from the table it belongs in.
     ///
     /// # Errors
-    /// [`MapError::KeyNotFound`] when it is in neither, or the deletion's failure.
+    /// [`MapError::KeyNotFound`] when it is in none of them, or the deletion's failure.
     pub fn remove(&mut self, key: &FlowKey) -> Result<(), MapError> {
-        match key.narrow() {
-            Some(key4) => self.v4.remove(&key4),
-            None => self.other.remove(key),
+        match slot(key) {
+            Slot::Tcp4(tcp) => self.tcp4.remove(&tcp),
+            Slot::V4(key4) => self.v4.remove(&key4),
+            Slot::Other => self.other.remove(key),
         }
     }
 }
@@ -158,6 +196,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(FLOWS_MAP, flow_table_entries)
             .map_max_entries(FLOWS4_MAP, flow_table_entries)
+            .map_max_entries(FLOWS4_TCP_MAP, flow_table_entries)
             .map_max_entries(EVENTS_MAP, events_bytes)
             .override_global(SAMPLE_EVERY_GLOBAL, &sample_every, true)
             .load(EBPF_OBJECT)
@@ -240,12 +279,14 @@ impl Datapath {
     pub fn flows(&self) -> Result<FlowTables<&MapData>, LoadError> {
         let map = |name| self.ebpf.map(name).ok_or(LoadError::MissingMap { name });
         Ok(FlowTables {
+            tcp4: HashMap::try_from(map(FLOWS4_TCP_MAP)?)
+                .map_err(|e| map_error(FLOWS4_TCP_MAP, e))?,
             v4: HashMap::try_from(map(FLOWS4_MAP)?).map_err(|e| map_error(FLOWS4_MAP, e))?,
             other: HashMap::try_from(map(FLOWS_MAP)?).map_err(|e| map_error(FLOWS_MAP, e))?,
         })
     }
 
-    /// Calls `each` for every entry of both flow tables, reading many entries per system call
+    /// Calls `each` for every entry of every flow table, reading many entries per system call
     /// where the kernel can (see [`super::batch`]), one by one where it cannot. Returns how many
     /// entries were read.
     ///
@@ -260,9 +301,15 @@ impl Datapath {
             Some(_) => Err(map_error(name, MapError::InvalidMapType { map_type: 0 })),
             None => Err(LoadError::MissingMap { name }),
         };
-        let (v4, other) = (fd(FLOWS4_MAP)?, fd(FLOWS_MAP)?);
-        let batched = super::batch::for_each::<FlowKey4, FlowState>(v4, |key, state| {
+        let (tcp4, v4, other) = (fd(FLOWS4_TCP_MAP)?, fd(FLOWS4_MAP)?, fd(FLOWS_MAP)?);
+        let batched = super::batch::for_each::<FlowKeyTcp4, FlowState>(tcp4, |key, state| {
             each(key.widen(), state);
+        })
+        .and_then(|tcp4| {
+            super::batch::for_each::<FlowKey4, FlowState>(v4, |key, state| {
+                each(key.widen(), state);
+            })
+            .map(|v4| tcp4 + v4)
         })
         .and_then(|v4| {
             super::batch::for_each::<FlowKey, FlowState>(other, |key, state| each(*key, state))
@@ -272,7 +319,7 @@ impl Datapath {
             Ok(n) => Ok(n),
             Err(super::batch::BatchError::Unsupported(_)) => {
                 // Evictions during a one-by-one walk restart it from the start: bounded.
-                let bound = 4 * self.effective.flow_table_entries as usize;
+                let bound = 4 * TABLES.len() * self.effective.flow_table_entries as usize;
                 let mut n = 0;
                 for entry in self.flows()?.iter().take(bound) {
                     match entry {
@@ -296,18 +343,24 @@ impl Datapath {
     /// # Errors
     /// Only if a map was taken or has the wrong type.
     pub fn flows_mut(&mut self) -> Result<FlowTables<&mut MapData>, LoadError> {
+        let mut tcp4 = None;
         let mut v4 = None;
         let mut other = None;
         for (name, map) in self.ebpf.maps_mut() {
             match name {
+                FLOWS4_TCP_MAP => tcp4 = Some(map),
                 FLOWS4_MAP => v4 = Some(map),
                 FLOWS_MAP => other = Some(map),
                 _ => {}
             }
         }
+        let tcp4: &mut Map = tcp4.ok_or(LoadError::MissingMap {
+            name: FLOWS4_TCP_MAP,
+        })?;
         let v4: &mut Map = v4.ok_or(LoadError::MissingMap { name: FLOWS4_MAP })?;
         let other: &mut Map = other.ok_or(LoadError::MissingMap { name: FLOWS_MAP })?;
         Ok(FlowTables {
+            tcp4: HashMap::try_from(tcp4).map_err(|e| map_error(FLOWS4_TCP_MAP, e))?,
             v4: HashMap::try_from(v4).map_err(|e| map_error(FLOWS4_MAP, e))?,
             other: HashMap::try_from(other).map_err(|e| map_error(FLOWS_MAP, e))?,
         })
@@ -349,9 +402,11 @@ impl Datapath {
                 .ok_or(LoadError::MissingMap { name })?;
             Ok::<_, LoadError>(map)
         };
+        let tcp4 = take(FLOWS4_TCP_MAP)?;
         let v4 = take(FLOWS4_MAP)?;
         let other = take(FLOWS_MAP)?;
         Ok(FlowTables {
+            tcp4: HashMap::try_from(tcp4).map_err(|e| map_error(FLOWS4_TCP_MAP, e))?,
             v4: HashMap::try_from(v4).map_err(|e| map_error(FLOWS4_MAP, e))?,
             other: HashMap::try_from(other).map_err(|e| map_error(FLOWS_MAP, e))?,
         })
@@ -395,7 +450,8 @@ impl Datapath {
 pub struct CounterTotals([u64; Counter::COUNT as usize]);
 
 impl CounterTotals {
-    /// Reads and sums every counter of `counters`.
+    /// Reads and sums every counter of `counters`, and works out [`Counter::PacketsSeen`], which
+    /// the program does not count itself, as the sum of the outcome counters.
     ///
     /// # Errors
     /// When a map read fails.
@@ -409,6 +465,10 @@ impl CounterTotals {
                 .map_err(|source| map_error(COUNTERS_MAP, source))?;
             *total = per_cpu.iter().copied().fold(0u64, u64::wrapping_add);
         }
+        totals[Counter::PacketsSeen as usize] = Counter::OUTCOMES
+            .iter()
+            .map(|c| totals[*c as usize])
+            .fold(0u64, u64::wrapping_add);
         Ok(Self(totals))
     }
 

@@ -18,7 +18,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use super::{
     attach::{AttachConfig, AttachError, AttachedInterface, Attacher},
-    load::{CounterTotals, Datapath, LoadError},
+    load::{CounterTotals, Datapath, LoadError, TABLES, table_index},
     netlink::{self, LinkChange, LinkWatcher, NetlinkError},
 };
 
@@ -62,7 +62,7 @@ pub enum ManagerError {
 pub struct DatapathHealth {
     /// Interfaces the programs are attached to, with the hook mode of each.
     pub attached: Vec<AttachedInterface>,
-    /// Entries, at the last walk, of the fuller of the two flow tables (IPv4 flows, others).
+    /// Entries, at the last walk, of the fullest flow table (IPv4 TCP, other IPv4, the rest).
     pub flow_table_entries: u64,
     /// Capacity of each flow table: the LRU evicts once `flow_table_entries` reaches it.
     pub flow_table_capacity: u32,
@@ -233,7 +233,7 @@ impl DatapathManager {
         }
     }
 
-    /// Calls `each` for every entry of both flow tables. The kernel keeps inserting and
+    /// Calls `each` for every entry of every flow table. The kernel keeps inserting and
     /// evicting meanwhile, so this is a view over the walk's duration, not a snapshot: an entry
     /// may be missed or, rarely, seen twice. Records how many entries the fuller table holds.
     ///
@@ -243,18 +243,13 @@ impl DatapathManager {
         &mut self,
         mut each: impl FnMut(FlowKey, &FlowState),
     ) -> Result<usize, ManagerError> {
-        let mut ipv4 = 0usize;
-        let mut other = 0usize;
+        let mut per_table = [0usize; TABLES.len()];
         let read = self.datapath.for_each_flow(|key, state| {
-            if key.narrow().is_some() {
-                ipv4 += 1;
-            } else {
-                other += 1;
-            }
+            per_table[table_index(&key)] += 1;
             each(key, state);
         })?;
-        // The fuller table's count: against one table's capacity it says when eviction starts.
-        self.table_entries = ipv4.max(other) as u64;
+        // The fullest table's count: against one table's capacity it says when eviction starts.
+        self.table_entries = per_table.into_iter().max().unwrap_or(0) as u64;
         Ok(read)
     }
 

@@ -560,7 +560,8 @@ mod tests {
             direction: Direction::Egress as u8,
             mid_stream: 0,
             answered: u8::from(answered),
-            _pad: [0; 5],
+            _pad: 0,
+            tick: 0,
         }
     }
 

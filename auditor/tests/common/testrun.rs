@@ -91,7 +91,7 @@ impl Harness {
         flows.get(key).ok()
     }
 
-    /// Number of entries in the flow tables (IPv4 and other).
+    /// Number of entries in the flow tables (IPv4 TCP, other IPv4, the rest).
     pub fn flow_count(&self) -> usize {
         let flows = match self.datapath.flows() {
             Ok(f) => f,
