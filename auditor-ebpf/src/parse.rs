@@ -369,15 +369,13 @@ pub fn fast4(ctx: &TcContext) -> Option<Seen<FlowKey4>> {
     if u32::from(ethertype) != PROTO_IPV4 || vihl != 0x45 || u16::from_be(frag) & 0x1fff != 0 {
         return None;
     }
-    let (flags, opening) = transport_fast(start + ETH_HLEN + 20, end, protocol)?;
-    let (sport, dport) = ports_of(ports);
-    let (key, sender) = FlowKey4::from_native(protocol, src, sport, dst, dport);
-    Some(Seen {
-        key,
-        sender,
-        tcp_flags: flags,
-        opening,
-    })
+    seen_fast(
+        start + ETH_HLEN + 20,
+        end,
+        protocol,
+        ports,
+        |sport, dport| FlowKey4::from_native(protocol, src, sport, dst, dport),
+    )
 }
 
 /// [`fast4`] for IPv6 without extension headers, into the wide key.
@@ -403,9 +401,28 @@ pub fn fast6(ctx: &TcContext) -> Option<Seen> {
     if u32::from(ethertype) != PROTO_IPV6 || version >> 4 != 6 {
         return None;
     }
-    let (flags, opening) = transport_fast(start + ETH_HLEN + 40, end, protocol)?;
+    seen_fast(
+        start + ETH_HLEN + 40,
+        end,
+        protocol,
+        ports,
+        |sport, dport| FlowKey::from_words(protocol, [s0, s1], sport, [d0, d1], dport),
+    )
+}
+
+/// The fast parsers' common end: the transport at `l4` (its first word, the ports, already
+/// loaded as `ports`), then the key `key` builds from the source and destination port.
+#[inline(always)]
+fn seen_fast<K>(
+    l4: usize,
+    end: usize,
+    protocol: u8,
+    ports: u32,
+    key: impl FnOnce(u16, u16) -> (K, Side),
+) -> Option<Seen<K>> {
+    let (flags, opening) = transport_fast(l4, end, protocol)?;
     let (sport, dport) = ports_of(ports);
-    let (key, sender) = FlowKey::from_words(protocol, [s0, s1], sport, [d0, d1], dport);
+    let (key, sender) = key(sport, dport);
     Some(Seen {
         key,
         sender,
