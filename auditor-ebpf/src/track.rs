@@ -347,7 +347,6 @@ fn transition<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: &Meta) -
         } else {
             EventKind::Closed
         };
-        stamp(state, meta.tick);
         emit(kind, &seen.key, state, meta);
     }
     Counter::FlowUpdated
@@ -431,7 +430,8 @@ fn sampled_out() -> bool {
 /// Not inlined: five call sites on the rare state-change paths would each get their own event
 /// on the stack.
 ///
-/// The event's time is the flow's `last_seen_ns`, which every caller has just set.
+/// The event's time is the flow's `last_seen_ns`, which every caller has just brought to the
+/// current tick (`fresh_state`, `account` or `stamp`).
 #[inline(never)]
 fn emit<K: TableKey>(kind: EventKind, key: &K, state: &FlowState, meta: &Meta) {
     let event = FlowEvent {

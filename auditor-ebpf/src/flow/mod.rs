@@ -276,10 +276,12 @@ impl FlowKeyTcp4 {
     }
 }
 
-/// The key of the IPv4 flow table ([`crate::FLOWS4_MAP`]): a [`FlowKey`] whose addresses are
-/// both IPv4-mapped, without the 24 bytes all such keys share. IPv4 flows have a table of their
-/// own because the kernel hashes and compares the whole key on every packet, and 16 bytes cost
-/// markedly less than 40. Get one with [`FlowKey::narrow`]; [`FlowKey4::widen`] goes back.
+/// The key of the IPv4 flow tables: a [`FlowKey`] whose addresses are both IPv4-mapped, without
+/// the 24 bytes all such keys share. TCP flows are in [`crate::FLOWS4_TCP_MAP`] under this key's
+/// first 12 bytes ([`FlowKey4::tcp`]), the others in [`crate::FLOWS4_MAP`] under all 16. IPv4
+/// flows have tables of their own because the kernel hashes and compares the whole key on every
+/// packet, and 16 bytes cost markedly less than 40. Get one with [`FlowKey::narrow`];
+/// [`FlowKey4::widen`] goes back.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey4 {
@@ -350,6 +352,7 @@ impl FlowKey4 {
     }
 
     /// The [`FlowKey`] this key was narrowed from.
+    ///
     /// Built as words, like [`FlowKey::from_words`]: the program widens keys for its events, and
     /// the byte form compiled to byte-wise copies there.
     #[inline(always)]
@@ -438,8 +441,7 @@ impl FlowStatus {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowState {
     /// When the first packet was seen, `CLOCK_MONOTONIC_COARSE` nanoseconds
-    /// (`bpf_ktime_get_coarse_ns`: tick resolution, which is plenty for second-scale timeouts;
-    /// read once per tick and CPU, so in rare cases a tick early, see the program's `coarse_now`).
+    /// (`bpf_ktime_get_coarse_ns`: tick resolution, which is plenty for second-scale timeouts).
     pub first_seen_ns: u64,
     /// When the last (not sampled-out) packet was seen, same clock as `first_seen_ns`. Read at
     /// the flow's first packet in each timer tick (see `tick`), so, like the clock itself, it has

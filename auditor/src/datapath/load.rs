@@ -124,6 +124,23 @@ pub fn table_index(key: &FlowKey) -> usize {
 /// The flow tables' map names, in [`table_index`] order.
 pub const TABLES: [&str; 3] = [FLOWS4_TCP_MAP, FLOWS4_MAP, FLOWS_MAP];
 
+impl<T> FlowTables<T> {
+    /// The tables from their maps (owned, borrowed or mutably borrowed), in [`TABLES`] order.
+    fn from_maps<M>([tcp4, v4, other]: [M; 3]) -> Result<Self, LoadError>
+    where
+        HashMap<T, FlowKeyTcp4, FlowState>: TryFrom<M, Error = MapError>,
+        HashMap<T, FlowKey4, FlowState>: TryFrom<M, Error = MapError>,
+        HashMap<T, FlowKey, FlowState>: TryFrom<M, Error = MapError>,
+    {
+        let [tcp4_name, v4_name, other_name] = TABLES;
+        Ok(Self {
+            tcp4: HashMap::try_from(tcp4).map_err(|e| map_error(tcp4_name, e))?,
+            v4: HashMap::try_from(v4).map_err(|e| map_error(v4_name, e))?,
+            other: HashMap::try_from(other).map_err(|e| map_error(other_name, e))?,
+        })
+    }
+}
+
 impl<T: Borrow<MapData>> FlowTables<T> {
     /// The entry of `key`, read from the table it belongs in.
     ///
@@ -278,12 +295,8 @@ impl Datapath {
     /// Only if a map was taken or has the wrong type.
     pub fn flows(&self) -> Result<FlowTables<&MapData>, LoadError> {
         let map = |name| self.ebpf.map(name).ok_or(LoadError::MissingMap { name });
-        Ok(FlowTables {
-            tcp4: HashMap::try_from(map(FLOWS4_TCP_MAP)?)
-                .map_err(|e| map_error(FLOWS4_TCP_MAP, e))?,
-            v4: HashMap::try_from(map(FLOWS4_MAP)?).map_err(|e| map_error(FLOWS4_MAP, e))?,
-            other: HashMap::try_from(map(FLOWS_MAP)?).map_err(|e| map_error(FLOWS_MAP, e))?,
-        })
+        let [tcp4, v4, other] = TABLES;
+        FlowTables::from_maps([map(tcp4)?, map(v4)?, map(other)?])
     }
 
     /// Calls `each` for every entry of every flow table, reading many entries per system call
@@ -301,7 +314,8 @@ impl Datapath {
             Some(_) => Err(map_error(name, MapError::InvalidMapType { map_type: 0 })),
             None => Err(LoadError::MissingMap { name }),
         };
-        let (tcp4, v4, other) = (fd(FLOWS4_TCP_MAP)?, fd(FLOWS4_MAP)?, fd(FLOWS_MAP)?);
+        let [tcp4, v4, other] = TABLES;
+        let (tcp4, v4, other) = (fd(tcp4)?, fd(v4)?, fd(other)?);
         let batched = super::batch::for_each::<FlowKeyTcp4, FlowState>(tcp4, |key, state| {
             each(key.widen(), state);
         })
@@ -343,27 +357,19 @@ impl Datapath {
     /// # Errors
     /// Only if a map was taken or has the wrong type.
     pub fn flows_mut(&mut self) -> Result<FlowTables<&mut MapData>, LoadError> {
-        let mut tcp4 = None;
-        let mut v4 = None;
-        let mut other = None;
+        let mut maps: [Option<&mut Map>; 3] = [None, None, None];
         for (name, map) in self.ebpf.maps_mut() {
-            match name {
-                FLOWS4_TCP_MAP => tcp4 = Some(map),
-                FLOWS4_MAP => v4 = Some(map),
-                FLOWS_MAP => other = Some(map),
-                _ => {}
+            if let Some(i) = TABLES.iter().position(|table| *table == name) {
+                maps[i] = Some(map);
             }
         }
-        let tcp4: &mut Map = tcp4.ok_or(LoadError::MissingMap {
-            name: FLOWS4_TCP_MAP,
-        })?;
-        let v4: &mut Map = v4.ok_or(LoadError::MissingMap { name: FLOWS4_MAP })?;
-        let other: &mut Map = other.ok_or(LoadError::MissingMap { name: FLOWS_MAP })?;
-        Ok(FlowTables {
-            tcp4: HashMap::try_from(tcp4).map_err(|e| map_error(FLOWS4_TCP_MAP, e))?,
-            v4: HashMap::try_from(v4).map_err(|e| map_error(FLOWS4_MAP, e))?,
-            other: HashMap::try_from(other).map_err(|e| map_error(FLOWS_MAP, e))?,
-        })
+        let [tcp4, v4, other] = maps;
+        let missing = |i: usize| LoadError::MissingMap { name: TABLES[i] };
+        FlowTables::from_maps([
+            tcp4.ok_or_else(|| missing(0))?,
+            v4.ok_or_else(|| missing(1))?,
+            other.ok_or_else(|| missing(2))?,
+        ])
     }
 
     /// The event ring buffer, mutably borrowed.
@@ -402,14 +408,8 @@ impl Datapath {
                 .ok_or(LoadError::MissingMap { name })?;
             Ok::<_, LoadError>(map)
         };
-        let tcp4 = take(FLOWS4_TCP_MAP)?;
-        let v4 = take(FLOWS4_MAP)?;
-        let other = take(FLOWS_MAP)?;
-        Ok(FlowTables {
-            tcp4: HashMap::try_from(tcp4).map_err(|e| map_error(FLOWS4_TCP_MAP, e))?,
-            v4: HashMap::try_from(v4).map_err(|e| map_error(FLOWS4_MAP, e))?,
-            other: HashMap::try_from(other).map_err(|e| map_error(FLOWS_MAP, e))?,
-        })
+        let [tcp4, v4, other] = TABLES;
+        FlowTables::from_maps([take(tcp4)?, take(v4)?, take(other)?])
     }
 
     /// The per-CPU counters, borrowed.
