@@ -277,6 +277,8 @@ fn test(root: &Path) -> Result<()> {
             "cargo test",
             Box::new(|| {
                 let mut cmd = cargo(root);
+                // Incremental state would add over a gigabyte to a one-off whole-suite build.
+                cmd.env("CARGO_INCREMENTAL", "0");
                 cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
                 if root_user {
                     // Tests that need root and the kernel are #[ignore]d so plain `cargo test`
