@@ -269,6 +269,7 @@ fn test(root: &Path) -> Result<()> {
              the lab) are SKIPPED. Run `sudo cargo xtask test` to run them.",
         );
     }
+    warn_if_disk_short(root);
     // The image step's static amd64 binary, for the lab step after it.
     let image_amd64 = std::cell::RefCell::new(None);
     // Every step runs even when an earlier one failed, so one run shows every failure.
@@ -346,6 +347,63 @@ fn test(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What a whole `cargo xtask test` from a clean checkout writes under `target/` (debug tests, two
+/// static musl release builds, the image): 3.25 GB at its end, measured in a fresh clone.
+const SUITE_TARGET_BYTES: u64 = 3_300_000_000;
+
+/// Says loudly, before hours of building, when the disk under `target/` cannot hold the suite's
+/// build; a build that runs out of space fails with errors that hide the cause among many.
+fn warn_if_disk_short(root: &Path) {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    // The nearest existing directory: a clean checkout has no target/ yet.
+    let dir = target.ancestors().find(|d| d.is_dir()).unwrap_or(root);
+    let Some(free) = free_bytes(dir) else {
+        eprintln!(
+            "xtask test: could not read the free space under {}",
+            dir.display()
+        );
+        return;
+    };
+    eprintln!(
+        "xtask test: {:.1} GB free under {}; a run from a clean checkout writes about {:.1} GB there",
+        free as f64 / 1e9,
+        dir.display(),
+        SUITE_TARGET_BYTES as f64 / 1e9
+    );
+    if free < SUITE_TARGET_BYTES {
+        loud_notice(&format!(
+            "LOW DISK: {:.1} GB free under {}, and a build from scratch needs about {:.1} GB: \
+             steps may fail with `No space left on device`.",
+            free as f64 / 1e9,
+            dir.display(),
+            SUITE_TARGET_BYTES as f64 / 1e9
+        ));
+    }
+}
+
+/// Bytes an unprivileged writer can still use on the filesystem of `dir`, from `df -Pk`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let out = Command::new("df")
+        .args(["-Pk", "--"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // POSIX format: a header line, then `filesystem total used available capacity mount`.
+    let kib = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse::<u64>()
+        .ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
 fn loud_notice(msg: &str) {
     let bar = "!".repeat(78);
     eprintln!("\n{bar}\n!! {msg}\n{bar}\n");
@@ -359,4 +417,33 @@ fn bench(root: &Path, which: Bench) -> Result<()> {
         );
     }
     run(cargo(root).args(["bench", "--package", "auditor", "--bench", which.name()]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `df`'s figure against `stat -f`'s block counts for the same filesystem (another reader of
+    /// statfs), within what other writers on the machine can change between the two calls.
+    #[test]
+    fn free_bytes_matches_statfs() {
+        let dir = std::env::temp_dir();
+        let free = free_bytes(&dir).expect("df reads the temp directory");
+        let out = Command::new("stat")
+            .args(["-f", "-c", "%a %S"])
+            .arg(&dir)
+            .output()
+            .expect("stat runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut fields = text
+            .split_whitespace()
+            .map(|f| f.parse::<u64>().expect("a number"));
+        let (blocks, size) = (fields.next().expect("blocks"), fields.next().expect("size"));
+        let statfs = blocks * size;
+        assert!(
+            free.abs_diff(statfs) < 256 << 20,
+            "df says {free} bytes free, statfs {statfs}"
+        );
+        assert!(free_bytes(Path::new("/nonexistent/flow-auditor")).is_none());
+    }
 }
