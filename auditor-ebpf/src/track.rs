@@ -25,12 +25,21 @@ const EEXIST: i32 = 17;
 
 /// Facts about the packet being handled, besides what the parser found.
 struct Meta {
-    /// The low 32 bits of jiffies (see [`FlowState::tick`]).
-    tick: u32,
     /// `skb->len`.
     len: u32,
-    ifindex: u32,
     direction: Direction,
+    /// The context, for what only the rare paths read ([`Meta::ifindex`]).
+    skb: *const __sk_buff,
+}
+
+impl Meta {
+    /// The interface's index. Read only when a flow is created or an event sent: the context
+    /// field is two dependent loads (`skb->dev->ifindex`) an established flow's packet skips.
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the program's context, valid for the whole run.
+        unsafe { (*self.skb).ifindex }
+    }
 }
 
 /// Handles one packet and counts it in exactly one outcome counter (the sum of those is the
@@ -47,15 +56,14 @@ pub fn observe(ctx: &TcContext, direction: Direction) {
 fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
     let skb = ctx.as_ptr().cast::<__sk_buff>();
     // SAFETY: the context of a TC program is the kernel's `__sk_buff` view, valid for the run.
-    let (protocol, len, ifindex) = unsafe { ((*skb).protocol, (*skb).len, (*skb).ifindex) };
+    let (protocol, len) = unsafe { ((*skb).protocol, (*skb).len) };
     if protocol != PROTO_IPV4 && protocol != PROTO_IPV6 {
         return Err(Counter::NonIp);
     }
     let meta = Meta {
-        tick: tick(),
         len,
-        ifindex,
         direction,
+        skb,
     };
     // The common case, an Ethernet frame with IPv4 without options and TCP or UDP, is read by the
     // inlined fast parser straight into the narrow key of its IPv4 table.
@@ -236,6 +244,8 @@ fn fresh_state<K>(seen: &Seen<K>, meta: &Meta) -> FlowState {
         Opening::Answer => (other(seen.sender), 1, FlowStatus::Answered),
         Opening::MidStream => (seen.sender, 1, FlowStatus::New),
     };
+    // The tick before the clock, as in `stamp`.
+    let tick = tick();
     let now = coarse_ns();
     let len = u64::from(meta.len);
     let flags = seen.tcp_flags;
@@ -250,7 +260,7 @@ fn fresh_state<K>(seen: &Seen<K>, meta: &Meta) -> FlowState {
         last_seen_ns: now,
         packets,
         bytes,
-        ifindex: meta.ifindex,
+        ifindex: meta.ifindex(),
         tcp_flags,
         initiator: initiator as u8,
         status: status as u8,
@@ -258,7 +268,7 @@ fn fresh_state<K>(seen: &Seen<K>, meta: &Meta) -> FlowState {
         mid_stream,
         answered: u8::from(status == FlowStatus::Answered),
         _pad: 0,
-        tick: meta.tick,
+        tick,
     }
 }
 
@@ -283,8 +293,11 @@ fn update<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: &Meta) -> Co
 #[inline(always)]
 fn account(state: &mut FlowState, sender: Side, flags: u8, meta: &Meta) {
     let i = usize::from(sender as u8 != state.initiator);
-    if state.tick != meta.tick {
-        stamp(state, meta.tick);
+    // Read here, where it is compared, rather than once per packet up front: a value carried
+    // from the start of the program is spilled to the stack and reloaded.
+    let tick = tick();
+    if state.tick != tick {
+        stamp(state, tick);
     }
     state.packets[i] += 1;
     state.bytes[i] += u64::from(meta.len);
@@ -395,7 +408,7 @@ fn refuse(key: &FlowKey, sender: Side, meta: &Meta) -> Result<Counter, Counter> 
     if sender as u8 != state.initiator {
         return Err(Counter::IcmpErrorUnmatched);
     }
-    stamp(state, meta.tick);
+    stamp(state, tick());
     if state.status == FlowStatus::New as u8 {
         state.status = FlowStatus::Refused as u8;
         emit(EventKind::Refused, key, state, meta);
@@ -437,7 +450,7 @@ fn emit<K: TableKey>(kind: EventKind, key: &K, state: &FlowState, meta: &Meta) {
     let event = FlowEvent {
         key: key.wide(),
         ts_ns: state.last_seen_ns,
-        ifindex: meta.ifindex,
+        ifindex: meta.ifindex(),
         kind: kind as u8,
         initiator: state.initiator,
         direction: meta.direction as u8,
