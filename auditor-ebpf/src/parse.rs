@@ -43,6 +43,16 @@ pub enum Opening {
     MidStream,
 }
 
+/// Which [`Opening`] a TCP packet with `flags` is.
+#[inline(always)]
+fn tcp_opening(flags: u8) -> Opening {
+    match flags & (tcp_flags::SYN | tcp_flags::ACK) {
+        tcp_flags::SYN => Opening::Opening,
+        f if f == tcp_flags::SYN | tcp_flags::ACK => Opening::Answer,
+        _ => Opening::MidStream,
+    }
+}
+
 /// A packet of a flow, keyed for the table it belongs in: [`FlowKey4`] on the IPv4 fast path,
 /// [`FlowKey`] everywhere else.
 pub struct Seen<K = FlowKey> {
@@ -97,16 +107,8 @@ impl Packet {
 /// into the caller (once per retry) they pushed one frame past the verifier's 512 bytes.
 #[inline(never)]
 pub fn parse(ctx: &TcContext, skb_protocol: u32) -> Result<Parsed, Counter> {
-    let skb = ctx.as_ptr().cast::<__sk_buff>();
-    // Volatile, so LLVM cannot hoist these loads into the caller and pass the packet pointers
-    // as (zero-extended) integer arguments, which the verifier rejects as pointer arithmetic.
-    // SAFETY: the context of a TC program is the kernel's `__sk_buff` view, valid for the run.
-    let pkt = unsafe {
-        Packet {
-            start: core::ptr::read_volatile(&raw const (*skb).data) as usize,
-            end: core::ptr::read_volatile(&raw const (*skb).data_end) as usize,
-        }
-    };
+    let (start, end) = bounds(ctx);
+    let pkt = Packet { start, end };
     let v6 = skb_protocol == PROTO_IPV6;
     let version = if v6 { 6 } else { 4 };
     let l3 = network_offset(&pkt, skb_protocol, version)?;
@@ -215,13 +217,12 @@ fn transport(
     let (sport, dport, flags, opening) = match protocol {
         proto::TCP => {
             let h = pkt.load::<20>(off).ok_or(Counter::Truncated)?;
-            let flags = h[13];
-            let opening = match flags & (tcp_flags::SYN | tcp_flags::ACK) {
-                tcp_flags::SYN => Opening::Opening,
-                f if f == tcp_flags::SYN | tcp_flags::ACK => Opening::Answer,
-                _ => Opening::MidStream,
-            };
-            (be16(h[0], h[1]), be16(h[2], h[3]), flags, opening)
+            (
+                be16(h[0], h[1]),
+                be16(h[2], h[3]),
+                h[13],
+                tcp_opening(h[13]),
+            )
         }
         proto::UDP => {
             let h = pkt.load::<8>(off).ok_or(Counter::Truncated)?;
@@ -432,10 +433,14 @@ fn seen_fast<K>(
 }
 
 /// The packet's linear data, `(start, end)`.
+///
+/// Volatile loads, so LLVM cannot hoist them into a caller and pass the packet pointers to a
+/// subprogram as (zero-extended) integer arguments, which the verifier rejects as pointer
+/// arithmetic.
 #[inline(always)]
 fn bounds(ctx: &TcContext) -> (usize, usize) {
     let skb = ctx.as_ptr().cast::<__sk_buff>();
-    // SAFETY: as in `parse`.
+    // SAFETY: the context of a TC program is the kernel's `__sk_buff` view, valid for the run.
     unsafe {
         (
             core::ptr::read_volatile(&raw const (*skb).data) as usize,
@@ -455,12 +460,7 @@ fn transport_fast(l4: usize, end: usize, protocol: u8) -> Option<(u8, Opening)> 
             }
             // SAFETY: just checked.
             let flags = unsafe { word::<u8>(l4 + 13) };
-            let opening = match flags & (tcp_flags::SYN | tcp_flags::ACK) {
-                tcp_flags::SYN => Opening::Opening,
-                f if f == tcp_flags::SYN | tcp_flags::ACK => Opening::Answer,
-                _ => Opening::MidStream,
-            };
-            Some((flags, opening))
+            Some((flags, tcp_opening(flags)))
         }
         proto::UDP => Some((0, Opening::Opening)),
         _ => None,

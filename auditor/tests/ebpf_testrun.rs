@@ -926,7 +926,7 @@ fn batched_walk_reads_every_entry_once() {
         .iter()
         .map(|entry| entry.unwrap_or_else(|e| panic!("walk: {e}")))
         .collect();
-    assert_eq!(read, usize::from(v4 + tcp4 + v6));
+    assert_eq!(read.into_iter().sum::<usize>(), usize::from(v4 + tcp4 + v6));
     assert_eq!(batched.len(), usize::from(v4 + tcp4 + v6));
     assert!(
         batched == one_by_one,

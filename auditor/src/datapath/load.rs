@@ -301,14 +301,14 @@ impl Datapath {
 
     /// Calls `each` for every entry of every flow table, reading many entries per system call
     /// where the kernel can (see [`super::batch`]), one by one where it cannot. Returns how many
-    /// entries were read.
+    /// entries were read from each table, in [`TABLES`] order.
     ///
     /// # Errors
     /// When a table is missing or reading it fails.
     pub fn for_each_flow(
         &self,
         mut each: impl FnMut(FlowKey, &FlowState),
-    ) -> Result<usize, LoadError> {
+    ) -> Result<[usize; TABLES.len()], LoadError> {
         let fd = |name| match self.ebpf.map(name) {
             Some(Map::LruHashMap(data) | Map::HashMap(data)) => Ok(data.fd().as_fd()),
             Some(_) => Err(map_error(name, MapError::InvalidMapType { map_type: 0 })),
@@ -323,23 +323,23 @@ impl Datapath {
             super::batch::for_each::<FlowKey4, FlowState>(v4, |key, state| {
                 each(key.widen(), state);
             })
-            .map(|v4| tcp4 + v4)
+            .map(|v4| (tcp4, v4))
         })
-        .and_then(|v4| {
+        .and_then(|(tcp4, v4)| {
             super::batch::for_each::<FlowKey, FlowState>(other, |key, state| each(*key, state))
-                .map(|other| v4 + other)
+                .map(|other| [tcp4, v4, other])
         });
         match batched {
             Ok(n) => Ok(n),
             Err(super::batch::BatchError::Unsupported(_)) => {
                 // Evictions during a one-by-one walk restart it from the start: bounded.
                 let bound = 4 * TABLES.len() * self.effective.flow_table_entries as usize;
-                let mut n = 0;
+                let mut n = [0; TABLES.len()];
                 for entry in self.flows()?.iter().take(bound) {
                     match entry {
                         Ok((key, state)) => {
                             each(key, &state);
-                            n += 1;
+                            n[table_index(&key)] += 1;
                         }
                         // Deleted between finding the key and reading it.
                         Err(MapError::KeyNotFound) => {}

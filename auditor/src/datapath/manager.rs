@@ -18,7 +18,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use super::{
     attach::{AttachConfig, AttachError, AttachedInterface, Attacher},
-    load::{CounterTotals, Datapath, LoadError, TABLES, table_index},
+    load::{CounterTotals, Datapath, LoadError},
     netlink::{self, LinkChange, LinkWatcher, NetlinkError},
 };
 
@@ -235,22 +235,15 @@ impl DatapathManager {
 
     /// Calls `each` for every entry of every flow table. The kernel keeps inserting and
     /// evicting meanwhile, so this is a view over the walk's duration, not a snapshot: an entry
-    /// may be missed or, rarely, seen twice. Records how many entries the fuller table holds.
+    /// may be missed or, rarely, seen twice. Records how many entries the fullest table holds.
     ///
     /// # Errors
     /// When reading the table fails.
-    pub fn walk(
-        &mut self,
-        mut each: impl FnMut(FlowKey, &FlowState),
-    ) -> Result<usize, ManagerError> {
-        let mut per_table = [0usize; TABLES.len()];
-        let read = self.datapath.for_each_flow(|key, state| {
-            per_table[table_index(&key)] += 1;
-            each(key, state);
-        })?;
+    pub fn walk(&mut self, each: impl FnMut(FlowKey, &FlowState)) -> Result<usize, ManagerError> {
+        let per_table = self.datapath.for_each_flow(each)?;
         // The fullest table's count: against one table's capacity it says when eviction starts.
         self.table_entries = per_table.into_iter().max().unwrap_or(0) as u64;
-        Ok(read)
+        Ok(per_table.into_iter().sum())
     }
 
     /// Deletes a flow from the table (expired); a missing key is fine.
