@@ -61,7 +61,21 @@ pub struct Seen<K = FlowKey> {
     pub sender: Side,
     /// TCP flags byte; 0 for other protocols.
     pub tcp_flags: u8,
-    pub opening: Opening,
+    /// The [`Opening`] of anything but TCP; `None` for TCP, whose opening follows from
+    /// `tcp_flags` and is worked out only when needed ([`Seen::opening`]): an established
+    /// flow's packet never needs it.
+    opening: Option<Opening>,
+}
+
+impl<K> Seen<K> {
+    /// What this packet says about who started its flow.
+    #[inline(always)]
+    pub fn opening(&self) -> Opening {
+        match self.opening {
+            Some(opening) => opening,
+            None => tcp_opening(self.tcp_flags),
+        }
+    }
 }
 
 /// What a parsed packet is.
@@ -217,27 +231,32 @@ fn transport(
     let (sport, dport, flags, opening) = match protocol {
         proto::TCP => {
             let h = pkt.load::<20>(off).ok_or(Counter::Truncated)?;
-            (
-                be16(h[0], h[1]),
-                be16(h[2], h[3]),
-                h[13],
-                tcp_opening(h[13]),
-            )
+            (be16(h[0], h[1]), be16(h[2], h[3]), h[13], None)
         }
         proto::UDP => {
             let h = pkt.load::<8>(off).ok_or(Counter::Truncated)?;
-            (be16(h[0], h[1]), be16(h[2], h[3]), 0, Opening::Opening)
+            (
+                be16(h[0], h[1]),
+                be16(h[2], h[3]),
+                0,
+                Some(Opening::Opening),
+            )
         }
         proto::SCTP => {
             let h = pkt.load::<12>(off).ok_or(Counter::Truncated)?;
-            (be16(h[0], h[1]), be16(h[2], h[3]), 0, Opening::Opening)
+            (
+                be16(h[0], h[1]),
+                be16(h[2], h[3]),
+                0,
+                Some(Opening::Opening),
+            )
         }
         proto::ICMP if !v6 => {
             let h = pkt.load::<8>(off).ok_or(Counter::Truncated)?;
             let id = be16(h[4], h[5]);
             match h[0] {
-                ICMP_ECHO_REQUEST => (id, id, 0, Opening::Opening),
-                ICMP_ECHO_REPLY => (id, id, 0, Opening::Answer),
+                ICMP_ECHO_REQUEST => (id, id, 0, Some(Opening::Opening)),
+                ICMP_ECHO_REPLY => (id, id, 0, Some(Opening::Answer)),
                 // "Fragmentation needed" is path MTU discovery, not a refusal.
                 ICMP_DEST_UNREACH if h[1] != ICMP_FRAG_NEEDED => return quoted_v4(pkt, off + 8),
                 _ => return Err(Counter::IcmpOther),
@@ -247,8 +266,8 @@ fn transport(
             let h = pkt.load::<8>(off).ok_or(Counter::Truncated)?;
             let id = be16(h[4], h[5]);
             match h[0] {
-                ICMPV6_ECHO_REQUEST => (id, id, 0, Opening::Opening),
-                ICMPV6_ECHO_REPLY => (id, id, 0, Opening::Answer),
+                ICMPV6_ECHO_REQUEST => (id, id, 0, Some(Opening::Opening)),
+                ICMPV6_ECHO_REPLY => (id, id, 0, Some(Opening::Answer)),
                 ICMPV6_DEST_UNREACH => return quoted_v6(pkt, off + 8),
                 _ => return Err(Counter::IcmpOther),
             }
@@ -354,22 +373,26 @@ pub fn fast4(ctx: &TcContext) -> Option<Seen<FlowKey4>> {
         return None;
     }
     // SAFETY: the 42 bytes at `start` were just checked to lie in the packet.
-    let (ethertype, vihl, frag, protocol, src, dst, ports) = unsafe {
+    let (head, frag_proto, src, dst, ports) = unsafe {
         (
-            word::<u16>(start + 12),
-            word::<u8>(start + ETH_HLEN),
-            word::<u16>(start + ETH_HLEN + 6),
-            word::<u8>(start + ETH_HLEN + 9),
+            // EtherType, version and IHL, TOS.
+            word::<u32>(start + 12),
+            // Flags and fragment offset, TTL, protocol.
+            word::<u32>(start + ETH_HLEN + 6),
             word::<u32>(start + ETH_HLEN + 12),
             word::<u32>(start + ETH_HLEN + 16),
             word::<u32>(start + ETH_HLEN + 20),
         )
     };
-    // Version 4 with IHL 5 (so the network offset is 14, as `network_offset` decides), not a
-    // later fragment (offset bits of the big-endian flags/offset field).
-    if u32::from(ethertype) != PROTO_IPV4 || vihl != 0x45 || u16::from_be(frag) & 0x1fff != 0 {
+    // EtherType IPv4, version 4 with IHL 5 (so the network offset is 14, as `network_offset`
+    // decides), and not a later fragment (the offset's 13 bits of the big-endian field).
+    const HEAD_MASK: u32 = u32::from_ne_bytes([0xff, 0xff, 0xff, 0]);
+    const HEAD_IPV4: u32 = u32::from_ne_bytes([0x08, 0x00, 0x45, 0]);
+    const FRAG_OFFSET: u32 = u32::from_ne_bytes([0x1f, 0xff, 0, 0]);
+    if head & HEAD_MASK != HEAD_IPV4 || frag_proto & FRAG_OFFSET != 0 {
         return None;
     }
+    let protocol = frag_proto.to_ne_bytes()[3];
     seen_fast(
         start + ETH_HLEN + 20,
         end,
@@ -449,21 +472,22 @@ fn bounds(ctx: &TcContext) -> (usize, usize) {
     }
 }
 
-/// The fast path's transport: TCP flags and opening for TCP (its 20-byte header must be in the
-/// packet), UDP, else `None`. The caller checked that 8 bytes at `l4` are in the packet.
+/// The fast path's transport: TCP flags for TCP (its 20-byte header must be in the packet), with
+/// the opening left to [`Seen::opening`]; UDP; else `None`. The caller checked that 8 bytes at
+/// `l4` are in the packet.
 #[inline(always)]
-fn transport_fast(l4: usize, end: usize, protocol: u8) -> Option<(u8, Opening)> {
-    match protocol {
-        proto::TCP => {
-            if l4 + 20 > end {
-                return None;
-            }
-            // SAFETY: just checked.
-            let flags = unsafe { word::<u8>(l4 + 13) };
-            Some((flags, tcp_opening(flags)))
+fn transport_fast(l4: usize, end: usize, protocol: u8) -> Option<(u8, Option<Opening>)> {
+    if protocol == proto::TCP {
+        if l4 + 20 > end {
+            return None;
         }
-        proto::UDP => Some((0, Opening::Opening)),
-        _ => None,
+        // SAFETY: just checked.
+        let flags = unsafe { word::<u8>(l4 + 13) };
+        Some((flags, None))
+    } else if protocol == proto::UDP {
+        Some((0, Some(Opening::Opening)))
+    } else {
+        None
     }
 }
 

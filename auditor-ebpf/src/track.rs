@@ -23,20 +23,28 @@ use crate::{
 
 const EEXIST: i32 = 17;
 
-/// Facts about the packet being handled, besides what the parser found.
+/// Facts about the packet being handled, besides what the parser found. Passed by value: its two
+/// words travel in registers, so the established-flow path stores nothing for the calls only the
+/// rare paths make.
+#[derive(Clone, Copy)]
 struct Meta {
-    /// `skb->len`.
-    len: u32,
     direction: Direction,
-    /// The context, for what only the rare paths read ([`Meta::ifindex`]).
+    /// The context, for what only some paths read ([`Meta::len`], [`Meta::ifindex`]).
     skb: *const __sk_buff,
 }
 
 impl Meta {
+    /// `skb->len`.
+    #[inline(always)]
+    fn len(self) -> u32 {
+        // SAFETY: the program's context, valid for the whole run.
+        unsafe { (*self.skb).len }
+    }
+
     /// The interface's index. Read only when a flow is created or an event sent: the context
     /// field is two dependent loads (`skb->dev->ifindex`) an established flow's packet skips.
     #[inline(always)]
-    fn ifindex(&self) -> u32 {
+    fn ifindex(self) -> u32 {
         // SAFETY: the program's context, valid for the whole run.
         unsafe { (*self.skb).ifindex }
     }
@@ -55,23 +63,22 @@ pub fn observe(ctx: &TcContext, direction: Direction) {
 #[inline(always)]
 fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
     let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // The common case, an Ethernet frame with IPv4 without options and TCP or UDP, is read by the
+    // inlined fast parser straight into the narrow key of its IPv4 table. The packet's length
+    // and the protocol for the other paths are read from the context after it, not held in
+    // registers across it: the parser needs all it can get.
     // SAFETY: the context of a TC program is the kernel's `__sk_buff` view, valid for the run.
-    let (protocol, len) = unsafe { ((*skb).protocol, (*skb).len) };
+    if unsafe { (*skb).protocol } == PROTO_IPV4 {
+        if let Some(seen) = parse::fast4(ctx) {
+            return track(&seen, Meta { direction, skb });
+        }
+    }
+    // SAFETY: as above; volatile so the load is repeated rather than kept from the first.
+    let protocol = unsafe { core::ptr::read_volatile(&raw const (*skb).protocol) };
     if protocol != PROTO_IPV4 && protocol != PROTO_IPV6 {
         return Err(Counter::NonIp);
     }
-    let meta = Meta {
-        len,
-        direction,
-        skb,
-    };
-    // The common case, an Ethernet frame with IPv4 without options and TCP or UDP, is read by the
-    // inlined fast parser straight into the narrow key of its IPv4 table.
-    if protocol == PROTO_IPV4 {
-        if let Some(seen) = parse::fast4(ctx) {
-            return track(&seen, &meta);
-        }
-    }
+    let meta = Meta { direction, skb };
     // IPv6 without extension headers has a fast parser too; anything else is parsed in full.
     let fast6 = if protocol == PROTO_IPV6 {
         parse::fast6(ctx)
@@ -80,15 +87,15 @@ fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
     };
     let parsed = match fast6 {
         Some(seen) => Parsed::Flow(seen),
-        None => parse_any(ctx, protocol, len)?,
+        None => parse_any(ctx, protocol, meta.len())?,
     };
-    dispatch(&parsed, &meta)
+    dispatch(&parsed, meta)
 }
 
 /// Tracks a packet the IPv4 fast path did not take. Not inlined: a frame of its own, beside the
 /// parser's rather than under it, keeps the two within the verifier's 512 bytes of stack.
 #[inline(never)]
-fn dispatch(parsed: &Parsed, meta: &Meta) -> Result<Counter, Counter> {
+fn dispatch(parsed: &Parsed, meta: Meta) -> Result<Counter, Counter> {
     match parsed {
         Parsed::Flow(seen) => track(seen, meta),
         Parsed::Unreachable { key, sender } => refuse(key, *sender, meta),
@@ -203,7 +210,7 @@ impl TableKey for FlowKey {
 
 /// Updates the packet's flow, or creates it. Inlined once per key type.
 #[inline(always)]
-fn track<K: TableKey>(seen: &Seen<K>, meta: &Meta) -> Result<Counter, Counter> {
+fn track<K: TableKey>(seen: &Seen<K>, meta: Meta) -> Result<Counter, Counter> {
     let state = match seen.key.find() {
         Some(state) => state,
         None => match create(seen, meta) {
@@ -220,7 +227,7 @@ fn track<K: TableKey>(seen: &Seen<K>, meta: &Meta) -> Result<Counter, Counter> {
 /// first. Not inlined: it is off the established-flow path, and a frame of its own keeps the
 /// caller's small.
 #[inline(never)]
-fn create<K: TableKey>(seen: &Seen<K>, meta: &Meta) -> Option<Result<Counter, Counter>> {
+fn create<K: TableKey>(seen: &Seen<K>, meta: Meta) -> Option<Result<Counter, Counter>> {
     let state = fresh_state(seen, meta);
     match seen.key.enter(&state) {
         Ok(()) => {
@@ -238,8 +245,8 @@ fn create<K: TableKey>(seen: &Seen<K>, meta: &Meta) -> Option<Result<Counter, Co
 /// The state of a flow whose first packet is `seen`. Not inlined, for the same stack reason as
 /// `emit`; it is off the established-flow path.
 #[inline(never)]
-fn fresh_state<K>(seen: &Seen<K>, meta: &Meta) -> FlowState {
-    let (initiator, mid_stream, status) = match seen.opening {
+fn fresh_state<K>(seen: &Seen<K>, meta: Meta) -> FlowState {
+    let (initiator, mid_stream, status) = match seen.opening() {
         Opening::Opening => (seen.sender, 0, FlowStatus::New),
         Opening::Answer => (other(seen.sender), 1, FlowStatus::Answered),
         Opening::MidStream => (seen.sender, 1, FlowStatus::New),
@@ -247,7 +254,7 @@ fn fresh_state<K>(seen: &Seen<K>, meta: &Meta) -> FlowState {
     // The tick before the clock, as in `stamp`.
     let tick = tick();
     let now = coarse_ns();
-    let len = u64::from(meta.len);
+    let len = u64::from(meta.len());
     let flags = seen.tcp_flags;
     // Whole arrays rather than a store at a computed index, which compiled to byte-wise zeroing.
     let (packets, bytes, tcp_flags) = if seen.sender == initiator {
@@ -273,34 +280,66 @@ fn fresh_state<K>(seen: &Seen<K>, meta: &Meta) -> FlowState {
 }
 
 /// A packet of a flow in the table. The common case, an answered flow's packet without SYN, FIN
-/// or RST, cannot change the flow's status: it is counted here, inlined; every other packet goes
-/// through [`transition`].
+/// or RST, cannot change the flow's status: it is counted here, inlined and without a helper
+/// call, so no value has to be kept across one. Every other packet goes through [`transition`];
+/// with sampling on, steady packets go through [`account_sampled`], and the first steady packet
+/// of a tick through [`account_new_tick`].
 #[inline(always)]
-fn update<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: &Meta) -> Counter {
+fn update<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: Meta) -> Counter {
     if state.status == FlowStatus::Answered as u8
         && seen.tcp_flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) == 0
     {
-        if sampled_out() {
-            return Counter::SampledOut;
+        // A branch of its own: with sampling off the verifier sees it is never taken and
+        // removes it.
+        if sampling() {
+            return account_sampled(state, seen.sender, seen.tcp_flags, meta);
         }
-        account(state, seen.sender, seen.tcp_flags, meta);
+        let tick = tick();
+        if state.tick != tick {
+            account_new_tick(state, seen.sender, seen.tcp_flags, meta, tick);
+        } else {
+            add(state, seen.sender, seen.tcp_flags, meta.len());
+        }
         return Counter::FlowUpdated;
     }
     transition(state, seen, meta)
 }
 
+/// [`update`]'s steady packet with sampling on: counted if kept.
+#[inline(never)]
+fn account_sampled(state: &mut FlowState, sender: Side, flags: u8, meta: Meta) -> Counter {
+    if sampled_out() {
+        return Counter::SampledOut;
+    }
+    account(state, sender, flags, meta);
+    Counter::FlowUpdated
+}
+
+/// [`update`]'s steady packet when the tick has moved, so `last_seen_ns` does: a helper call.
+#[inline(never)]
+fn account_new_tick(state: &mut FlowState, sender: Side, flags: u8, meta: Meta, tick: u32) {
+    stamp(state, tick);
+    add(state, sender, flags, meta.len());
+}
+
 /// Adds the packet to its sender's counters and flags, and moves `last_seen_ns` once per tick.
 #[inline(always)]
-fn account(state: &mut FlowState, sender: Side, flags: u8, meta: &Meta) {
-    let i = usize::from(sender as u8 != state.initiator);
+fn account(state: &mut FlowState, sender: Side, flags: u8, meta: Meta) {
     // Read here, where it is compared, rather than once per packet up front: a value carried
     // from the start of the program is spilled to the stack and reloaded.
     let tick = tick();
     if state.tick != tick {
         stamp(state, tick);
     }
+    add(state, sender, flags, meta.len());
+}
+
+/// Adds the packet to its sender's packet and byte counts and flags.
+#[inline(always)]
+fn add(state: &mut FlowState, sender: Side, flags: u8, len: u32) {
+    let i = usize::from(sender as u8 != state.initiator);
     state.packets[i] += 1;
-    state.bytes[i] += u64::from(meta.len);
+    state.bytes[i] += u64::from(len);
     // Only when it adds a flag: a store per packet for flags already seen dirties the line for
     // nothing.
     if state.tcp_flags[i] | flags != state.tcp_flags[i] {
@@ -328,13 +367,13 @@ fn stamp(state: &mut FlowState, tick: u32) {
 /// not yet answered, refused or closed, and SYN, FIN and RST. Moves the status and sends the
 /// event of a change. Not inlined: one copy per key type, off the established-flow path.
 #[inline(never)]
-fn transition<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: &Meta) -> Counter {
+fn transition<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: Meta) -> Counter {
     let status = state.status;
     let flags = seen.tcp_flags;
     let is_tcp = seen.key.proto() == proto::TCP;
     // A new SYN on a finished TCP flow is a new connection reusing the 5-tuple.
     if is_tcp
-        && seen.opening == Opening::Opening
+        && seen.opening() == Opening::Opening
         && (status == FlowStatus::Refused as u8 || status == FlowStatus::Closed as u8)
     {
         *state = fresh_state(seen, meta);
@@ -398,7 +437,7 @@ fn next_tcp_status(status: u8, from_initiator: bool, flags: u8, state: &mut Flow
 
 /// An ICMP destination unreachable about a packet `sender` sent in flow `key`.
 #[inline(never)]
-fn refuse(key: &FlowKey, sender: Side, meta: &Meta) -> Result<Counter, Counter> {
+fn refuse(key: &FlowKey, sender: Side, meta: Meta) -> Result<Counter, Counter> {
     let Some(state) = key.find() else {
         return Err(Counter::IcmpErrorUnmatched);
     };
@@ -432,6 +471,14 @@ fn tick() -> u32 {
     unsafe { bpf_jiffies64() as u32 }
 }
 
+/// Whether sampling is on: one in [`SAMPLE_EVERY`] steady packets is kept.
+#[inline(always)]
+fn sampling() -> bool {
+    // SAFETY: a plain read of a global; volatile so the loader's value is read, not the default.
+    unsafe { core::ptr::read_volatile(&SAMPLE_EVERY) > 1 }
+}
+
+/// Whether this steady packet is skipped by sampling.
 #[inline(always)]
 fn sampled_out() -> bool {
     // SAFETY: a plain read of a global; volatile so the loader's value is read, not the default.
@@ -446,7 +493,7 @@ fn sampled_out() -> bool {
 /// The event's time is the flow's `last_seen_ns`, which every caller has just brought to the
 /// current tick (`fresh_state`, `account` or `stamp`).
 #[inline(never)]
-fn emit<K: TableKey>(kind: EventKind, key: &K, state: &FlowState, meta: &Meta) {
+fn emit<K: TableKey>(kind: EventKind, key: &K, state: &FlowState, meta: Meta) {
     let event = FlowEvent {
         key: key.wide(),
         ts_ns: state.last_seen_ns,
