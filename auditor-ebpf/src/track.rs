@@ -280,10 +280,10 @@ fn fresh_state<K>(seen: &Seen<K>, meta: Meta) -> FlowState {
 }
 
 /// A packet of a flow in the table. The common case, an answered flow's packet without SYN, FIN
-/// or RST, cannot change the flow's status: it is counted here, inlined and without a helper
-/// call, so no value has to be kept across one. Every other packet goes through [`transition`];
-/// with sampling on, steady packets go through [`account_sampled`], and the first steady packet
-/// of a tick through [`account_new_tick`].
+/// or RST, cannot change the flow's status: it is counted here, inlined and, but for the first
+/// packet of a tick, without a helper call, so no value has to be kept across one. Every other
+/// packet goes through [`transition`]; with sampling on, steady packets go through
+/// [`account_sampled`].
 #[inline(always)]
 fn update<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: Meta) -> Counter {
     if state.status == FlowStatus::Answered as u8
@@ -294,12 +294,7 @@ fn update<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: Meta) -> Cou
         if sampling() {
             return account_sampled(state, seen.sender, seen.tcp_flags, meta);
         }
-        let tick = tick();
-        if state.tick != tick {
-            account_new_tick(state, seen.sender, seen.tcp_flags, meta, tick);
-        } else {
-            add(state, seen.sender, seen.tcp_flags, meta.len());
-        }
+        account(state, seen.sender, seen.tcp_flags, meta);
         return Counter::FlowUpdated;
     }
     transition(state, seen, meta)
@@ -315,13 +310,6 @@ fn account_sampled(state: &mut FlowState, sender: Side, flags: u8, meta: Meta) -
     Counter::FlowUpdated
 }
 
-/// [`update`]'s steady packet when the tick has moved, so `last_seen_ns` does: a helper call.
-#[inline(never)]
-fn account_new_tick(state: &mut FlowState, sender: Side, flags: u8, meta: Meta, tick: u32) {
-    stamp(state, tick);
-    add(state, sender, flags, meta.len());
-}
-
 /// Adds the packet to its sender's counters and flags, and moves `last_seen_ns` once per tick.
 #[inline(always)]
 fn account(state: &mut FlowState, sender: Side, flags: u8, meta: Meta) {
@@ -329,8 +317,18 @@ fn account(state: &mut FlowState, sender: Side, flags: u8, meta: Meta) {
     // from the start of the program is spilled to the stack and reloaded.
     let tick = tick();
     if state.tick != tick {
-        stamp(state, tick);
+        account_new_tick(state, sender, flags, meta, tick);
+    } else {
+        add(state, sender, flags, meta.len());
     }
+}
+
+/// [`account`] when the tick has moved, so `last_seen_ns` does. Not inlined: reading the clock is
+/// a helper call, and the counting is done here, after it, so the caller keeps nothing across
+/// the call.
+#[inline(never)]
+fn account_new_tick(state: &mut FlowState, sender: Side, flags: u8, meta: Meta, tick: u32) {
+    stamp(state, tick);
     add(state, sender, flags, meta.len());
 }
 
