@@ -14,7 +14,7 @@ mod track;
 mod program {
     use auditor_ebpf::{
         DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES,
-        flow::{Counter, Direction, FlowKey, FlowKey4, FlowKeyTcp4, FlowState},
+        flow::{Counter, FlowKey, FlowKey4, FlowKeyTcp4, FlowState, Hook},
     };
     use aya_ebpf::{
         bindings::TC_ACT_UNSPEC,
@@ -56,13 +56,13 @@ mod program {
 
     #[classifier]
     pub fn flow_auditor_ingress(ctx: TcContext) -> i32 {
-        crate::track::observe(&ctx, Direction::Ingress);
+        crate::track::observe(&ctx, Hook::Ingress);
         TC_ACT_UNSPEC
     }
 
     #[classifier]
     pub fn flow_auditor_egress(ctx: TcContext) -> i32 {
-        crate::track::observe(&ctx, Direction::Egress);
+        crate::track::observe(&ctx, Hook::Egress);
         TC_ACT_UNSPEC
     }
 

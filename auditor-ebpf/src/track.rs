@@ -5,8 +5,8 @@
 use auditor_ebpf::{
     MAX_HEADER_BYTES,
     flow::{
-        Counter, Direction, EventKind, FlowEvent, FlowKey, FlowKey4, FlowState, FlowStatus, Side,
-        proto, tcp_flags,
+        Counter, EventKind, FlowEvent, FlowKey, FlowKey4, FlowState, FlowStatus, Hook, Side, proto,
+        tcp_flags,
     },
 };
 use aya_ebpf::{
@@ -28,7 +28,7 @@ const EEXIST: i32 = 17;
 /// rare paths make.
 #[derive(Clone, Copy)]
 struct Meta {
-    direction: Direction,
+    hook: Hook,
     /// The context, for what only some paths read ([`Meta::len`], [`Meta::ifindex`]).
     skb: *const __sk_buff,
 }
@@ -53,15 +53,15 @@ impl Meta {
 /// Handles one packet and counts it in exactly one outcome counter (the sum of those is the
 /// packets seen, so there is no separate count per packet).
 #[inline(always)]
-pub fn observe(ctx: &TcContext, direction: Direction) {
-    let outcome = match handle(ctx, direction) {
+pub fn observe(ctx: &TcContext, hook: Hook) {
+    let outcome = match handle(ctx, hook) {
         Ok(c) | Err(c) => c,
     };
     count(outcome);
 }
 
 #[inline(always)]
-fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
+fn handle(ctx: &TcContext, hook: Hook) -> Result<Counter, Counter> {
     let skb = ctx.as_ptr().cast::<__sk_buff>();
     // The common case, an Ethernet frame with IPv4 without options and TCP or UDP, is read by the
     // inlined fast parser straight into the narrow key of its IPv4 table. The packet's length
@@ -70,7 +70,7 @@ fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
     // SAFETY: the context of a TC program is the kernel's `__sk_buff` view, valid for the run.
     if unsafe { (*skb).protocol } == PROTO_IPV4 {
         if let Some(seen) = parse::fast4(ctx) {
-            return track(&seen, Meta { direction, skb });
+            return track(&seen, Meta { hook, skb });
         }
     }
     // SAFETY: as above; volatile so the load is repeated rather than kept from the first.
@@ -78,7 +78,7 @@ fn handle(ctx: &TcContext, direction: Direction) -> Result<Counter, Counter> {
     if protocol != PROTO_IPV4 && protocol != PROTO_IPV6 {
         return Err(Counter::NonIp);
     }
-    let meta = Meta { direction, skb };
+    let meta = Meta { hook, skb };
     // IPv6 without extension headers has a fast parser too; anything else is parsed in full.
     let fast6 = if protocol == PROTO_IPV6 {
         parse::fast6(ctx)
@@ -271,7 +271,7 @@ fn fresh_state<K>(seen: &Seen<K>, meta: Meta) -> FlowState {
         tcp_flags,
         initiator: initiator as u8,
         status: status as u8,
-        direction: meta.direction as u8,
+        hook: meta.hook as u8,
         mid_stream,
         answered: u8::from(status == FlowStatus::Answered),
         _pad: 0,
@@ -498,7 +498,7 @@ fn emit<K: TableKey>(kind: EventKind, key: &K, state: &FlowState, meta: Meta) {
         ifindex: meta.ifindex(),
         kind: kind as u8,
         initiator: state.initiator,
-        direction: meta.direction as u8,
+        hook: meta.hook as u8,
         mid_stream: state.mid_stream,
     };
     match EVENTS.output(&event, 0) {

@@ -211,12 +211,15 @@ pub fn parse_flow(line: &str) -> Result<Flow, String> {
         text.parse::<IpAddr>()
             .map_err(|_| format!("{field}: {text:?} is not an IP address"))
     };
-    let protocol = Protocol::parse(&raw.protocol).ok_or_else(|| {
-        format!(
-            "protocol: unknown protocol {:?} (TCP, UDP, SCTP, ICMP)",
-            raw.protocol
-        )
-    })?;
+    // Policies have one ICMP for both families: an `ICMPv6` line is judged (and printed) as ICMP.
+    let protocol = Protocol::parse(&raw.protocol)
+        .map(Protocol::policy)
+        .ok_or_else(|| {
+            format!(
+                "protocol: unknown protocol {:?} (TCP, UDP, SCTP, ICMP)",
+                raw.protocol
+            )
+        })?;
     let port = match (raw.port, protocol) {
         (Some(p), _) => {
             u16::try_from(p).map_err(|_| format!("port: {p} is not a port (0-65535)"))?

@@ -13,3 +13,4 @@ pub mod export;
 pub mod flows;
 pub mod inventory;
 pub mod policy;
+pub mod vocab;

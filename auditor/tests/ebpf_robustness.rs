@@ -10,7 +10,7 @@ mod testrun;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use auditor::datapath::load::{DatapathConfig, TABLES, table_index};
-use auditor_ebpf::flow::{Counter, Direction, EventKind, FlowStatus, Side};
+use auditor_ebpf::flow::{Counter, EventKind, FlowStatus, Hook, Side};
 use packets::*;
 use testrun::{Harness, PASS};
 
@@ -180,12 +180,12 @@ fn random_and_mutated_packets_never_fail_and_counters_add_up() {
         if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
             expected_non_ip += 1;
         }
-        let direction = if rng.chance(50) {
-            Direction::Ingress
+        let hook = if rng.chance(50) {
+            Hook::Ingress
         } else {
-            Direction::Egress
+            Hook::Egress
         };
-        let rc = h.run(direction, &frame);
+        let rc = h.run(hook, &frame);
         assert_eq!(
             rc, PASS,
             "packet {i} (seed {SEED:#x}): return code {rc:#x}, frame {frame:02x?}"
@@ -199,7 +199,7 @@ fn random_and_mutated_packets_never_fail_and_counters_add_up() {
                     .unwrap_or_else(|| panic!("event with unknown kind: {e:?}"));
                 created_events += u64::from(kind == EventKind::New);
                 assert!(
-                    e.initiator().is_some() && e.direction().is_some(),
+                    e.initiator().is_some() && e.hook().is_some(),
                     "bad event {e:?}"
                 );
                 assert!(e.mid_stream <= 1, "bad event {e:?}");
@@ -273,7 +273,7 @@ fn random_and_mutated_packets_never_fail_and_counters_add_up() {
             matches!(state.initiator(), Some(Side::Lo | Side::Hi)),
             "bad initiator: {state:?}"
         );
-        assert!(state.direction().is_some(), "bad direction: {state:?}");
+        assert!(state.hook().is_some(), "bad hook: {state:?}");
         assert!(
             state.packets[0] + state.packets[1] >= 1,
             "a flow has at least one packet: {state:?}"

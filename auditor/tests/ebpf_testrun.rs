@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use auditor::datapath::load::{CounterTotals, DatapathConfig};
 use auditor_ebpf::flow::{
-    Counter, Direction, EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Side,
+    Counter, EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Hook, Side,
 };
 use packets::*;
 use testrun::{Harness, coarse_now_ns};
@@ -75,20 +75,14 @@ fn assert_events(got: &[FlowEvent], expected: &[FlowEvent], t0: u64, t1: u64) {
     }
 }
 
-fn event(
-    kind: EventKind,
-    key: FlowKey,
-    initiator: Side,
-    direction: Direction,
-    mid: u8,
-) -> FlowEvent {
+fn event(kind: EventKind, key: FlowKey, initiator: Side, hook: Hook, mid: u8) -> FlowEvent {
     FlowEvent {
         key,
         ts_ns: 0,
         ifindex: LOOPBACK_IFINDEX,
         kind: kind as u8,
         initiator: initiator as u8,
-        direction: direction as u8,
+        hook: hook as u8,
         mid_stream: mid,
     }
 }
@@ -135,7 +129,7 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
     let last_ack = frame(true, ACK, b"");
 
     let t0 = coarse_now_ns();
-    h.pass(Direction::Egress, &syn);
+    h.pass(Hook::Egress, &syn);
     let t1 = coarse_now_ns();
     let got = h
         .flow(&k)
@@ -149,7 +143,7 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
         tcp_flags: [SYN, 0],
         initiator: client_side as u8,
         status: FlowStatus::New as u8,
-        direction: Direction::Egress as u8,
+        hook: Hook::Egress as u8,
         mid_stream: 0,
         answered: 0,
         _pad: 0,
@@ -162,12 +156,12 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
     );
     assert_events(
         &h.events(),
-        &[event(EventKind::New, k, client_side, Direction::Egress, 0)],
+        &[event(EventKind::New, k, client_side, Hook::Egress, 0)],
         t0,
         t1,
     );
 
-    h.pass(Direction::Ingress, &synack);
+    h.pass(Hook::Ingress, &synack);
     let t2 = coarse_now_ns();
     let got = h
         .flow(&k)
@@ -179,13 +173,7 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
     );
     assert_events(
         &h.events(),
-        &[event(
-            EventKind::Answered,
-            k,
-            client_side,
-            Direction::Ingress,
-            0,
-        )],
+        &[event(EventKind::Answered, k, client_side, Hook::Ingress, 0)],
         t0,
         t2,
     );
@@ -197,9 +185,9 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
         (true, &fin_client),
     ] {
         let dir = if from_client {
-            Direction::Egress
+            Hook::Egress
         } else {
-            Direction::Ingress
+            Hook::Ingress
         };
         h.pass(dir, f);
     }
@@ -207,8 +195,8 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
         h.events().is_empty(),
         "data and a one-sided FIN change no status"
     );
-    h.pass(Direction::Ingress, &fin_server);
-    h.pass(Direction::Egress, &last_ack);
+    h.pass(Hook::Ingress, &fin_server);
+    h.pass(Hook::Egress, &last_ack);
     let t3 = coarse_now_ns();
 
     let got = h
@@ -232,13 +220,7 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
     );
     assert_events(
         &h.events(),
-        &[event(
-            EventKind::Closed,
-            k,
-            client_side,
-            Direction::Ingress,
-            0,
-        )],
+        &[event(EventKind::Closed, k, client_side, Hook::Ingress, 0)],
         t0,
         t3,
     );
@@ -276,8 +258,8 @@ fn udp_request_and_reply() {
     let request = eth_ip(&ipv4(CLIENT4, SERVER4, UDP, &udp(5353, 53, b"query")));
     let reply = eth_ip(&ipv4(SERVER4, CLIENT4, UDP, &udp(53, 5353, b"answer!")));
     let t0 = coarse_now_ns();
-    h.pass(Direction::Ingress, &request);
-    h.pass(Direction::Egress, &reply);
+    h.pass(Hook::Ingress, &request);
+    h.pass(Hook::Egress, &reply);
     let t1 = coarse_now_ns();
     let got = h
         .flow(&k)
@@ -291,7 +273,7 @@ fn udp_request_and_reply() {
         tcp_flags: [0, 0],
         initiator: client_side as u8,
         status: FlowStatus::Answered as u8,
-        direction: Direction::Ingress as u8,
+        hook: Hook::Ingress as u8,
         mid_stream: 0,
         answered: 1,
         _pad: 0,
@@ -301,8 +283,8 @@ fn udp_request_and_reply() {
     assert_events(
         &h.events(),
         &[
-            event(EventKind::New, k, client_side, Direction::Ingress, 0),
-            event(EventKind::Answered, k, client_side, Direction::Egress, 0),
+            event(EventKind::New, k, client_side, Hook::Ingress, 0),
+            event(EventKind::Answered, k, client_side, Hook::Egress, 0),
         ],
         t0,
         t1,
@@ -338,8 +320,8 @@ fn timestamps_follow_the_clock_across_ticks() {
                 .unwrap_or_else(|| panic!("no flow entry for {client} -> {server}"))
         };
         let t0 = coarse_now_ns();
-        h.pass(Direction::Ingress, &request);
-        h.pass(Direction::Ingress, &request);
+        h.pass(Hook::Ingress, &request);
+        h.pass(Hook::Ingress, &request);
         let first = flow(&h);
         assert!(
             t0 <= first.first_seen_ns && first.first_seen_ns <= first.last_seen_ns,
@@ -354,7 +336,7 @@ fn timestamps_follow_the_clock_across_ticks() {
             t1 > first.last_seen_ns,
             "the coarse clock did not move in 40 ms"
         );
-        h.pass(Direction::Ingress, &request);
+        h.pass(Hook::Ingress, &request);
         let t2 = coarse_now_ns();
         let later = flow(&h);
         assert_eq!(
@@ -384,8 +366,8 @@ fn tcp_refused_by_rst() {
         &tcp(81, 41_000, RST | ACK, b""),
     ));
     let t0 = coarse_now_ns();
-    h.pass(Direction::Egress, &syn);
-    h.pass(Direction::Ingress, &rst);
+    h.pass(Hook::Egress, &syn);
+    h.pass(Hook::Ingress, &rst);
     let t1 = coarse_now_ns();
     let got = h
         .flow(&k)
@@ -399,7 +381,7 @@ fn tcp_refused_by_rst() {
         tcp_flags: [SYN, RST | ACK],
         initiator: client_side as u8,
         status: FlowStatus::Refused as u8,
-        direction: Direction::Egress as u8,
+        hook: Hook::Egress as u8,
         mid_stream: 0,
         answered: 0,
         _pad: 0,
@@ -409,8 +391,8 @@ fn tcp_refused_by_rst() {
     assert_events(
         &h.events(),
         &[
-            event(EventKind::New, k, client_side, Direction::Egress, 0),
-            event(EventKind::Refused, k, client_side, Direction::Ingress, 0),
+            event(EventKind::New, k, client_side, Hook::Egress, 0),
+            event(EventKind::Refused, k, client_side, Hook::Ingress, 0),
         ],
         t0,
         t1,
@@ -428,7 +410,7 @@ fn tcp_refused_by_rst() {
 
     // The client tries again from the same port: a new connection on the same key.
     let t2 = coarse_now_ns();
-    h.pass(Direction::Egress, &syn);
+    h.pass(Hook::Egress, &syn);
     let got = h
         .flow(&k)
         .unwrap_or_else(|| panic!("no flow entry for the retry"));
@@ -440,7 +422,7 @@ fn tcp_refused_by_rst() {
     assert_eq!(got.packets, [1, 0], "the restarted flow counts afresh");
     assert_events(
         &h.events(),
-        &[event(EventKind::New, k, client_side, Direction::Egress, 0)],
+        &[event(EventKind::New, k, client_side, Hook::Egress, 0)],
         t2,
         coarse_now_ns(),
     );
@@ -458,8 +440,8 @@ fn refused_by_icmp(client: IpAddr, server: IpAddr) {
         _ => panic!("mixed families"),
     };
     let t0 = coarse_now_ns();
-    h.pass(Direction::Egress, &request);
-    h.pass(Direction::Ingress, &eth_ip(&unreachable));
+    h.pass(Hook::Egress, &request);
+    h.pass(Hook::Ingress, &eth_ip(&unreachable));
     let t1 = coarse_now_ns();
     let got = h
         .flow(&k)
@@ -473,7 +455,7 @@ fn refused_by_icmp(client: IpAddr, server: IpAddr) {
         tcp_flags: [0, 0],
         initiator: client_side as u8,
         status: FlowStatus::Refused as u8,
-        direction: Direction::Egress as u8,
+        hook: Hook::Egress as u8,
         mid_stream: 0,
         answered: 0,
         _pad: 0,
@@ -483,8 +465,8 @@ fn refused_by_icmp(client: IpAddr, server: IpAddr) {
     assert_events(
         &h.events(),
         &[
-            event(EventKind::New, k, client_side, Direction::Egress, 0),
-            event(EventKind::Refused, k, client_side, Direction::Ingress, 0),
+            event(EventKind::New, k, client_side, Hook::Egress, 0),
+            event(EventKind::Refused, k, client_side, Hook::Ingress, 0),
         ],
         t0,
         t1,
@@ -521,7 +503,7 @@ fn icmp_error_about_unknown_flow_is_counted_only() {
     let before = h.counters();
     let original = ipv4(CLIENT4, SERVER4, UDP, &udp(1234, 9, b"x"));
     let unreachable = ipv4(SERVER4, CLIENT4, ICMP, &icmp_unreachable(3, &original));
-    h.pass(Direction::Ingress, &eth_ip(&unreachable));
+    h.pass(Hook::Ingress, &eth_ip(&unreachable));
     assert!(h.events().is_empty(), "no event without a flow");
     assert_eq!(h.flow_count(), 0, "no flow from an ICMP error");
     assert_counters(
@@ -559,8 +541,8 @@ fn l3_device_packets_without_ethernet_header() {
     );
 
     let t0 = coarse_now_ns();
-    h.pass(Direction::Ingress, &pkt4);
-    h.pass(Direction::Ingress, &pkt6);
+    h.pass(Hook::Ingress, &pkt4);
+    h.pass(Hook::Ingress, &pkt6);
     let t1 = coarse_now_ns();
 
     let (k4, side4) = key(TCP, (src4.into(), 50_000), (dst4.into(), 443));
@@ -576,7 +558,7 @@ fn l3_device_packets_without_ethernet_header() {
         tcp_flags: [SYN, 0],
         initiator: side4 as u8,
         status: FlowStatus::New as u8,
-        direction: Direction::Ingress as u8,
+        hook: Hook::Ingress as u8,
         mid_stream: 0,
         answered: 0,
         _pad: 0,
@@ -598,8 +580,8 @@ fn l3_device_packets_without_ethernet_header() {
     assert_events(
         &h.events(),
         &[
-            event(EventKind::New, k4, side4, Direction::Ingress, 0),
-            event(EventKind::New, k6, side6, Direction::Ingress, 0),
+            event(EventKind::New, k4, side4, Hook::Ingress, 0),
+            event(EventKind::New, k6, side6, Hook::Ingress, 0),
         ],
         t0,
         t1,
@@ -637,7 +619,7 @@ fn truncated_packets_are_counted_and_passed() {
     ));
     let inside_ext = &hop[..14 + 40 + 1];
     for frame in [inside_tcp, &long_ihl[..], inside_udp6, inside_ext] {
-        h.pass(Direction::Egress, frame);
+        h.pass(Hook::Egress, frame);
     }
     assert!(h.events().is_empty(), "a truncated packet starts no flow");
     assert_eq!(h.flow_count(), 0, "a truncated packet starts no flow");
@@ -657,8 +639,8 @@ fn non_ip_frame_is_counted_and_passed() {
         ETH_P_ARP,
         &[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 192, 0, 2, 10],
     );
-    h.pass(Direction::Ingress, &arp);
-    h.pass(Direction::Egress, &arp);
+    h.pass(Hook::Ingress, &arp);
+    h.pass(Hook::Egress, &arp);
     assert!(h.events().is_empty(), "ARP starts no flow");
     assert_eq!(h.flow_count(), 0, "ARP starts no flow");
     assert_counters(
@@ -679,11 +661,11 @@ fn icmp_echo_is_keyed_by_identifier() {
     let request6 = eth_ip(&ipv6(CLIENT6, SERVER6, ICMPV6, &icmpv6_echo(false, 7, 1)));
     let reply6 = eth_ip(&ipv6(SERVER6, CLIENT6, ICMPV6, &icmpv6_echo(true, 7, 1)));
     for (dir, f) in [
-        (Direction::Egress, &request),
-        (Direction::Ingress, &reply),
-        (Direction::Egress, &other_id),
-        (Direction::Egress, &request6),
-        (Direction::Ingress, &reply6),
+        (Hook::Egress, &request),
+        (Hook::Ingress, &reply),
+        (Hook::Egress, &other_id),
+        (Hook::Egress, &request6),
+        (Hook::Ingress, &reply6),
     ] {
         h.pass(dir, f);
     }
@@ -738,7 +720,7 @@ fn ipv6_extension_headers_are_skipped_and_fragments_counted() {
         SCTP,
         &sctp(5000, 6000, &[1, 0, 0, 4]),
     );
-    h.pass(Direction::Egress, &eth_ip(&pkt));
+    h.pass(Hook::Egress, &eth_ip(&pkt));
     let (k, side) = key(SCTP, (CLIENT6.into(), 5000), (SERVER6.into(), 6000));
     let got = h
         .flow(&k)
@@ -755,15 +737,15 @@ fn ipv6_extension_headers_are_skipped_and_fragments_counted() {
         UDP,
         &[0; 16],
     );
-    h.pass(Direction::Egress, &eth_ip(&frag));
+    h.pass(Hook::Egress, &eth_ip(&frag));
     let frag4 = ipv4_frag(CLIENT4, SERVER4, UDP, 0x0010, &[0; 16]);
-    h.pass(Direction::Egress, &eth_ip(&frag4));
+    h.pass(Hook::Egress, &eth_ip(&frag4));
     // More extension headers than the program walks.
     let deep: Vec<(u8, Vec<u8>)> = (0..7).map(|_| (60u8, vec![1, 4, 0, 0, 0, 0])).collect();
     let too_deep = ipv6_ext(CLIENT6, SERVER6, &deep, UDP, &udp(1, 2, b""));
-    h.pass(Direction::Egress, &eth_ip(&too_deep));
+    h.pass(Hook::Egress, &eth_ip(&too_deep));
     let gre = ipv4(CLIENT4, SERVER4, 47, &[0; 8]);
-    h.pass(Direction::Egress, &eth_ip(&gre));
+    h.pass(Hook::Egress, &eth_ip(&gre));
     assert_eq!(h.flow_count(), 1, "only the SCTP packet is a flow");
     assert_counters(
         &h,
@@ -790,7 +772,7 @@ fn mid_stream_flows_are_marked() {
         TCP,
         &tcp(80, 40_001, PSH | ACK, b"data"),
     ));
-    h.pass(Direction::Ingress, &data);
+    h.pass(Hook::Ingress, &data);
     let (k, server_side) = key(TCP, (SERVER4.into(), 80), (CLIENT4.into(), 40_001));
     let got = h.flow(&k).unwrap_or_else(|| panic!("no mid-stream flow"));
     assert_eq!(
@@ -799,7 +781,7 @@ fn mid_stream_flows_are_marked() {
     );
     // Any non-RST packet back answers a mid-stream flow.
     let back = eth_ip(&ipv4(CLIENT4, SERVER4, TCP, &tcp(40_001, 80, ACK, b"")));
-    h.pass(Direction::Egress, &back);
+    h.pass(Hook::Egress, &back);
     let got = h
         .flow(&k)
         .unwrap_or_else(|| panic!("mid-stream flow vanished"));
@@ -815,7 +797,7 @@ fn mid_stream_flows_are_marked() {
         TCP,
         &tcp(443, 40_002, SYN | ACK, b""),
     ));
-    h.pass(Direction::Ingress, &synack);
+    h.pass(Hook::Ingress, &synack);
     let (k2, client_side) = key(TCP, (CLIENT4.into(), 40_002), (SERVER4.into(), 443));
     let got = h
         .flow(&k2)
@@ -848,11 +830,11 @@ fn sampling_skips_established_packets_but_never_state_changes() {
     let (k, _) = key(UDP, (CLIENT4.into(), 7000), (SERVER4.into(), 7001));
     let request = eth_ip(&ipv4(CLIENT4, SERVER4, UDP, &udp(7000, 7001, b"a")));
     let reply = eth_ip(&ipv4(SERVER4, CLIENT4, UDP, &udp(7001, 7000, b"b")));
-    h.pass(Direction::Egress, &request);
-    h.pass(Direction::Ingress, &reply);
+    h.pass(Hook::Egress, &request);
+    h.pass(Hook::Ingress, &reply);
     let n = 4000u64;
     for _ in 0..n {
-        h.pass(Direction::Egress, &request);
+        h.pass(Hook::Egress, &request);
     }
     let got = h.flow(&k).unwrap_or_else(|| panic!("no sampled flow"));
     let delta = h.counters().since(&before);
@@ -888,13 +870,13 @@ fn batched_walk_reads_every_entry_once() {
     let (v4, tcp4, v6) = (9_000u16, 5_000u16, 300u16);
     for i in 0..v4 {
         h.pass(
-            Direction::Egress,
+            Hook::Egress,
             &eth_ip(&ipv4(CLIENT4, SERVER4, UDP, &udp(10_000 + i, 53, b"q"))),
         );
     }
     for i in 0..tcp4 {
         h.pass(
-            Direction::Egress,
+            Hook::Egress,
             &eth_ip(&ipv4(
                 CLIENT4,
                 SERVER4,
@@ -905,7 +887,7 @@ fn batched_walk_reads_every_entry_once() {
     }
     for i in 0..v6 {
         h.pass(
-            Direction::Egress,
+            Hook::Egress,
             &eth_ip(&ipv6(CLIENT6, SERVER6, UDP, &udp(20_000 + i, 53, b"q"))),
         );
     }

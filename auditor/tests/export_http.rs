@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use auditor::audit::{AuditVerdict, AuditedFlow, Decision, Judgement, ModelVerdict, Peer, PodPeer};
+use auditor::datapath::attach::HookMode;
 use auditor::export::{
-    AttachMode, LostSource, Metrics, OPENMETRICS_CONTENT_TYPE, Readiness, Server, TEXT_CONTENT_TYPE,
+    LostSource, Metrics, OPENMETRICS_CONTENT_TYPE, Readiness, Server, TEXT_CONTENT_TYPE,
 };
 use auditor::flows::{FlowRecord, Outcome, PerDirection, Protocol};
 use auditor::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
-use auditor_ebpf::flow::{Direction as Hook, FlowKey, proto};
+use auditor_ebpf::flow::{FlowKey, Hook, proto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -228,7 +229,7 @@ fn flow(
             responder,
             ifindex: 4,
             interface: "cali1".into(),
-            direction: Hook::Ingress,
+            hook: Hook::Ingress,
             packets: PerDirection::default(),
             bytes: PerDirection::default(),
             first_seen: now,
@@ -416,7 +417,7 @@ async fn scrape_probes_and_series_lifecycle() {
     metrics.set_lost_events(LostSource::RingBuffer, 7);
     metrics.set_lost_events(LostSource::RingBuffer, 5); // a smaller total after a reload adds nothing
     metrics.set_flow_table(1234, 65536);
-    metrics.set_attached_interfaces(AttachMode::Tcx, 12);
+    metrics.set_attached_interfaces(HookMode::Tcx, 12);
     metrics.set_model(
         &[(PolicyKind::NetworkPolicy, 5)],
         1,

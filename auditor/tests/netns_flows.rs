@@ -23,7 +23,7 @@ use auditor::{
     },
     flows::{FlowRecord, FlowStream, FlowsConfig, Outcome, Protocol},
 };
-use auditor_ebpf::flow::Direction;
+use auditor_ebpf::flow::Hook;
 use netns::{Netns, require_root};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -322,7 +322,7 @@ fn brief(r: &FlowRecord) -> String {
         r.responder,
         r.outcome,
         r.interface,
-        r.direction,
+        r.hook,
         r.packets.to_responder,
         r.packets.to_initiator,
         r.bytes.to_responder,
@@ -397,8 +397,8 @@ fn pod_traffic_yields_one_record_per_flow_with_its_outcome(family: &'static Fami
         assert_eq!(r.outcome, e.3, "outcome of {e:?}: {b}");
         // Every flow starts in pod A, whose packets reach the node through caliA's ingress hook.
         assert_eq!(
-            (r.interface.as_str(), r.direction),
-            ("caliA", Direction::Ingress),
+            (r.interface.as_str(), r.hook),
+            ("caliA", Hook::Ingress),
             "{b}"
         );
         assert!(!r.mid_stream, "{b} was seen from its first packet");

@@ -27,17 +27,17 @@ impl Side {
 }
 
 /// Which TC hook saw a packet. Each hook has its own program (see [`crate::PROGRAM_INGRESS`]),
-/// so the direction is known without asking the kernel.
+/// so the hook is known without asking the kernel.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
+pub enum Hook {
     /// TC ingress: the packet arrived on the interface.
     Ingress = 0,
     /// TC egress: the packet is leaving through the interface.
     Egress = 1,
 }
 
-impl Direction {
+impl Hook {
     /// Decodes a raw byte; `None` for anything the program never writes.
     pub const fn from_raw(raw: u8) -> Option<Self> {
         match raw {
@@ -461,8 +461,8 @@ pub struct FlowState {
     pub initiator: u8,
     /// A [`FlowStatus`] as a byte.
     pub status: u8,
-    /// The [`Direction`] (as a byte) of the hook that saw the first packet.
-    pub direction: u8,
+    /// The [`Hook`] (as a byte) of the hook that saw the first packet.
+    pub hook: u8,
     /// 1 when the first packet seen was not an opening one (for TCP anything but a SYN without
     /// ACK; for ICMP an echo reply), so the initiator is a guess (or, for a SYN-ACK or an echo
     /// reply seen first, inferred from the answer). 0 otherwise.
@@ -490,9 +490,9 @@ impl FlowState {
         Side::from_raw(self.initiator)
     }
 
-    /// The decoded [`FlowState::direction`].
-    pub const fn direction(&self) -> Option<Direction> {
-        Direction::from_raw(self.direction)
+    /// The decoded [`FlowState::hook`].
+    pub const fn hook(&self) -> Option<Hook> {
+        Hook::from_raw(self.hook)
     }
 }
 
@@ -541,8 +541,8 @@ pub struct FlowEvent {
     pub kind: u8,
     /// Which side of the key initiated the flow, a [`Side`] as a byte.
     pub initiator: u8,
-    /// The [`Direction`] (as a byte) of the hook that saw the packet.
-    pub direction: u8,
+    /// The [`Hook`] (as a byte) of the hook that saw the packet.
+    pub hook: u8,
     /// Copy of [`FlowState::mid_stream`].
     pub mid_stream: u8,
 }
@@ -558,9 +558,9 @@ impl FlowEvent {
         Side::from_raw(self.initiator)
     }
 
-    /// The decoded [`FlowEvent::direction`].
-    pub const fn direction(&self) -> Option<Direction> {
-        Direction::from_raw(self.direction)
+    /// The decoded [`FlowEvent::hook`].
+    pub const fn hook(&self) -> Option<Hook> {
+        Hook::from_raw(self.hook)
     }
 }
 

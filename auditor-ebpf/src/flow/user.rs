@@ -5,8 +5,7 @@ use core::fmt;
 use core::net::{IpAddr, Ipv6Addr};
 
 use super::{
-    Direction, EventKind, FlowEvent, FlowKey, FlowKey4, FlowKeyTcp4, FlowState, FlowStatus, Side,
-    proto,
+    EventKind, FlowEvent, FlowKey, FlowKey4, FlowKeyTcp4, FlowState, FlowStatus, Hook, Side, proto,
 };
 
 // SAFETY: `#[repr(C)]`, no implicit padding (sizes asserted in mod.rs), every field is a plain
@@ -84,7 +83,7 @@ impl fmt::Display for Side {
     }
 }
 
-impl fmt::Display for Direction {
+impl fmt::Display for Hook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Ingress => "ingress",

@@ -21,7 +21,7 @@ use auditor_ebpf::flow::FlowKey;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::flows::{self, FlowRecord, Outcome};
+use crate::flows::{FlowRecord, Outcome};
 use crate::policy::ir::{self, PolicyKey};
 
 pub use counting::{counting_node, counts_here};
@@ -123,17 +123,6 @@ pub const fn classify(model: ModelVerdict, outcome: Outcome) -> AuditVerdict {
     }
 }
 
-/// The policy model's name for a flow's protocol (ICMPv6 is ICMP there).
-#[must_use]
-pub const fn model_protocol(protocol: flows::Protocol) -> ir::Protocol {
-    match protocol {
-        flows::Protocol::Tcp => ir::Protocol::Tcp,
-        flows::Protocol::Udp => ir::Protocol::Udp,
-        flows::Protocol::Sctp => ir::Protocol::Sctp,
-        flows::Protocol::Icmp | flows::Protocol::Icmpv6 => ir::Protocol::Icmp,
-    }
-}
-
 /// A counted flow: what the export stage turns into metrics and log lines.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditedFlow {
@@ -158,7 +147,7 @@ fn query_of(record: &FlowRecord) -> FlowQuery {
     FlowQuery {
         src: record.initiator.ip(),
         dst: record.responder.ip(),
-        protocol: model_protocol(record.protocol),
+        protocol: record.protocol.policy(),
         port: record.responder.port(),
     }
 }

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
-use auditor_ebpf::flow::{Direction, FlowKey, proto};
+use auditor_ebpf::flow::{FlowKey, Hook, proto};
 use ipnet::IpNet;
 
 use super::*;
@@ -200,7 +200,7 @@ fn record(src: &str, dst: &str, outcome: Outcome, first: u64) -> FlowRecord {
         responder,
         ifindex: 7,
         interface: "cali0a1b2c3d4e5".into(),
-        direction: Direction::Ingress,
+        hook: Hook::Ingress,
         packets: PerDirection::default(),
         bytes: PerDirection::default(),
         first_seen: t(first),

@@ -26,8 +26,8 @@ use crate::datapath::attach::{AttachConfig, HookMode};
 use crate::datapath::load::{Datapath, DatapathConfig, LoadError};
 use crate::datapath::manager::{DatapathManager, ManagerError};
 use crate::export::{
-    AttachMode, DEFAULT_METRICS_ADDR, ExportError, LogLimits, LostSource, Metrics, Readiness,
-    Server, UnexpectedLog,
+    DEFAULT_METRICS_ADDR, ExportError, LogLimits, LostSource, Metrics, Readiness, Server,
+    UnexpectedLog,
 };
 use crate::flows::{FlowRecord, FlowStream, FlowsConfig};
 use crate::inventory::kube::{self, KubeError, KubeSource, ModelUpdate, SourceStatus};
@@ -610,8 +610,8 @@ fn publish_health(stream: &FlowStream, metrics: &Metrics) {
         .iter()
         .filter(|a| a.mode == HookMode::Tcx)
         .count();
-    metrics.set_attached_interfaces(AttachMode::Tcx, tcx);
-    metrics.set_attached_interfaces(AttachMode::Clsact, health.attached.len() - tcx);
+    metrics.set_attached_interfaces(HookMode::Tcx, tcx);
+    metrics.set_attached_interfaces(HookMode::Clsact, health.attached.len() - tcx);
     let counter = |c: Counter| {
         health
             .counters

@@ -69,12 +69,22 @@ pub enum HookMode {
     Clsact,
 }
 
-impl fmt::Display for HookMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl HookMode {
+    pub const ALL: [Self; 2] = [Self::Tcx, Self::Clsact];
+
+    /// The `mode` label value of the attached-interfaces metric.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
             Self::Tcx => "tcx",
             Self::Clsact => "clsact",
-        })
+        }
+    }
+}
+
+impl fmt::Display for HookMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -99,11 +109,11 @@ pub enum AttachError {
          refusing to touch another namespace's interfaces"
     )]
     WrongNamespace { expected: u64, actual: u64 },
-    #[error("attaching to {interface} (ifindex {ifindex}) {direction} via {mode} failed: {source}")]
+    #[error("attaching to {interface} (ifindex {ifindex}) {hook} via {mode} failed: {source}")]
     Attach {
         interface: String,
         ifindex: u32,
-        direction: &'static str,
+        hook: &'static str,
         mode: HookMode,
         #[source]
         source: Box<ProgramError>,
@@ -514,7 +524,7 @@ fn attach_error(
     AttachError::Attach {
         interface: link.name.clone(),
         ifindex: link.ifindex,
-        direction: match attach_type {
+        hook: match attach_type {
             TcAttachType::Ingress => "ingress",
             TcAttachType::Egress => "egress",
         },

@@ -338,7 +338,7 @@ fn decode_event(bytes: &[u8]) -> Option<FlowEvent> {
 
 #[cfg(test)]
 mod tests {
-    use auditor_ebpf::flow::{Direction, EventKind, proto};
+    use auditor_ebpf::flow::{EventKind, Hook, proto};
 
     use super::*;
 
@@ -355,7 +355,7 @@ mod tests {
             ifindex: 3,
             kind: EventKind::New as u8,
             initiator: side as u8,
-            direction: Direction::Ingress as u8,
+            hook: Hook::Ingress as u8,
             mid_stream: 0,
         };
         // SAFETY (test): viewing a Pod value's bytes.

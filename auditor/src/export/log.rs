@@ -298,7 +298,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 pub(crate) mod tests {
     use std::net::SocketAddr;
 
-    use auditor_ebpf::flow::{Direction as Hook, FlowKey, proto};
+    use auditor_ebpf::flow::{FlowKey, Hook, proto};
 
     use super::*;
     use crate::audit::{Judgement, ModelVerdict, PodPeer};
@@ -333,7 +333,7 @@ pub(crate) mod tests {
                 responder,
                 ifindex: 9,
                 interface: "cali42".into(),
-                direction: Hook::Ingress,
+                hook: Hook::Ingress,
                 packets: PerDirection::default(),
                 bytes: PerDirection::default(),
                 first_seen: at,

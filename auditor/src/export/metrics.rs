@@ -29,6 +29,7 @@ use prometheus_client::registry::{Registry, Unit};
 use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::audit::{AuditVerdict, AuditedFlow, Decision};
+use crate::datapath::attach::HookMode;
 use crate::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
 
 use super::ExportError;
@@ -290,23 +291,6 @@ impl LostSource {
     }
 }
 
-/// How a program is attached to an interface (the `mode` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum AttachMode {
-    Tcx,
-    Clsact,
-}
-
-impl AttachMode {
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Tcx => "tcx",
-            Self::Clsact => "clsact",
-        }
-    }
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabel {
     source: &'static str,
@@ -453,7 +437,7 @@ impl Metrics {
                 source: source.as_str(),
             }));
         }
-        for mode in [AttachMode::Tcx, AttachMode::Clsact] {
+        for mode in HookMode::ALL {
             drop(attached.get_or_create(&ModeLabel {
                 mode: mode.as_str(),
             }));
@@ -635,7 +619,7 @@ impl Metrics {
         self.flow_table_capacity.set(saturating_i64(capacity));
     }
 
-    pub fn set_attached_interfaces(&self, mode: AttachMode, count: usize) {
+    pub fn set_attached_interfaces(&self, mode: HookMode, count: usize) {
         self.attached
             .get_or_create(&ModeLabel {
                 mode: mode.as_str(),

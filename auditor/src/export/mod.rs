@@ -12,7 +12,7 @@ pub use http::{
     DEFAULT_METRICS_ADDR, OPENMETRICS_CONTENT_TYPE, Readiness, Server, TEXT_CONTENT_TYPE,
 };
 pub use log::{LogLimits, Logged, TokenBucket, UnexpectedLog};
-pub use metrics::{AttachMode, FlowLabels, LostSource, Metrics, RuleLabels, to_text_format};
+pub use metrics::{FlowLabels, LostSource, Metrics, RuleLabels, to_text_format};
 
 /// Failures of the export stage.
 #[derive(Debug, thiserror::Error)]

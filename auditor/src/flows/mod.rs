@@ -25,7 +25,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use auditor_ebpf::flow::{Direction, FlowKey, proto};
+use auditor_ebpf::flow::{FlowKey, Hook};
+
+pub use crate::vocab::Protocol;
 use serde::Serialize;
 
 pub use stream::FlowStream;
@@ -60,62 +62,6 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// The transport protocols the datapath keys flows by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub enum Protocol {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
-    #[serde(rename = "SCTP")]
-    Sctp,
-    #[serde(rename = "ICMP")]
-    Icmp,
-    #[serde(rename = "ICMPv6")]
-    Icmpv6,
-}
-
-impl Protocol {
-    /// From the IP protocol number; `None` for protocols the datapath does not key flows by.
-    #[must_use]
-    pub const fn from_number(number: u8) -> Option<Self> {
-        match number {
-            proto::TCP => Some(Self::Tcp),
-            proto::UDP => Some(Self::Udp),
-            proto::SCTP => Some(Self::Sctp),
-            proto::ICMP => Some(Self::Icmp),
-            proto::ICMPV6 => Some(Self::Icmpv6),
-            _ => None,
-        }
-    }
-}
-
-impl Protocol {
-    /// The `protocol` metric label value: the name in lower case.
-    #[must_use]
-    pub const fn label(self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-            Self::Sctp => "sctp",
-            Self::Icmp => "icmp",
-            Self::Icmpv6 => "icmpv6",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "TCP",
-            Self::Udp => "UDP",
-            Self::Sctp => "SCTP",
-            Self::Icmp => "ICMP",
-            Self::Icmpv6 => "ICMPv6",
-        })
-    }
-}
-
 /// Packets or bytes of a flow, each way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct PerDirection {
@@ -138,8 +84,8 @@ pub struct FlowRecord {
     pub ifindex: u32,
     pub interface: String,
     /// Which hook of that interface saw the first packet.
-    #[serde(serialize_with = "direction_name")]
-    pub direction: Direction,
+    #[serde(serialize_with = "hook_name")]
+    pub hook: Hook,
     /// Counters as of the last read of the flow's table entry before its outcome was decided:
     /// the event that decided it, a table walk (every `walk_interval`), or, for a flow decided
     /// unanswered, a lookup at its deadline when events were lost meanwhile. At least the
@@ -157,10 +103,10 @@ pub struct FlowRecord {
     pub key: FlowKey,
 }
 
-fn direction_name<S: serde::Serializer>(d: &Direction, s: S) -> Result<S::Ok, S::Error> {
+fn hook_name<S: serde::Serializer>(d: &Hook, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(match d {
-        Direction::Ingress => "ingress",
-        Direction::Egress => "egress",
+        Hook::Ingress => "ingress",
+        Hook::Egress => "egress",
     })
 }
 

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use auditor_ebpf::flow::{Direction, EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Side};
+use auditor_ebpf::flow::{EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Hook, Side};
 
 use super::{FlowRecord, FlowsConfig, Outcome, PerDirection, Protocol};
 
@@ -111,7 +111,7 @@ struct Tracked {
     first_seen_ns: u64,
     last_seen_ns: u64,
     ifindex: u32,
-    direction: Direction,
+    hook: Hook,
     mid_stream: bool,
     packets: [u64; 2],
     bytes: [u64; 2],
@@ -192,17 +192,17 @@ impl FlowTracker {
             ifindex,
             kind: _,
             initiator: _,
-            direction: _,
+            hook: _,
             mid_stream,
         } = *event;
-        let (kind, initiator, direction) = (event.kind()?, event.initiator()?, event.direction()?);
+        let (kind, initiator, hook) = (event.kind()?, event.initiator()?, event.hook()?);
         let hash = self.hash(&key);
         let fresh = || Tracked {
             initiator,
             first_seen_ns: ts_ns,
             last_seen_ns: ts_ns,
             ifindex,
-            direction,
+            hook,
             mid_stream: mid_stream != 0,
             packets: [0; 2],
             bytes: [0; 2],
@@ -344,7 +344,7 @@ impl FlowTracker {
                         first_seen_ns: state.first_seen_ns,
                         last_seen_ns: state.last_seen_ns,
                         ifindex: state.ifindex,
-                        direction: state.direction().unwrap_or(Direction::Ingress),
+                        hook: state.hook().unwrap_or(Hook::Ingress),
                         mid_stream: state.mid_stream != 0,
                         packets: state.packets,
                         bytes: state.bytes,
@@ -484,7 +484,7 @@ fn record(key: FlowKey, tracked: &Tracked, outcome: Outcome, now: &Now) -> Optio
         responder: socket(responder_side),
         ifindex: tracked.ifindex,
         interface: String::new(),
-        direction: tracked.direction,
+        hook: tracked.hook,
         packets: PerDirection {
             to_responder: tracked.packets[0],
             to_initiator: tracked.packets[1],
@@ -542,7 +542,7 @@ mod tests {
             ifindex: 7,
             kind: kind as u8,
             initiator: initiator as u8,
-            direction: Direction::Egress as u8,
+            hook: Hook::Egress as u8,
             mid_stream: 0,
         }
     }
@@ -557,7 +557,7 @@ mod tests {
             tcp_flags: [0; 2],
             initiator: key(p).1 as u8,
             status: status as u8,
-            direction: Direction::Egress as u8,
+            hook: Hook::Egress as u8,
             mid_stream: 0,
             answered: u8::from(answered),
             _pad: 0,
@@ -602,10 +602,7 @@ mod tests {
         );
         assert_eq!(r.first_seen, now(0).wall);
         assert_eq!(r.last_seen, now(1).wall);
-        assert_eq!(
-            (r.ifindex, r.direction, r.mid_stream),
-            (7, Direction::Egress, false)
-        );
+        assert_eq!((r.ifindex, r.hook, r.mid_stream), (7, Hook::Egress, false));
         // Neither the close nor a walk reports it again, and nothing is due.
         let closed = state(proto::TCP, FlowStatus::Closed, true, 0, 2);
         assert!(

@@ -6,132 +6,17 @@ pub mod k8s;
 pub mod kube;
 pub mod load;
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use rustc_hash::FxHashMap;
 
-use crate::policy::ir::Protocol;
-
-/// Labels of a pod or namespace: pairs sorted by key, so equal sets compare and hash equal.
-/// A sorted boxed slice rather than a `BTreeMap`: a map's first node has room for eleven pairs
-/// (over 500 bytes) where a pod has two or three labels, and the model keeps a set per pod.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Labels(Box<[(Box<str>, Box<str>)]>);
-
-impl Labels {
-    #[must_use]
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The value of `key`.
-    #[must_use]
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.position(key).ok().map(|at| &*self.0[at].1)
-    }
-
-    #[must_use]
-    pub fn contains_key(&self, key: &str) -> bool {
-        self.position(key).is_ok()
-    }
-
-    /// Sets `key` to `value`, replacing its old value.
-    pub fn insert(&mut self, key: impl Into<Box<str>>, value: impl Into<Box<str>>) {
-        let key = key.into();
-        let value = value.into();
-        let mut pairs = std::mem::take(&mut self.0).into_vec();
-        match pairs.binary_search_by(|(k, _)| (**k).cmp(&*key)) {
-            Ok(at) => pairs[at].1 = value,
-            Err(at) => pairs.insert(at, (key, value)),
-        }
-        self.0 = pairs.into_boxed_slice();
-    }
-
-    /// The pairs in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
-    }
-
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn position(&self, key: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(k, _)| (**k).cmp(key))
-    }
-}
-
-/// Pairs in any order; of a key given twice, the last value wins (as in a map).
-impl<K: Into<Box<str>>, V: Into<Box<str>>> FromIterator<(K, V)> for Labels {
-    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        let mut pairs: Vec<(Box<str>, Box<str>)> = iter
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
-        // Stable, so equal keys keep their order and the last one is kept below.
-        pairs.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut kept: Vec<(Box<str>, Box<str>)> = Vec::with_capacity(pairs.len());
-        for pair in pairs {
-            match kept.last_mut() {
-                Some(last) if last.0 == pair.0 => *last = pair,
-                _ => kept.push(pair),
-            }
-        }
-        Self(kept.into_boxed_slice())
-    }
-}
-
-impl<K: Into<Box<str>>, V: Into<Box<str>>, const N: usize> From<[(K, V); N]> for Labels {
-    fn from(pairs: [(K, V); N]) -> Self {
-        pairs.into_iter().collect()
-    }
-}
-
-impl From<BTreeMap<String, String>> for Labels {
-    fn from(map: BTreeMap<String, String>) -> Self {
-        map.into_iter().collect()
-    }
-}
-
-/// The label every namespace carries with its own name (set by the API server since 1.21).
-pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
-
-/// The label Cilium gives every endpoint with its pod's service account; pods carry it here too
-/// so Cilium selectors on it work. Kubernetes itself never sets this key, so NetworkPolicy
-/// selectors are unaffected in practice.
-pub const CILIUM_SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
-
-/// `namespace/name` of a namespaced object.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
+use crate::vocab::Protocol;
+pub use crate::vocab::{
+    CILIUM_SERVICE_ACCOUNT_LABEL, ContainerPort, Labels, NAMESPACE_NAME_LABEL, ObjectKey,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Namespace {
@@ -164,14 +49,6 @@ impl Pod {
     pub fn key(&self) -> ObjectKey {
         ObjectKey::new(&self.namespace, &self.name)
     }
-}
-
-/// A declared container port: what named ports in policies and Services resolve to.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ContainerPort {
-    pub name: Option<String>,
-    pub port: u16,
-    pub protocol: Protocol,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,6 +22,8 @@ use std::fmt;
 use ipnet::IpNet;
 use serde::Serialize;
 
+pub use crate::vocab::{Direction, Protocol};
+
 /// The kinds of policy object the model knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum PolicyKind {
@@ -63,29 +65,6 @@ impl fmt::Display for PolicyKey {
         } else {
             write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
         }
-    }
-}
-
-/// Traffic direction as seen from the selected endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Ingress,
-    Egress,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ingress => "ingress",
-            Self::Egress => "egress",
-        }
-    }
-}
-
-impl fmt::Display for Direction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -283,47 +262,6 @@ impl fmt::Display for Unjudgeable {
             Self::ToGroups => f.write_str("toGroups"),
             Self::Other(what) => f.write_str(what),
         }
-    }
-}
-
-/// A transport protocol as policies name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub enum Protocol {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
-    #[serde(rename = "SCTP")]
-    Sctp,
-    #[serde(rename = "ICMP")]
-    Icmp,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tcp => "TCP",
-            Self::Udp => "UDP",
-            Self::Sctp => "SCTP",
-            Self::Icmp => "ICMP",
-        }
-    }
-
-    /// Parses the names used in flow lines and policies (case-insensitive; `ICMPv6` is ICMP).
-    pub fn parse(name: &str) -> Option<Self> {
-        match name.to_ascii_uppercase().as_str() {
-            "TCP" => Some(Self::Tcp),
-            "UDP" => Some(Self::Udp),
-            "SCTP" => Some(Self::Sctp),
-            "ICMP" | "ICMPV6" => Some(Self::Icmp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

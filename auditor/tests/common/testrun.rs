@@ -11,7 +11,7 @@
 use auditor::datapath::load::{CounterTotals, Datapath, DatapathConfig};
 use auditor_ebpf::{
     PROGRAM_EGRESS, PROGRAM_INGRESS,
-    flow::{Direction, FlowEvent, FlowKey, FlowState},
+    flow::{FlowEvent, FlowKey, FlowState, Hook},
 };
 use aya::programs::{TestRun as _, TestRunOptions};
 
@@ -39,23 +39,23 @@ impl Harness {
         }
     }
 
-    /// Runs `frame` through the program of `direction` once and returns its return code.
-    pub fn run(&mut self, direction: Direction, frame: &[u8]) -> u32 {
-        self.run_repeat(direction, frame, 1).0
+    /// Runs `frame` through the program of `hook` once and returns its return code.
+    pub fn run(&mut self, hook: Hook, frame: &[u8]) -> u32 {
+        self.run_repeat(hook, frame, 1).0
     }
 
     /// Runs `frame` `repeat` times; returns the return code and the kernel's mean ns per run.
-    pub fn run_repeat(&mut self, direction: Direction, frame: &[u8], repeat: u32) -> (u32, u64) {
-        let name = match direction {
-            Direction::Ingress => PROGRAM_INGRESS,
-            Direction::Egress => PROGRAM_EGRESS,
+    pub fn run_repeat(&mut self, hook: Hook, frame: &[u8], repeat: u32) -> (u32, u64) {
+        let name = match hook {
+            Hook::Ingress => PROGRAM_INGRESS,
+            Hook::Egress => PROGRAM_EGRESS,
         };
         run_program(&mut self.datapath, name, frame, repeat)
     }
 
     /// Runs `frame` and panics unless the program passed it on.
-    pub fn pass(&mut self, direction: Direction, frame: &[u8]) {
-        let rc = self.run(direction, frame);
+    pub fn pass(&mut self, hook: Hook, frame: &[u8]) {
+        let rc = self.run(hook, frame);
         assert_eq!(
             rc, PASS,
             "the program must return TC_ACT_UNSPEC (-1), got {rc:#x}"
