@@ -8,11 +8,12 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
+use auditor::audit::{Cluster, ClusterConfig, FlowQuery as Flow};
 use auditor::inventory::{self, k8s};
 use auditor::policy::cilium::{self, CiliumPolicy};
-use auditor::policy::ir::{CompiledPolicy, PolicyKind, Protocol};
-use auditor::policy::model::{Flow, Model, ModelConfig};
+use auditor::policy::ir::{CompiledPolicy, PolicyKind};
 use auditor::policy::netpol;
+use auditor::vocab::Protocol;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as networking;
 use serde_json::json;
@@ -198,8 +199,8 @@ fn compile_all(objects: &Objects) -> Vec<CompiledPolicy> {
     out
 }
 
-fn build(objects: &Objects) -> Model {
-    let mut model = Model::new(ModelConfig::default());
+fn build(objects: &Objects) -> Cluster {
+    let mut model = Cluster::new(ClusterConfig::default());
     for o in &objects.namespaces {
         model.upsert_namespace(k8s::namespace(o).unwrap_or_else(|e| panic!("{e}")));
     }

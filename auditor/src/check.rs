@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::audit::{Cluster, ClusterConfig, Explanation, FlowQuery, PeerInfo};
 use crate::config::{Config, ConfigError};
-use crate::inventory::k8s::{self, ObjectError};
-use crate::inventory::load::{self, LoadError, Located, Object, Source};
-use crate::policy::ir::{CompileError, PolicyKind, Protocol};
-use crate::policy::model::{Flow, Model, ModelConfig};
-use crate::policy::{cilium, netpol};
+use crate::decode::Strictness;
+use crate::source::Change;
+use crate::source::load::{self, LoadError, Located, Select};
+use crate::vocab::Protocol;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -21,19 +21,6 @@ pub enum CheckError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{source_at}: {error}")]
-    Object {
-        source_at: Box<Source>,
-        #[source]
-        error: Box<ObjectError>,
-    },
-    #[error("{source_at}: {object}: {error}")]
-    Compile {
-        source_at: Box<Source>,
-        object: String,
-        #[source]
-        error: Box<CompileError>,
-    },
     #[error("{file}:{line}: {message}")]
     Flow {
         file: String,
@@ -52,7 +39,8 @@ pub enum CheckError {
 
 impl CheckError {
     /// Whether the error is the input's fault (exit 2) rather than the environment's.
-    pub fn is_bad_input(&self) -> bool {
+    #[must_use]
+    pub const fn is_bad_input(&self) -> bool {
         !matches!(self, Self::Write(_))
     }
 }
@@ -87,110 +75,60 @@ pub struct CheckArgs {
     pub output: OutputFormat,
 }
 
-/// Counts of what was loaded, for logs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BuildStats {
-    pub objects: usize,
-    pub policies: usize,
-}
-
-/// Applies one non-policy object to the model.
-pub fn apply_inventory_object(model: &mut Model, located: &Located) -> Result<(), CheckError> {
-    let wrap = |error| CheckError::Object {
-        source_at: Box::new(located.source.clone()),
-        error: Box::new(error),
-    };
-    match &located.object {
-        Object::Namespace(o) => model.upsert_namespace(k8s::namespace(o).map_err(wrap)?),
-        Object::Node(o) => model.upsert_node(k8s::node(o).map_err(wrap)?),
-        Object::Pod(o) => model.upsert_pod(k8s::pod(o).map_err(wrap)?),
-        Object::Service(o) => model.upsert_service(k8s::service(o).map_err(wrap)?),
-        Object::EndpointSlice(o) => {
-            model.upsert_endpoint_slice(k8s::endpoint_slice(o).map_err(wrap)?);
-        }
-        Object::Endpoints(o) => {
-            for slice in k8s::endpoints(o).map_err(wrap)? {
-                model.upsert_endpoint_slice(slice);
-            }
-        }
-        Object::NetworkPolicy(_)
-        | Object::CiliumNetworkPolicy(_)
-        | Object::CiliumClusterwideNetworkPolicy(_) => {}
+/// The changes a snapshot stands for, read strictly: the inventory from `cluster`, the policies
+/// from `policies` when given, else from `cluster`; in the order they are applied.
+///
+/// # Errors
+/// The first file that cannot be read, parsed or converted.
+pub fn load_snapshot(
+    cluster: &[PathBuf],
+    policies: Option<&Path>,
+) -> Result<Vec<Located>, CheckError> {
+    let mut objects = load::load_paths(
+        cluster,
+        Select {
+            inventory: true,
+            policies: policies.is_none(),
+        },
+        Strictness::Strict,
+    )?;
+    if let Some(dir) = policies {
+        objects.extend(load::load_paths(
+            &[dir.to_path_buf()],
+            Select::POLICIES,
+            Strictness::Strict,
+        )?);
     }
-    Ok(())
+    objects.sort_by_key(|o| o.change.rank());
+    Ok(objects)
 }
 
-/// Compiles and loads one policy object.
-pub fn apply_policy_object(model: &mut Model, located: &Located) -> Result<(), CheckError> {
-    let compiled = match &located.object {
-        Object::NetworkPolicy(p) => netpol::compile(p),
-        Object::CiliumNetworkPolicy(p) => cilium::compile(PolicyKind::CiliumNetworkPolicy, p),
-        Object::CiliumClusterwideNetworkPolicy(p) => {
-            cilium::compile(PolicyKind::CiliumClusterwideNetworkPolicy, p)
-        }
-        _ => return Ok(()),
-    }
-    .map_err(|error| CheckError::Compile {
-        source_at: Box::new(located.source.clone()),
-        object: located.name.clone(),
-        error: Box::new(error),
-    })?;
-    model.upsert_policy(compiled);
-    Ok(())
+/// A cluster built from loaded changes.
+#[must_use]
+pub fn cluster_from(objects: Vec<Located>, config: ClusterConfig) -> Cluster {
+    Cluster::from_changes(config, objects.into_iter().map(|o| o.change))
 }
 
-/// Builds the model from snapshot files: inventory from `cluster`, policies from `policies`
-/// when given, else from `cluster`.
+/// Builds the cluster from snapshot files (see [`load_snapshot`]).
+///
+/// # Errors
+/// The first file that cannot be read, parsed or converted.
 pub fn build_model(
     cluster: &[PathBuf],
     policies: Option<&Path>,
     config: &Config,
-) -> Result<(Model, BuildStats), CheckError> {
-    let objects = load::load_paths(cluster)?;
-    let policy_objects = match policies {
-        Some(dir) => load::load_paths(&[dir.to_path_buf()])?
-            .into_iter()
-            .filter(|o| o.object.is_policy())
-            .collect(),
-        None => objects
-            .iter()
-            .filter(|o| o.object.is_policy())
-            .cloned()
-            .collect::<Vec<_>>(),
-    };
-    let model = model_from_objects(&objects, &policy_objects, config.model_config())?;
-    Ok((
-        model,
-        BuildStats {
-            objects: objects.iter().filter(|o| !o.object.is_policy()).count(),
-            policies: policy_objects.len(),
-        },
-    ))
-}
-
-/// Builds a model from loaded objects: the inventory from the non-policy objects of
-/// `inventory`, the policies from `policies`.
-pub fn model_from_objects(
-    inventory: &[Located],
-    policies: &[Located],
-    config: ModelConfig,
-) -> Result<Model, CheckError> {
-    let mut model = Model::new(config);
-    // Namespaces first so identities see their labels at once (correct either way, cheaper).
-    let rank = |o: &Located| match o.object {
-        Object::Namespace(_) => 0,
-        Object::Node(_) => 1,
-        _ => 2,
-    };
-    let mut objects: Vec<&Located> = inventory.iter().filter(|o| !o.object.is_policy()).collect();
-    objects.sort_by_key(|o| rank(o));
-    for located in objects {
-        apply_inventory_object(&mut model, located)?;
-    }
-    for located in policies.iter().filter(|o| o.object.is_policy()) {
-        apply_policy_object(&mut model, located)?;
-    }
-    Ok(model)
+) -> Result<Cluster, CheckError> {
+    let objects = load_snapshot(cluster, policies)?;
+    let policies = objects
+        .iter()
+        .filter(|o| matches!(o.change, Change::Policy(_)))
+        .count();
+    tracing::debug!(
+        objects = objects.len() - policies,
+        policies,
+        "snapshot loaded"
+    );
+    Ok(cluster_from(objects, config.cluster_config()))
 }
 
 /// The fields of a flow line; other keys are allowed and ignored.
@@ -204,7 +142,7 @@ struct FlowLine {
 }
 
 /// Parses one JSON Lines flow; the error says what is wrong (the caller adds file and line).
-pub fn parse_flow(line: &str) -> Result<Flow, String> {
+pub fn parse_flow(line: &str) -> Result<FlowQuery, String> {
     let raw: FlowLine =
         serde_json::from_str(line).map_err(|e| format!("not a flow JSON object: {e}"))?;
     let ip = |field: &str, text: &str| {
@@ -216,7 +154,7 @@ pub fn parse_flow(line: &str) -> Result<Flow, String> {
         .map(Protocol::policy)
         .ok_or_else(|| {
             format!(
-                "protocol: unknown protocol {:?} (TCP, UDP, SCTP, ICMP)",
+                "protocol: unknown protocol {:?} (TCP, UDP, SCTP, ICMP, ICMPv6)",
                 raw.protocol
             )
         })?;
@@ -224,10 +162,10 @@ pub fn parse_flow(line: &str) -> Result<Flow, String> {
         (Some(p), _) => {
             u16::try_from(p).map_err(|_| format!("port: {p} is not a port (0-65535)"))?
         }
-        (None, Protocol::Icmp) => 0,
+        (None, Protocol::Icmp | Protocol::Icmpv6) => 0,
         (None, _) => return Err("port: missing (the destination port)".to_owned()),
     };
-    Ok(Flow {
+    Ok(FlowQuery {
         src: ip("src", &raw.src)?,
         dst: ip("dst", &raw.dst)?,
         protocol,
@@ -236,7 +174,7 @@ pub fn parse_flow(line: &str) -> Result<Flow, String> {
 }
 
 /// Reads every flow line; blank lines are skipped, anything else must be a flow.
-pub fn read_flows(name: &str, reader: impl BufRead) -> Result<Vec<Flow>, CheckError> {
+pub fn read_flows(name: &str, reader: impl BufRead) -> Result<Vec<FlowQuery>, CheckError> {
     let mut flows = Vec::new();
     for (i, line) in reader.lines().enumerate() {
         let line = line.map_err(|source| CheckError::ReadFlows {
@@ -263,7 +201,7 @@ struct OutputLine<'a> {
     protocol: &'static str,
     port: u16,
     #[serde(flatten)]
-    explanation: &'a crate::policy::explain::Explanation,
+    explanation: &'a Explanation,
 }
 
 /// Runs `auditor check`: `stdin` is used when the flows file is `-`.
@@ -272,12 +210,7 @@ pub fn run(args: &CheckArgs, stdin: impl BufRead, mut out: impl Write) -> Result
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    let (mut model, stats) = build_model(&args.cluster, args.policies.as_deref(), &config)?;
-    tracing::debug!(
-        objects = stats.objects,
-        policies = stats.policies,
-        "model built"
-    );
+    let mut model = build_model(&args.cluster, args.policies.as_deref(), &config)?;
     let flows = if args.flows.as_os_str() == "-" {
         read_flows("<stdin>", stdin)?
     } else {
@@ -312,26 +245,24 @@ pub fn run(args: &CheckArgs, stdin: impl BufRead, mut out: impl Write) -> Result
     out.flush().map_err(CheckError::Write)
 }
 
-fn peer_cell(ip: IpAddr, p: &crate::policy::model::PeerInfo) -> String {
-    match p.kind.as_str() {
+fn peer_cell(ip: IpAddr, p: &PeerInfo) -> String {
+    match p.kind {
         "pod" | "service" => format!("{ip} ({}/{})", p.namespace, p.name),
         kind if p.name.is_empty() => format!("{ip} ({kind})"),
         kind => format!("{ip} ({kind} {})", p.name),
     }
 }
 
-fn write_table(
-    out: &mut impl Write,
-    rows: &[(&Flow, crate::policy::explain::Explanation)],
-) -> std::io::Result<()> {
+fn write_table(out: &mut impl Write, rows: &[(&FlowQuery, Explanation)]) -> std::io::Result<()> {
     let cells: Vec<[String; 5]> = rows
         .iter()
         .map(|(flow, e)| {
             [
                 e.verdict.to_uppercase(),
-                match flow.protocol {
-                    Protocol::Icmp => "ICMP".to_owned(),
-                    p => format!("{p}/{}", flow.port),
+                if flow.protocol.is_icmp() {
+                    "ICMP".to_owned()
+                } else {
+                    format!("{}/{}", flow.protocol, flow.port)
                 },
                 peer_cell(flow.src, &e.src_peer),
                 peer_cell(flow.dst, &e.dst_peer),

@@ -8,8 +8,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+use crate::audit::ClusterConfig;
 use crate::datapath::attach::AttachMode;
-use crate::policy::model::{IpBlockReading, ModelConfig};
+use crate::policy::model::IpBlockReading;
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
@@ -127,10 +128,12 @@ impl Config {
         })
     }
 
-    pub fn model_config(&self) -> ModelConfig {
-        ModelConfig {
+    /// What judging needs from the configuration.
+    #[must_use]
+    pub fn cluster_config(&self) -> ClusterConfig {
+        ClusterConfig {
             ipblock: self.ip_block_reading,
-            ingress_cidrs: self.entities.ingress.clone(),
+            ingress: self.entities.ingress.clone(),
         }
     }
 }
@@ -163,7 +166,7 @@ mod tests {
         assert_eq!(c.ip_block_reading, IpBlockReading::Cilium);
         assert_eq!(c.entities.ingress.len(), 2);
         assert_eq!(c.answer_timeout, Duration::from_millis(750));
-        assert_eq!(c.model_config().ingress_cidrs, c.entities.ingress);
+        assert_eq!(c.cluster_config().ingress, c.entities.ingress);
     }
 
     #[test]

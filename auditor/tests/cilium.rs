@@ -276,15 +276,15 @@ fn bad_cilium_policies_are_rejected_with_where_and_why() {
     }
 }
 
-fn flow(src: &str, dst: &str, port: u16) -> auditor::policy::model::Flow {
+fn flow(src: &str, dst: &str, port: u16) -> auditor::audit::FlowQuery {
     let ip = |text: &str| match text.parse() {
         Ok(ip) => ip,
         Err(e) => panic!("{text}: {e}"),
     };
-    auditor::policy::model::Flow {
+    auditor::audit::FlowQuery {
         src: ip(src),
         dst: ip(dst),
-        protocol: auditor::policy::ir::Protocol::Tcp,
+        protocol: auditor::vocab::Protocol::Tcp,
         port,
     }
 }
@@ -302,7 +302,7 @@ fn cilium_policy_and_label_changes_apply_incrementally() {
         Err(e) => panic!("config: {e}"),
     };
     let policies = fixtures().join("cilium-deny/policies.yaml");
-    let (mut model, _) =
+    let mut model =
         match auditor::check::build_model(&[base.join("cluster.yaml")], Some(&policies), &config) {
             Ok(built) => built,
             Err(e) => panic!("model: {e}"),

@@ -1,5 +1,5 @@
 //! The manifests in `deploy/` against the code they deploy: the ClusterRole grants exactly the
-//! list/watch the Kubernetes source needs (`WATCHED_KINDS`), the DaemonSet's arguments are
+//! list/watch the Kubernetes source needs (`watched_resources()`), the DaemonSet's arguments are
 //! accepted by the real `auditor run` flags, and each overlay's config file by the real parser.
 
 use std::collections::BTreeSet;
@@ -8,7 +8,7 @@ use std::process::Command;
 
 use auditor::config::Config;
 use auditor::daemon::RunArgs;
-use auditor::inventory::kube::WATCHED_KINDS;
+use auditor::source::watched_resources;
 use clap::Parser as _;
 use serde_yaml_ng::Value;
 
@@ -99,7 +99,7 @@ fn grants(docs: &[Value]) -> BTreeSet<(String, String, String)> {
 
 #[test]
 fn rbac_grants_exactly_list_and_watch_on_the_watched_kinds() {
-    let want: BTreeSet<(String, String, String)> = WATCHED_KINDS
+    let want: BTreeSet<(String, String, String)> = watched_resources()
         .iter()
         .flat_map(|(group, _, resource)| {
             ["list", "watch"]
@@ -221,10 +221,8 @@ fn the_cilium_overlay_reads_ipblocks_as_cilium_and_names_ingress_addresses() {
         .unwrap_or_else(|| panic!("no config.yaml ConfigMap in the cilium overlay"));
     let config = Config::from_text(Path::new("overlays/cilium/config.yaml"), text)
         .unwrap_or_else(|e| panic!("{e}"));
-    let model = config.model_config();
-    if model.ipblock != auditor::policy::model::IpBlockReading::Cilium
-        || model.ingress_cidrs.is_empty()
-    {
+    let model = config.cluster_config();
+    if model.ipblock != auditor::policy::model::IpBlockReading::Cilium || model.ingress.is_empty() {
         panic!(
             "the cilium overlay must use Cilium's ipBlock reading and list ingress CIDRs: {config:?}"
         );

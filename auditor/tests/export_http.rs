@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use auditor::audit::{AuditVerdict, AuditedFlow, Decision, Judgement, ModelVerdict, Peer, PodPeer};
+use auditor::audit::{AuditVerdict, AuditedFlow, Judgement, ModelVerdict, Peer, PodPeer, RuleHit};
 use auditor::datapath::attach::HookMode;
 use auditor::export::{
     LostSource, Metrics, OPENMETRICS_CONTENT_TYPE, Readiness, Server, TEXT_CONTENT_TYPE,
@@ -207,7 +207,7 @@ fn flow(
     port: u16,
     outcome: Outcome,
     verdict: AuditVerdict,
-    decisions: Vec<Decision>,
+    decisions: Vec<RuleHit>,
 ) -> AuditedFlow {
     let initiator: SocketAddr = "10.244.0.10:40000"
         .parse()
@@ -253,8 +253,8 @@ fn flow(
     }
 }
 
-fn decision(namespace: &str, name: &str, rule: &str, action: Action) -> Decision {
-    Decision {
+fn decision(namespace: &str, name: &str, rule: &str, action: Action) -> RuleHit {
+    RuleHit {
         policy: PolicyKey {
             kind: PolicyKind::NetworkPolicy,
             namespace: namespace.into(),

@@ -4,10 +4,12 @@
 
 use std::path::Path;
 
+use auditor::audit::{ClusterConfig, FlowQuery};
 use auditor::check;
-use auditor::inventory::load;
-use auditor::policy::ir::Protocol;
-use auditor::policy::model::{Flow, IpBlockReading, ModelConfig};
+use auditor::decode::Strictness;
+use auditor::policy::model::IpBlockReading;
+use auditor::source::load::{self, Located, Select};
+use auditor::vocab::Protocol;
 use proptest::prelude::*;
 
 const CLUSTER: &str = include_str!("fixtures/calico-homelab/cluster.yaml");
@@ -43,25 +45,21 @@ fn mutate(text: &str, edits: &[(usize, u8, u8)]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-fn judge_some(objects: &[load::Located]) {
-    // Compile errors are fine (bad CIDRs, ...); a panic is not.
-    let Ok(mut model) = check::model_from_objects(
+fn judge_some(objects: Vec<Located>) {
+    let mut model = check::cluster_from(
         objects,
-        objects,
-        ModelConfig {
+        ClusterConfig {
             ipblock: IpBlockReading::Calico,
-            ingress_cidrs: Vec::new(),
+            ingress: Vec::new(),
         },
-    ) else {
-        return;
-    };
+    );
     for (src, dst, port) in [
         ("10.244.1.20", "10.244.2.80", 8085),
         ("10.244.2.80", "10.96.0.1", 443),
         ("10.244.1.60", "10.244.2.61", 9095),
         ("203.0.113.1", "10.244.1.2", 53),
     ] {
-        let flow = Flow {
+        let flow = FlowQuery {
             src: src.parse().unwrap_or_else(|_| panic!("ip")),
             dst: dst.parse().unwrap_or_else(|_| panic!("ip")),
             protocol: Protocol::Tcp,
@@ -79,8 +77,7 @@ proptest! {
     #[test]
     fn loader_survives_any_text(text in ".{0,400}") {
         for name in ["any.yaml", "any.json"] {
-            let mut out = Vec::new();
-            let _ = load::load_text(Path::new(name), &text, &mut out);
+            let _ = load::load_text(Path::new(name), &text, Select::ALL, Strictness::Strict);
         }
     }
 
@@ -91,9 +88,9 @@ proptest! {
     ) {
         let source = if policies { POLICIES } else { CLUSTER };
         let text = mutate(source, &edits);
-        let mut out = Vec::new();
-        match load::load_text(Path::new("mutated.yaml"), &text, &mut out) {
-            Ok(()) => judge_some(&out),
+        // Compile errors are fine (bad CIDRs, ...); a panic is not.
+        match load::load_text(Path::new("mutated.yaml"), &text, Select::ALL, Strictness::Strict) {
+            Ok(out) => judge_some(out),
             Err(e) => {
                 let message = e.to_string();
                 prop_assert!(message.contains("mutated.yaml"), "error without the file: {message}");

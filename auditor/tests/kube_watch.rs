@@ -8,12 +8,11 @@ mod apiserver;
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use auditor::inventory::ObjectKey;
-use auditor::inventory::kube::{
-    Kind, KubeSource, ModelUpdate, SourceStatus, WATCHED_KINDS, WatchOptions,
-};
-use auditor::policy::ir::Protocol;
-use auditor::policy::model::{Flow, Model, ModelConfig};
+use auditor::audit::{Cluster, ClusterConfig, FlowQuery as Flow};
+use auditor::policy::ir::PolicyKind;
+use auditor::source::kube::{KubeSource, WatchOptions};
+use auditor::source::{Kind, SourceStatus, Update, watched_resources};
+use auditor::vocab::{ObjectKey, Protocol};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -143,13 +142,25 @@ fn options() -> WatchOptions {
     }
 }
 
+/// Applies an update to the cluster the way the daemon does; `false` for news about the source,
+/// which change nothing.
+fn apply(model: &mut Cluster, update: Update) -> bool {
+    match update.into_change() {
+        Some(change) => {
+            model.apply(change);
+            true
+        }
+        None => false,
+    }
+}
+
 /// The daemon's side of the channel: a model fed by the source, and its status.
 struct Daemon {
     source: KubeSource,
-    rx: mpsc::Receiver<ModelUpdate>,
-    model: Model,
+    rx: mpsc::Receiver<Update>,
+    model: Cluster,
     status: SourceStatus,
-    log: Vec<ModelUpdate>,
+    log: Vec<Update>,
 }
 
 impl Daemon {
@@ -160,7 +171,7 @@ impl Daemon {
         Self {
             source,
             rx,
-            model: Model::new(ModelConfig::default()),
+            model: Cluster::new(ClusterConfig::default()),
             status,
             log: Vec::new(),
         }
@@ -180,7 +191,7 @@ impl Daemon {
             };
             self.status.observe(&update);
             self.log.push(update.clone());
-            update.apply(&mut self.model);
+            apply(&mut self.model, update);
         }
     }
 
@@ -195,7 +206,7 @@ impl Daemon {
             .is_some()
     }
 
-    fn count(&self, matches: impl Fn(&ModelUpdate) -> bool) -> usize {
+    fn count(&self, matches: impl Fn(&Update) -> bool) -> usize {
         self.log.iter().filter(|u| matches(u)).count()
     }
 }
@@ -231,7 +242,7 @@ async fn initial_list_then_watch_events_change_the_verdicts() {
         .collect();
     paths.sort();
     paths.dedup();
-    let mut expected: Vec<String> = WATCHED_KINDS
+    let mut expected: Vec<String> = watched_resources()
         .iter()
         .map(|(group, version, resource)| {
             if group.is_empty() {
@@ -242,7 +253,10 @@ async fn initial_list_then_watch_events_change_the_verdicts() {
         })
         .collect();
     expected.sort();
-    assert_eq!(paths, expected, "the resources requested are WATCHED_KINDS");
+    assert_eq!(
+        paths, expected,
+        "the resources requested are the watched kinds'"
+    );
     assert!(
         server.requests().iter().all(|r| r.resource.is_some()),
         "no request outside the watched resources: {:?}",
@@ -250,7 +264,11 @@ async fn initial_list_then_watch_events_change_the_verdicts() {
     );
     // Three pods in pages of two.
     assert_eq!(server.lists(apiserver::PODS), 2, "pods listed in two pages");
-    assert!(daemon.status.is_synced(Kind::CiliumNetworkPolicy));
+    assert!(
+        daemon
+            .status
+            .is_synced(Kind::Policy(PolicyKind::CiliumNetworkPolicy))
+    );
     assert!(daemon.has_pod("shop", "web") && daemon.has_pod("db", "pg"));
     assert_eq!(
         daemon.model.inventory().apiserver_addresses(),
@@ -339,7 +357,7 @@ async fn initial_list_then_watch_events_change_the_verdicts() {
         .until("finished pod removed", |d| !d.has_pod("shop", "worker"))
         .await;
     assert_eq!(
-        daemon.count(|u| matches!(u, ModelUpdate::Stale { .. })),
+        daemon.count(|u| matches!(u, Update::Stale { .. })),
         0,
         "no outage was reported"
     );
@@ -527,7 +545,7 @@ async fn an_unreachable_server_keeps_the_model_and_reports_staleness() {
         daemon.status.observe(&update);
         daemon.log.push(update.clone());
         assert!(
-            !update.apply(&mut daemon.model),
+            !apply(&mut daemon.model, update),
             "nothing reaches the model while the server is down: {:?}",
             daemon.log.last()
         );
@@ -547,9 +565,8 @@ async fn an_unreachable_server_keeps_the_model_and_reports_staleness() {
         "the staleness gauge grows: {:?}",
         daemon.status.staleness(SystemTime::now())
     );
-    for kind in Kind::ALL {
-        let reports =
-            daemon.count(|u| matches!(u, ModelUpdate::Stale { kind: k, .. } if *k == kind));
+    for kind in Kind::all() {
+        let reports = daemon.count(|u| matches!(u, Update::Stale { kind: k, .. } if *k == kind));
         assert!(
             reports <= 1,
             "{kind}: an outage is reported once, not once per retry ({reports} reports)"
@@ -599,7 +616,7 @@ async fn a_server_that_stops_answering_is_an_outage() {
         .until("staleness reported", |d| d.status.stale_since().is_some())
         .await;
     let error = daemon.log.iter().find_map(|u| match u {
-        ModelUpdate::Stale { error, .. } => Some(error.clone()),
+        Update::Stale { error, .. } => Some(error.clone()),
         _ => None,
     });
     assert!(
@@ -635,11 +652,15 @@ async fn missing_cilium_crds_are_not_installed_rather_than_an_outage() {
     daemon
         .until("synced without Cilium", |d| d.status.synced())
         .await;
-    assert!(daemon.status.is_not_installed(Kind::CiliumNetworkPolicy));
     assert!(
         daemon
             .status
-            .is_not_installed(Kind::CiliumClusterwideNetworkPolicy)
+            .is_not_installed(Kind::Policy(PolicyKind::CiliumNetworkPolicy))
+    );
+    assert!(
+        daemon
+            .status
+            .is_not_installed(Kind::Policy(PolicyKind::CiliumClusterwideNetworkPolicy))
     );
     tokio::time::sleep(Duration::from_millis(700)).await;
     let lists = server.lists(apiserver::CILIUM_NETWORK_POLICIES);
@@ -657,7 +678,9 @@ async fn missing_cilium_crds_are_not_installed_rather_than_an_outage() {
     server.apply(apiserver::CILIUM_NETWORK_POLICIES, cnp_pg_from_worker());
     daemon
         .until("CRD installed", |d| {
-            d.status.is_synced(Kind::CiliumNetworkPolicy) && d.model.policy_count() == 1
+            d.status
+                .is_synced(Kind::Policy(PolicyKind::CiliumNetworkPolicy))
+                && d.model.policy_count() == 1
         })
         .await;
     assert!(daemon.allowed(&to_pg(WORKER)) && !daemon.allowed(&to_pg(WEB)));
@@ -667,12 +690,14 @@ async fn missing_cilium_crds_are_not_installed_rather_than_an_outage() {
     server.drop_watches();
     daemon
         .until("CRD uninstalled", |d| {
-            d.status.is_not_installed(Kind::CiliumNetworkPolicy) && d.model.policy_count() == 0
+            d.status
+                .is_not_installed(Kind::Policy(PolicyKind::CiliumNetworkPolicy))
+                && d.model.policy_count() == 0
         })
         .await;
     assert!(daemon.allowed(&to_pg(WEB)) && daemon.allowed(&to_pg(WORKER)));
     assert_eq!(
-        daemon.count(|u| matches!(u, ModelUpdate::Stale { .. })),
+        daemon.count(|u| matches!(u, Update::Stale { .. })),
         0,
         "a missing CRD is not an outage"
     );
@@ -713,7 +738,7 @@ async fn watches_ended_by_the_server_timeout_resume_without_relisting() {
         "no relist after a normal watch end"
     );
     assert_eq!(
-        daemon.count(|u| matches!(u, ModelUpdate::Stale { .. })),
+        daemon.count(|u| matches!(u, Update::Stale { .. })),
         0,
         "a watch timeout is not an outage"
     );
@@ -773,13 +798,13 @@ async fn unusable_objects_are_rejected_and_the_last_good_version_kept() {
     bad_policy["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"] = json!("99999");
     server.apply(apiserver::CILIUM_NETWORK_POLICIES, bad_policy);
     daemon
-        .until("both rejected", |d| d.status.rejected() == 2)
+        .until("both rejected", |d| d.status.problems() == 2)
         .await;
     let rejected: Vec<String> = daemon
         .log
         .iter()
         .filter_map(|u| match u {
-            ModelUpdate::Rejected { object, reason, .. } => Some(format!("{object}: {reason}")),
+            Update::Rejected { object, reason, .. } => Some(format!("{object}: {reason}")),
             _ => None,
         })
         .collect();
@@ -805,7 +830,7 @@ async fn unusable_objects_are_rejected_and_the_last_good_version_kept() {
     broken_np["spec"]["ingress"][0]["from"][0] = json!({"ipBlock": {"cidr": "nonsense"}});
     server.apply(apiserver::NETWORK_POLICIES, broken_np);
     daemon
-        .until("policy update rejected", |d| d.status.rejected() == 3)
+        .until("policy update rejected", |d| d.status.problems() == 3)
         .await;
     assert!(daemon.allowed(&to_pg(WEB)) && !daemon.allowed(&to_pg(WORKER)));
 

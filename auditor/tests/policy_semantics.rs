@@ -5,27 +5,32 @@
 
 use std::path::{Path, PathBuf};
 
+use auditor::audit::{Cluster, ClusterConfig, Explanation, FlowQuery};
 use auditor::check;
 use auditor::config::Config;
-use auditor::inventory::load;
-use auditor::policy::explain::Explanation;
-use auditor::policy::ir::{PolicyKey, PolicyKind, Protocol};
-use auditor::policy::model::{Flow, IpBlockReading, Model, ModelConfig};
+use auditor::decode::Strictness;
+use auditor::policy::ir::{PolicyKey, PolicyKind};
+use auditor::policy::model::IpBlockReading;
+use auditor::source::load::{self, Select};
+use auditor::vocab::Protocol;
 
-fn model(yaml: &str, ipblock: IpBlockReading) -> Model {
-    let mut objects = Vec::new();
-    load::load_text(Path::new("inline.yaml"), yaml, &mut objects)
-        .unwrap_or_else(|e| panic!("fixture does not load: {e}"));
-    let config = ModelConfig {
+fn model(yaml: &str, ipblock: IpBlockReading) -> Cluster {
+    let objects = load::load_text(
+        Path::new("inline.yaml"),
+        yaml,
+        Select::ALL,
+        Strictness::Strict,
+    )
+    .unwrap_or_else(|e| panic!("fixture does not load: {e}"));
+    let config = ClusterConfig {
         ipblock,
-        ingress_cidrs: Vec::new(),
+        ingress: Vec::new(),
     };
-    check::model_from_objects(&objects, &objects, config)
-        .unwrap_or_else(|e| panic!("fixture does not build: {e}"))
+    check::cluster_from(objects, config)
 }
 
-fn flow(src: &str, dst: &str, protocol: &str, port: u16) -> Flow {
-    Flow {
+fn flow(src: &str, dst: &str, protocol: &str, port: u16) -> FlowQuery {
+    FlowQuery {
         src: src.parse().unwrap_or_else(|_| panic!("bad src {src}")),
         dst: dst.parse().unwrap_or_else(|_| panic!("bad dst {dst}")),
         protocol: Protocol::parse(protocol).unwrap_or_else(|| panic!("bad protocol {protocol}")),
@@ -33,7 +38,7 @@ fn flow(src: &str, dst: &str, protocol: &str, port: u16) -> Flow {
     }
 }
 
-fn judge(model: &mut Model, src: &str, dst: &str, protocol: &str, port: u16) -> Explanation {
+fn judge(model: &mut Cluster, src: &str, dst: &str, protocol: &str, port: u16) -> Explanation {
     let f = flow(src, dst, protocol, port);
     let verdict = model.verdict(&f);
     // The cache must never change an answer.
@@ -46,7 +51,7 @@ fn judge(model: &mut Model, src: &str, dst: &str, protocol: &str, port: u16) -> 
 }
 
 #[track_caller]
-fn expect(model: &mut Model, src: &str, dst: &str, port: u16, verdict: &str) -> Explanation {
+fn expect(model: &mut Cluster, src: &str, dst: &str, port: u16, verdict: &str) -> Explanation {
     let e = judge(model, src, dst, "TCP", port);
     if e.verdict != verdict {
         panic!(
@@ -220,7 +225,7 @@ fn own_node_traffic_is_always_allowed() {
     let mut m = model(NODES, IpBlockReading::Calico);
     let e = expect(&mut m, "192.168.1.10", "10.244.1.5", 8080, "allow");
     assert_eq!(e.ingress.by, "own-node");
-    assert_eq!(e.src_peer.kind.as_str(), "node");
+    assert_eq!(e.src_peer.kind, "node");
     expect(&mut m, "192.168.1.11", "10.244.1.5", 8080, "deny");
     let e = expect(&mut m, "10.244.1.5", "192.168.1.10", 10250, "allow");
     assert_eq!(e.egress.by, "own-node");
@@ -235,11 +240,11 @@ fn host_network_pods_are_their_node() {
     // Policies selecting hostNetwork pods do not apply: the address is the node's.
     let e = expect(&mut m, "203.0.113.9", "192.168.1.11", 9100, "allow");
     assert_eq!(e.ingress.by, "not-a-pod");
-    assert_eq!(e.dst_peer.kind.as_str(), "node");
+    assert_eq!(e.dst_peer.kind, "node");
     // A hostNetwork pod whose Node object is missing is still a node, on its own node n3,
     // matched by the ipBlock in the Calico reading.
     let e = expect(&mut m, "192.168.2.12", "10.244.1.5", 8080, "allow");
-    assert_eq!(e.src_peer.kind.as_str(), "node");
+    assert_eq!(e.src_peer.kind, "node");
     assert!(
         e.reason.contains("NetworkPolicy app/lan ingress[0]"),
         "{}",
@@ -422,7 +427,7 @@ fn services_are_judged_on_every_ready_endpoint() {
     assert_eq!(service.ready_endpoints, 2);
     assert_eq!(service.endpoint.as_deref(), Some("10.0.2.2:9090"));
     assert!(e.reason.contains("service shop/web"), "{}", e.reason);
-    assert_eq!(e.dst_peer.kind.as_str(), "service");
+    assert_eq!(e.dst_peer.kind, "service");
     // A policy by port name resolves on each endpoint: both are allowed now.
     let mut fixed = model(
         &SERVICES.replace("ports: [{port: 8080}]", "ports: [{port: http}]"),
@@ -474,16 +479,16 @@ fn incremental_updates_change_verdicts() {
     });
     let e = expect(&mut m, "10.0.0.2", "10.0.0.1", 80, "allow");
     assert_eq!(e.ingress.by, "not-isolated");
-    m.remove_pod(&auditor::inventory::ObjectKey::new("shop", "b"));
+    m.remove_pod(&auditor::vocab::ObjectKey::new("shop", "b"));
     let e = expect(&mut m, "10.0.0.2", "10.0.0.1", 80, "allow");
-    assert_eq!(e.src_peer.kind.as_str(), "world");
+    assert_eq!(e.src_peer.kind, "world");
 }
 
-fn homelab() -> Model {
+fn homelab() -> Cluster {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calico-homelab");
-    let (model, stats) = check::build_model(&[dir], None, &Config::default())
+    let model = check::build_model(&[dir], None, &Config::default())
         .unwrap_or_else(|e| panic!("homelab fixture: {e}"));
-    assert_eq!(stats.policies, 5, "the seed has five policies");
+    assert_eq!(model.policy_count(), 5, "the seed has five policies");
     model
 }
 

@@ -25,11 +25,11 @@ use super::Peer;
 #[must_use]
 pub fn counting_node<'a>(initiator: &'a Peer, responder: &'a Peer) -> Option<&'a str> {
     let pod_node = |peer: &'a Peer| match peer {
-        Peer::Pod(pod) => pod.node.as_deref(),
+        Peer::Pod(_) => peer.node(),
         _ => None,
     };
     let node = |peer: &'a Peer| match peer {
-        Peer::Node { name } => Some(name.as_str()),
+        Peer::Node { .. } => peer.node(),
         _ => None,
     };
     pod_node(initiator)

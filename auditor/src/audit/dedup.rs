@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use auditor_ebpf::flow::FlowKey;
 use rustc_hash::FxHashMap;
 
-use crate::flows::Protocol;
+use crate::vocab::Protocol;
 
 /// Two sightings of one flow may disagree on its first-seen time by this much (the kernel clock
 /// is coarse, and wall-clock conversion happens at slightly different instants).

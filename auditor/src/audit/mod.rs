@@ -1,6 +1,8 @@
-//! The audit stage: a decided flow (the flows stage's [`FlowRecord`]) plus who its peers are and
-//! what the intended model says of it, turned into the audit verdict `allowed` / `denied` /
-//! `unexpected` (SPEC 2). Pure and synchronous: no I/O, the caller passes the time.
+//! The judging stage. [`Cluster`] joins the two stores (who is who, what is intended) and gives
+//! a flow its model verdict ([`verdict`]), its peers ([`peer`], one classifier for `check` and
+//! the daemon) and its explanation ([`explain`]); [`Auditor`] turns a decided flow (the flows
+//! stage's [`FlowRecord`]) into the audit verdict `allowed` / `denied` / `unexpected` (SPEC 2).
+//! Pure and synchronous: no I/O, the caller passes the time.
 //!
 //! Each flow is counted once: records repeating a counted flow (same normalised key, overlapping
 //! lifetime) are dropped; a flow seen both addressed to a Service ClusterIP and to the endpoint it
@@ -8,13 +10,15 @@
 //! see [`AuditConfig::service_hold`], and judged against every ready endpoint when no endpoint
 //! record turns up); across nodes, only the agent named by [`counting`]'s rule counts it.
 
+mod cache;
+mod cluster;
 pub mod counting;
 mod dedup;
-pub mod judge;
+pub mod explain;
 pub mod peer;
+mod verdict;
 
 use std::fmt;
-use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use auditor_ebpf::flow::FlowKey;
@@ -22,10 +26,15 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::flows::{FlowRecord, Outcome};
-use crate::policy::ir::{self, PolicyKey};
 
+pub use cluster::{Cluster, ClusterConfig};
 pub use counting::{counting_node, counts_here};
-pub use peer::{NamedPorts, Peer, PodPeer, Resolver};
+pub use explain::Explanation;
+pub use peer::{NamedPorts, Peer, PeerInfo, PodPeer};
+pub use verdict::{
+    DEFAULT_DENY_RULE, FlowQuery, Judgement, ModelVerdict, RuleHit, ServiceHop, ServiceProblem,
+    Verdict,
+};
 
 /// The audit verdict, the `verdict` metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -68,51 +77,6 @@ impl fmt::Display for AuditVerdict {
     }
 }
 
-/// What the intended model says of a flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelVerdict {
-    Allow,
-    Deny,
-}
-
-/// One rule that decided a direction of a flow: the `policy_rule_hits_total` labels.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
-pub struct Decision {
-    pub policy: PolicyKey,
-    pub direction: ir::Direction,
-    /// The rule's place in its object (`ingress[0]`), or how the engine names a default deny.
-    pub rule: String,
-    pub action: ir::Action,
-}
-
-/// The model's answer for one flow, with the rules that decided it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Judgement {
-    pub verdict: ModelVerdict,
-    /// The deciding rules, per direction; empty when no policy applies.
-    pub decisions: Vec<Decision>,
-}
-
-/// A flow as the model judges it: addresses as seen (a Service ClusterIP is the model's to
-/// translate, SPEC 4.3), destination port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowQuery {
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub protocol: ir::Protocol,
-    pub port: u16,
-}
-
-/// The seam to the intended model, implemented for the policy engine ([`crate::policy::model::Model`])
-/// in [`judge`]; tests of the audit logic alone may judge however they like.
-pub trait Judge {
-    fn judge(&self, query: &FlowQuery) -> Judgement;
-    /// Human-readable explanation of the verdict (which policy and rule, or why none applies).
-    /// Words cost allocations, so they are only made for what gets logged.
-    fn explain(&self, query: &FlowQuery) -> String;
-}
-
 /// The audit verdict of a flow the model judged `model` and the network treated as `outcome`.
 #[must_use]
 pub const fn classify(model: ModelVerdict, outcome: Outcome) -> AuditVerdict {
@@ -136,19 +100,23 @@ pub struct AuditedFlow {
 }
 
 impl AuditedFlow {
-    /// The question the model answered for this flow (for [`Judge::explain`]).
+    /// The question the model answered for this flow.
     #[must_use]
     pub fn query(&self) -> FlowQuery {
-        query_of(&self.record)
+        FlowQuery::of(&self.record)
     }
 }
 
-fn query_of(record: &FlowRecord) -> FlowQuery {
-    FlowQuery {
-        src: record.initiator.ip(),
-        dst: record.responder.ip(),
-        protocol: record.protocol.policy(),
-        port: record.responder.port(),
+impl FlowQuery {
+    /// The flow a record is about: initiator to responder, on the responder's port.
+    #[must_use]
+    pub fn of(record: &FlowRecord) -> Self {
+        Self {
+            src: record.initiator.ip(),
+            dst: record.responder.ip(),
+            protocol: record.protocol,
+            port: record.responder.port(),
+        }
     }
 }
 
@@ -183,14 +151,6 @@ impl Default for AuditConfig {
             capacity: 32_768,
         }
     }
-}
-
-/// What the audit needs from the other stages for one call.
-#[derive(Clone, Copy)]
-pub struct Context<'a> {
-    pub resolver: Resolver<'a>,
-    pub judge: &'a dyn Judge,
-    pub named_ports: &'a NamedPorts,
 }
 
 /// Running totals of what the audit did with the records it was fed.
@@ -273,7 +233,7 @@ impl Auditor {
     pub fn push(
         &mut self,
         record: FlowRecord,
-        ctx: &Context<'_>,
+        cluster: &Cluster,
         now: SystemTime,
     ) -> Option<AuditedFlow> {
         if self.recent.is_duplicate(&record.key, record.first_seen)
@@ -282,12 +242,8 @@ impl Auditor {
             self.stats.duplicates += 1;
             return None;
         }
-        let src = ctx
-            .resolver
-            .resolve(record.initiator.ip(), record.initiator.port());
-        let dst = ctx
-            .resolver
-            .resolve(record.responder.ip(), record.responder.port());
+        let src = cluster.peer(record.initiator.ip(), Some(record.initiator.port()));
+        let dst = cluster.peer(record.responder.ip(), Some(record.responder.port()));
         if !counts_here(self.config.local_node.as_deref(), &src, &dst) {
             self.stats.other_node += 1;
             return None;
@@ -301,7 +257,7 @@ impl Auditor {
             let translated = self
                 .reached
                 .reached(&initiator, record.first_seen, hold, |ip| {
-                    ctx.resolver.is_endpoint_of(namespace, name, ip)
+                    cluster.is_endpoint_of(namespace, name, ip)
                 });
             if translated {
                 self.stats.superseded += 1;
@@ -325,11 +281,11 @@ impl Auditor {
             return None;
         }
         if matches!(dst, Peer::Pod(_)) {
-            self.supersede_held(&initiator, &record, ctx, now);
+            self.supersede_held(&initiator, &record, cluster, now);
             self.reached
                 .insert(initiator, record.responder.ip(), record.first_seen, now);
         }
-        Some(self.audit(record, src, dst, ctx, now))
+        Some(self.audit(record, src, dst, cluster, now))
     }
 
     /// Drops held ClusterIP records of the flow `record` (to an endpoint) is the translation of.
@@ -337,7 +293,7 @@ impl Auditor {
         &mut self,
         initiator: &dedup::Initiator,
         record: &FlowRecord,
-        ctx: &Context<'_>,
+        cluster: &Cluster,
         now: SystemTime,
     ) {
         let Some(keys) = self.held_by_initiator.get_mut(initiator) else {
@@ -354,7 +310,7 @@ impl Auditor {
             };
             let same = dedup::close(h.record.first_seen, record.first_seen, hold)
                 && matches!(&h.dst, Peer::Service { namespace, name, .. }
-                    if ctx.resolver.is_endpoint_of(namespace, name, responder));
+                    if cluster.is_endpoint_of(namespace, name, responder));
             if same {
                 if let Some(h) = held.remove(key) {
                     recent.remember(h.record.key, h.record.first_seen, h.record.last_seen, now);
@@ -371,7 +327,7 @@ impl Auditor {
 
     /// Releases ClusterIP flows whose wait is over (judged on every ready endpoint, by the
     /// model) and forgets counted flows older than the horizon. Call it about once a second.
-    pub fn tick(&mut self, ctx: &Context<'_>, now: SystemTime) -> Vec<AuditedFlow> {
+    pub fn tick(&mut self, cluster: &Cluster, now: SystemTime) -> Vec<AuditedFlow> {
         self.recent.expire(now);
         self.reached.expire(now);
         let due: Vec<FlowKey> = self
@@ -380,19 +336,19 @@ impl Auditor {
             .filter(|(_, h)| h.due <= now)
             .map(|(k, _)| *k)
             .collect();
-        self.release(due, ctx, now)
+        self.release(due, cluster, now)
     }
 
     /// Releases every waiting flow (shutdown: count what was seen).
-    pub fn flush(&mut self, ctx: &Context<'_>, now: SystemTime) -> Vec<AuditedFlow> {
+    pub fn flush(&mut self, cluster: &Cluster, now: SystemTime) -> Vec<AuditedFlow> {
         let all: Vec<FlowKey> = self.held.keys().copied().collect();
-        self.release(all, ctx, now)
+        self.release(all, cluster, now)
     }
 
     fn release(
         &mut self,
         keys: Vec<FlowKey>,
-        ctx: &Context<'_>,
+        cluster: &Cluster,
         now: SystemTime,
     ) -> Vec<AuditedFlow> {
         let mut out = Vec::with_capacity(keys.len());
@@ -413,7 +369,7 @@ impl Auditor {
                     self.held_by_initiator.remove(&initiator);
                 }
             }
-            out.push(self.audit(record, src, dst, ctx, now));
+            out.push(self.audit(record, src, dst, cluster, now));
         }
         // Deterministic order for the caller (and its logs): by first sight.
         out.sort_by_key(|f| f.record.first_seen);
@@ -425,19 +381,16 @@ impl Auditor {
         record: FlowRecord,
         src: Peer,
         dst: Peer,
-        ctx: &Context<'_>,
+        cluster: &Cluster,
         now: SystemTime,
     ) -> AuditedFlow {
         self.recent
             .remember(record.key, record.first_seen, record.last_seen, now);
         self.stats.counted += 1;
-        let query = query_of(&record);
-        let (protocol, port) = (query.protocol, query.port);
-        let judgement = ctx.judge.judge(&query);
+        let query = FlowQuery::of(&record).normalized();
+        let judgement = cluster.judgement(&query);
         let verdict = classify(judgement.verdict, record.outcome);
-        let dst_port =
-            ctx.resolver
-                .port_label(&dst, record.responder.ip(), protocol, port, ctx.named_ports);
+        let dst_port = cluster.port_label(&dst, query.dst, query.protocol, query.port);
         AuditedFlow {
             record,
             src,

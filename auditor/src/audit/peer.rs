@@ -1,14 +1,17 @@
-//! Who the two ends of a flow are, for labels and logs: pods by namespace and workload, and every
-//! other address by what it is (node, API server, Service, ingress, world). Also which destination
-//! ports are worth a label value of their own, so the `dst_port` label stays bounded.
+//! Who the two ends of a flow are, for labels, logs and explanations alike: pods by namespace and
+//! workload, and every other address by what it is (node, API server, Service, ingress, world).
+//! One classifier, so `check` and the daemon name a flow the same. Also which destination ports
+//! are worth a label value of their own, so the `dst_port` label stays bounded.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use ipnet::IpNet;
+use serde::Serialize;
 
-use crate::inventory::{Inventory, ObjectKey, Owner};
-use crate::policy::ir::{CompiledPolicy, PortSpec, Protocol};
+use super::Cluster;
+use crate::inventory::Owner;
+use crate::policy::ir::{PortSpec, Rule};
+use crate::vocab::{ObjectKey, Protocol};
 
 /// A pod peer, as the labels and the log line name it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -25,11 +28,13 @@ pub struct PodPeer {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peer {
     Pod(PodPeer),
-    /// A node's address: host processes and hostNetwork pods.
+    /// A node's address: host processes and hostNetwork pods. `name` is empty for a hostNetwork
+    /// pod not scheduled on a known node.
     Node {
         name: String,
     },
-    /// An API server endpoint (address and port of the `default/kubernetes` EndpointSlice).
+    /// The API server: an address of the `default/kubernetes` EndpointSlice, reached on one of
+    /// its ports when the address is also a node's.
     KubeApiserver,
     /// A Service ClusterIP the flow was seen addressed to, before translation. `workload` is
     /// what its ready endpoints run when they are all one workload (so the series matches the
@@ -42,7 +47,7 @@ pub enum Peer {
     /// An address of the `ingress` entity (configuration CIDRs).
     Ingress,
     /// An address inside a node's pod CIDR that no known pod holds (yet): a pod the watch has
-    /// not delivered, or one just deleted. Labelled `cluster`, as `auditor check` names it.
+    /// not delivered, or one just deleted. Labelled `cluster`.
     Unknown,
     /// Anything else.
     World,
@@ -78,7 +83,7 @@ impl Peer {
         }
     }
 
-    /// The kind of peer, for the log line.
+    /// The kind of peer, for the log line and explanations.
     #[must_use]
     pub fn kind(&self) -> &'static str {
         match self {
@@ -91,24 +96,48 @@ impl Peer {
             Self::World => "world",
         }
     }
-}
 
-/// Resolves addresses to peers against the inventory and the `ingress` entity's CIDRs.
-#[derive(Clone, Copy, Debug)]
-pub struct Resolver<'a> {
-    pub inventory: &'a Inventory,
-    pub ingress: &'a [IpNet],
-}
-
-impl Resolver<'_> {
-    /// What `ip` is, when reached on `port` (the API server is an address *and* a port: on
-    /// k3s and kubeadm clusters it listens on a node address, whose other ports are the node's).
+    /// The node a pod or node peer is bound to, for the counting rule.
     #[must_use]
-    pub fn resolve(&self, ip: IpAddr, port: u16) -> Peer {
-        // Pods and Services first: they are most flows, and never API server endpoints here.
-        match self.inventory.owner(ip) {
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Self::Pod(pod) => pod.node.as_deref(),
+            Self::Node { name } if !name.is_empty() => Some(name),
+            _ => None,
+        }
+    }
+}
+
+/// A peer as `check` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PeerInfo {
+    /// `pod`, `node`, `kube-apiserver`, `service`, `ingress`, `cluster` or `world`.
+    pub kind: &'static str,
+    /// Empty for non-pods.
+    pub namespace: String,
+    /// The pod, node or Service name; the node for an API server on a node.
+    pub name: String,
+    /// The workload for pods, else what the peer is (`world`, `node`, ...).
+    pub workload: String,
+}
+
+impl Cluster {
+    /// What `ip` is when reached on `port` (`None`: the port is not known, such as a flow
+    /// line's source). The API server is an address, and where that address is also a node's,
+    /// an address and one of its ports (on k3s and kubeadm clusters it listens on a node
+    /// address, whose other ports, and whose outgoing connections, are the node's).
+    #[must_use]
+    pub fn peer(&self, ip: IpAddr, port: Option<u16>) -> Peer {
+        let inventory = self.inventory();
+        match inventory.owner(ip) {
             Some(Owner::Pod(id)) => {
-                if let Some(pod) = self.inventory.pod(id) {
+                if let Some(pod) = inventory.pod(id) {
+                    if pod.host_network {
+                        // Seen as its node's address (SPEC 4.1).
+                        return Peer::Node {
+                            name: pod.node.clone().unwrap_or_default(),
+                        };
+                    }
                     return Peer::Pod(PodPeer {
                         namespace: pod.namespace.clone(),
                         name: pod.name.clone(),
@@ -118,21 +147,22 @@ impl Resolver<'_> {
                 }
             }
             Some(Owner::Service(id)) => {
-                if let Some(service) = self.inventory.service(id) {
+                if let Some(service) = inventory.service(id) {
+                    let key = service.key();
                     return Peer::Service {
-                        namespace: service.namespace.clone(),
-                        name: service.name.clone(),
-                        workload: self
-                            .endpoint_workload(&service.namespace, &service.name)
-                            .unwrap_or_else(|| service.name.clone()),
+                        workload: inventory
+                            .endpoint_workload(&key)
+                            .map_or_else(|| service.name.clone(), str::to_owned),
+                        namespace: key.namespace,
+                        name: key.name,
                     };
                 }
             }
             Some(Owner::Node(id)) => {
-                if self.is_apiserver(ip, port) {
+                if port.is_some_and(|p| inventory.is_apiserver_endpoint(ip, p)) {
                     return Peer::KubeApiserver;
                 }
-                if let Some(node) = self.inventory.node(id) {
+                if let Some(node) = inventory.node(id) {
                     return Peer::Node {
                         name: node.name.clone(),
                     };
@@ -140,107 +170,72 @@ impl Resolver<'_> {
             }
             None => {}
         }
-        if self.is_apiserver(ip, port) {
+        if inventory.is_apiserver_address(ip) {
             Peer::KubeApiserver
-        } else if self.ingress.iter().any(|net| net.contains(&ip)) {
+        } else if self.is_ingress_address(ip) {
             Peer::Ingress
-        } else if self.inventory.in_pod_cidr(ip) {
+        } else if inventory.in_pod_cidr(ip) {
             Peer::Unknown
         } else {
             Peer::World
         }
     }
 
-    /// The one workload every ready endpoint of a Service runs, if there is exactly one.
-    fn endpoint_workload(&self, namespace: &str, name: &str) -> Option<String> {
-        let slices = self
-            .inventory
-            .endpoint_slices(&ObjectKey::new(namespace, name))?;
-        let mut workload: Option<&str> = None;
-        for ip in slices
-            .iter()
-            .flat_map(|s| s.endpoints.iter())
-            .filter(|e| e.ready)
-            .flat_map(|e| e.addresses.iter())
-        {
-            let Some(Owner::Pod(id)) = self.inventory.owner(*ip) else {
-                return None;
-            };
-            let this = self.inventory.pod(id)?.workload.name.as_str();
-            match workload {
-                Some(w) if w != this => return None,
-                _ => workload = Some(this),
+    /// A peer as `check` prints it.
+    #[must_use]
+    pub fn peer_info(&self, ip: IpAddr, port: Option<u16>) -> PeerInfo {
+        let peer = self.peer(ip, port);
+        let (namespace, name) = match &peer {
+            Peer::Pod(pod) => (pod.namespace.clone(), pod.name.clone()),
+            Peer::Service {
+                namespace, name, ..
+            } => (namespace.clone(), name.clone()),
+            Peer::Node { name } => (String::new(), name.clone()),
+            Peer::KubeApiserver => {
+                let node = match self.inventory().owner(ip) {
+                    Some(Owner::Node(id)) => self.inventory().node(id).map(|n| n.name.clone()),
+                    _ => None,
+                };
+                (String::new(), node.unwrap_or_default())
             }
+            Peer::Ingress | Peer::Unknown | Peer::World => (String::new(), String::new()),
+        };
+        PeerInfo {
+            kind: peer.kind(),
+            namespace,
+            name,
+            workload: peer.workload_label().to_owned(),
         }
-        workload.map(str::to_owned)
     }
 
-    fn is_apiserver(&self, ip: IpAddr, port: u16) -> bool {
-        let service = ObjectKey::new("default", "kubernetes");
-        self.inventory
-            .endpoint_slices(&service)
-            .unwrap_or_default()
-            .iter()
-            .any(|slice| {
-                let port_fits =
-                    slice.ports.is_empty() || slice.ports.iter().any(|p| p.port == port);
-                port_fits && slice.endpoints.iter().any(|e| e.addresses.contains(&ip))
-            })
-    }
-
-    /// Whether `ip` is a ready endpoint address of the Service `namespace/name`: the endpoint a
-    /// ClusterIP flow was translated to, when both records are seen.
+    /// Whether `ip` is a ready endpoint address of the Service `namespace/name`.
     #[must_use]
     pub fn is_endpoint_of(&self, namespace: &str, name: &str, ip: IpAddr) -> bool {
-        let service = ObjectKey::new(namespace, name);
-        if let Some(slices) = self.inventory.endpoint_slices(&service) {
-            return slices
-                .iter()
-                .flat_map(|s| s.endpoints.iter())
-                .any(|e| e.ready && e.addresses.contains(&ip));
-        }
-        // No slices (a snapshot without them): the Service's selector picks its pods.
-        let Some(selector) = self
-            .inventory
-            .services()
-            .find(|(_, s)| s.namespace == namespace && s.name == name)
-            .and_then(|(_, s)| s.selector.clone())
-        else {
-            return false;
-        };
-        self.inventory.pods().any(|(_, pod)| {
-            pod.namespace == namespace
-                && pod.ips.contains(&ip)
-                && selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
-        })
+        self.inventory()
+            .is_endpoint_of(&ObjectKey::new(namespace, name), ip)
     }
 
     /// The `dst_port` label: the port when the destination declares it (a container port of the
-    /// pod, a port of the Service) or a policy names it, `None` (`other`) otherwise.
+    /// pod, a port of the Service, the API server's) or a policy names it, `None` (`other`)
+    /// otherwise.
     #[must_use]
-    pub fn port_label(
-        &self,
-        dst: &Peer,
-        ip: IpAddr,
-        protocol: Protocol,
-        port: u16,
-        named: &NamedPorts,
-    ) -> Option<u16> {
+    pub fn port_label(&self, dst: &Peer, ip: IpAddr, protocol: Protocol, port: u16) -> Option<u16> {
         // ICMP "ports" are echo identifiers: never a meaningful label.
-        if protocol == Protocol::Icmp {
+        if protocol.is_icmp() {
             return None;
         }
+        let inventory = self.inventory();
         let declared = match dst {
-            Peer::Pod(_) => match self.inventory.owner(ip) {
-                Some(Owner::Pod(id)) => self.inventory.pod(id).is_some_and(|p| {
+            Peer::Pod(_) => match inventory.owner(ip) {
+                Some(Owner::Pod(id)) => inventory.pod(id).is_some_and(|p| {
                     p.ports
                         .iter()
                         .any(|c| c.port == port && c.protocol == protocol)
                 }),
                 _ => false,
             },
-            Peer::Service { .. } => match self.inventory.owner(ip) {
-                Some(Owner::Service(id)) => self.inventory.service(id).is_some_and(|s| {
+            Peer::Service { .. } => match inventory.owner(ip) {
+                Some(Owner::Service(id)) => inventory.service(id).is_some_and(|s| {
                     s.ports
                         .iter()
                         .any(|p| p.port == port && p.protocol == protocol)
@@ -250,7 +245,7 @@ impl Resolver<'_> {
             Peer::KubeApiserver => true,
             Peer::Node { .. } | Peer::Ingress | Peer::Unknown | Peer::World => false,
         };
-        (declared || named.contains(protocol, port)).then_some(port)
+        (declared || self.named_ports().contains(protocol, port)).then_some(port)
     }
 }
 
@@ -265,18 +260,16 @@ pub struct NamedPorts {
 pub const MAX_LABELLED_RANGE: u16 = 16;
 
 impl NamedPorts {
-    /// Collects the numbered ports of every rule of `policies`.
-    pub fn from_policies<'a>(policies: impl IntoIterator<Item = &'a CompiledPolicy>) -> Self {
+    /// Collects the numbered ports of `rules`.
+    pub fn from_rules<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Self {
         let mut ports = HashSet::new();
-        for policy in policies {
-            for rule in &policy.rules {
-                for m in &rule.ports {
-                    if let PortSpec::Range(first, last) = m.port
-                        && last >= first
-                        && last - first < MAX_LABELLED_RANGE
-                    {
-                        ports.extend((first..=last).map(|p| (m.protocol, p)));
-                    }
+        for rule in rules {
+            for m in &rule.ports {
+                if let PortSpec::Range(first, last) = m.port
+                    && last >= first
+                    && last - first < MAX_LABELLED_RANGE
+                {
+                    ports.extend((first..=last).map(|p| (m.protocol, p)));
                 }
             }
         }

@@ -7,14 +7,14 @@ use auditor_ebpf::flow::{FlowKey, Hook, proto};
 use ipnet::IpNet;
 
 use super::*;
-use crate::flows::{FlowRecord, Outcome, PerDirection, Protocol as FlowProtocol};
+use crate::flows::{FlowRecord, Outcome, PerDirection};
 use crate::inventory::{
-    ContainerPort, Endpoint, EndpointPort, EndpointSlice, Labels, Namespace, Node, Pod, Service,
-    ServicePort, TargetPort, Workload,
+    Endpoint, EndpointPort, EndpointSlice, Namespace, Node, Pod, Service, ServicePort, TargetPort,
+    Workload,
 };
 use crate::policy::ir::{self, PolicyKind};
-use crate::policy::model::{Model, ModelConfig};
 use crate::policy::netpol;
+use crate::vocab::{ContainerPort, Labels, Protocol as FlowProtocol};
 
 const FRONTEND: &str = "10.244.0.10";
 const PROMETHEUS: &str = "10.244.0.30";
@@ -86,8 +86,11 @@ spec:
 
 /// Two nodes; web/frontend and monitoring/prometheus on node-a, db/postgres on node-b behind a
 /// ClusterIP; db admits only web on 5432.
-fn model() -> Model {
-    let mut model = Model::new(ModelConfig::default());
+fn model() -> Cluster {
+    let mut model = Cluster::new(ClusterConfig {
+        ingress: vec![net("192.0.2.0/28")],
+        ..ClusterConfig::default()
+    });
     for ns in ["web", "db", "monitoring", "default"] {
         model.upsert_namespace(Namespace {
             name: ns.into(),
@@ -169,6 +172,7 @@ fn model() -> Model {
         }],
     });
     model.upsert_policy(allow_web());
+    model.refresh();
     model
 }
 
@@ -212,29 +216,16 @@ fn record(src: &str, dst: &str, outcome: Outcome, first: u64) -> FlowRecord {
 }
 
 struct Fixture {
-    model: Model,
-    ingress: Vec<IpNet>,
-    named: NamedPorts,
+    model: Cluster,
 }
 
 impl Fixture {
     fn new() -> Self {
-        Self {
-            model: model(),
-            ingress: vec![net("192.0.2.0/28")],
-            named: NamedPorts::from_policies(&[allow_web()]),
-        }
+        Self { model: model() }
     }
 
-    fn ctx(&self) -> Context<'_> {
-        Context {
-            resolver: Resolver {
-                inventory: self.model.inventory(),
-                ingress: &self.ingress,
-            },
-            judge: &self.model,
-            named_ports: &self.named,
-        }
+    fn ctx(&self) -> &Cluster {
+        &self.model
     }
 }
 
@@ -279,7 +270,7 @@ fn allowed_flow_names_its_rule_and_declared_port() {
                 Outcome::Established,
                 0,
             ),
-            &fx.ctx(),
+            fx.ctx(),
             t(2),
         )
         .unwrap_or_else(|| panic!("the initiator's node must count the flow"));
@@ -332,14 +323,17 @@ fn denied_flow_is_unexpected_when_established_and_denied_otherwise() {
                     outcome,
                     0,
                 ),
-                &fx.ctx(),
+                fx.ctx(),
                 t(2),
             )
             .unwrap_or_else(|| panic!("flow {i} not counted"));
         assert_eq!(flow.verdict, want, "{outcome:?}");
         assert_eq!(flow.judgement.verdict, ModelVerdict::Deny);
         assert!(
-            !fx.ctx().judge.explain(&flow.query()).is_empty(),
+            !fx.model
+                .explain(&flow.query(), &fx.model.judge(&flow.query()))
+                .reason
+                .is_empty(),
             "a denied flow has its explanation"
         );
         let d = &flow.judgement.decisions;
@@ -347,7 +341,7 @@ fn denied_flow_is_unexpected_when_established_and_denied_otherwise() {
             d.len() == 1
                 && d[0].policy.kind == PolicyKind::NetworkPolicy
                 && d[0].policy.name == "allow-web"
-                && d[0].rule == judge::DEFAULT_DENY_RULE
+                && d[0].rule == DEFAULT_DENY_RULE
                 && d[0].action == ir::Action::Deny,
             "default deny by allow-web's isolation expected, got {d:?}"
         );
@@ -364,15 +358,12 @@ fn a_flow_reported_twice_counts_once_and_a_later_reuse_counts_again() {
         Outcome::Established,
         0,
     );
-    assert!(a.push(r.clone(), &fx.ctx(), t(2)).is_some());
+    assert!(a.push(r.clone(), fx.ctx(), t(2)).is_some());
     // The same flow from another interface: same key, first seen within the slack.
     let mut again = r.clone();
     again.first_seen += Duration::from_millis(300);
     again.interface = "cali99".into();
-    assert!(
-        a.push(again, &fx.ctx(), t(2)).is_none(),
-        "duplicate counted"
-    );
+    assert!(a.push(again, fx.ctx(), t(2)).is_none(), "duplicate counted");
     assert_eq!(a.stats().duplicates, 1);
     // The 5-tuple reused by a new connection a minute later.
     let later = record(
@@ -382,7 +373,7 @@ fn a_flow_reported_twice_counts_once_and_a_later_reuse_counts_again() {
         30,
     );
     assert!(
-        a.push(later, &fx.ctx(), t(31)).is_some(),
+        a.push(later, fx.ctx(), t(31)).is_some(),
         "a new flow on an old 5-tuple must count"
     );
     assert_eq!(a.stats().counted, 2);
@@ -399,14 +390,14 @@ fn only_the_initiators_node_counts_a_cross_node_flow() {
     );
     let mut on_a = auditor(Some("node-a"));
     let mut on_b = auditor(Some("node-b"));
-    assert!(on_a.push(r.clone(), &fx.ctx(), t(2)).is_some());
-    assert!(on_b.push(r, &fx.ctx(), t(2)).is_none());
+    assert!(on_a.push(r.clone(), fx.ctx(), t(2)).is_some());
+    assert!(on_b.push(r, fx.ctx(), t(2)).is_none());
     assert_eq!(on_b.stats().other_node, 1);
     // From outside the cluster: the responder's node counts.
     let w = record("203.0.113.9:50000", "10.244.1.20:5432", Outcome::Refused, 0);
-    assert!(on_a.push(w.clone(), &fx.ctx(), t(2)).is_none());
+    assert!(on_a.push(w.clone(), fx.ctx(), t(2)).is_none());
     let flow = on_b
-        .push(w, &fx.ctx(), t(2))
+        .push(w, fx.ctx(), t(2))
         .unwrap_or_else(|| panic!("node-b must count world -> its pod"));
     assert_eq!(flow.src, Peer::World);
     assert_eq!(flow.verdict, AuditVerdict::Denied);
@@ -430,34 +421,34 @@ fn clusterip_and_endpoint_records_count_once_on_the_endpoint() {
 
     // ClusterIP record first: held, then replaced by the endpoint's.
     let mut a = auditor(Some("node-a"));
-    assert!(a.push(svc.clone(), &fx.ctx(), t(1)).is_none());
+    assert!(a.push(svc.clone(), fx.ctx(), t(1)).is_none());
     assert_eq!(a.held(), 1);
     let flow = a
-        .push(ep.clone(), &fx.ctx(), t(1))
+        .push(ep.clone(), fx.ctx(), t(1))
         .unwrap_or_else(|| panic!("the endpoint record must count"));
     assert_eq!(flow.dst.workload_label(), "postgres");
     assert_eq!(a.held(), 0);
     assert!(
-        a.tick(&fx.ctx(), t(10)).is_empty(),
+        a.tick(fx.ctx(), t(10)).is_empty(),
         "the held ClusterIP record came out too"
     );
     assert_eq!((a.stats().counted, a.stats().superseded), (1, 1));
 
     // Endpoint record first: the ClusterIP one is recognised at once.
     let mut b = auditor(Some("node-a"));
-    assert!(b.push(ep, &fx.ctx(), t(1)).is_some());
-    assert!(b.push(svc.clone(), &fx.ctx(), t(1)).is_none());
+    assert!(b.push(ep, fx.ctx(), t(1)).is_some());
+    assert!(b.push(svc.clone(), fx.ctx(), t(1)).is_none());
     assert_eq!(b.held(), 0);
     assert_eq!((b.stats().counted, b.stats().superseded), (1, 1));
 
     // No endpoint record (the endpoint is behind another node's uplink): judged on the Service.
     let mut c = auditor(Some("node-a"));
-    assert!(c.push(svc, &fx.ctx(), t(1)).is_none());
+    assert!(c.push(svc, fx.ctx(), t(1)).is_none());
     assert!(
-        c.tick(&fx.ctx(), t(1)).is_empty(),
+        c.tick(fx.ctx(), t(1)).is_empty(),
         "released before its hold"
     );
-    let out = c.tick(&fx.ctx(), t(3));
+    let out = c.tick(fx.ctx(), t(3));
     assert_eq!(out.len(), 1, "the held flow must come out after its hold");
     assert_eq!(
         out[0].dst,
@@ -487,27 +478,24 @@ fn clusterip_and_endpoint_records_count_once_on_the_endpoint() {
 #[test]
 fn peers_resolve_to_what_the_labels_name() {
     let fx = Fixture::new();
-    let r = Resolver {
-        inventory: fx.model.inventory(),
-        ingress: &fx.ingress,
-    };
-    assert_eq!(r.resolve(ip(NODE_A), 6443), Peer::KubeApiserver);
+    let r = fx.ctx();
+    assert_eq!(r.peer(ip(NODE_A), Some(6443)), Peer::KubeApiserver);
     assert_eq!(
-        r.resolve(ip(NODE_A), 22),
+        r.peer(ip(NODE_A), Some(22)),
         Peer::Node {
             name: "node-a".into()
         }
     );
     assert_eq!(
-        r.resolve(ip(NODE_B), 6443),
+        r.peer(ip(NODE_B), Some(6443)),
         Peer::Node {
             name: "node-b".into()
         }
     );
-    assert_eq!(r.resolve(ip("10.244.1.99"), 80), Peer::Unknown);
-    assert_eq!(r.resolve(ip("192.0.2.3"), 443), Peer::Ingress);
-    assert_eq!(r.resolve(ip("198.51.100.7"), 443), Peer::World);
-    let p = r.resolve(ip(POSTGRES), 5432);
+    assert_eq!(r.peer(ip("10.244.1.99"), Some(80)), Peer::Unknown);
+    assert_eq!(r.peer(ip("192.0.2.3"), Some(443)), Peer::Ingress);
+    assert_eq!(r.peer(ip("198.51.100.7"), Some(443)), Peer::World);
+    let p = r.peer(ip(POSTGRES), Some(5432));
     assert_eq!(
         (p.namespace_label(), p.workload_label(), p.kind()),
         ("db", "postgres", "pod")
@@ -552,10 +540,10 @@ fn a_service_is_labelled_with_its_endpoints_workload_only_when_there_is_one() {
             },
         ],
     });
-    let r = fx.ctx().resolver;
-    assert_eq!(r.resolve(ip("10.96.0.60"), 80).workload_label(), "mixed");
+    let r = fx.ctx();
+    assert_eq!(r.peer(ip("10.96.0.60"), Some(80)).workload_label(), "mixed");
     assert_eq!(
-        r.resolve(ip(POSTGRES_SVC), 5432).workload_label(),
+        r.peer(ip(POSTGRES_SVC), Some(5432)).workload_label(),
         "postgres"
     );
     assert!(r.is_endpoint_of("db", "mixed", ip(FRONTEND)));
@@ -565,35 +553,26 @@ fn a_service_is_labelled_with_its_endpoints_workload_only_when_there_is_one() {
 #[test]
 fn dst_port_is_other_unless_declared_or_named_by_a_policy() {
     let fx = Fixture::new();
-    let r = fx.ctx().resolver;
+    let r = fx.ctx();
     let tcp = ir::Protocol::Tcp;
-    let pg = r.resolve(ip(POSTGRES), 5432);
+    let pg = r.peer(ip(POSTGRES), Some(5432));
+    assert_eq!(r.port_label(&pg, ip(POSTGRES), tcp, 5432), Some(5432));
+    assert_eq!(r.port_label(&pg, ip(POSTGRES), tcp, 6000), None);
     assert_eq!(
-        r.port_label(&pg, ip(POSTGRES), tcp, 5432, &fx.named),
-        Some(5432)
-    );
-    assert_eq!(r.port_label(&pg, ip(POSTGRES), tcp, 6000, &fx.named), None);
-    assert_eq!(
-        r.port_label(
-            &pg,
-            ip(POSTGRES),
-            ir::Protocol::Udp,
-            5432,
-            &NamedPorts::default()
-        ),
+        r.port_label(&pg, ip(POSTGRES), ir::Protocol::Udp, 5432),
         None
     );
     // World on 5432: not declared, but the policy names 5432/TCP.
     assert_eq!(
-        r.port_label(&Peer::World, ip("198.51.100.7"), tcp, 5432, &fx.named),
+        r.port_label(&Peer::World, ip("198.51.100.7"), tcp, 5432),
         Some(5432)
     );
     assert_eq!(
-        r.port_label(&Peer::World, ip("198.51.100.7"), tcp, 443, &fx.named),
+        r.port_label(&Peer::World, ip("198.51.100.7"), tcp, 443),
         None
     );
     assert_eq!(
-        r.port_label(&pg, ip(POSTGRES), ir::Protocol::Icmp, 5432, &fx.named),
+        r.port_label(&pg, ip(POSTGRES), ir::Protocol::Icmp, 5432),
         None
     );
 }
@@ -611,7 +590,7 @@ fn named_ports_skip_wide_ranges() {
             port: ir::PortSpec::Range(1024, 65535),
         },
     ];
-    let named = NamedPorts::from_policies(&[policy]);
+    let named = NamedPorts::from_rules(&policy.rules);
     assert_eq!(named.len(), 4);
     assert!(named.contains(ir::Protocol::Udp, 5002));
     assert!(!named.contains(ir::Protocol::Tcp, 5002));
@@ -632,11 +611,11 @@ fn remembered_flows_are_bounded_in_time_and_number() {
             Outcome::Established,
             0,
         );
-        assert!(a.push(r, &fx.ctx(), t(1)).is_some());
+        assert!(a.push(r, fx.ctx(), t(1)).is_some());
     }
     assert_eq!(a.remembered(), 8);
     let horizon = a.config().horizon.as_secs();
-    let _ = a.tick(&fx.ctx(), t(2 + horizon));
+    let _ = a.tick(fx.ctx(), t(2 + horizon));
     assert_eq!(
         a.remembered(),
         0,

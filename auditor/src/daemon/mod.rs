@@ -1,15 +1,14 @@
-//! `auditor run` (SPEC 5.2): the daemon that ties the stages together. Flow records from the
-//! datapath go through the audit against the intended model (kept current from snapshot files or
-//! the Kubernetes API) into metrics and the unexpected-flow log, while `/metrics`, `/healthz` and
-//! `/readyz` are served; SIGTERM detaches everything and exits 0.
+//! `auditor run` (SPEC 5.2): the driver that wires the stages together. Flow records from the
+//! datapath go through the audit against the cluster as the sources describe it (snapshot files,
+//! a policy directory, or the Kubernetes API, all sending [`Update`]s over one channel) into
+//! metrics and the unexpected-flow log, while `/metrics`, `/healthz` and `/readyz` are served;
+//! SIGTERM detaches everything and exits 0.
 //!
-//! One task owns the model, the flow stream and the audit, so a flow is always judged against a
-//! consistent model and nothing needs a lock; the HTTP server runs on its own task and only reads
-//! the shared metrics.
+//! One task owns the cluster, the flow stream and the audit, so a flow is always judged against a
+//! consistent state and nothing needs a lock; the sources run on tasks and threads of their own
+//! (reading and parsing files never stalls the pipeline), and the HTTP server only reads the
+//! shared metrics.
 
-mod files;
-
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,23 +18,21 @@ use auditor_ebpf::flow::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::audit::{AuditConfig, AuditedFlow, Auditor, Context, Judge, NamedPorts, Resolver};
-use crate::check::{self, CheckError};
+use crate::audit::{AuditConfig, AuditedFlow, Auditor, Cluster, DEFAULT_DENY_RULE};
 use crate::config::{Config, ConfigError, parse_duration};
 use crate::datapath::attach::{AttachConfig, HookMode};
-use crate::datapath::load::{Datapath, DatapathConfig, LoadError};
+use crate::datapath::load::{Datapath, DatapathConfig, LoadError as DatapathLoadError};
 use crate::datapath::manager::{DatapathManager, ManagerError};
 use crate::export::{
     DEFAULT_METRICS_ADDR, ExportError, LogLimits, LostSource, Metrics, Readiness, Server,
     UnexpectedLog,
 };
 use crate::flows::{FlowRecord, FlowStream, FlowsConfig};
-use crate::inventory::kube::{self, KubeError, KubeSource, ModelUpdate, SourceStatus};
-use crate::inventory::{Inventory, ObjectKey};
-use crate::policy::ir::{PolicyKey, PolicyKind};
-use crate::policy::model::Model;
-
-pub use files::{Fingerprint, Policies, Snapshot, load_policies, load_snapshot, manifests};
+use crate::inventory::Inventory;
+use crate::source::files::{FileSource, Watching};
+use crate::source::kube::{self, KubeError, KubeSource};
+use crate::source::load::{LoadError, Select};
+use crate::source::{Change, Origin, SourceStatus, Update};
 
 /// How often the audit releases held flows, health gauges are refreshed and watched files are
 /// polled for changes.
@@ -44,7 +41,7 @@ const TICK: Duration = Duration::from_secs(1);
 /// a burst of flows leaves megabytes of them). A trim walks the allocator's free lists, so it
 /// runs every ten ticks rather than on every one.
 const TRIM_EVERY_TICKS: u32 = 10;
-/// Model updates from the API applied in one go before flows get their turn again.
+/// Updates from the sources applied in one go before flows get their turn again.
 const UPDATES_PER_BATCH: usize = 256;
 
 /// `auditor run` flags (SPEC 5.2).
@@ -91,7 +88,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("{}", join(.0))]
-    Input(Vec<CheckError>),
+    Input(Vec<LoadError>),
     #[error("{0}")]
     Usage(String),
     #[error("starting the async runtime: {0}")]
@@ -105,14 +102,14 @@ pub enum DaemonError {
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error("loading the datapath: {0}")]
-    Load(#[from] LoadError),
+    Load(#[from] DatapathLoadError),
     #[error("datapath: {0}")]
     Datapath(#[from] ManagerError),
     #[error(transparent)]
     Kube(#[from] KubeError),
 }
 
-fn join(errors: &[CheckError]) -> String {
+fn join(errors: &[LoadError]) -> String {
     errors
         .iter()
         .map(ToString::to_string)
@@ -220,7 +217,7 @@ impl Settings {
 pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
     tune_allocator();
     let settings = Settings::from_args(args)?;
-    let intended = Intended::initial(&settings)?;
+    let (intended, files) = Intended::initial(&settings)?;
     release_freed_memory();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // One worker for the pipeline, one for scrapes and watches: the Pi has four cores and
@@ -229,7 +226,7 @@ pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    runtime.block_on(daemon(settings, intended))
+    runtime.block_on(daemon(settings, intended, files))
 }
 
 /// glibc's defaults trade memory for speed in ways a small agent does not want: an arena per
@@ -257,281 +254,131 @@ fn release_freed_memory() {
     }
 }
 
-/// The intended model and what the daemon knows about its sources.
+/// The cluster as the sources describe it, and what the daemon knows about the sources.
 struct Intended {
-    model: Model,
-    /// The policies in the model, kept for the `dst_port` label's named ports and for diffing
-    /// a reloaded directory against.
-    policies: Policies,
-    named_ports: NamedPorts,
-    named_ports_stale: bool,
-    ingress: Vec<ipnet::IpNet>,
-    /// The daemon's own generation: counts changes across model rebuilds.
+    cluster: Cluster,
+    status: SourceStatus,
+    /// The daemon's own generation: counts changes of the intended model.
     generation: u64,
     updated: SystemTime,
-    /// Errors of the last load of each watched path (bad files keep the last good model).
-    cluster_errors: usize,
-    policy_errors: usize,
-    rejected: u64,
-    cluster_print: Fingerprint,
-    policies_print: Fingerprint,
     /// The generation whose rules have their hit series (see [`Metrics::ensure_rules`]).
     rules_published: u64,
 }
 
 impl Intended {
-    /// The model at start: snapshot files (or an empty inventory for the API to fill) and the
-    /// `--policies` directory. Any error is bad input.
-    fn initial(settings: &Settings) -> Result<Self, DaemonError> {
-        let policies_print = settings
-            .policies
-            .as_ref()
-            .map_or_else(Fingerprint::default, |p| {
-                Fingerprint::of(std::slice::from_ref(p))
-            });
-        let overriding = match &settings.policies {
-            Some(dir) => Some(load_policies(dir).map_err(DaemonError::Input)?),
-            None => None,
-        };
-        let mut intended = Self {
-            model: Model::new(settings.config.model_config()),
-            policies: Policies::new(),
-            named_ports: NamedPorts::default(),
-            named_ports_stale: true,
-            ingress: settings.config.entities.ingress.clone(),
-            generation: 0,
-            updated: SystemTime::now(),
-            cluster_errors: 0,
-            policy_errors: 0,
-            rejected: 0,
-            cluster_print: Fingerprint::default(),
-            policies_print,
-            rules_published: 0,
-        };
-        match &settings.source {
-            Source::Snapshot(paths) => {
-                intended.cluster_print = Fingerprint::of(paths);
-                let snapshot =
-                    load_snapshot(paths, overriding.is_none()).map_err(DaemonError::Input)?;
-                let model = build(&settings.config, &snapshot, overriding.as_ref())
-                    .map_err(|e| DaemonError::Input(vec![e]))?;
-                intended.model = model;
-                intended.policies = overriding.unwrap_or(snapshot.policies);
-            }
-            Source::Kube => {
-                if let Some(policies) = overriding {
-                    for policy in policies.values() {
-                        intended.model.upsert_policy(policy.clone());
-                    }
-                    intended.policies = policies;
-                }
-            }
+    /// The state at start: snapshot files (or an empty inventory for the API to fill) and the
+    /// `--policies` directory, loaded now. Any error is bad input. Returns the file sources too,
+    /// to be watched once the daemon runs.
+    fn initial(settings: &Settings) -> Result<(Self, Vec<FileSource>), DaemonError> {
+        let mut files = Vec::new();
+        if let Source::Snapshot(paths) = &settings.source {
+            let select = Select {
+                inventory: true,
+                policies: settings.policies.is_none(),
+            };
+            files.push(FileSource::new(Origin::Cluster, paths.clone(), select));
         }
-        intended.generation = 1;
+        if let Some(dir) = &settings.policies {
+            files.push(FileSource::new(
+                Origin::Policies,
+                vec![dir.clone()],
+                Select::POLICIES,
+            ));
+        }
+        let mut changes: Vec<Change> = Vec::new();
+        for source in &mut files {
+            changes.extend(source.load().map_err(DaemonError::Input)?);
+        }
+        changes.sort_by_key(Change::rank);
+        let cluster = Cluster::from_changes(settings.config.cluster_config(), changes);
         tracing::info!(
-            pods = intended.model.inventory().pods().count(),
-            policies = intended.policies.len(),
+            pods = cluster.inventory().pods().count(),
+            policies = cluster.policy_count(),
             "intended model loaded"
         );
-        Ok(intended)
+        let intended = Self {
+            cluster,
+            status: SourceStatus::default(),
+            generation: 1,
+            updated: SystemTime::now(),
+            rules_published: 0,
+        };
+        Ok((intended, files))
     }
 
-    fn changed(&mut self) {
-        self.generation += 1;
-        self.updated = SystemTime::now();
-    }
-
-    /// Makes the model's policies `new`, changing only what differs; series of removed policies
-    /// go away.
-    fn replace_policies(&mut self, new: Policies, metrics: &Metrics) {
-        let mut changed = false;
-        let gone: Vec<PolicyKey> = self
-            .policies
-            .keys()
-            .filter(|k| !new.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in &gone {
-            self.model.remove_policy(key);
-            metrics.remove_policy(key);
-            changed = true;
-        }
-        for (key, policy) in &new {
-            if self.policies.get(key) != Some(policy) {
-                self.model.upsert_policy(policy.clone());
-                changed = true;
-            }
-        }
-        self.policies = new;
-        if changed {
-            self.named_ports_stale = true;
-            self.changed();
-        }
-    }
-
-    /// Rebuilds the model from a reloaded snapshot, keeping `--policies` ones when given.
-    fn rebuild(
-        &mut self,
-        config: &Config,
-        snapshot: Snapshot,
-        overriding: bool,
-        metrics: &Metrics,
-    ) -> Result<(), CheckError> {
-        let model = build(config, &snapshot, overriding.then_some(&self.policies))?;
-        let before = Peers::of(self.model.inventory());
-        let after = Peers::of(model.inventory());
-        before.remove_gone(&after, metrics);
-        self.model = model;
-        if !overriding {
-            let Snapshot { policies, .. } = snapshot;
-            for key in self.policies.keys().filter(|k| !policies.contains_key(*k)) {
-                metrics.remove_policy(key);
-            }
-            self.policies = policies;
-        }
-        self.named_ports_stale = true;
-        self.changed();
-        Ok(())
-    }
-
-    /// Applies one update from the API; news about the source go to `status`.
-    fn apply(&mut self, update: ModelUpdate, status: &mut SourceStatus, metrics: &Metrics) {
-        status.observe(&update);
-        let gone = match &update {
-            ModelUpdate::NamespaceRemoved(name) => {
-                metrics.remove_namespace(name);
-                None
-            }
-            ModelUpdate::PodRemoved(key) => self.workload_of(key),
-            ModelUpdate::Policy(policy) => {
-                self.policies.insert(policy.key.clone(), policy.clone());
-                self.named_ports_stale = true;
-                None
-            }
-            ModelUpdate::PolicyRemoved(key) => {
-                self.policies.remove(key);
-                metrics.remove_policy(key);
-                self.named_ports_stale = true;
-                None
-            }
-            ModelUpdate::Rejected {
+    /// Applies one update from a source. Metric series of what goes away go with it.
+    fn apply(&mut self, update: Update, metrics: &Metrics) {
+        self.status.observe(&update);
+        match update {
+            Update::Change(change) => self.change(change, metrics),
+            Update::Rejected {
                 kind,
                 object,
                 reason,
-            } => {
-                self.rejected += 1;
-                tracing::error!(%kind, %object, %reason, "object left out of the model");
-                None
+            } => tracing::error!(%kind, %object, %reason, "object left out of the model"),
+            Update::Cleared { kind, object } => {
+                tracing::info!(%kind, %object, "object usable again, or gone");
             }
-            ModelUpdate::Stale { kind, error, .. } => {
+            Update::Stale { kind, error, .. } => {
                 tracing::warn!(%kind, %error, "API unreachable; keeping the last good model");
+            }
+            Update::Fresh(kind) => tracing::info!(%kind, "API watch resumed"),
+            Update::Files { origin, errors } if errors.is_empty() => tracing::info!(
+                %origin,
+                generation = self.generation,
+                pods = self.cluster.inventory().pods().count(),
+                policies = self.cluster.policy_count(),
+                "reloaded"
+            ),
+            Update::Files { origin, errors } => {
+                for error in &errors {
+                    tracing::error!(%origin, %error, "not reloaded; keeping the last good version");
+                }
+            }
+            Update::Synced(_) | Update::NotInstalled(_) => {}
+        }
+    }
+
+    fn change(&mut self, change: Change, metrics: &Metrics) {
+        let workload_of_removed = match &change {
+            Change::NamespaceRemoved(name) => {
+                metrics.remove_namespace(name);
                 None
             }
-            ModelUpdate::Fresh(kind) => {
-                tracing::info!(%kind, "API watch resumed");
+            Change::PodRemoved(key) => {
+                let inventory = self.cluster.inventory();
+                inventory
+                    .pod_id(key)
+                    .and_then(|id| inventory.pod(id))
+                    .map(|pod| (pod.namespace.clone(), pod.workload.name.clone()))
+            }
+            Change::PolicyRemoved(key) => {
+                metrics.remove_policy(key);
                 None
             }
             _ => None,
         };
-        if update.apply(&mut self.model) {
-            self.changed();
+        self.cluster.apply(change);
+        self.generation += 1;
+        self.updated = SystemTime::now();
+        if let Some((namespace, workload)) = workload_of_removed
+            && !self.cluster.inventory().has_workload(&namespace, &workload)
+        {
+            metrics.remove_workload(&namespace, &workload);
         }
-        if let Some((namespace, workload)) = gone {
-            let remains = self
-                .model
-                .inventory()
-                .pods()
-                .any(|(_, p)| p.namespace == namespace && p.workload.name == workload);
-            if !remains {
-                metrics.remove_workload(&namespace, &workload);
-            }
-        }
-    }
-
-    fn workload_of(&self, key: &ObjectKey) -> Option<(String, String)> {
-        let inventory = self.model.inventory();
-        let pod = inventory.pod(inventory.pod_id(key)?)?;
-        Some((pod.namespace.clone(), pod.workload.name.clone()))
-    }
-
-    fn named_ports(&mut self) -> &NamedPorts {
-        if self.named_ports_stale {
-            self.named_ports = NamedPorts::from_policies(self.policies.values());
-            self.named_ports_stale = false;
-        }
-        &self.named_ports
     }
 
     fn publish(&mut self, metrics: &Metrics) {
         if self.rules_published != self.generation {
-            metrics.ensure_rules(
-                self.model
-                    .rule_names(crate::audit::judge::DEFAULT_DENY_RULE),
-            );
+            metrics.ensure_rules(self.cluster.policy().rule_names(DEFAULT_DENY_RULE));
             self.rules_published = self.generation;
         }
-        let mut per_kind = [
-            (PolicyKind::NetworkPolicy, 0),
-            (PolicyKind::CiliumNetworkPolicy, 0),
-            (PolicyKind::CiliumClusterwideNetworkPolicy, 0),
-        ];
-        for key in self.policies.keys() {
-            if let Some(slot) = per_kind.iter_mut().find(|(k, _)| *k == key.kind) {
-                slot.1 += 1;
-            }
-        }
-        let errors = self.cluster_errors
-            + self.policy_errors
-            + usize::try_from(self.rejected).unwrap_or(usize::MAX);
-        metrics.set_model(&per_kind, errors, self.generation, self.updated);
-    }
-}
-
-/// A model from snapshot objects and policies.
-fn build(
-    config: &Config,
-    snapshot: &Snapshot,
-    policies: Option<&Policies>,
-) -> Result<Model, CheckError> {
-    let mut model = Model::new(config.model_config());
-    for located in &snapshot.inventory {
-        check::apply_inventory_object(&mut model, located)?;
-    }
-    for policy in policies.unwrap_or(&snapshot.policies).values() {
-        model.upsert_policy(policy.clone());
-    }
-    model.shrink_to_fit();
-    Ok(model)
-}
-
-/// Namespaces and workloads of an inventory, to remove the metric series of those that go.
-struct Peers {
-    namespaces: BTreeSet<String>,
-    workloads: BTreeSet<(String, String)>,
-}
-
-impl Peers {
-    fn of(inventory: &Inventory) -> Self {
-        let mut namespaces: BTreeSet<String> =
-            inventory.namespaces().map(|n| n.name.clone()).collect();
-        let mut workloads = BTreeSet::new();
-        for (_, pod) in inventory.pods() {
-            namespaces.insert(pod.namespace.clone());
-            workloads.insert((pod.namespace.clone(), pod.workload.name.clone()));
-        }
-        Self {
-            namespaces,
-            workloads,
-        }
-    }
-
-    fn remove_gone(&self, now: &Self, metrics: &Metrics) {
-        for namespace in self.namespaces.difference(&now.namespaces) {
-            metrics.remove_namespace(namespace);
-        }
-        for (namespace, workload) in self.workloads.difference(&now.workloads) {
-            metrics.remove_workload(namespace, workload);
-        }
+        metrics.set_model(
+            &self.cluster.policy().count_by_kind(),
+            self.status.problems(),
+            self.generation,
+            self.updated,
+        );
     }
 }
 
@@ -543,46 +390,31 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn count(&mut self, record: FlowRecord, intended: &mut Intended) {
-        intended.named_ports();
-        let ctx = Context {
-            resolver: Resolver {
-                inventory: intended.model.inventory(),
-                ingress: &intended.ingress,
-            },
-            judge: &intended.model,
-            named_ports: &intended.named_ports,
-        };
-        if let Some(flow) = self.auditor.push(record, &ctx, SystemTime::now()) {
-            self.emit(&flow, ctx.judge);
+    fn count(&mut self, record: FlowRecord, cluster: &Cluster) {
+        if let Some(flow) = self.auditor.push(record, cluster, SystemTime::now()) {
+            self.emit(&flow, cluster);
         }
     }
 
     /// Releases held flows; `all` on shutdown.
-    fn release(&mut self, intended: &mut Intended, all: bool) {
-        intended.named_ports();
-        let ctx = Context {
-            resolver: Resolver {
-                inventory: intended.model.inventory(),
-                ingress: &intended.ingress,
-            },
-            judge: &intended.model,
-            named_ports: &intended.named_ports,
-        };
+    fn release(&mut self, cluster: &Cluster, all: bool) {
         let now = SystemTime::now();
         let flows = if all {
-            self.auditor.flush(&ctx, now)
+            self.auditor.flush(cluster, now)
         } else {
-            self.auditor.tick(&ctx, now)
+            self.auditor.tick(cluster, now)
         };
         for flow in &flows {
-            self.emit(flow, ctx.judge);
+            self.emit(flow, cluster);
         }
     }
 
-    fn emit(&mut self, flow: &AuditedFlow, judge: &dyn Judge) {
+    fn emit(&mut self, flow: &AuditedFlow, cluster: &Cluster) {
         self.metrics.record(flow);
-        let explain = || judge.explain(&flow.query());
+        let explain = || {
+            let query = flow.query();
+            cluster.explain(&query, &cluster.judge(&query)).reason
+        };
         if let Err(error) = self
             .log
             .log(flow, explain, Instant::now(), SystemTime::now())
@@ -644,7 +476,11 @@ fn audit_config(node: Option<String>) -> AuditConfig {
     }
 }
 
-async fn daemon(settings: Settings, mut intended: Intended) -> Result<(), DaemonError> {
+async fn daemon(
+    settings: Settings,
+    mut intended: Intended,
+    files: Vec<FileSource>,
+) -> Result<(), DaemonError> {
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::new());
     intended.publish(&metrics);
@@ -675,8 +511,12 @@ async fn daemon(settings: Settings, mut intended: Intended) -> Result<(), Daemon
     readiness.set_attached(true);
     publish_health(&stream, &metrics);
 
-    let (updates_tx, mut updates) = mpsc::channel::<ModelUpdate>(4096);
-    let (kube_source, mut status) = match settings.source {
+    let (updates_tx, mut updates) = mpsc::channel::<Update>(4096);
+    let watching: Vec<Watching> = files
+        .into_iter()
+        .map(|source| source.watch(updates_tx.clone(), TICK))
+        .collect();
+    let kube_source = match settings.source {
         Source::Kube => {
             let client = kube::client_from_env().await?;
             let options = kube::WatchOptions {
@@ -684,18 +524,18 @@ async fn daemon(settings: Settings, mut intended: Intended) -> Result<(), Daemon
                 ..kube::WatchOptions::default()
             };
             let source = KubeSource::spawn(&client, &options, &updates_tx);
-            let status = source.status();
-            (Some(source), status)
+            intended.status = source.status();
+            Some(source)
         }
         Source::Snapshot(_) => {
             readiness.set_model_loaded(true);
-            (None, SourceStatus::default())
+            None
         }
     };
     // The sources hold their own senders; ours would keep the channel open forever.
     drop(updates_tx);
 
-    let node = counting_node(&settings, intended.model.inventory());
+    let node = counting_node(&settings, intended.cluster.inventory());
     tracing::info!(
         node = node.as_deref().unwrap_or("(any: counting every flow seen)"),
         "counting rule"
@@ -713,41 +553,49 @@ async fn daemon(settings: Settings, mut intended: Intended) -> Result<(), Daemon
     let mut counting = node;
     let mut ticks = tokio::time::interval(TICK);
     let mut ticks_since_trim = 0_u32;
+    let mut sources_open = true;
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let signal_name = loop {
         tokio::select! {
             _ = terminate.recv() => break "SIGTERM",
             _ = interrupt.recv() => break "SIGINT",
-            record = stream.next() => pipeline.count(record?, &mut intended),
-            Some(update) = updates.recv(), if kube_source.is_some() => {
-                intended.apply(update, &mut status, &metrics);
-                // Drain what is queued, bounded, so a relist is applied in few wake-ups.
+            record = stream.next() => pipeline.count(record?, &intended.cluster),
+            update = updates.recv(), if sources_open => {
+                let Some(update) = update else {
+                    sources_open = false;
+                    continue;
+                };
+                intended.apply(update, &metrics);
+                // Drain what is queued, bounded, so a relist or a reload is applied in few
+                // wake-ups without starving the flows.
                 for _ in 0..UPDATES_PER_BATCH {
                     match updates.try_recv() {
-                        Ok(update) => intended.apply(update, &mut status, &metrics),
+                        Ok(update) => intended.apply(update, &metrics),
                         Err(_) => break,
                     }
                 }
+                intended.cluster.refresh();
                 intended.publish(&metrics);
-                readiness.set_model_loaded(status.synced());
+                if kube_source.is_some() {
+                    readiness.set_model_loaded(intended.status.synced());
+                }
             }
             _ = ticks.tick() => {
-                pipeline.release(&mut intended, false);
+                pipeline.release(&intended.cluster, false);
                 if let Err(error) = pipeline.log.flush_suppressed(SystemTime::now()) {
                     tracing::warn!(%error, "writing the unexpected-flow log failed");
                 }
-                reload(&settings, &mut intended, &metrics);
                 if matches!(settings.source, Source::Snapshot(_)) {
-                    let now_counting = counting_node(&settings, intended.model.inventory());
+                    let now_counting = counting_node(&settings, intended.cluster.inventory());
                     if now_counting != counting {
                         tracing::info!(node = ?now_counting, "local node changed in the snapshot; counting rule updated");
-                        pipeline.release(&mut intended, true);
+                        pipeline.release(&intended.cluster, true);
                         pipeline.auditor = Auditor::new(audit_config(now_counting.clone()));
                         counting = now_counting;
                     }
                     metrics.set_inventory_synced(true, SystemTime::now());
                 } else {
-                    match status.stale_since() {
+                    match intended.status.stale_since() {
                         Some(since) => metrics.set_inventory_synced(false, since),
                         None => metrics.set_inventory_synced(true, SystemTime::now()),
                     }
@@ -765,8 +613,9 @@ async fn daemon(settings: Settings, mut intended: Intended) -> Result<(), Daemon
     tracing::info!(signal = signal_name, "shutting down");
     readiness.set_attached(false);
     drop(kube_source);
+    drop(watching);
     // Count what was seen: held ClusterIP flows are judged on every ready endpoint.
-    pipeline.release(&mut intended, true);
+    pipeline.release(&intended.cluster, true);
     if let Err(error) = pipeline.log.flush_suppressed(SystemTime::now()) {
         tracing::warn!(%error, "writing the unexpected-flow log failed");
     }
@@ -776,62 +625,4 @@ async fn daemon(settings: Settings, mut intended: Intended) -> Result<(), Daemon
     detached?;
     tracing::info!(counted = pipeline.auditor.stats().counted, "stopped");
     Ok(())
-}
-
-/// Reloads watched files that changed. A bad file keeps the last good model and is reported
-/// (log line naming file and line, the policy-errors gauge) until it is fixed.
-fn reload(settings: &Settings, intended: &mut Intended, metrics: &Metrics) {
-    if let Source::Snapshot(paths) = &settings.source {
-        let print = Fingerprint::of(paths);
-        if print != intended.cluster_print {
-            intended.cluster_print = print;
-            let overriding = settings.policies.is_some();
-            let result = load_snapshot(paths, !overriding).and_then(|snapshot| {
-                intended
-                    .rebuild(&settings.config, snapshot, overriding, metrics)
-                    .map_err(|e| vec![e])
-            });
-            match result {
-                Ok(()) => {
-                    release_freed_memory();
-                    intended.cluster_errors = 0;
-                    tracing::info!(
-                        generation = intended.generation,
-                        pods = intended.model.inventory().pods().count(),
-                        policies = intended.policies.len(),
-                        "cluster snapshot reloaded"
-                    );
-                }
-                Err(errors) => {
-                    intended.cluster_errors = errors.len();
-                    for error in &errors {
-                        tracing::error!(%error, "cluster snapshot not reloaded; keeping the last good one");
-                    }
-                }
-            }
-        }
-    }
-    if let Some(dir) = &settings.policies {
-        let print = Fingerprint::of(std::slice::from_ref(dir));
-        if print != intended.policies_print {
-            intended.policies_print = print;
-            match load_policies(dir) {
-                Ok(policies) => {
-                    intended.policy_errors = 0;
-                    intended.replace_policies(policies, metrics);
-                    tracing::info!(
-                        generation = intended.generation,
-                        policies = intended.policies.len(),
-                        "policies reloaded"
-                    );
-                }
-                Err(errors) => {
-                    intended.policy_errors = errors.len();
-                    for error in &errors {
-                        tracing::error!(%error, "policies not reloaded; keeping the last good ones");
-                    }
-                }
-            }
-        }
-    }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
-use crate::audit::{AuditVerdict, AuditedFlow, Decision, Peer};
+use crate::audit::{AuditVerdict, AuditedFlow, Peer, RuleHit};
 use crate::flows::Outcome;
 
 /// A token bucket: `burst` tokens, refilled at `per_second`.
@@ -109,7 +109,7 @@ struct FlowLine<'a> {
     dst: EndLine<'a>,
     dst_port: String,
     /// The rules that deny the flow, per direction.
-    denied_by: Vec<&'a Decision>,
+    denied_by: Vec<&'a RuleHit>,
     reason: String,
     interface: &'a str,
     mid_stream: bool,
@@ -357,7 +357,7 @@ pub(crate) mod tests {
             dst_port: Some(5432),
             judgement: Judgement {
                 verdict: ModelVerdict::Deny,
-                decisions: vec![Decision {
+                decisions: vec![RuleHit {
                     policy: PolicyKey {
                         kind: PolicyKind::NetworkPolicy,
                         namespace: "db".into(),

@@ -28,7 +28,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use rustc_hash::{FxHashMap, FxHasher};
 
-use crate::audit::{AuditVerdict, AuditedFlow, Decision};
+use crate::audit::{AuditVerdict, AuditedFlow, RuleHit};
 use crate::datapath::attach::HookMode;
 use crate::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
 
@@ -130,7 +130,7 @@ impl RuleLabels {
             && *self.policy_name == *key.name
     }
 
-    fn of(decision: &Decision) -> Self {
+    fn of(decision: &RuleHit) -> Self {
         Self {
             policy_kind: decision.policy.kind.as_str(),
             policy_namespace: decision.policy.namespace.as_str().into(),
@@ -142,7 +142,7 @@ impl RuleLabels {
     }
 
     /// Whether these are the labels of `decision` (compared without building them).
-    fn describe(&self, decision: &Decision) -> bool {
+    fn describe(&self, decision: &RuleHit) -> bool {
         self.is(
             &decision.policy,
             decision.direction,
@@ -159,7 +159,7 @@ impl RuleLabels {
             && self.action == action.as_str()
     }
 
-    fn hash_of(decision: &Decision) -> u64 {
+    fn hash_of(decision: &RuleHit) -> u64 {
         Self::hash_parts(
             &decision.policy,
             decision.direction,

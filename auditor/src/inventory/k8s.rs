@@ -11,10 +11,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    ContainerPort, Endpoint, EndpointPort, EndpointSlice, Labels, Namespace, Node, Pod, Service,
-    ServicePort, TargetPort, Workload,
+    Endpoint, EndpointPort, EndpointSlice, Namespace, Node, Pod, Service, ServicePort, TargetPort,
+    Workload,
 };
-use crate::policy::ir::Protocol;
+use crate::vocab::{CILIUM_SERVICE_ACCOUNT_LABEL, ContainerPort, Labels, Protocol};
 
 /// A Kubernetes object whose content the model cannot use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -235,7 +235,7 @@ pub fn pod(object: &core::Pod) -> Result<Pod, ObjectError> {
         .and_then(|s| s.service_account_name.as_deref())
         .filter(|sa| !sa.is_empty())
         .unwrap_or("default");
-    pod_labels.insert(super::CILIUM_SERVICE_ACCOUNT_LABEL, service_account);
+    pod_labels.insert(CILIUM_SERVICE_ACCOUNT_LABEL, service_account);
     Ok(Pod {
         namespace: ctx.namespace(),
         workload,

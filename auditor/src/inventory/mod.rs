@@ -1,10 +1,11 @@
-//! Who is who: pods, nodes, services and the API server by address, kept as plain facts.
-//! Pure and incremental (the daemon feeds it watch events, `check` feeds it files through `load`);
-//! `k8s` turns Kubernetes objects into these facts; `kube` watches them in the API.
+//! The inventory store: who is who. Pods, nodes, Services, EndpointSlices and namespaces as
+//! plain facts, the owners of every address, and what follows from several objects at once: the
+//! API server's endpoints, the pod CIDRs, and the ready endpoints behind each Service port
+//! ([`services`]). Pure and incremental: the sources feed it changes; [`k8s`] turns Kubernetes
+//! objects into these facts. Nothing here knows about policies.
 
 pub mod k8s;
-pub mod kube;
-pub mod load;
+mod services;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -12,13 +13,13 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use rustc_hash::FxHashMap;
+use slotmap::SlotMap;
 
-use crate::vocab::Protocol;
-pub use crate::vocab::{
-    CILIUM_SERVICE_ACCOUNT_LABEL, ContainerPort, Labels, NAMESPACE_NAME_LABEL, ObjectKey,
-};
+use crate::vocab::{ContainerPort, Labels, NAMESPACE_NAME_LABEL, ObjectKey, Protocol};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+pub use services::ServiceEndpoints;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Namespace {
     pub name: String,
     pub labels: Labels,
@@ -32,7 +33,7 @@ pub struct Workload {
     pub name: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,
@@ -51,7 +52,7 @@ impl Pod {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Node {
     pub name: String,
     /// InternalIP and ExternalIP addresses.
@@ -59,7 +60,7 @@ pub struct Node {
     pub pod_cidrs: Vec<IpNet>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Service {
     pub namespace: String,
     pub name: String,
@@ -76,7 +77,7 @@ impl Service {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServicePort {
     pub name: Option<String>,
     pub port: u16,
@@ -84,14 +85,14 @@ pub struct ServicePort {
     pub target: TargetPort,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum TargetPort {
     Number(u16),
     Name(String),
 }
 
 /// An EndpointSlice (or a legacy Endpoints object, turned into one).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct EndpointSlice {
     pub namespace: String,
     pub name: String,
@@ -107,26 +108,27 @@ impl EndpointSlice {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct EndpointPort {
     pub name: Option<String>,
     pub port: u16,
     pub protocol: Protocol,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     pub addresses: Vec<IpAddr>,
     pub ready: bool,
 }
 
-/// Stable index of a pod while it exists (reused after deletion).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PodId(pub u32);
-
-/// Stable index of a node while it exists (reused after deletion).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeId(pub u32);
+slotmap::new_key_type! {
+    /// A pod while it exists. Generational: an id kept past the pod's deletion finds nothing.
+    pub struct PodId;
+    /// A node while it exists.
+    pub struct NodeId;
+    /// A Service while it exists.
+    pub struct ServiceId;
+}
 
 /// What an address belongs to, most specific first: a node address shadows a hostNetwork pod's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,9 +137,6 @@ pub enum Owner {
     Pod(PodId),
     Service(ServiceId),
 }
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceId(pub u32);
 
 /// Pods by namespace and name. Holds only ids: keys are hashed and compared through the pods
 /// themselves, so names are not stored a second time (with 10,000 pods that was a megabyte).
@@ -156,12 +155,12 @@ impl PodIndex {
         Self::hash(&pod.namespace, &pod.name)
     }
 
-    fn is(pods: &Slab<Pod>, id: PodId, key: &ObjectKey) -> bool {
-        pods.get(id.0)
+    fn is(pods: &SlotMap<PodId, Pod>, id: PodId, key: &ObjectKey) -> bool {
+        pods.get(id)
             .is_some_and(|p| p.namespace == key.namespace && p.name == key.name)
     }
 
-    fn get(&self, pods: &Slab<Pod>, key: &ObjectKey) -> Option<PodId> {
+    fn get(&self, pods: &SlotMap<PodId, Pod>, key: &ObjectKey) -> Option<PodId> {
         self.0
             .find(Self::hash(&key.namespace, &key.name), |&id| {
                 Self::is(pods, id, key)
@@ -170,15 +169,15 @@ impl PodIndex {
     }
 
     /// Indexes `id`, which `pods` already holds under `key`.
-    fn insert(&mut self, pods: &Slab<Pod>, key: &ObjectKey, id: PodId) {
+    fn insert(&mut self, pods: &SlotMap<PodId, Pod>, key: &ObjectKey, id: PodId) {
         self.0
             .insert_unique(Self::hash(&key.namespace, &key.name), id, |&other| {
-                pods.get(other.0).map_or(0, Self::hash_pod)
+                pods.get(other).map_or(0, Self::hash_pod)
             });
     }
 
     /// Call before the pod leaves `pods`.
-    fn remove(&mut self, pods: &Slab<Pod>, key: &ObjectKey) -> Option<PodId> {
+    fn remove(&mut self, pods: &SlotMap<PodId, Pod>, key: &ObjectKey) -> Option<PodId> {
         self.0
             .find_entry(Self::hash(&key.namespace, &key.name), |&id| {
                 Self::is(pods, id, key)
@@ -188,83 +187,31 @@ impl PodIndex {
     }
 }
 
-/// A slab: ids stay valid until their object is deleted, and deleted slots are reused.
-#[derive(Clone, Debug)]
-struct Slab<T> {
-    slots: Vec<Option<T>>,
-    free: Vec<u32>,
-}
+/// The ports an API server address serves (`None`: every port, a slice without ports).
+type ApiserverPorts = Option<Vec<u16>>;
 
-impl<T> Default for Slab<T> {
-    fn default() -> Self {
-        Self {
-            slots: Vec::new(),
-            free: Vec::new(),
-        }
-    }
-}
-
-impl<T> Slab<T> {
-    fn insert(&mut self, value: T) -> u32 {
-        if let Some(id) = self.free.pop() {
-            self.slots[id as usize] = Some(value);
-            id
-        } else {
-            self.slots.push(Some(value));
-            u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
-        }
-    }
-
-    fn remove(&mut self, id: u32) -> Option<T> {
-        let value = self.slots.get_mut(id as usize)?.take();
-        if value.is_some() {
-            self.free.push(id);
-        }
-        value
-    }
-
-    fn get(&self, id: u32) -> Option<&T> {
-        self.slots.get(id as usize)?.as_ref()
-    }
-
-    fn shrink_to_fit(&mut self) {
-        self.slots.shrink_to_fit();
-        self.free.shrink_to_fit();
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| Some((u32::try_from(i).ok()?, v.as_ref()?)))
-    }
-}
-
-/// What changed, so the policy model refreshes only what depends on it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
-    Pod { id: PodId, old: Option<Pod> },
-    PodRemoved { id: PodId, old: Pod },
-    Namespace(String),
-    Other,
-}
-
-/// The facts about the cluster and the address index derived from them.
+/// The facts about the cluster and what is derived from them.
 #[derive(Clone, Debug, Default)]
 pub struct Inventory {
     namespaces: HashMap<String, Namespace>,
-    pods: Slab<Pod>,
+    pods: SlotMap<PodId, Pod>,
     pod_ids: PodIndex,
     pods_by_namespace: HashMap<String, Vec<PodId>>,
-    nodes: Slab<Node>,
+    nodes: SlotMap<NodeId, Node>,
     node_ids: HashMap<String, NodeId>,
-    services: Slab<Service>,
+    services: SlotMap<ServiceId, Service>,
     service_ids: HashMap<ObjectKey, ServiceId>,
     slices: HashMap<ObjectKey, EndpointSlice>,
     /// Slices by the Service they belong to.
     slices_by_service: HashMap<ObjectKey, Vec<ObjectKey>>,
     /// Every owner claiming an address; [`Inventory::owner`] picks the most specific.
     addresses: FxHashMap<IpAddr, Vec<Owner>>,
+    /// The endpoints of `default/kubernetes`, refreshed when slices change.
+    apiserver: FxHashMap<IpAddr, ApiserverPorts>,
+    /// Every node's pod CIDRs, refreshed when nodes change.
+    pod_cidrs: Vec<IpNet>,
+    /// Ready endpoints per Service port, rebuilt by [`Inventory::refresh`] after changes.
+    endpoints: ServiceEndpoints,
     generation: u64,
 }
 
@@ -277,7 +224,17 @@ fn remove_owner(map: &mut FxHashMap<IpAddr, Vec<Owner>>, ip: IpAddr, owner: Owne
     }
 }
 
+fn add_owner(map: &mut FxHashMap<IpAddr, Vec<Owner>>, ip: IpAddr, owner: Owner) {
+    map.entry(ip).or_default().push(owner);
+}
+
+/// The API server's Service, whose endpoints are the API server.
+fn apiserver_service() -> ObjectKey {
+    ObjectKey::new("default", "kubernetes")
+}
+
 impl Inventory {
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -285,17 +242,15 @@ impl Inventory {
     /// Gives back the room that growing one object at a time left over (up to half of each
     /// table): for after a bulk load.
     pub fn shrink_to_fit(&mut self) {
-        self.pods.shrink_to_fit();
+        let pods = &self.pods;
         self.pod_ids
             .0
-            .shrink_to_fit(|id| self.pods.get(id.0).map_or(0, PodIndex::hash_pod));
+            .shrink_to_fit(|id| pods.get(*id).map_or(0, PodIndex::hash_pod));
         self.pods_by_namespace.shrink_to_fit();
         for ids in self.pods_by_namespace.values_mut() {
             ids.shrink_to_fit();
         }
-        self.nodes.shrink_to_fit();
         self.node_ids.shrink_to_fit();
-        self.services.shrink_to_fit();
         self.service_ids.shrink_to_fit();
         self.slices.shrink_to_fit();
         self.slices_by_service.shrink_to_fit();
@@ -303,26 +258,38 @@ impl Inventory {
         self.namespaces.shrink_to_fit();
     }
 
-    /// Bumped on every change; caches built on the inventory compare it.
-    pub fn generation(&self) -> u64 {
+    /// Bumped on every change.
+    #[must_use]
+    pub const fn generation(&self) -> u64 {
         self.generation
     }
 
-    pub fn upsert_namespace(&mut self, namespace: Namespace) -> Change {
+    fn changed(&mut self) {
         self.generation += 1;
-        let name = namespace.name.clone();
-        self.namespaces.insert(name.clone(), namespace);
-        Change::Namespace(name)
     }
 
-    pub fn remove_namespace(&mut self, name: &str) -> Change {
-        self.generation += 1;
-        self.namespaces.remove(name);
-        Change::Namespace(name.to_owned())
+    /// Something that moves Service endpoints changed.
+    fn endpoints_changed(&mut self) {
+        self.endpoints.mark_stale();
+        self.changed();
     }
 
-    /// A namespace's labels; one that was never seen still has its name label, as the API
-    /// server would give it.
+    // ---- namespaces ----
+
+    pub fn upsert_namespace(&mut self, namespace: Namespace) {
+        self.namespaces.insert(namespace.name.clone(), namespace);
+        self.changed();
+    }
+
+    pub fn remove_namespace(&mut self, name: &str) {
+        if self.namespaces.remove(name).is_some() {
+            self.changed();
+        }
+    }
+
+    /// A namespace's labels with its name label; one that was never seen still has its name
+    /// label, as the API server would give it.
+    #[must_use]
     pub fn namespace_labels(&self, name: &str) -> Labels {
         match self.namespaces.get(name) {
             Some(ns) => {
@@ -340,64 +307,67 @@ impl Inventory {
         self.namespaces.values()
     }
 
-    /// Addresses a pod claims. A hostNetwork pod's are its node's: a Node object claiming them
-    /// wins in [`Inventory::owner`], and without one the policy model still sees a node.
-    fn pod_addresses(pod: &Pod) -> &[IpAddr] {
-        &pod.ips
-    }
+    // ---- pods ----
 
-    pub fn upsert_pod(&mut self, pod: Pod) -> Change {
-        self.generation += 1;
+    /// Adds or replaces a pod (matched by namespace and name); returns its id and the version
+    /// it replaced.
+    pub fn upsert_pod(&mut self, pod: Pod) -> (PodId, Option<Pod>) {
         let key = pod.key();
-        if let Some(id) = self.pod_ids.get(&self.pods, &key) {
-            let old = self.pods.slots[id.0 as usize].replace(pod);
-            if let Some(old) = &old {
-                for &ip in Self::pod_addresses(old) {
-                    remove_owner(&mut self.addresses, ip, Owner::Pod(id));
+        let (id, old) = match self.pod_ids.get(&self.pods, &key) {
+            Some(id) => {
+                let old = self
+                    .pods
+                    .get_mut(id)
+                    .map(|slot| std::mem::replace(slot, pod));
+                if let Some(old) = &old {
+                    for &ip in &old.ips {
+                        remove_owner(&mut self.addresses, ip, Owner::Pod(id));
+                    }
                 }
+                (id, old)
             }
-            self.index_pod(id);
-            Change::Pod { id, old }
-        } else {
-            let id = PodId(self.pods.insert(pod));
-            self.pods_by_namespace
-                .entry(key.namespace.clone())
-                .or_default()
-                .push(id);
-            self.pod_ids.insert(&self.pods, &key, id);
-            self.index_pod(id);
-            Change::Pod { id, old: None }
-        }
-    }
-
-    fn index_pod(&mut self, id: PodId) {
-        if let Some(pod) = self.pods.get(id.0) {
-            for &ip in Self::pod_addresses(pod) {
-                self.addresses.entry(ip).or_default().push(Owner::Pod(id));
+            None => {
+                let id = self.pods.insert(pod);
+                self.pods_by_namespace
+                    .entry(key.namespace.clone())
+                    .or_default()
+                    .push(id);
+                self.pod_ids.insert(&self.pods, &key, id);
+                (id, None)
+            }
+        };
+        if let Some(pod) = self.pods.get(id) {
+            for &ip in &pod.ips {
+                add_owner(&mut self.addresses, ip, Owner::Pod(id));
             }
         }
+        self.endpoints_changed();
+        (id, old)
     }
 
-    pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<Change> {
+    /// Removes a pod; returns its id and what it was.
+    pub fn remove_pod(&mut self, key: &ObjectKey) -> Option<(PodId, Pod)> {
         let id = self.pod_ids.remove(&self.pods, key)?;
-        self.generation += 1;
-        let old = self.pods.remove(id.0)?;
+        let old = self.pods.remove(id)?;
         if let Some(ids) = self.pods_by_namespace.get_mut(&key.namespace) {
             ids.retain(|i| *i != id);
             if ids.is_empty() {
                 self.pods_by_namespace.remove(&key.namespace);
             }
         }
-        for &ip in Self::pod_addresses(&old) {
+        for &ip in &old.ips {
             remove_owner(&mut self.addresses, ip, Owner::Pod(id));
         }
-        Some(Change::PodRemoved { id, old })
+        self.endpoints_changed();
+        Some((id, old))
     }
 
+    #[must_use]
     pub fn pod(&self, id: PodId) -> Option<&Pod> {
-        self.pods.get(id.0)
+        self.pods.get(id)
     }
 
+    #[must_use]
     pub fn pod_id(&self, key: &ObjectKey) -> Option<PodId> {
         self.pod_ids.get(&self.pods, key)
     }
@@ -407,114 +377,156 @@ impl Inventory {
             .get(namespace)
             .into_iter()
             .flatten()
-            .filter_map(|&id| Some((id, self.pods.get(id.0)?)))
+            .filter_map(|&id| Some((id, self.pods.get(id)?)))
     }
 
     pub fn pods(&self) -> impl Iterator<Item = (PodId, &Pod)> {
-        self.pods.iter().map(|(i, p)| (PodId(i), p))
+        self.pods.iter()
     }
 
-    pub fn upsert_node(&mut self, node: Node) -> Change {
-        self.generation += 1;
+    /// Whether some pod of `namespace` runs `workload`.
+    #[must_use]
+    pub fn has_workload(&self, namespace: &str, workload: &str) -> bool {
+        self.pods_in_namespace(namespace)
+            .any(|(_, p)| p.workload.name == workload)
+    }
+
+    // ---- nodes ----
+
+    /// Adds or replaces a node (by name); returns the version it replaced.
+    pub fn upsert_node(&mut self, node: Node) -> Option<Node> {
         let name = node.name.clone();
-        let id = match self.node_ids.get(&name) {
+        let (id, old) = match self.node_ids.get(&name) {
             Some(&id) => {
-                if let Some(old) = self.nodes.slots[id.0 as usize].replace(node) {
+                let old = self
+                    .nodes
+                    .get_mut(id)
+                    .map(|slot| std::mem::replace(slot, node));
+                if let Some(old) = &old {
                     for &ip in &old.addresses {
                         remove_owner(&mut self.addresses, ip, Owner::Node(id));
                     }
                 }
-                id
+                (id, old)
             }
             None => {
-                let id = NodeId(self.nodes.insert(node));
+                let id = self.nodes.insert(node);
                 self.node_ids.insert(name, id);
-                id
+                (id, None)
             }
         };
-        if let Some(node) = self.nodes.get(id.0) {
+        if let Some(node) = self.nodes.get(id) {
             for &ip in &node.addresses {
-                self.addresses.entry(ip).or_default().push(Owner::Node(id));
+                add_owner(&mut self.addresses, ip, Owner::Node(id));
             }
         }
-        Change::Other
+        self.refresh_pod_cidrs();
+        self.changed();
+        old
     }
 
-    pub fn remove_node(&mut self, name: &str) -> Change {
-        if let Some(id) = self.node_ids.remove(name) {
-            self.generation += 1;
-            if let Some(old) = self.nodes.remove(id.0) {
-                for &ip in &old.addresses {
-                    remove_owner(&mut self.addresses, ip, Owner::Node(id));
-                }
-            }
+    /// Removes a node; returns what it was.
+    pub fn remove_node(&mut self, name: &str) -> Option<Node> {
+        let id = self.node_ids.remove(name)?;
+        let old = self.nodes.remove(id)?;
+        for &ip in &old.addresses {
+            remove_owner(&mut self.addresses, ip, Owner::Node(id));
         }
-        Change::Other
+        self.refresh_pod_cidrs();
+        self.changed();
+        Some(old)
     }
 
+    #[must_use]
     pub fn node(&self, id: NodeId) -> Option<&Node> {
-        self.nodes.get(id.0)
+        self.nodes.get(id)
     }
 
+    #[must_use]
     pub fn node_id(&self, name: &str) -> Option<NodeId> {
         self.node_ids.get(name).copied()
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = (NodeId, &Node)> {
-        self.nodes.iter().map(|(i, n)| (NodeId(i), n))
+        self.nodes.iter()
     }
 
-    pub fn upsert_service(&mut self, service: Service) -> Change {
-        self.generation += 1;
+    fn refresh_pod_cidrs(&mut self) {
+        let mut cidrs: Vec<IpNet> = self
+            .nodes
+            .values()
+            .flat_map(|n| n.pod_cidrs.iter().copied())
+            .collect();
+        cidrs.sort_unstable();
+        cidrs.dedup();
+        self.pod_cidrs = cidrs;
+    }
+
+    /// Whether an address lies in a node's pod CIDR (a pod the inventory does not know yet).
+    #[must_use]
+    pub fn in_pod_cidr(&self, ip: IpAddr) -> bool {
+        self.pod_cidrs.iter().any(|c| c.contains(&ip))
+    }
+
+    // ---- Services and their endpoints ----
+
+    /// Adds or replaces a Service (by key); returns the version it replaced.
+    pub fn upsert_service(&mut self, service: Service) -> Option<Service> {
         let key = service.key();
-        let id = match self.service_ids.get(&key) {
+        let (id, old) = match self.service_ids.get(&key) {
             Some(&id) => {
-                if let Some(old) = self.services.slots[id.0 as usize].replace(service) {
+                let old = self
+                    .services
+                    .get_mut(id)
+                    .map(|slot| std::mem::replace(slot, service));
+                if let Some(old) = &old {
                     for &ip in &old.cluster_ips {
                         remove_owner(&mut self.addresses, ip, Owner::Service(id));
                     }
                 }
-                id
+                (id, old)
             }
             None => {
-                let id = ServiceId(self.services.insert(service));
+                let id = self.services.insert(service);
                 self.service_ids.insert(key, id);
-                id
+                (id, None)
             }
         };
-        if let Some(service) = self.services.get(id.0) {
+        if let Some(service) = self.services.get(id) {
             for &ip in &service.cluster_ips {
-                self.addresses
-                    .entry(ip)
-                    .or_default()
-                    .push(Owner::Service(id));
+                add_owner(&mut self.addresses, ip, Owner::Service(id));
             }
         }
-        Change::Other
+        self.endpoints_changed();
+        old
     }
 
-    pub fn remove_service(&mut self, key: &ObjectKey) -> Change {
-        if let Some(id) = self.service_ids.remove(key) {
-            self.generation += 1;
-            if let Some(old) = self.services.remove(id.0) {
-                for &ip in &old.cluster_ips {
-                    remove_owner(&mut self.addresses, ip, Owner::Service(id));
-                }
-            }
+    /// Removes a Service; returns what it was.
+    pub fn remove_service(&mut self, key: &ObjectKey) -> Option<Service> {
+        let id = self.service_ids.remove(key)?;
+        let old = self.services.remove(id)?;
+        for &ip in &old.cluster_ips {
+            remove_owner(&mut self.addresses, ip, Owner::Service(id));
         }
-        Change::Other
+        self.endpoints_changed();
+        Some(old)
     }
 
+    #[must_use]
     pub fn service(&self, id: ServiceId) -> Option<&Service> {
-        self.services.get(id.0)
+        self.services.get(id)
+    }
+
+    #[must_use]
+    pub fn service_id(&self, key: &ObjectKey) -> Option<ServiceId> {
+        self.service_ids.get(key).copied()
     }
 
     pub fn services(&self) -> impl Iterator<Item = (ServiceId, &Service)> {
-        self.services.iter().map(|(i, s)| (ServiceId(i), s))
+        self.services.iter()
     }
 
-    pub fn upsert_endpoint_slice(&mut self, slice: EndpointSlice) -> Change {
-        self.generation += 1;
+    pub fn upsert_endpoint_slice(&mut self, slice: EndpointSlice) {
         let key = slice.key();
         if let Some(old) = self.slices.insert(key.clone(), slice) {
             self.unlink_slice(&key, &old);
@@ -523,7 +535,8 @@ impl Inventory {
             let service = ObjectKey::new(&slice.namespace, &slice.service);
             self.slices_by_service.entry(service).or_default().push(key);
         }
-        Change::Other
+        self.refresh_apiserver();
+        self.endpoints_changed();
     }
 
     fn unlink_slice(&mut self, key: &ObjectKey, slice: &EndpointSlice) {
@@ -536,37 +549,74 @@ impl Inventory {
         }
     }
 
-    pub fn remove_endpoint_slice(&mut self, key: &ObjectKey) -> Change {
+    pub fn remove_endpoint_slice(&mut self, key: &ObjectKey) {
         if let Some(old) = self.slices.remove(key) {
-            self.generation += 1;
             self.unlink_slice(key, &old);
+            self.refresh_apiserver();
+            self.endpoints_changed();
         }
-        Change::Other
     }
 
     /// The EndpointSlices of a Service, `None` when it has none (endpoints then come from its
     /// selector).
+    #[must_use]
     pub fn endpoint_slices(&self, service: &ObjectKey) -> Option<Vec<&EndpointSlice>> {
         let keys = self.slices_by_service.get(service)?;
         Some(keys.iter().filter_map(|k| self.slices.get(k)).collect())
     }
 
-    /// The API server's addresses: the endpoints of `default/kubernetes`.
-    pub fn apiserver_addresses(&self) -> Vec<IpAddr> {
-        let service = ObjectKey::new("default", "kubernetes");
-        let mut out: Vec<IpAddr> = self
-            .endpoint_slices(&service)
+    fn refresh_apiserver(&mut self) {
+        let mut apiserver: FxHashMap<IpAddr, ApiserverPorts> = FxHashMap::default();
+        for slice in self
+            .endpoint_slices(&apiserver_service())
             .unwrap_or_default()
-            .into_iter()
-            .flat_map(|s| s.endpoints.iter())
-            .flat_map(|e| e.addresses.iter().copied())
-            .collect();
+        {
+            let ports: ApiserverPorts = if slice.ports.is_empty() {
+                None
+            } else {
+                Some(slice.ports.iter().map(|p| p.port).collect())
+            };
+            for ip in slice.endpoints.iter().flat_map(|e| e.addresses.iter()) {
+                let entry = apiserver.entry(*ip).or_insert_with(|| Some(Vec::new()));
+                match (entry.as_mut(), &ports) {
+                    (Some(known), Some(more)) => known.extend_from_slice(more),
+                    _ => *entry = None,
+                }
+            }
+        }
+        self.apiserver = apiserver;
+    }
+
+    /// The API server's addresses: the endpoints of `default/kubernetes`, sorted.
+    #[must_use]
+    pub fn apiserver_addresses(&self) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self.apiserver.keys().copied().collect();
         out.sort_unstable();
-        out.dedup();
         out
     }
 
+    /// Whether an address is one of the API server's.
+    #[must_use]
+    pub fn is_apiserver_address(&self, ip: IpAddr) -> bool {
+        self.apiserver.contains_key(&ip)
+    }
+
+    /// Whether `ip:port` is an API server endpoint (the API server is an address *and* a port:
+    /// on k3s and kubeadm clusters it listens on a node address, whose other ports are the
+    /// node's).
+    #[must_use]
+    pub fn is_apiserver_endpoint(&self, ip: IpAddr, port: u16) -> bool {
+        match self.apiserver.get(&ip) {
+            Some(None) => true,
+            Some(Some(ports)) => ports.contains(&port),
+            None => false,
+        }
+    }
+
+    // ---- addresses ----
+
     /// The most specific owner of an address.
+    #[must_use]
     pub fn owner(&self, ip: IpAddr) -> Option<Owner> {
         let owners = self.addresses.get(&ip)?;
         owners
@@ -575,12 +625,5 @@ impl Inventory {
             .or_else(|| owners.iter().find(|o| matches!(o, Owner::Pod(_))))
             .or_else(|| owners.first())
             .copied()
-    }
-
-    /// Whether an address lies in a node's pod CIDR (a pod the inventory does not know yet).
-    pub fn in_pod_cidr(&self, ip: IpAddr) -> bool {
-        self.nodes
-            .iter()
-            .any(|(_, n)| n.pod_cidrs.iter().any(|c| c.contains(&ip)))
     }
 }

@@ -2,12 +2,13 @@
 //! compiled into these types, and the verdict engine only ever sees them. It must be able to say
 //! everything SPEC 4.1-4.2 says, so a new policy feature starts here.
 //!
-//! How a compiler plugs in (P2's `policy::cilium` follows the same shape as `policy::netpol`):
-//! - parse the object with serde (the loader hands any `serde::Deserializer`, so errors carry the
-//!   file's line or the field path);
+//! How a compiler plugs in (`policy::netpol` and `policy::cilium` have this shape):
+//! - the object's serde type, decoded by [`crate::decode`] (errors carry the file's line or the
+//!   field path; unknown fields are errors or handed back, see [`crate::decode::Strictness`]);
 //! - `compile(&object) -> Result<CompiledPolicy, CompileError>`: one [`CompiledPolicy`] per object,
 //!   holding its [`Isolation`]s and its [`Rule`]s, each rule with its own [`Subject`] (a Cilium
-//!   `specs:` list simply yields rules with different subjects).
+//!   `specs:` list simply yields rules with different subjects);
+//! - a row in [`super::kinds::POLICY_KINDS`], which is all the sources and drivers look at.
 //!
 //! The engine's semantics, for reference:
 //! - a direction of an endpoint is *isolated* when any [`Isolation`] of that direction selects it;
@@ -24,7 +25,8 @@ use serde::Serialize;
 
 pub use crate::vocab::{Direction, Protocol};
 
-/// The kinds of policy object the model knows.
+/// The kinds of policy object the model knows; each has its row in
+/// [`super::kinds::POLICY_KINDS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum PolicyKind {
     NetworkPolicy,
@@ -33,8 +35,15 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
+    pub const ALL: [Self; 3] = [
+        Self::NetworkPolicy,
+        Self::CiliumNetworkPolicy,
+        Self::CiliumClusterwideNetworkPolicy,
+    ];
+
     /// The Kubernetes `kind` string, also used as the `policy_kind` metric label.
-    pub fn as_str(self) -> &'static str {
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::NetworkPolicy => "NetworkPolicy",
             Self::CiliumNetworkPolicy => "CiliumNetworkPolicy",
@@ -86,7 +95,7 @@ impl Action {
 }
 
 /// One compiled policy object.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CompiledPolicy {
     pub key: PolicyKey,
     /// Which endpoints this policy makes default-deny, per direction. NetworkPolicy: one per
@@ -97,17 +106,46 @@ pub struct CompiledPolicy {
     /// Parts of the object the model does not judge at all, e.g. `spec (host policy)` for a
     /// Cilium `nodeSelector` rule: explanations of flows to and from nodes name them.
     pub unjudged: Vec<String>,
+    /// Fields of the object this version does not know (read leniently, see
+    /// [`crate::decode::Strictness`]). A rule holding one is never matched by itself (see
+    /// [`CompiledPolicy::with_unknown_fields`]); the others are named in explanations.
+    pub unknown: Vec<String>,
+}
+
+impl CompiledPolicy {
+    /// Takes note of fields this version does not know (`paths` like `spec.ingress[0].x`): a
+    /// rule whose entry holds one cannot be judged from what is known of it, so its peers
+    /// become unjudgeable (it is named when it might have decided, never guessed); the paths
+    /// are kept in [`CompiledPolicy::unknown`].
+    #[must_use]
+    pub fn with_unknown_fields(mut self, paths: Vec<String>) -> Self {
+        for path in &paths {
+            let within = path.strip_prefix("spec.").unwrap_or(path);
+            for rule in &mut self.rules {
+                let inside = within
+                    .strip_prefix(rule.name.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']));
+                if inside {
+                    rule.peers = Peers::List(vec![Peer::Unjudgeable(Unjudgeable::Other(format!(
+                        "unknown field {path}"
+                    )))]);
+                }
+            }
+        }
+        self.unknown = paths;
+        self
+    }
 }
 
 /// "Endpoints selected by `subject` are default-deny for `direction`".
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Isolation {
     pub subject: Subject,
     pub direction: Direction,
 }
 
 /// One rule: who it applies to, which peers and ports it matches, and what it does.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
     /// Where the rule sits in its object, for explanations and the `rule` metric label,
     /// e.g. `ingress[0]`, `egressDeny[1]`, `specs[2].egress[0]`.
@@ -169,7 +207,7 @@ pub enum Operator {
 }
 
 /// The peers a rule matches.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peers {
     /// Every address (NetworkPolicy: empty or missing `from`/`to`; Cilium: an L3-less rule).
     Any,
@@ -177,7 +215,7 @@ pub enum Peers {
     List(Vec<Peer>),
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// Pods selected by namespace and pod labels (NetworkPolicy `podSelector` /
     /// `namespaceSelector`, Cilium `fromEndpoints` / `toEndpoints`).

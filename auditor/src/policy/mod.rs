@@ -1,10 +1,12 @@
-//! The intended policy model: NetworkPolicy and Cilium policies compiled to rules, and verdicts.
-//! Pure library: no I/O, no async, no kernel. Compilers (`netpol`, `cilium`) turn objects into the
-//! rule IR (`ir`); the engine (`model`) indexes rules by the identities they select and judges flows.
+//! The policy store: the intended model, pure (no I/O, no async, no kernel, and no knowledge of
+//! the inventory). The kind table ([`kinds`]) maps each policy kind to its compiler
+//! ([`netpol`], [`cilium`]); compilers turn objects into the rule IR ([`ir`], with label
+//! selectors in [`selector`]); the model ([`model`]) indexes rules by the identities they select
+//! and decides one direction of a flow at a time.
 
 pub mod cilium;
-pub mod explain;
 pub mod ir;
+pub mod kinds;
 pub mod model;
 pub mod netpol;
 pub mod selector;

@@ -115,6 +115,7 @@ pub fn compile(policy: &networking::NetworkPolicy) -> Result<CompiledPolicy, Com
         isolations,
         rules,
         unjudged: Vec::new(),
+        unknown: Vec::new(),
     })
 }
 

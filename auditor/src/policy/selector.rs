@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 
 use super::ir::{CompileError, LabelSelector, NamespaceScope, Operator, Requirement, Subject};
-use crate::inventory::Labels;
+use crate::vocab::Labels;
 
 impl Requirement {
     pub fn matches(&self, labels: &Labels) -> bool {

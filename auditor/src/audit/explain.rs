@@ -2,40 +2,15 @@
 //! applies, plus the Service translation and rules that could not be judged. Used by `check`'s
 //! output and by the daemon's logs.
 
+use std::net::IpAddr;
+
 use serde::Serialize;
 
-use super::ir::{Direction, Peer, Peers, Unjudgeable};
-use super::model::{Decision, Flow, Model, PeerInfo, PeerKind, RuleId, ServiceProblem, Verdict};
-
-/// A rule, named the way metrics label it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct RuleRef {
-    pub policy_kind: &'static str,
-    pub policy_namespace: String,
-    pub policy_name: String,
-    pub rule: String,
-    pub action: &'static str,
-    /// Its L7 part (Cilium `toPorts[].rules`) was not judged.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub l7: bool,
-    /// Why it could not be judged from addresses, when it could not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unjudgeable: Option<String>,
-}
-
-impl RuleRef {
-    fn text(&self) -> String {
-        let mut out = format!("{} ", self.policy_kind);
-        if !self.policy_namespace.is_empty() {
-            out.push_str(&self.policy_namespace);
-            out.push('/');
-        }
-        out.push_str(&self.policy_name);
-        out.push(' ');
-        out.push_str(&self.rule);
-        out
-    }
-}
+use super::Cluster;
+use super::peer::PeerInfo;
+use super::verdict::{FlowQuery, ServiceProblem, Verdict};
+use crate::policy::model::{Decision, RuleRef};
+use crate::vocab::Direction;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DirectionExplanation {
@@ -80,7 +55,7 @@ pub struct Explanation {
 }
 
 fn peer_text(p: &PeerInfo) -> String {
-    match p.kind.as_str() {
+    match p.kind {
         "pod" => format!("pod {}/{}", p.namespace, p.name),
         "service" => format!("service {}/{}", p.namespace, p.name),
         kind if p.name.is_empty() => kind.to_owned(),
@@ -88,41 +63,25 @@ fn peer_text(p: &PeerInfo) -> String {
     }
 }
 
-impl Model {
-    pub fn rule_ref(&self, id: RuleId) -> Option<RuleRef> {
-        let (key, rule) = self.rule(id)?;
-        let unjudgeable = match &rule.peers {
-            Peers::List(list) => list.iter().find_map(|p| match p {
-                Peer::Unjudgeable(u) => Some(u),
-                _ => None,
-            }),
-            Peers::Any => None,
-        }
-        .map(Unjudgeable::to_string);
-        Some(RuleRef {
-            policy_kind: key.kind.as_str(),
-            policy_namespace: key.namespace.clone(),
-            policy_name: key.name.clone(),
-            rule: rule.name.clone(),
-            action: rule.action.as_str(),
-            l7: rule.l7,
-            unjudgeable,
-        })
-    }
-
-    /// Explains a verdict this model gave for `flow`.
-    pub fn explain(&self, flow: &Flow, verdict: &Verdict) -> Explanation {
-        let src_peer = self.describe(flow.src);
-        let dst_peer = self.describe(flow.dst);
+impl Cluster {
+    /// Explains a verdict this cluster gave for `flow`.
+    #[must_use]
+    pub fn explain(&self, flow: &FlowQuery, verdict: &Verdict) -> Explanation {
+        let flow = flow.normalized();
+        let src_peer = self.peer_info(flow.src, None);
+        let dst_peer = self.peer_info(flow.dst, Some(flow.port));
         // After Service translation the pod whose ingress was judged is the chosen endpoint.
         let (ingress_ip, ingress_port) = match verdict.service.and_then(|s| s.endpoint) {
             Some((ip, port)) => (ip, port),
             None => (flow.dst, flow.port),
         };
-        let ingress_peer = self.describe(ingress_ip);
-        let what = |port: u16| match flow.protocol {
-            super::ir::Protocol::Icmp => "ICMP".to_owned(),
-            p => format!("{p}/{port}"),
+        let ingress_peer = self.peer_info(ingress_ip, Some(ingress_port));
+        let what = |port: u16| {
+            if flow.protocol.is_icmp() {
+                "ICMP".to_owned()
+            } else {
+                format!("{}/{port}", flow.protocol)
+            }
         };
         let mut unjudged = Vec::new();
         let mut egress = self.direction(
@@ -155,16 +114,20 @@ impl Model {
             if !matches!(decision, Decision::Allowed(_) | Decision::NotIsolated) {
                 continue;
             }
+            let Some(subject) = self.identity_at(subject_ip) else {
+                continue;
+            };
             let denies: Vec<RuleRef> = self
+                .policy()
                 .unjudged_denies(
-                    subject_ip,
+                    subject,
                     direction,
-                    ingress_ip,
+                    self.identity_at(ingress_ip),
                     flow.protocol,
                     ingress_port,
                 )
                 .into_iter()
-                .filter_map(|id| self.rule_ref(id))
+                .filter_map(|id| self.policy().rule_ref(id))
                 .collect();
             for r in denies {
                 explanation.text.push_str(&format!(
@@ -209,8 +172,8 @@ impl Model {
                 name: s.name.clone(),
                 ready_endpoints: hop.endpoints,
                 endpoint: hop.endpoint.map(|(ip, port)| match ip {
-                    std::net::IpAddr::V4(v4) => format!("{v4}:{port}"),
-                    std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+                    IpAddr::V4(v4) => format!("{v4}:{port}"),
+                    IpAddr::V6(v6) => format!("[{v6}]:{port}"),
                 }),
                 text,
             })
@@ -238,7 +201,7 @@ impl Model {
         &self,
         direction: Direction,
         decision: Decision,
-        subject_ip: std::net::IpAddr,
+        subject_ip: IpAddr,
         subject: &PeerInfo,
         flow_text: &str,
         unjudged: &mut Vec<RuleRef>,
@@ -260,11 +223,11 @@ impl Model {
                 out.text = format!("no policy applies, the {end} is {}", peer_text(subject));
                 // A node's own traffic is what Cilium host policies govern, and those are not
                 // judged: say so rather than let "no policy applies" stand unqualified.
-                let on_node = matches!(subject.kind, PeerKind::Node)
-                    || (matches!(subject.kind, PeerKind::KubeApiserver)
-                        && !subject.name.is_empty());
+                let on_node = subject.kind == "node"
+                    || (subject.kind == "kube-apiserver" && !subject.name.is_empty());
                 if on_node {
                     let host: Vec<String> = self
+                        .policy()
                         .unjudged_policies()
                         .flat_map(|(key, what)| what.iter().map(move |w| format!("{key} {w}")))
                         .collect();
@@ -289,7 +252,7 @@ impl Model {
             }
             Decision::Allowed(id) | Decision::Denied(id) => {
                 out.by = "rule";
-                let rule = self.rule_ref(id);
+                let rule = self.policy().rule_ref(id);
                 let verb = if decision.allows() {
                     "allowed"
                 } else {
@@ -302,21 +265,24 @@ impl Model {
                     Some(r) => format!("{verb} by {}", r.text()),
                     None => format!("{verb} by a rule that was since removed"),
                 };
+                if let Some((key, _)) = self.policy().rule(id) {
+                    out.text.push_str(&self.unknown_note(key));
+                }
                 out.rule = rule;
             }
             Decision::DefaultDeny { unjudged: maybe } => {
                 out.by = "default-deny";
-                out.isolated_by = self
-                    .isolating_policies(subject_ip, direction)
-                    .into_iter()
-                    .map(ToString::to_string)
-                    .collect();
+                let isolating = self.isolating_policies(subject_ip, direction);
+                out.isolated_by = isolating.iter().map(ToString::to_string).collect();
                 out.text = format!(
                     "denied, {} is isolated for {direction} by {} and no rule allows {flow_text}",
                     peer_text(subject),
                     out.isolated_by.join(", ")
                 );
-                if let Some(r) = maybe.and_then(|id| self.rule_ref(id)) {
+                for key in isolating {
+                    out.text.push_str(&self.unknown_note(key));
+                }
+                if let Some(r) = maybe.and_then(|id| self.policy().rule_ref(id)) {
                     out.text.push_str(&format!(
                         " (but {} could allow it and was not judged: {})",
                         r.text(),
@@ -329,5 +295,19 @@ impl Model {
             }
         }
         out
+    }
+
+    /// Says which fields of a policy this version does not know and so did not judge (kept
+    /// from an object the API server validated); empty when there are none.
+    fn unknown_note(&self, key: &crate::policy::ir::PolicyKey) -> String {
+        let unknown = self.policy().unknown_fields(key);
+        if unknown.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({key} has fields this version does not judge: {})",
+                unknown.join(", ")
+            )
+        }
     }
 }

@@ -1,16 +1,11 @@
-//! Snapshot files as a watched source: which manifests a `--cluster` or `--policies` path holds,
-//! a cheap fingerprint of them (polled, so no inotify limits or missed events on bind mounts),
-//! and loading them into policies and inventory objects with every error naming file and line.
+//! Which manifests a path holds (the one walk every source and `check` use: recursive, sorted,
+//! hidden entries skipped, symlinks followed, bounded), and a cheap fingerprint of them for
+//! noticing changes by polling (no inotify limits, no missed events on bind mounts).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use crate::check::CheckError;
-use crate::inventory::load::{self, LoadError, Located, Object};
-use crate::policy::cilium;
-use crate::policy::ir::{CompiledPolicy, PolicyKey, PolicyKind};
-use crate::policy::netpol;
+use super::load::LoadError;
 
 /// At most this many files are looked at under one path: polling stays cheap, and a path
 /// pointed at `/` by mistake does not walk the whole disk.
@@ -106,118 +101,12 @@ pub fn manifests(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(files)
 }
 
-fn is_manifest(path: &Path) -> bool {
+/// Whether a file name says YAML or JSON (`.yaml`, `.yml`, `.json`).
+pub fn is_manifest(path: &Path) -> bool {
     matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml" | "json")
     )
-}
-
-/// The intended model's policies, by key.
-pub type Policies = BTreeMap<PolicyKey, CompiledPolicy>;
-
-/// Compiles one policy object; `None` for other kinds.
-///
-/// # Errors
-/// When the policy cannot be compiled: the error names its file, line and object.
-pub fn compile(located: &Located) -> Result<Option<CompiledPolicy>, CheckError> {
-    let compiled = match &located.object {
-        Object::NetworkPolicy(p) => netpol::compile(p),
-        Object::CiliumNetworkPolicy(p) => cilium::compile(PolicyKind::CiliumNetworkPolicy, p),
-        Object::CiliumClusterwideNetworkPolicy(p) => {
-            cilium::compile(PolicyKind::CiliumClusterwideNetworkPolicy, p)
-        }
-        Object::Namespace(_)
-        | Object::Node(_)
-        | Object::Pod(_)
-        | Object::Service(_)
-        | Object::EndpointSlice(_)
-        | Object::Endpoints(_) => return Ok(None),
-    };
-    compiled.map(Some).map_err(|error| CheckError::Compile {
-        source_at: Box::new(located.source.clone()),
-        object: located.name.clone(),
-        error: Box::new(error),
-    })
-}
-
-/// Loads the policies of a `--policies` path, file by file, so every bad file is reported (not
-/// only the first). Non-policy objects are ignored, as `check` does.
-///
-/// # Errors
-/// Every file that could not be read, parsed or compiled, each with file and line; the caller
-/// keeps its last good policies then.
-pub fn load_policies(path: &Path) -> Result<Policies, Vec<CheckError>> {
-    let files = manifests(path).map_err(|e| vec![CheckError::Load(e)])?;
-    let mut policies = Policies::new();
-    let mut errors = Vec::new();
-    for file in &files {
-        let mut objects = Vec::new();
-        if let Err(e) = load::load_file(file, &mut objects) {
-            errors.push(CheckError::Load(e));
-            continue;
-        }
-        for located in &objects {
-            match compile(located) {
-                Ok(Some(policy)) => {
-                    policies.insert(policy.key.clone(), policy);
-                }
-                Ok(None) => {}
-                Err(e) => errors.push(e),
-            }
-        }
-    }
-    if errors.is_empty() {
-        Ok(policies)
-    } else {
-        Err(errors)
-    }
-}
-
-/// A `--cluster` snapshot: its inventory objects and, compiled, its policy objects.
-#[derive(Debug)]
-pub struct Snapshot {
-    pub inventory: Vec<Located>,
-    pub policies: Policies,
-}
-
-/// Loads `--cluster` paths. Inventory objects are converted later, on the model; policies are
-/// compiled here unless `with_policies` is false (`--policies` replaces them).
-///
-/// # Errors
-/// The first file that cannot be read or parsed, or every policy that cannot be compiled.
-pub fn load_snapshot(paths: &[PathBuf], with_policies: bool) -> Result<Snapshot, Vec<CheckError>> {
-    let objects = load::load_paths(paths).map_err(|e| vec![CheckError::Load(e)])?;
-    let mut policies = Policies::new();
-    let mut errors = Vec::new();
-    let mut inventory = Vec::with_capacity(objects.len());
-    for located in objects {
-        if !located.object.is_policy() {
-            inventory.push(located);
-        } else if with_policies {
-            match compile(&located) {
-                Ok(Some(policy)) => {
-                    policies.insert(policy.key.clone(), policy);
-                }
-                Ok(None) => {}
-                Err(e) => errors.push(e),
-            }
-        }
-    }
-    if errors.is_empty() {
-        // Namespaces first, then nodes, so identities see their labels at once.
-        inventory.sort_by_key(|o| match o.object {
-            Object::Namespace(_) => 0,
-            Object::Node(_) => 1,
-            _ => 2,
-        });
-        Ok(Snapshot {
-            inventory,
-            policies,
-        })
-    } else {
-        Err(errors)
-    }
 }
 
 #[cfg(test)]
@@ -281,36 +170,5 @@ mod tests {
         assert_ne!(third, second, "an edit must change the fingerprint");
         std::fs::remove_file(&file).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(Fingerprint::of(&paths).len(), 1, "removal seen");
-    }
-
-    #[test]
-    fn policies_load_per_file_and_report_every_bad_file() {
-        let dir = TempDir::new("pol");
-        dir.write("good.yaml", NETPOL);
-        let policies = load_policies(&dir.0).unwrap_or_else(|e| panic!("{e:?}"));
-        let names: Vec<String> = policies.keys().map(ToString::to_string).collect();
-        assert_eq!(names, ["NetworkPolicy web/deny-all"]);
-        dir.write("bad1.yaml", "kind: NetworkPolicy\nmetadata: [\n");
-        dir.write(
-            "bad2.yaml",
-            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: y}\n\
-             spec:\n  podSelector: {}\n  ingress:\n  - ports:\n    - port: 70000\n",
-        );
-        let errors = match load_policies(&dir.0) {
-            Ok(p) => panic!("bad files accepted: {p:?}"),
-            Err(errors) => errors,
-        };
-        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        assert_eq!(text.len(), 2, "one error per bad file: {text:?}");
-        assert!(
-            text[0].contains("bad1.yaml:"),
-            "names the file: {}",
-            text[0]
-        );
-        assert!(
-            text[1].contains("bad2.yaml:1"),
-            "names file and line: {}",
-            text[1]
-        );
     }
 }

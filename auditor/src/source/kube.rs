@@ -1,6 +1,6 @@
-//! The Kubernetes API as the daemon's source (`auditor run --kube`): one list/watch task per kind
-//! turns every change into a [`ModelUpdate`] sent over a channel; the daemon applies them to its
-//! `Model` and reports readiness and staleness from them without knowing about HTTP.
+//! The Kubernetes API as a source (`auditor run --kube`): one list/watch task per kind turns
+//! every change into an [`Update`] sent over a channel; the daemon applies them to its stores
+//! and reports readiness and staleness from them without knowing about HTTP.
 //!
 //! The loop is written on kube's `Api::list`/`Api::watch` rather than `kube_runtime::watcher`
 //! because the staleness gauge needs to know when a watch is established again (the runtime
@@ -9,14 +9,13 @@
 //! expired resourceVersion). Each task keeps the keys and resourceVersions it has reported, its
 //! reflector: a relist sends only what changed and removes what vanished during a gap.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
-use k8s_openapi::api::networking::v1 as networking;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, WatchParams};
 use kube::core::WatchEvent;
 use kube::{Client, Resource, ResourceExt};
@@ -24,257 +23,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{EndpointSlice, Namespace, Node, ObjectKey, Pod, Service, k8s};
-use crate::policy::cilium::{self, CiliumPolicy};
-use crate::policy::ir::{CompiledPolicy, PolicyKey, PolicyKind};
-use crate::policy::model::Model;
-use crate::policy::netpol;
-
-/// Exactly the API resources the source lists and watches, as `(group, version, resource)`: the
-/// read-only RBAC in `deploy/` must grant `list` and `watch` on each (the core group is `""`).
-pub const WATCHED_KINDS: &[(&str, &str, &str)] = &[
-    ("", "v1", "namespaces"),
-    ("", "v1", "nodes"),
-    ("", "v1", "pods"),
-    ("", "v1", "services"),
-    ("discovery.k8s.io", "v1", "endpointslices"),
-    ("networking.k8s.io", "v1", "networkpolicies"),
-    ("cilium.io", "v2", "ciliumnetworkpolicies"),
-    ("cilium.io", "v2", "ciliumclusterwidenetworkpolicies"),
-];
-
-/// A kind the source watches; its index in [`Kind::ALL`] is its row in [`WATCHED_KINDS`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Namespace,
-    Node,
-    Pod,
-    Service,
-    EndpointSlice,
-    NetworkPolicy,
-    CiliumNetworkPolicy,
-    CiliumClusterwideNetworkPolicy,
-}
-
-impl Kind {
-    pub const ALL: [Self; 8] = [
-        Self::Namespace,
-        Self::Node,
-        Self::Pod,
-        Self::Service,
-        Self::EndpointSlice,
-        Self::NetworkPolicy,
-        Self::CiliumNetworkPolicy,
-        Self::CiliumClusterwideNetworkPolicy,
-    ];
-
-    /// The Kubernetes `kind`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Namespace => "Namespace",
-            Self::Node => "Node",
-            Self::Pod => "Pod",
-            Self::Service => "Service",
-            Self::EndpointSlice => "EndpointSlice",
-            Self::NetworkPolicy => "NetworkPolicy",
-            Self::CiliumNetworkPolicy => "CiliumNetworkPolicy",
-            Self::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
-        }
-    }
-
-    /// `(group, version, resource)`, the kind's row of [`WATCHED_KINDS`].
-    pub fn resource(self) -> (&'static str, &'static str, &'static str) {
-        let row = match self {
-            Self::Namespace => 0,
-            Self::Node => 1,
-            Self::Pod => 2,
-            Self::Service => 3,
-            Self::EndpointSlice => 4,
-            Self::NetworkPolicy => 5,
-            Self::CiliumNetworkPolicy => 6,
-            Self::CiliumClusterwideNetworkPolicy => 7,
-        };
-        WATCHED_KINDS[row]
-    }
-
-    /// Part of the intended model: left out when `--policies DIR` replaces it.
-    pub fn is_policy(self) -> bool {
-        self.policy_kind().is_some()
-    }
-
-    pub fn policy_kind(self) -> Option<PolicyKind> {
-        match self {
-            Self::NetworkPolicy => Some(PolicyKind::NetworkPolicy),
-            Self::CiliumNetworkPolicy => Some(PolicyKind::CiliumNetworkPolicy),
-            Self::CiliumClusterwideNetworkPolicy => {
-                Some(PolicyKind::CiliumClusterwideNetworkPolicy)
-            }
-            Self::Namespace | Self::Node | Self::Pod | Self::Service | Self::EndpointSlice => None,
-        }
-    }
-
-    /// Defined by a CRD that a cluster without Cilium does not have.
-    pub fn is_optional(self) -> bool {
-        matches!(
-            self,
-            Self::CiliumNetworkPolicy | Self::CiliumClusterwideNetworkPolicy
-        )
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One change for the daemon's model, or news about the source itself.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ModelUpdate {
-    Namespace(Namespace),
-    NamespaceRemoved(String),
-    Pod(Pod),
-    PodRemoved(ObjectKey),
-    Node(Node),
-    NodeRemoved(String),
-    Service(Service),
-    ServiceRemoved(ObjectKey),
-    EndpointSlice(EndpointSlice),
-    EndpointSliceRemoved(ObjectKey),
-    Policy(CompiledPolicy),
-    PolicyRemoved(PolicyKey),
-    /// A (re)list of the kind is complete: the model holds what the API holds.
-    Synced(Kind),
-    /// The kind's API does not exist (Cilium's CRDs are not installed): nothing of it is in the
-    /// model, and the API is looked at again now and then.
-    NotInstalled(Kind),
-    /// An object the model cannot use; its last good version, if any, stays in the model.
-    Rejected {
-        kind: Kind,
-        /// `namespace/name` or `name`.
-        object: String,
-        reason: String,
-    },
-    /// The API cannot be reached for the kind since `since`; the model keeps what it had.
-    Stale {
-        kind: Kind,
-        since: SystemTime,
-        error: String,
-    },
-    /// The kind is in contact with the API again.
-    Fresh(Kind),
-}
-
-impl ModelUpdate {
-    /// Applies the update to the model; `false` for news about the source, which do not change it.
-    pub fn apply(self, model: &mut Model) -> bool {
-        match self {
-            Self::Namespace(o) => model.upsert_namespace(o),
-            Self::NamespaceRemoved(name) => model.remove_namespace(&name),
-            Self::Pod(o) => model.upsert_pod(o),
-            Self::PodRemoved(key) => model.remove_pod(&key),
-            Self::Node(o) => model.upsert_node(o),
-            Self::NodeRemoved(name) => model.remove_node(&name),
-            Self::Service(o) => model.upsert_service(o),
-            Self::ServiceRemoved(key) => model.remove_service(&key),
-            Self::EndpointSlice(o) => model.upsert_endpoint_slice(o),
-            Self::EndpointSliceRemoved(key) => model.remove_endpoint_slice(&key),
-            Self::Policy(p) => model.upsert_policy(p),
-            Self::PolicyRemoved(key) => model.remove_policy(&key),
-            Self::Synced(_)
-            | Self::NotInstalled(_)
-            | Self::Rejected { .. }
-            | Self::Stale { .. }
-            | Self::Fresh(_) => return false,
-        }
-        true
-    }
-}
-
-/// What the daemon tells about the source (`/readyz`, the inventory staleness gauge), kept
-/// current by passing it every update.
-#[derive(Clone, Debug, Default)]
-pub struct SourceStatus {
-    expected: BTreeSet<Kind>,
-    synced: BTreeSet<Kind>,
-    not_installed: BTreeSet<Kind>,
-    stale: BTreeMap<Kind, SystemTime>,
-    rejected: u64,
-}
-
-impl SourceStatus {
-    /// For a source watching `kinds` (see [`KubeSource::kinds`]).
-    pub fn new(kinds: &[Kind]) -> Self {
-        Self {
-            expected: kinds.iter().copied().collect(),
-            ..Self::default()
-        }
-    }
-
-    pub fn observe(&mut self, update: &ModelUpdate) {
-        match update {
-            ModelUpdate::Synced(kind) => {
-                self.synced.insert(*kind);
-                self.not_installed.remove(kind);
-            }
-            ModelUpdate::NotInstalled(kind) => {
-                self.not_installed.insert(*kind);
-                self.synced.remove(kind);
-            }
-            ModelUpdate::Stale { kind, since, .. } => {
-                self.stale.entry(*kind).or_insert(*since);
-            }
-            ModelUpdate::Fresh(kind) => {
-                self.stale.remove(kind);
-            }
-            ModelUpdate::Rejected { .. } => self.rejected += 1,
-            ModelUpdate::Namespace(_)
-            | ModelUpdate::NamespaceRemoved(_)
-            | ModelUpdate::Pod(_)
-            | ModelUpdate::PodRemoved(_)
-            | ModelUpdate::Node(_)
-            | ModelUpdate::NodeRemoved(_)
-            | ModelUpdate::Service(_)
-            | ModelUpdate::ServiceRemoved(_)
-            | ModelUpdate::EndpointSlice(_)
-            | ModelUpdate::EndpointSliceRemoved(_)
-            | ModelUpdate::Policy(_)
-            | ModelUpdate::PolicyRemoved(_) => {}
-        }
-    }
-
-    /// Every watched kind has been listed at least once (or is known not to exist).
-    pub fn synced(&self) -> bool {
-        self.expected
-            .iter()
-            .all(|k| self.synced.contains(k) || self.not_installed.contains(k))
-    }
-
-    pub fn is_synced(&self, kind: Kind) -> bool {
-        self.synced.contains(&kind)
-    }
-
-    pub fn is_not_installed(&self, kind: Kind) -> bool {
-        self.not_installed.contains(&kind)
-    }
-
-    /// Since when the oldest outage lasts, `None` when every kind is in contact with the API.
-    pub fn stale_since(&self) -> Option<SystemTime> {
-        self.stale.values().min().copied()
-    }
-
-    /// How out of date the model may be: zero while every watch is in contact.
-    pub fn staleness(&self, now: SystemTime) -> Duration {
-        self.stale_since()
-            .and_then(|since| now.duration_since(since).ok())
-            .unwrap_or_default()
-    }
-
-    /// Objects the model could not use, since start.
-    pub fn rejected(&self) -> u64 {
-        self.rejected
-    }
-}
+use super::kinds::InventoryObject;
+use super::{Change, ChangeKey, Kind, SourceStatus, Update};
+use crate::decode::{Document, Strictness};
+use crate::vocab::ObjectKey;
 
 /// How the source watches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -354,9 +106,8 @@ pub struct KubeSource {
 impl KubeSource {
     /// Starts one list/watch task per kind on the current tokio runtime. Updates go to `tx`; the
     /// tasks end when its receiver is dropped.
-    pub fn spawn(client: &Client, options: &WatchOptions, tx: &mpsc::Sender<ModelUpdate>) -> Self {
-        let kinds: Vec<Kind> = Kind::ALL
-            .into_iter()
+    pub fn spawn(client: &Client, options: &WatchOptions, tx: &mpsc::Sender<Update>) -> Self {
+        let kinds: Vec<Kind> = Kind::all()
             .filter(|k| !(options.ignore_policies && k.is_policy()))
             .collect();
         let tasks = kinds
@@ -384,145 +135,67 @@ impl Drop for KubeSource {
     }
 }
 
-type Convert<K> = fn(Kind, &K) -> Result<ModelUpdate, String>;
+/// Turns an object of a watched kind into its changes, or says why it cannot be used.
+type Convert<K> = fn(Kind, &K) -> Result<Vec<Change>, String>;
 
 fn spawn_kind(
     kind: Kind,
     client: Client,
     options: WatchOptions,
-    tx: mpsc::Sender<ModelUpdate>,
+    tx: mpsc::Sender<Update>,
 ) -> JoinHandle<()> {
     match kind {
         Kind::Namespace => {
-            spawn_watch::<core::Namespace>(kind, Api::all(client), convert, options, tx)
+            spawn_watch::<core::Namespace>(kind, Api::all(client), inventory, options, tx)
         }
-        Kind::Node => spawn_watch::<core::Node>(kind, Api::all(client), convert, options, tx),
-        Kind::Pod => spawn_watch::<core::Pod>(kind, Api::all(client), convert, options, tx),
-        Kind::Service => spawn_watch::<core::Service>(kind, Api::all(client), convert, options, tx),
+        Kind::Node => spawn_watch::<core::Node>(kind, Api::all(client), inventory, options, tx),
+        Kind::Pod => spawn_watch::<core::Pod>(kind, Api::all(client), inventory, options, tx),
+        Kind::Service => {
+            spawn_watch::<core::Service>(kind, Api::all(client), inventory, options, tx)
+        }
         Kind::EndpointSlice => {
-            spawn_watch::<discovery::EndpointSlice>(kind, Api::all(client), convert, options, tx)
+            spawn_watch::<discovery::EndpointSlice>(kind, Api::all(client), inventory, options, tx)
         }
-        Kind::NetworkPolicy => {
-            spawn_watch::<networking::NetworkPolicy>(kind, Api::all(client), convert, options, tx)
-        }
-        Kind::CiliumNetworkPolicy | Kind::CiliumClusterwideNetworkPolicy => {
-            // Dynamic, so the binary works (and the other kinds sync) where the CRDs are absent.
-            let (group, version, plural) = kind.resource();
+        Kind::Policy(policy_kind) => {
+            // Dynamic, so the binary works (and the other kinds sync) where a CRD is absent.
+            let info = policy_kind.info();
             let resource = ApiResource::from_gvk_with_plural(
-                &GroupVersionKind::gvk(group, version, kind.as_str()),
-                plural,
+                &GroupVersionKind::gvk(info.group, info.version, policy_kind.as_str()),
+                info.plural,
             );
             let api = Api::<DynamicObject>::all_with(client, &resource);
-            spawn_watch(kind, api, convert_cilium, options, tx)
+            spawn_watch(kind, api, policy, options, tx)
         }
     }
 }
 
-/// Turns a typed object into its update.
-trait ToUpdate {
-    fn to_update(&self, kind: Kind) -> Result<ModelUpdate, String>;
+fn inventory<K: InventoryObject>(_: Kind, object: &K) -> Result<Vec<Change>, String> {
+    object
+        .changes()
+        .map_err(|e| format!("{}: {}", e.field, e.reason))
 }
 
-impl ToUpdate for core::Namespace {
-    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
-        k8s::namespace(self)
-            .map(ModelUpdate::Namespace)
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl ToUpdate for core::Node {
-    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
-        k8s::node(self)
-            .map(ModelUpdate::Node)
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl ToUpdate for core::Pod {
-    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
-        // A finished pod's address goes back to the pool and may already belong to a new pod.
-        let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded" | "Failed")) {
-            return Ok(ModelUpdate::PodRemoved(ObjectKey::new(
-                self.namespace().unwrap_or_default(),
-                self.name_any(),
-            )));
-        }
-        k8s::pod(self)
-            .map(ModelUpdate::Pod)
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl ToUpdate for core::Service {
-    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
-        k8s::service(self)
-            .map(ModelUpdate::Service)
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl ToUpdate for discovery::EndpointSlice {
-    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
-        k8s::endpoint_slice(self)
-            .map(ModelUpdate::EndpointSlice)
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl ToUpdate for networking::NetworkPolicy {
-    fn to_update(&self, _: Kind) -> Result<ModelUpdate, String> {
-        netpol::compile(self)
-            .map(ModelUpdate::Policy)
-            .map_err(|e| e.to_string())
-    }
-}
-
-fn convert<K: ToUpdate>(kind: Kind, object: &K) -> Result<ModelUpdate, String> {
-    object.to_update(kind)
-}
-
-fn convert_cilium(kind: Kind, object: &DynamicObject) -> Result<ModelUpdate, String> {
+/// A policy object the API server has already validated: read leniently, so fields of a newer
+/// API keep the object (reported as not judged) instead of dropping it and leaving its pods
+/// looking unisolated.
+fn policy(kind: Kind, object: &DynamicObject) -> Result<Vec<Change>, String> {
     let Some(policy_kind) = kind.policy_kind() else {
-        return Err(format!("{kind} is not a Cilium policy kind"));
+        return Err(format!("{kind} is not a policy kind"));
     };
     let value = serde_json::to_value(object).map_err(|e| e.to_string())?;
-    let policy: CiliumPolicy =
-        serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e))?;
-    cilium::compile(policy_kind, &policy)
-        .map(ModelUpdate::Policy)
-        .map_err(|e| e.to_string())
-}
-
-/// The update that takes an object of `kind` out of the model.
-fn removal(kind: Kind, key: &ObjectKey) -> ModelUpdate {
-    match kind {
-        Kind::Namespace => ModelUpdate::NamespaceRemoved(key.name.clone()),
-        Kind::Node => ModelUpdate::NodeRemoved(key.name.clone()),
-        Kind::Pod => ModelUpdate::PodRemoved(key.clone()),
-        Kind::Service => ModelUpdate::ServiceRemoved(key.clone()),
-        Kind::EndpointSlice => ModelUpdate::EndpointSliceRemoved(key.clone()),
-        Kind::NetworkPolicy | Kind::CiliumNetworkPolicy | Kind::CiliumClusterwideNetworkPolicy => {
-            ModelUpdate::PolicyRemoved(PolicyKey {
-                kind: kind.policy_kind().unwrap_or(PolicyKind::NetworkPolicy),
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-            })
-        }
+    let compiled = policy_kind
+        .info()
+        .compile(Document::Value(value), Strictness::Lenient)
+        .map_err(|e| e.to_string())?;
+    if !compiled.unknown.is_empty() {
+        tracing::warn!(policy = %compiled.key, fields = ?compiled.unknown,
+            "policy kept; fields this version does not know are not judged");
     }
+    Ok(vec![Change::Policy(compiled)])
 }
 
 fn object_key<K: Resource>(object: &K) -> ObjectKey {
     ObjectKey::new(object.namespace().unwrap_or_default(), object.name_any())
-}
-
-fn display_key(key: &ObjectKey) -> String {
-    if key.namespace.is_empty() {
-        key.name.clone()
-    } else {
-        key.to_string()
-    }
 }
 
 fn status_code(error: &kube::Error) -> Option<u16> {
@@ -558,7 +231,7 @@ fn spawn_watch<K>(
     api: Api<K>,
     convert: Convert<K>,
     options: WatchOptions,
-    tx: mpsc::Sender<ModelUpdate>,
+    tx: mpsc::Sender<Update>,
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
@@ -571,6 +244,7 @@ where
         options,
         tx,
         known: HashMap::new(),
+        rejected: HashSet::new(),
         stale_since: None,
         missing: false,
         backoff,
@@ -583,9 +257,12 @@ struct KindWatch<K> {
     api: Api<K>,
     convert: Convert<K>,
     options: WatchOptions,
-    tx: mpsc::Sender<ModelUpdate>,
-    /// What the model has of this kind: object key -> resourceVersion last reported.
+    tx: mpsc::Sender<Update>,
+    /// What the stores have of this kind: object key -> resourceVersion last reported.
     known: HashMap<ObjectKey, String>,
+    /// Objects whose last version could not be used: reported as rejected until a good version
+    /// or their deletion clears them.
+    rejected: HashSet<ObjectKey>,
     stale_since: Option<SystemTime>,
     /// The last list answered 404 (CRD not installed).
     missing: bool,
@@ -608,7 +285,7 @@ where
         }
     }
 
-    async fn send(&self, update: ModelUpdate) -> Result<(), Closed> {
+    async fn send(&self, update: Update) -> Result<(), Closed> {
         self.tx.send(update).await.map_err(|_| Closed)
     }
 
@@ -620,7 +297,7 @@ where
         let since = SystemTime::now();
         self.stale_since = Some(since);
         tracing::warn!(kind = %self.kind, %error, "Kubernetes API unavailable; keeping the last model");
-        self.send(ModelUpdate::Stale {
+        self.send(Update::Stale {
             kind: self.kind,
             since,
             error: error.to_string(),
@@ -631,7 +308,7 @@ where
     async fn mark_fresh(&mut self) -> Result<(), Closed> {
         if self.stale_since.take().is_some() {
             tracing::info!(kind = %self.kind, "Kubernetes API reachable again");
-            self.send(ModelUpdate::Fresh(self.kind)).await?;
+            self.send(Update::Fresh(self.kind)).await?;
         }
         Ok(())
     }
@@ -706,7 +383,7 @@ where
                     if std::mem::take(&mut self.missing) {
                         tracing::info!(kind = %self.kind, "API installed; watching it");
                     }
-                    self.send(ModelUpdate::Synced(self.kind)).await?;
+                    self.send(Update::Synced(self.kind)).await?;
                     return Ok(version);
                 }
                 Err(ListFailure::Closed) => return Err(Closed),
@@ -719,7 +396,7 @@ where
                         self.missing = true;
                         tracing::info!(kind = %self.kind, "API not installed; looking again later");
                         self.remove_unseen(&HashSet::new()).await?;
-                        self.send(ModelUpdate::NotInstalled(self.kind)).await?;
+                        self.send(Update::NotInstalled(self.kind)).await?;
                     }
                     tokio::time::sleep(self.options.missing_retry).await;
                 }
@@ -741,20 +418,47 @@ where
             .collect();
         for key in gone {
             self.known.remove(&key);
-            self.send(removal(self.kind, &key)).await?;
+            self.gone(&key).await?;
         }
         Ok(())
     }
 
-    async fn report(&self, key: &ObjectKey, object: &K) -> Result<(), Closed> {
+    /// Tells that an object is gone (and with it, any rejection of it).
+    async fn gone(&mut self, key: &ObjectKey) -> Result<(), Closed> {
+        let removal = ChangeKey::of(self.kind, key).removal();
+        self.send(Update::Change(removal)).await?;
+        if self.rejected.remove(key) {
+            self.send(Update::Cleared {
+                kind: self.kind,
+                object: key.to_string(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn report(&mut self, key: &ObjectKey, object: &K) -> Result<(), Closed> {
         match (self.convert)(self.kind, object) {
-            Ok(update) => self.send(update).await,
+            Ok(changes) => {
+                for change in changes {
+                    self.send(Update::Change(change)).await?;
+                }
+                if self.rejected.remove(key) {
+                    self.send(Update::Cleared {
+                        kind: self.kind,
+                        object: key.to_string(),
+                    })
+                    .await?;
+                }
+                Ok(())
+            }
             Err(reason) => {
-                tracing::warn!(kind = %self.kind, object = %display_key(key), %reason,
+                tracing::warn!(kind = %self.kind, object = %key, %reason,
                     "object not usable; keeping its last good version");
-                self.send(ModelUpdate::Rejected {
+                self.rejected.insert(key.clone());
+                self.send(Update::Rejected {
                     kind: self.kind,
-                    object: display_key(key),
+                    object: key.to_string(),
                     reason,
                 })
                 .await
@@ -881,7 +585,7 @@ where
     async fn deleted(&mut self, object: &K) -> Result<(), Closed> {
         let key = object_key(object);
         if self.known.remove(&key).is_some() {
-            self.send(removal(self.kind, &key)).await?;
+            self.gone(&key).await?;
         }
         Ok(())
     }
@@ -890,89 +594,5 @@ where
 fn advance<K: Resource>(version: &mut String, object: &K) {
     if let Some(v) = object.resource_version().filter(|v| !v.is_empty()) {
         *version = v;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kinds_and_watched_resources_agree() {
-        assert_eq!(Kind::ALL.len(), WATCHED_KINDS.len());
-        for (i, kind) in Kind::ALL.into_iter().enumerate() {
-            assert_eq!(kind.resource(), WATCHED_KINDS[i], "row of {kind}");
-        }
-        let policies: Vec<Kind> = Kind::ALL.into_iter().filter(|k| k.is_policy()).collect();
-        assert_eq!(
-            policies,
-            [
-                Kind::NetworkPolicy,
-                Kind::CiliumNetworkPolicy,
-                Kind::CiliumClusterwideNetworkPolicy
-            ]
-        );
-    }
-
-    #[test]
-    fn status_is_ready_when_every_kind_is_synced_or_missing() {
-        let mut status = SourceStatus::new(&[Kind::Pod, Kind::CiliumNetworkPolicy]);
-        assert!(!status.synced());
-        status.observe(&ModelUpdate::Synced(Kind::Pod));
-        assert!(!status.synced());
-        status.observe(&ModelUpdate::NotInstalled(Kind::CiliumNetworkPolicy));
-        assert!(status.synced());
-        assert!(status.is_not_installed(Kind::CiliumNetworkPolicy));
-    }
-
-    #[test]
-    fn staleness_counts_from_the_oldest_outage_until_every_kind_is_fresh() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        let mut status = SourceStatus::new(&[Kind::Pod, Kind::Node]);
-        let stale = |kind, secs| ModelUpdate::Stale {
-            kind,
-            since: t0 + Duration::from_secs(secs),
-            error: "connection refused".to_owned(),
-        };
-        status.observe(&stale(Kind::Pod, 0));
-        status.observe(&stale(Kind::Node, 5));
-        // A repeated report does not move the start of the outage.
-        status.observe(&stale(Kind::Pod, 8));
-        assert_eq!(
-            status.staleness(t0 + Duration::from_secs(10)),
-            Duration::from_secs(10)
-        );
-        status.observe(&ModelUpdate::Fresh(Kind::Pod));
-        assert_eq!(
-            status.staleness(t0 + Duration::from_secs(10)),
-            Duration::from_secs(5)
-        );
-        status.observe(&ModelUpdate::Fresh(Kind::Node));
-        assert_eq!(status.stale_since(), None);
-        assert_eq!(status.staleness(t0), Duration::ZERO);
-    }
-
-    #[test]
-    fn removals_name_the_model_objects() {
-        let key = ObjectKey::new("ns", "x");
-        assert_eq!(
-            removal(Kind::Pod, &key),
-            ModelUpdate::PodRemoved(key.clone())
-        );
-        assert_eq!(
-            removal(
-                Kind::CiliumClusterwideNetworkPolicy,
-                &ObjectKey::new("", "cw")
-            ),
-            ModelUpdate::PolicyRemoved(PolicyKey {
-                kind: PolicyKind::CiliumClusterwideNetworkPolicy,
-                namespace: String::new(),
-                name: "cw".to_owned(),
-            })
-        );
-        assert_eq!(
-            removal(Kind::Node, &ObjectKey::new("", "n1")),
-            ModelUpdate::NodeRemoved("n1".to_owned())
-        );
     }
 }
