@@ -54,8 +54,8 @@ pub struct Decoded<T> {
 }
 
 /// Decodes `document` as a `T`. Unknown fields count only under one of `scopes` (top-level keys
-/// such as `spec`; an empty list means everywhere): `apiVersion`, `kind`, `status` and
-/// metadata a type leaves out are never unknown in a way that matters.
+/// such as `spec`): `apiVersion`, `kind`, `status` and metadata a type leaves out are never
+/// unknown in a way that matters. With no scopes, unknown fields are not looked for at all.
 ///
 /// # Errors
 /// When the document is not a `T`, or (strictly) has a field under `scopes` that `T` lacks.
@@ -64,15 +64,19 @@ pub fn decode<T: DeserializeOwned>(
     strictness: Strictness,
     scopes: &[&str],
 ) -> Result<Decoded<T>, DecodeError> {
+    if scopes.is_empty() {
+        return decode_plain(document).map(|object| Decoded {
+            object,
+            unknown: Vec::new(),
+        });
+    }
     let mut unknown = Vec::new();
     let mut note = |path: serde_ignored::Path<'_>| {
         let path = path_text(&path);
-        if scopes.is_empty()
-            || scopes.iter().any(|scope| {
-                path.strip_prefix(scope)
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
-            })
-        {
+        if scopes.iter().any(|scope| {
+            path.strip_prefix(scope)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        }) {
             unknown.push(path);
         }
     };
@@ -123,6 +127,39 @@ pub fn decode<T: DeserializeOwned>(
         });
     }
     Ok(Decoded { object, unknown })
+}
+
+/// [`decode`] without looking for unknown fields.
+fn decode_plain<T: DeserializeOwned>(document: Document<'_>) -> Result<T, DecodeError> {
+    match document {
+        Document::Yaml(text) => serde_yaml_ng::from_str(text).map_err(|e| DecodeError {
+            line: e.location().map(|l| l.line()),
+            message: strip_position(&e.to_string()),
+        }),
+        Document::Json(text) => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            let object = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                DecodeError {
+                    line: Some(inner.line()),
+                    message: with_path(&path, &strip_position(&inner.to_string())),
+                }
+            })?;
+            de.end().map_err(|e| DecodeError {
+                line: Some(e.line()),
+                message: strip_position(&e.to_string()),
+            })?;
+            Ok(object)
+        }
+        Document::Value(value) => serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            DecodeError {
+                line: None,
+                message: with_path(&path, &e.into_inner().to_string()),
+            }
+        }),
+    }
 }
 
 /// `spec.ingress[0].fromEndpoint`, from serde_ignored's path.
@@ -200,6 +237,8 @@ mod tests {
     fn fields_outside_the_scopes_are_not_unknown() {
         let ok = decode::<Object>(Document::Yaml(TEXT), Strictness::Strict, &["status"]);
         assert!(ok.is_ok(), "`kind` and spec fields are outside `status`");
+        let ok = decode::<Object>(Document::Yaml(TEXT), Strictness::Strict, &[]);
+        assert!(ok.is_ok(), "no scopes: unknown fields are not looked for");
         let value = serde_json::json!({"kind": "X", "spec": {"rules": [{"port": 1, "x": 2}]}});
         let ok = decode::<Object>(Document::Value(value), Strictness::Lenient, &["spec"])
             .unwrap_or_else(|e| panic!("{e}"));
