@@ -1,6 +1,6 @@
-//! The flow-record stream: drives a [`DatapathManager`] (events, periodic table walks, answer
-//! deadlines) through the [`FlowTracker`] and yields each flow's [`FlowRecord`] once its outcome
-//! is decided. This is what the daemon consumes.
+//! The flow-record stream: drives a [`FlowSource`] (the datapath: events, periodic table walks,
+//! answer deadlines) through the [`FlowTracker`] and yields each flow's [`FlowRecord`] once its
+//! outcome is decided. This is what the daemon consumes.
 
 use std::{collections::VecDeque, time::Duration};
 
@@ -8,8 +8,8 @@ use auditor_ebpf::flow::{EventKind, FlowKey};
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
 
-use super::{FlowRecord, FlowTracker, FlowsConfig, Now};
-use crate::datapath::manager::{DatapathHealth, DatapathManager, ManagerError};
+use super::{FlowRecord, FlowSource, FlowTracker, FlowsConfig, Now};
+use crate::datapath::manager::{DatapathHealth, DatapathManager};
 
 /// How often pending flows are checked against their answer deadline: the precision of
 /// "unanswered after N seconds".
@@ -21,16 +21,18 @@ const BATCH_RESOLVE_MIN: usize = 16_384;
 /// Records handed out between two reads of the ring buffer while decided flows queue up.
 const EVENTS_EVERY: usize = 256;
 
-/// Flow records, one per flow, in the order their outcomes were decided.
+/// Flow records, one per flow, in the order their outcomes were decided, read from the datapath
+/// `S` (the real one unless a test says otherwise).
 #[derive(Debug)]
-pub struct FlowStream {
-    manager: DatapathManager,
+pub struct FlowStream<S = DatapathManager> {
+    source: S,
     tracker: FlowTracker,
     ready: VecDeque<FlowRecord>,
     /// Kept across calls so a steady flow of events cannot keep postponing deadlines and walks;
     /// created on the first call, inside the runtime.
     ticks: Option<Interval>,
-    next_walk: Instant,
+    /// When the next table walk is due, on the source's clock.
+    next_walk_ns: u64,
     losses: Losses,
     /// Records handed out since events were last read (see [`EVENTS_EVERY`]).
     handed_out: usize,
@@ -46,16 +48,16 @@ struct Losses {
     since: u64,
 }
 
-impl FlowStream {
+impl<S: FlowSource> FlowStream<S> {
     #[must_use]
-    pub fn new(manager: DatapathManager, config: FlowsConfig) -> Self {
+    pub fn new(source: S, config: FlowsConfig) -> Self {
         Self {
-            manager,
+            source,
             tracker: FlowTracker::new(config),
             ready: VecDeque::new(),
             ticks: None,
             // The first walk adopts flows that were in the table before we started reading.
-            next_walk: Instant::now(),
+            next_walk_ns: 0,
             losses: Losses {
                 total: 0,
                 since: u64::MAX,
@@ -69,13 +71,13 @@ impl FlowStream {
     ///
     /// # Errors
     /// When the datapath cannot be read (a poll or map failure, not a single flow's problem).
-    pub async fn next(&mut self) -> Result<FlowRecord, ManagerError> {
+    pub async fn next(&mut self) -> Result<FlowRecord, S::Error> {
         let Self {
-            manager,
+            source,
             tracker,
             ready,
             ticks,
-            next_walk,
+            next_walk_ns,
             losses,
             handed_out,
         } = self;
@@ -89,8 +91,8 @@ impl FlowStream {
             // buffer keeps being read, or it would fill.
             if *handed_out >= EVENTS_EVERY {
                 *handed_out = 0;
-                let events = manager.read_events();
-                on_events(manager, tracker, ready, &events, &Now::read())?;
+                let events = source.read_events();
+                on_events(source, tracker, ready, &events, &source.now())?;
             }
             if let Some(record) = ready.pop_front() {
                 *handed_out += 1;
@@ -98,63 +100,11 @@ impl FlowStream {
             }
             *handed_out = 0;
             tokio::select! {
-                events = manager.next_events() => {
+                events = source.next_events() => {
                     let events = events?;
-                    on_events(manager, tracker, ready, &events, &Now::read())?;
+                    on_events(source, tracker, ready, &events, &source.now())?;
                 }
-                _ = ticks.tick() => {
-                    // Events already sent are read first: an answer in the ring buffer must not
-                    // lose the race against its flow's deadline.
-                    let events = manager.read_events();
-                    let now = Now::read();
-                    on_events(manager, tracker, ready, &events, &now)?;
-                    let lost = manager.events_lost()?;
-                    // A loss noticed now happened before now: flows first seen after the tick
-                    // that noticed the last loss have had every event read (no answer was
-                    // missed, and their entries need not be read: their counters are the last
-                    // walk's); older ones are looked up. The first reading counts as a loss:
-                    // what came before it is unknown.
-                    if losses.since == u64::MAX || lost != losses.total {
-                        losses.total = lost;
-                        losses.since = now.mono_ns;
-                    }
-                    let mut unread = Vec::new();
-                    for (key, first_seen) in tracker.due(&now) {
-                        if first_seen > losses.since {
-                            if let Some(record) = tracker.resolve(&key, None, &now) {
-                                push(manager, ready, record);
-                            }
-                        } else {
-                            unread.push(key);
-                        }
-                    }
-                    if unread.len() >= BATCH_RESOLVE_MIN {
-                        // Many at once: one batched read of the table beats a lookup each.
-                        let wanted: FxHashSet<FlowKey> = unread.iter().copied().collect();
-                        let mut states = FxHashMap::default();
-                        manager.walk(|key, state| {
-                            if wanted.contains(&key) {
-                                states.insert(key, *state);
-                            }
-                        })?;
-                        for key in &unread {
-                            if let Some(record) = tracker.resolve(key, states.get(key), &now) {
-                                push(manager, ready, record);
-                            }
-                        }
-                    } else {
-                        for key in &unread {
-                            let state = manager.lookup(key)?;
-                            if let Some(record) = tracker.resolve(key, state.as_ref(), &now) {
-                                push(manager, ready, record);
-                            }
-                        }
-                    }
-                    if Instant::now() >= *next_walk {
-                        walk(manager, tracker, ready, &now)?;
-                        *next_walk = Instant::now() + tracker.config().walk_interval;
-                    }
-                }
+                _ = ticks.tick() => tick(source, tracker, ready, next_walk_ns, losses)?,
             }
         }
     }
@@ -163,8 +113,8 @@ impl FlowStream {
     ///
     /// # Errors
     /// When the counters cannot be read.
-    pub fn health(&self) -> Result<DatapathHealth, ManagerError> {
-        self.manager.health()
+    pub fn health(&self) -> Result<DatapathHealth, S::Error> {
+        self.source.health()
     }
 
     /// Flows waiting for an answer now.
@@ -175,36 +125,112 @@ impl FlowStream {
 
     /// The datapath under the stream.
     #[must_use]
-    pub const fn manager(&self) -> &DatapathManager {
-        &self.manager
+    pub const fn source(&self) -> &S {
+        &self.source
     }
 
-    /// Detaches everything (see [`DatapathManager::shutdown`]) and hands the manager back.
+    /// Detaches everything (see [`FlowSource::shutdown`]) and hands the datapath back.
     ///
     /// # Errors
-    /// When called from a thread in another network namespace.
-    pub fn shutdown(mut self) -> Result<DatapathManager, ManagerError> {
-        self.manager.shutdown()?;
-        Ok(self.manager)
+    /// When detaching fails (for the real datapath: when called from a thread in another
+    /// network namespace).
+    pub fn shutdown(mut self) -> Result<S, S::Error> {
+        self.source.shutdown()?;
+        Ok(self.source)
     }
+}
+
+impl FlowStream<DatapathManager> {
+    /// The datapath under the stream (the same as [`FlowStream::source`]).
+    #[must_use]
+    pub const fn manager(&self) -> &DatapathManager {
+        &self.source
+    }
+}
+
+/// One deadline tick: reads what the ring buffer holds, decides the pending flows whose answer
+/// timeout has passed (reading their entries when an event may have been lost) and walks the
+/// table when the walk is due.
+fn tick<S: FlowSource>(
+    source: &mut S,
+    tracker: &mut FlowTracker,
+    ready: &mut VecDeque<FlowRecord>,
+    next_walk_ns: &mut u64,
+    losses: &mut Losses,
+) -> Result<(), S::Error> {
+    // Events already sent are read first: an answer in the ring buffer must not lose the race
+    // against its flow's deadline.
+    let events = source.read_events();
+    let now = source.now();
+    on_events(source, tracker, ready, &events, &now)?;
+    let lost = source.events_lost()?;
+    // A loss noticed now happened before now: flows first seen after the tick that noticed the
+    // last loss have had every event read (no answer was missed, and their entries need not be
+    // read: their counters are the last walk's); older ones are looked up. The first reading
+    // counts as a loss: what came before it is unknown.
+    if losses.since == u64::MAX || lost != losses.total {
+        losses.total = lost;
+        losses.since = now.mono_ns;
+    }
+    let mut unread = Vec::new();
+    for (key, first_seen) in tracker.due(&now) {
+        if first_seen > losses.since {
+            if let Some(record) = tracker.resolve(&key, None, &now) {
+                push(source, ready, record);
+            }
+        } else {
+            unread.push(key);
+        }
+    }
+    if unread.len() >= BATCH_RESOLVE_MIN {
+        // Many at once: one batched read of the table beats a lookup each.
+        let wanted: FxHashSet<FlowKey> = unread.iter().copied().collect();
+        let mut states = FxHashMap::default();
+        source.walk(|key, state| {
+            if wanted.contains(&key) {
+                states.insert(key, *state);
+            }
+        })?;
+        for key in &unread {
+            if let Some(record) = tracker.resolve(key, states.get(key), &now) {
+                push(source, ready, record);
+            }
+        }
+    } else {
+        for key in &unread {
+            let state = source.lookup(key)?;
+            if let Some(record) = tracker.resolve(key, state.as_ref(), &now) {
+                push(source, ready, record);
+            }
+        }
+    }
+    if source.now().mono_ns >= *next_walk_ns {
+        walk(source, tracker, ready, &now)?;
+        let interval = tracker.config().walk_interval;
+        *next_walk_ns = source
+            .now()
+            .mono_ns
+            .saturating_add(u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX));
+    }
+    Ok(())
 }
 
 /// Feeds events to the tracker; New carries no counters worth a system call, the others decide
 /// the flow and read its entry.
-fn on_events(
-    manager: &DatapathManager,
+fn on_events<S: FlowSource>(
+    source: &S,
     tracker: &mut FlowTracker,
     ready: &mut VecDeque<FlowRecord>,
     events: &[auditor_ebpf::flow::FlowEvent],
     now: &Now,
-) -> Result<(), ManagerError> {
+) -> Result<(), S::Error> {
     for event in events {
         let state = match event.kind() {
             Some(EventKind::New) | None => None,
-            Some(_) => manager.lookup(&event.key)?,
+            Some(_) => source.lookup(&event.key)?,
         };
         if let Some(record) = tracker.on_event(event, state.as_ref(), now) {
-            push(manager, ready, record);
+            push(source, ready, record);
         }
     }
     Ok(())
@@ -212,16 +238,16 @@ fn on_events(
 
 /// Walks the flow table through the tracker: adopts and decides flows whose events were lost,
 /// deletes expired entries (after the walk: the table is being read meanwhile).
-fn walk(
-    manager: &mut DatapathManager,
+fn walk<S: FlowSource>(
+    source: &mut S,
     tracker: &mut FlowTracker,
     ready: &mut VecDeque<FlowRecord>,
     now: &Now,
-) -> Result<(), ManagerError> {
+) -> Result<(), S::Error> {
     tracker.begin_walk();
     let mut decided = Vec::new();
     let mut expired = Vec::new();
-    let entries = manager.walk(|key, state| {
+    let entries = source.walk(|key, state| {
         let verdict = tracker.on_table_entry(&key, state, now);
         if let Some(record) = verdict.record {
             decided.push(record);
@@ -231,10 +257,10 @@ fn walk(
         }
     })?;
     for record in decided {
-        push(manager, ready, record);
+        push(source, ready, record);
     }
     for key in &expired {
-        manager.remove(key)?;
+        source.remove(key)?;
     }
     tracker.end_walk();
     tracing::debug!(
@@ -247,8 +273,8 @@ fn walk(
 }
 
 /// Queues a record, naming its interface when it is still attached.
-fn push(manager: &DatapathManager, ready: &mut VecDeque<FlowRecord>, mut record: FlowRecord) {
-    if let Some(name) = manager.interface_name(record.ifindex) {
+fn push<S: FlowSource>(source: &S, ready: &mut VecDeque<FlowRecord>, mut record: FlowRecord) {
+    if let Some(name) = source.interface_name(record.ifindex) {
         name.clone_into(&mut record.interface);
     }
     ready.push_back(record);
