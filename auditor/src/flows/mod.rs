@@ -17,6 +17,7 @@
 //!   mid-stream: while the tracker still remembers it, that is recognised as the same flow and not
 //!   reported again; after that it is reported again, with `mid_stream` set.
 
+pub mod fake;
 pub mod source;
 pub mod stream;
 pub mod tracker;
