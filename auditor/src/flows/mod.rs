@@ -1,6 +1,7 @@
 //! Flow records: the datapath's events and flow table turned into one record per flow, oriented
 //! initiator -> responder, with the outcome (established, refused, unanswered) once it is decided.
 //! The decision logic ([`FlowTracker`]) is pure: it is fed events, table entries and the time.
+//! The stream ([`FlowStream`]) reads them from a [`FlowSource`]: the datapath, or a fake of it.
 //!
 //! Life of a flow, as this stage sees it:
 //! - The kernel keys a flow once however many attached interfaces it crosses, and sends `New` when
@@ -16,6 +17,8 @@
 //!   mid-stream: while the tracker still remembers it, that is recognised as the same flow and not
 //!   reported again; after that it is reported again, with `mid_stream` set.
 
+pub mod fake;
+pub mod source;
 pub mod stream;
 pub mod tracker;
 
@@ -30,6 +33,7 @@ use auditor_ebpf::flow::{FlowKey, Hook};
 pub use crate::vocab::Protocol;
 use serde::Serialize;
 
+pub use source::FlowSource;
 pub use stream::FlowStream;
 pub use tracker::{FlowTracker, Now, WalkVerdict};
 

@@ -1,6 +1,6 @@
-//! The flow-record stream: drives a [`DatapathManager`] (events, periodic table walks, answer
-//! deadlines) through the [`FlowTracker`] and yields each flow's [`FlowRecord`] once its outcome
-//! is decided. This is what the daemon consumes.
+//! The flow-record stream: drives a [`FlowSource`] (the datapath: events, periodic table walks,
+//! answer deadlines) through the [`FlowTracker`] and yields each flow's [`FlowRecord`] once its
+//! outcome is decided. This is what the daemon consumes.
 
 use std::{collections::VecDeque, time::Duration};
 
@@ -8,8 +8,8 @@ use auditor_ebpf::flow::{EventKind, FlowKey};
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
 
-use super::{FlowRecord, FlowTracker, FlowsConfig, Now};
-use crate::datapath::manager::{DatapathHealth, DatapathManager, ManagerError};
+use super::{FlowRecord, FlowSource, FlowTracker, FlowsConfig, Now};
+use crate::datapath::manager::{DatapathHealth, DatapathManager};
 
 /// How often pending flows are checked against their answer deadline: the precision of
 /// "unanswered after N seconds".
@@ -21,16 +21,18 @@ const BATCH_RESOLVE_MIN: usize = 16_384;
 /// Records handed out between two reads of the ring buffer while decided flows queue up.
 const EVENTS_EVERY: usize = 256;
 
-/// Flow records, one per flow, in the order their outcomes were decided.
+/// Flow records, one per flow, in the order their outcomes were decided, read from the datapath
+/// `S` (the real one unless a test says otherwise).
 #[derive(Debug)]
-pub struct FlowStream {
-    manager: DatapathManager,
+pub struct FlowStream<S = DatapathManager> {
+    source: S,
     tracker: FlowTracker,
     ready: VecDeque<FlowRecord>,
     /// Kept across calls so a steady flow of events cannot keep postponing deadlines and walks;
     /// created on the first call, inside the runtime.
     ticks: Option<Interval>,
-    next_walk: Instant,
+    /// When the next table walk is due, on the source's clock.
+    next_walk_ns: u64,
     losses: Losses,
     /// Records handed out since events were last read (see [`EVENTS_EVERY`]).
     handed_out: usize,
@@ -46,16 +48,16 @@ struct Losses {
     since: u64,
 }
 
-impl FlowStream {
+impl<S: FlowSource> FlowStream<S> {
     #[must_use]
-    pub fn new(manager: DatapathManager, config: FlowsConfig) -> Self {
+    pub fn new(source: S, config: FlowsConfig) -> Self {
         Self {
-            manager,
+            source,
             tracker: FlowTracker::new(config),
             ready: VecDeque::new(),
             ticks: None,
             // The first walk adopts flows that were in the table before we started reading.
-            next_walk: Instant::now(),
+            next_walk_ns: 0,
             losses: Losses {
                 total: 0,
                 since: u64::MAX,
@@ -69,13 +71,13 @@ impl FlowStream {
     ///
     /// # Errors
     /// When the datapath cannot be read (a poll or map failure, not a single flow's problem).
-    pub async fn next(&mut self) -> Result<FlowRecord, ManagerError> {
+    pub async fn next(&mut self) -> Result<FlowRecord, S::Error> {
         let Self {
-            manager,
+            source,
             tracker,
             ready,
             ticks,
-            next_walk,
+            next_walk_ns,
             losses,
             handed_out,
         } = self;
@@ -89,8 +91,8 @@ impl FlowStream {
             // buffer keeps being read, or it would fill.
             if *handed_out >= EVENTS_EVERY {
                 *handed_out = 0;
-                let events = manager.read_events();
-                on_events(manager, tracker, ready, &events, &Now::read())?;
+                let events = source.read_events();
+                on_events(source, tracker, ready, &events, &source.now())?;
             }
             if let Some(record) = ready.pop_front() {
                 *handed_out += 1;
@@ -98,63 +100,11 @@ impl FlowStream {
             }
             *handed_out = 0;
             tokio::select! {
-                events = manager.next_events() => {
+                events = source.next_events() => {
                     let events = events?;
-                    on_events(manager, tracker, ready, &events, &Now::read())?;
+                    on_events(source, tracker, ready, &events, &source.now())?;
                 }
-                _ = ticks.tick() => {
-                    // Events already sent are read first: an answer in the ring buffer must not
-                    // lose the race against its flow's deadline.
-                    let events = manager.read_events();
-                    let now = Now::read();
-                    on_events(manager, tracker, ready, &events, &now)?;
-                    let lost = manager.events_lost()?;
-                    // A loss noticed now happened before now: flows first seen after the tick
-                    // that noticed the last loss have had every event read (no answer was
-                    // missed, and their entries need not be read: their counters are the last
-                    // walk's); older ones are looked up. The first reading counts as a loss:
-                    // what came before it is unknown.
-                    if losses.since == u64::MAX || lost != losses.total {
-                        losses.total = lost;
-                        losses.since = now.mono_ns;
-                    }
-                    let mut unread = Vec::new();
-                    for (key, first_seen) in tracker.due(&now) {
-                        if first_seen > losses.since {
-                            if let Some(record) = tracker.resolve(&key, None, &now) {
-                                push(manager, ready, record);
-                            }
-                        } else {
-                            unread.push(key);
-                        }
-                    }
-                    if unread.len() >= BATCH_RESOLVE_MIN {
-                        // Many at once: one batched read of the table beats a lookup each.
-                        let wanted: FxHashSet<FlowKey> = unread.iter().copied().collect();
-                        let mut states = FxHashMap::default();
-                        manager.walk(|key, state| {
-                            if wanted.contains(&key) {
-                                states.insert(key, *state);
-                            }
-                        })?;
-                        for key in &unread {
-                            if let Some(record) = tracker.resolve(key, states.get(key), &now) {
-                                push(manager, ready, record);
-                            }
-                        }
-                    } else {
-                        for key in &unread {
-                            let state = manager.lookup(key)?;
-                            if let Some(record) = tracker.resolve(key, state.as_ref(), &now) {
-                                push(manager, ready, record);
-                            }
-                        }
-                    }
-                    if Instant::now() >= *next_walk {
-                        walk(manager, tracker, ready, &now)?;
-                        *next_walk = Instant::now() + tracker.config().walk_interval;
-                    }
-                }
+                _ = ticks.tick() => tick(source, tracker, ready, next_walk_ns, losses)?,
             }
         }
     }
@@ -163,8 +113,8 @@ impl FlowStream {
     ///
     /// # Errors
     /// When the counters cannot be read.
-    pub fn health(&self) -> Result<DatapathHealth, ManagerError> {
-        self.manager.health()
+    pub fn health(&self) -> Result<DatapathHealth, S::Error> {
+        self.source.health()
     }
 
     /// Flows waiting for an answer now.
@@ -175,36 +125,112 @@ impl FlowStream {
 
     /// The datapath under the stream.
     #[must_use]
-    pub const fn manager(&self) -> &DatapathManager {
-        &self.manager
+    pub const fn source(&self) -> &S {
+        &self.source
     }
 
-    /// Detaches everything (see [`DatapathManager::shutdown`]) and hands the manager back.
+    /// Detaches everything (see [`FlowSource::shutdown`]) and hands the datapath back.
     ///
     /// # Errors
-    /// When called from a thread in another network namespace.
-    pub fn shutdown(mut self) -> Result<DatapathManager, ManagerError> {
-        self.manager.shutdown()?;
-        Ok(self.manager)
+    /// When detaching fails (for the real datapath: when called from a thread in another
+    /// network namespace).
+    pub fn shutdown(mut self) -> Result<S, S::Error> {
+        self.source.shutdown()?;
+        Ok(self.source)
     }
+}
+
+impl FlowStream<DatapathManager> {
+    /// The datapath under the stream (the same as [`FlowStream::source`]).
+    #[must_use]
+    pub const fn manager(&self) -> &DatapathManager {
+        &self.source
+    }
+}
+
+/// One deadline tick: reads what the ring buffer holds, decides the pending flows whose answer
+/// timeout has passed (reading their entries when an event may have been lost) and walks the
+/// table when the walk is due.
+fn tick<S: FlowSource>(
+    source: &mut S,
+    tracker: &mut FlowTracker,
+    ready: &mut VecDeque<FlowRecord>,
+    next_walk_ns: &mut u64,
+    losses: &mut Losses,
+) -> Result<(), S::Error> {
+    // Events already sent are read first: an answer in the ring buffer must not lose the race
+    // against its flow's deadline.
+    let events = source.read_events();
+    let now = source.now();
+    on_events(source, tracker, ready, &events, &now)?;
+    let lost = source.events_lost()?;
+    // A loss noticed now happened before now: flows first seen after the tick that noticed the
+    // last loss have had every event read (no answer was missed, and their entries need not be
+    // read: their counters are the last walk's); older ones are looked up. The first reading
+    // counts as a loss: what came before it is unknown.
+    if losses.since == u64::MAX || lost != losses.total {
+        losses.total = lost;
+        losses.since = now.mono_ns;
+    }
+    let mut unread = Vec::new();
+    for (key, first_seen) in tracker.due(&now) {
+        if first_seen > losses.since {
+            if let Some(record) = tracker.resolve(&key, None, &now) {
+                push(source, ready, record);
+            }
+        } else {
+            unread.push(key);
+        }
+    }
+    if unread.len() >= BATCH_RESOLVE_MIN {
+        // Many at once: one batched read of the table beats a lookup each.
+        let wanted: FxHashSet<FlowKey> = unread.iter().copied().collect();
+        let mut states = FxHashMap::default();
+        source.walk(|key, state| {
+            if wanted.contains(&key) {
+                states.insert(key, *state);
+            }
+        })?;
+        for key in &unread {
+            if let Some(record) = tracker.resolve(key, states.get(key), &now) {
+                push(source, ready, record);
+            }
+        }
+    } else {
+        for key in &unread {
+            let state = source.lookup(key)?;
+            if let Some(record) = tracker.resolve(key, state.as_ref(), &now) {
+                push(source, ready, record);
+            }
+        }
+    }
+    if source.now().mono_ns >= *next_walk_ns {
+        walk(source, tracker, ready, &now)?;
+        let interval = tracker.config().walk_interval;
+        *next_walk_ns = source
+            .now()
+            .mono_ns
+            .saturating_add(u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX));
+    }
+    Ok(())
 }
 
 /// Feeds events to the tracker; New carries no counters worth a system call, the others decide
 /// the flow and read its entry.
-fn on_events(
-    manager: &DatapathManager,
+fn on_events<S: FlowSource>(
+    source: &S,
     tracker: &mut FlowTracker,
     ready: &mut VecDeque<FlowRecord>,
     events: &[auditor_ebpf::flow::FlowEvent],
     now: &Now,
-) -> Result<(), ManagerError> {
+) -> Result<(), S::Error> {
     for event in events {
         let state = match event.kind() {
             Some(EventKind::New) | None => None,
-            Some(_) => manager.lookup(&event.key)?,
+            Some(_) => source.lookup(&event.key)?,
         };
         if let Some(record) = tracker.on_event(event, state.as_ref(), now) {
-            push(manager, ready, record);
+            push(source, ready, record);
         }
     }
     Ok(())
@@ -212,16 +238,16 @@ fn on_events(
 
 /// Walks the flow table through the tracker: adopts and decides flows whose events were lost,
 /// deletes expired entries (after the walk: the table is being read meanwhile).
-fn walk(
-    manager: &mut DatapathManager,
+fn walk<S: FlowSource>(
+    source: &mut S,
     tracker: &mut FlowTracker,
     ready: &mut VecDeque<FlowRecord>,
     now: &Now,
-) -> Result<(), ManagerError> {
+) -> Result<(), S::Error> {
     tracker.begin_walk();
     let mut decided = Vec::new();
     let mut expired = Vec::new();
-    let entries = manager.walk(|key, state| {
+    let entries = source.walk(|key, state| {
         let verdict = tracker.on_table_entry(&key, state, now);
         if let Some(record) = verdict.record {
             decided.push(record);
@@ -231,10 +257,10 @@ fn walk(
         }
     })?;
     for record in decided {
-        push(manager, ready, record);
+        push(source, ready, record);
     }
     for key in &expired {
-        manager.remove(key)?;
+        source.remove(key)?;
     }
     tracker.end_walk();
     tracing::debug!(
@@ -247,9 +273,405 @@ fn walk(
 }
 
 /// Queues a record, naming its interface when it is still attached.
-fn push(manager: &DatapathManager, ready: &mut VecDeque<FlowRecord>, mut record: FlowRecord) {
-    if let Some(name) = manager.interface_name(record.ifindex) {
+fn push<S: FlowSource>(source: &S, ready: &mut VecDeque<FlowRecord>, mut record: FlowRecord) {
+    if let Some(name) = source.interface_name(record.ifindex) {
         name.clone_into(&mut record.interface);
     }
     ready.push_back(record);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use auditor_ebpf::flow::proto;
+
+    use super::*;
+    use crate::flows::{
+        Outcome,
+        fake::{FakeDatapath, FakeError, Peer},
+    };
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    const MS: Duration = Duration::from_millis(1);
+
+    /// No walk but the first one, unless a test asks for more.
+    fn config() -> FlowsConfig {
+        FlowsConfig {
+            answer_timeout: TIMEOUT,
+            walk_interval: Duration::from_secs(3600),
+            ..FlowsConfig::default()
+        }
+    }
+
+    fn client(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    fn server() -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 2], 80))
+    }
+
+    /// Runs one deadline tick, as the stream's timer does, and takes the records it decided.
+    fn ticked(stream: &mut FlowStream<FakeDatapath>) -> Vec<FlowRecord> {
+        tick_only(stream);
+        stream.ready.drain(..).collect()
+    }
+
+    /// Runs one deadline tick and leaves its records queued for `next`.
+    fn tick_only(stream: &mut FlowStream<FakeDatapath>) {
+        let FlowStream {
+            source,
+            tracker,
+            ready,
+            ticks: _,
+            next_walk_ns,
+            losses,
+            handed_out: _,
+        } = stream;
+        tick(source, tracker, ready, next_walk_ns, losses)
+            .unwrap_or_else(|e| panic!("tick failed: {e}"));
+    }
+
+    fn outcomes(records: &[FlowRecord]) -> Vec<(FlowKey, Outcome)> {
+        records.iter().map(|r| (r.key, r.outcome)).collect()
+    }
+
+    #[test]
+    fn unanswered_at_the_deadline_not_before() {
+        let fake = FakeDatapath::new();
+        let mut stream = FlowStream::new(fake.clone(), config());
+        let opened = fake.now();
+        let key = fake.open(proto::TCP, client(40000), server(), 7);
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(stream.pending(), 1);
+        fake.advance(TIMEOUT - MS);
+        assert!(
+            ticked(&mut stream).is_empty(),
+            "decided a millisecond before its deadline"
+        );
+        fake.advance(MS);
+        let records = ticked(&mut stream);
+        assert_eq!(outcomes(&records), [(key, Outcome::Unanswered)]);
+        let record = &records[0];
+        assert_eq!(
+            (record.initiator, record.responder),
+            (client(40000), server())
+        );
+        assert_eq!(record.first_seen, opened.wall);
+        assert_eq!(
+            (record.packets.to_responder, record.packets.to_initiator),
+            (1, 0)
+        );
+        assert_eq!(stream.pending(), 0);
+        fake.advance(TIMEOUT);
+        assert!(ticked(&mut stream).is_empty(), "reported twice");
+    }
+
+    #[test]
+    fn an_answer_sent_just_before_the_deadline_wins_over_it() {
+        let fake = FakeDatapath::new();
+        let mut stream = FlowStream::new(fake.clone(), config());
+        // First seen after the first tick, so nothing lost can concern it: its entry is not read
+        // at the deadline, only its events count.
+        assert!(ticked(&mut stream).is_empty());
+        fake.advance(MS);
+        let key = fake.open(proto::TCP, client(40000), server(), 7);
+        assert!(ticked(&mut stream).is_empty());
+        fake.advance(TIMEOUT - MS);
+        fake.send(&key, Peer::Responder);
+        // The deadline passes before the stream has read the answer from the ring buffer.
+        fake.advance(MS);
+        let records = ticked(&mut stream);
+        assert_eq!(outcomes(&records), [(key, Outcome::Established)]);
+        assert_eq!(records[0].packets.to_initiator, 1);
+    }
+
+    #[test]
+    fn entries_are_read_at_the_deadline_only_for_flows_first_seen_before_the_last_loss() {
+        let fake = FakeDatapath::new();
+        let mut stream = FlowStream::new(fake.clone(), config());
+        // The first tick counts as a loss: what came before it is unknown.
+        let before = fake.open(proto::UDP, client(1), server(), 7);
+        assert!(ticked(&mut stream).is_empty());
+        fake.advance(MS);
+        let after = fake.open(proto::UDP, client(2), server(), 7);
+        assert!(ticked(&mut stream).is_empty());
+
+        fake.advance(TIMEOUT - MS);
+        let lookups = fake.lookups();
+        assert_eq!(
+            outcomes(&ticked(&mut stream)),
+            [(before, Outcome::Unanswered)]
+        );
+        assert_eq!(
+            fake.lookups(),
+            lookups + 1,
+            "the older flow's entry is read"
+        );
+        fake.advance(MS);
+        assert_eq!(
+            outcomes(&ticked(&mut stream)),
+            [(after, Outcome::Unanswered)]
+        );
+        assert_eq!(
+            fake.lookups(),
+            lookups + 1,
+            "read the entry of a flow first seen after the last loss"
+        );
+
+        // An answer lost in a full ring buffer, noticed by the next tick, at the time the flow
+        // was first seen.
+        let lost = fake.open(proto::UDP, client(3), server(), 7);
+        fake.set_ring_full(true);
+        fake.send(&lost, Peer::Responder);
+        fake.set_ring_full(false);
+        assert_eq!(fake.lost_events(), 1);
+        assert!(ticked(&mut stream).is_empty());
+        fake.advance(MS);
+        let later = fake.open(proto::UDP, client(4), server(), 7);
+        fake.send(&later, Peer::Initiator);
+        fake.send(&later, Peer::Initiator);
+        assert!(ticked(&mut stream).is_empty());
+
+        fake.advance(TIMEOUT - MS);
+        let lookups = fake.lookups();
+        let records = ticked(&mut stream);
+        assert_eq!(
+            outcomes(&records),
+            [(lost, Outcome::Established)],
+            "the lost answer is found in the table"
+        );
+        assert_eq!(fake.lookups(), lookups + 1);
+        fake.advance(MS);
+        let records = ticked(&mut stream);
+        assert_eq!(outcomes(&records), [(later, Outcome::Unanswered)]);
+        assert_eq!(
+            fake.lookups(),
+            lookups + 1,
+            "read the entry of a flow first seen after the last loss"
+        );
+        // Its counters are what the events said, not the table's three packets.
+        assert_eq!(records[0].packets.to_responder, 1);
+    }
+
+    #[test]
+    fn many_due_flows_are_read_by_one_walk_fewer_by_a_lookup_each() {
+        for flows in [BATCH_RESOLVE_MIN - 1, BATCH_RESOLVE_MIN] {
+            let fake = FakeDatapath::new();
+            let mut stream = FlowStream::new(fake.clone(), config());
+            // Flows whose `New` events were lost: the first walk adopts them.
+            fake.set_ring_full(true);
+            let keys: Vec<FlowKey> = (0..flows)
+                .map(|i| {
+                    let port = u16::try_from(1024 + i).unwrap_or_else(|e| panic!("{e}"));
+                    fake.open(proto::UDP, client(port), server(), 7)
+                })
+                .collect();
+            fake.set_ring_full(false);
+            assert!(ticked(&mut stream).is_empty());
+            assert_eq!(stream.pending(), flows);
+            // One is answered, its event lost too.
+            fake.set_ring_full(true);
+            fake.send(&keys[7], Peer::Responder);
+            fake.set_ring_full(false);
+
+            fake.advance(TIMEOUT);
+            let (lookups, walks) = (fake.lookups(), fake.walks());
+            let records = ticked(&mut stream);
+            assert_eq!(records.len(), flows);
+            let established: Vec<_> = records
+                .iter()
+                .filter(|r| r.outcome == Outcome::Established)
+                .map(|r| r.key)
+                .collect();
+            assert_eq!(established, [keys[7]], "{flows} flows");
+            let read = (fake.lookups() - lookups, fake.walks() - walks);
+            if flows < BATCH_RESOLVE_MIN {
+                assert_eq!(read, (flows as u64, 0), "{flows} flows: a lookup each");
+            } else {
+                assert_eq!(read, (0, 1), "{flows} flows: one walk");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_ring_buffer_is_read_while_a_tick_hands_out_its_records() {
+        let fake = FakeDatapath::new();
+        let mut stream = FlowStream::new(fake.clone(), config());
+        let many = EVENTS_EVERY + 44;
+        for i in 0..many {
+            let port = u16::try_from(1024 + i).unwrap_or_else(|e| panic!("{e}"));
+            fake.open(proto::UDP, client(port), server(), 7);
+        }
+        assert!(ticked(&mut stream).is_empty());
+        fake.advance(MS);
+        let late = fake.open(proto::UDP, client(80), server(), 7);
+        assert!(ticked(&mut stream).is_empty());
+        fake.advance(TIMEOUT - MS);
+        tick_only(&mut stream);
+        assert_eq!(stream.ready.len(), many);
+
+        fake.send(&late, Peer::Responder);
+        for handed in 0..EVENTS_EVERY {
+            let record = stream.next().await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(record.outcome, Outcome::Unanswered);
+            assert_eq!(fake.queued_events(), 1, "read after {handed} records");
+        }
+        let record = stream.next().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(record.outcome, Outcome::Unanswered);
+        assert_eq!(
+            fake.queued_events(),
+            0,
+            "not read after {EVENTS_EVERY} records"
+        );
+        for _ in EVENTS_EVERY + 1..many {
+            let record = stream.next().await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(record.outcome, Outcome::Unanswered);
+        }
+        let record = stream.next().await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((record.key, record.outcome), (late, Outcome::Established));
+    }
+
+    #[test]
+    fn the_walk_adopts_flows_whose_events_were_lost() {
+        let fake = FakeDatapath::new();
+        let mut stream = FlowStream::new(fake.clone(), config());
+        fake.set_ring_full(true);
+        let quiet = fake.open(proto::UDP, client(1), server(), 7);
+        let answered = fake.open(proto::TCP, client(2), server(), 7);
+        fake.send(&answered, Peer::Responder);
+        fake.send(&answered, Peer::Initiator);
+        fake.set_ring_full(false);
+        assert_eq!(fake.lost_events(), 3);
+
+        let records = ticked(&mut stream);
+        assert_eq!(
+            outcomes(&records),
+            [(answered, Outcome::Established)],
+            "decided by the walk"
+        );
+        assert_eq!(
+            (
+                records[0].packets.to_responder,
+                records[0].packets.to_initiator
+            ),
+            (2, 1),
+            "the entry's counters"
+        );
+        assert_eq!(stream.pending(), 1);
+        fake.advance(TIMEOUT);
+        assert_eq!(
+            outcomes(&ticked(&mut stream)),
+            [(quiet, Outcome::Unanswered)]
+        );
+    }
+
+    #[test]
+    fn the_walk_deletes_closed_entries_after_lingering_and_idle_ones_after_the_idle_timeout() {
+        let fake = FakeDatapath::new();
+        let config = FlowsConfig {
+            answer_timeout: TIMEOUT,
+            idle_timeout: Duration::from_secs(300),
+            closed_linger: Duration::from_secs(30),
+            walk_interval: Duration::from_secs(2),
+        };
+        let mut stream = FlowStream::new(fake.clone(), config);
+        let keys: Vec<FlowKey> = (1..=4)
+            .map(|port| {
+                let key = fake.open(proto::TCP, client(port), server(), 7);
+                fake.send(&key, Peer::Responder);
+                key
+            })
+            .collect();
+        let [closed, idle, live, closed_too] = keys[..] else {
+            unreachable!()
+        };
+        fake.close(&closed);
+        fake.close(&closed_too);
+        let records = ticked(&mut stream);
+        assert_eq!(records.len(), 4);
+        assert!(records.iter().all(|r| r.outcome == Outcome::Established));
+        assert_eq!(fake.table_len(), 4, "nothing expired yet");
+
+        fake.advance(Duration::from_secs(31));
+        fake.send(&live, Peer::Initiator);
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(fake.entry(&closed), None);
+        assert_eq!(fake.entry(&closed_too), None);
+        assert!(fake.entry(&idle).is_some(), "idle for 31 s only");
+        assert!(fake.entry(&live).is_some());
+
+        fake.advance(Duration::from_secs(270));
+        fake.send(&live, Peer::Initiator);
+        let walks = fake.walks();
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(fake.walks(), walks + 1);
+        assert_eq!(fake.entry(&idle), None, "idle for 301 s");
+        assert!(fake.entry(&live).is_some());
+        // Not walked again before the walk interval has passed.
+        fake.advance(Duration::from_secs(1));
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(fake.walks(), walks + 1, "walked before the walk interval");
+        assert_eq!(fake.table_len(), 1);
+        assert_eq!(stream.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn next_waits_for_events_and_deadlines() {
+        let fake = FakeDatapath::with_interfaces(&[(7, "caliA")]);
+        let mut stream = FlowStream::new(fake.clone(), config());
+        let key = fake.open(proto::TCP, client(40000), server(), 7);
+        let answer = {
+            let fake = fake.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                fake.send(&key, Peer::Responder);
+            })
+        };
+        let record = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no record for the answered flow"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        answer.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((record.key, record.outcome), (key, Outcome::Established));
+        assert_eq!(record.interface, "caliA");
+
+        let quiet = fake.open(proto::UDP, client(40001), server(), 9);
+        fake.advance(TIMEOUT);
+        let record = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no record at the deadline"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((record.key, record.outcome), (quiet, Outcome::Unanswered));
+        assert_eq!(record.interface, "", "interface 9 is not attached");
+    }
+
+    #[tokio::test]
+    async fn a_datapath_failure_ends_the_stream() {
+        let fake = FakeDatapath::new();
+        let mut stream = FlowStream::new(fake.clone(), config());
+        fake.open(proto::UDP, client(1), server(), 7);
+        fake.set_failing(true);
+        let result = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("the stream kept waiting"));
+        assert!(matches!(result, Err(FakeError { .. })), "{result:?}");
+    }
+
+    #[test]
+    fn health_and_shutdown_go_to_the_datapath() {
+        let fake = FakeDatapath::with_interfaces(&[(7, "caliA"), (9, "caliB")]);
+        let mut stream = FlowStream::new(fake.clone(), config());
+        fake.open(proto::UDP, client(1), server(), 7);
+        fake.lose_events(2);
+        ticked(&mut stream);
+        let health = stream.health().unwrap_or_else(|e| panic!("{e}"));
+        let attached: Vec<_> = health.attached.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(attached, ["caliA", "caliB"]);
+        assert_eq!((health.flow_table_entries, health.events_lost), (1, 2));
+        assert!(!fake.is_shut_down());
+        let source = stream.shutdown().unwrap_or_else(|e| panic!("{e}"));
+        assert!(source.is_shut_down() && fake.is_shut_down());
+    }
 }
