@@ -842,4 +842,46 @@ async fn unusable_objects_are_rejected_and_the_last_good_version_kept() {
     daemon
         .until("fixed pod applied", |d| d.has_pod("shop", "web-3"))
         .await;
+    // What is wrong is what is wrong now: a fixed object and a deleted one are no longer counted.
+    daemon
+        .until("the pod's rejection cleared", |d| d.status.problems() == 2)
+        .await;
+    server.apply(apiserver::NETWORK_POLICIES, netpol_pg_from_web());
+    server.delete(apiserver::CILIUM_NETWORK_POLICIES, "db", "pg-from-worker");
+    daemon
+        .until("every rejection cleared", |d| d.status.problems() == 0)
+        .await;
+    assert!(daemon.allowed(&to_pg(WEB)) && !daemon.allowed(&to_pg(WORKER)));
+}
+
+/// An object the API server validated may carry fields of a newer API than this build knows: it
+/// is kept (its pods stay isolated), and the rule holding the unknown field is reported as not
+/// judged instead of being guessed; a second policy the same build fully knows still decides.
+#[tokio::test]
+async fn policies_with_fields_this_version_does_not_know_are_kept() {
+    let server = ApiServer::start().await;
+    seed(&server);
+    let mut newer = netpol_pg_from_web();
+    newer["spec"]["ingress"][0]["from"][0]["newPeerKind"] = json!({"selector": "x"});
+    server.apply(apiserver::NETWORK_POLICIES, newer);
+    let mut daemon = Daemon::start(&server, &options());
+    daemon
+        .until("synced with the policy", |d| {
+            d.status.synced() && d.model.policy_count() == 1
+        })
+        .await;
+    assert_eq!(daemon.status.problems(), 0, "a kept object is no error");
+    let flow = to_pg(WEB);
+    assert!(
+        !daemon.allowed(&flow),
+        "pg stays isolated, and the rule with the unknown field is not guessed to allow"
+    );
+    let explanation = daemon.model.explain(&flow, &daemon.model.judge(&flow));
+    assert!(
+        explanation
+            .reason
+            .contains("unknown field spec.ingress[0].from[0].newPeerKind"),
+        "{}",
+        explanation.reason
+    );
 }

@@ -9,6 +9,7 @@
 //! (reading and parsing files never stalls the pipeline), and the HTTP server only reads the
 //! shared metrics.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ use crate::export::{
     DEFAULT_METRICS_ADDR, ExportError, LogLimits, LostSource, Metrics, Readiness, Server,
     UnexpectedLog,
 };
-use crate::flows::{FlowRecord, FlowStream, FlowsConfig};
+use crate::flows::{FlowRecord, FlowSource, FlowStream, FlowsConfig};
 use crate::inventory::Inventory;
 use crate::source::files::{FileSource, Watching};
 use crate::source::kube::{self, KubeError, KubeSource};
@@ -105,6 +106,8 @@ pub enum DaemonError {
     Load(#[from] DatapathLoadError),
     #[error("datapath: {0}")]
     Datapath(#[from] ManagerError),
+    #[error("reading flows: {0}")]
+    Flows(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Kube(#[from] KubeError),
 }
@@ -216,9 +219,6 @@ impl Settings {
 /// the datapath, the metrics endpoint or the API client.
 pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
     tune_allocator();
-    let settings = Settings::from_args(args)?;
-    let (intended, files) = Intended::initial(&settings)?;
-    release_freed_memory();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // One worker for the pipeline, one for scrapes and watches: the Pi has four cores and
         // shares them with the workloads.
@@ -226,7 +226,28 @@ pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
-    runtime.block_on(daemon(settings, intended, files))
+    runtime.block_on(async {
+        let mut terminate =
+            signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal {
+                signal: "SIGTERM",
+                source,
+            })?;
+        let mut interrupt =
+            signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal {
+                signal: "SIGINT",
+                source,
+            })?;
+        let daemon = Daemon::start(args).await?;
+        let datapath = Datapath::load(&DatapathConfig::default())?;
+        let manager = DatapathManager::start(datapath, daemon.settings.attach.clone())?;
+        let stop = async {
+            tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = interrupt.recv() => "SIGINT",
+            }
+        };
+        daemon.run(manager, stop).await.map(|_| ())
+    })
 }
 
 /// glibc's defaults trade memory for speed in ways a small agent does not want: an arena per
@@ -425,7 +446,7 @@ impl Pipeline {
 }
 
 /// Publishes the datapath's health: attached interfaces, flow table, lost events.
-fn publish_health(stream: &FlowStream, metrics: &Metrics) {
+fn publish_health<S: FlowSource>(stream: &FlowStream<S>, metrics: &Metrics) {
     let health = match stream.health() {
         Ok(h) => h,
         Err(error) => {
@@ -476,153 +497,215 @@ fn audit_config(node: Option<String>) -> AuditConfig {
     }
 }
 
-async fn daemon(
+/// The daemon before it reads flows: its configuration and model loaded, `/metrics` served.
+pub struct Daemon {
     settings: Settings,
-    mut intended: Intended,
+    intended: Intended,
     files: Vec<FileSource>,
-) -> Result<(), DaemonError> {
-    let metrics = Arc::new(Metrics::new());
-    let readiness = Arc::new(Readiness::new());
-    intended.publish(&metrics);
-    metrics.set_inventory_synced(true, SystemTime::now());
-    let mut terminate = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal {
-        signal: "SIGTERM",
-        source,
-    })?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal {
-        signal: "SIGINT",
-        source,
-    })?;
-    let server = Server::bind(
-        settings.metrics_addr,
-        Arc::clone(&metrics),
-        Arc::clone(&readiness),
-    )
-    .await?;
-    tracing::info!(addr = %server.local_addr()?, "serving /metrics, /healthz, /readyz");
-    let (stop_server, server_stop) = oneshot::channel::<()>();
-    let server = tokio::spawn(server.serve(async move {
-        let _ = server_stop.await;
-    }));
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+    stop_server: oneshot::Sender<()>,
+}
 
-    let datapath = Datapath::load(&DatapathConfig::default())?;
-    let manager = DatapathManager::start(datapath, settings.attach.clone())?;
-    let mut stream = FlowStream::new(manager, settings.flows);
-    readiness.set_attached(true);
-    publish_health(&stream, &metrics);
+/// What a stopped daemon did.
+#[derive(Debug)]
+pub struct Stopped<S> {
+    /// Flows counted.
+    pub counted: u64,
+    /// The flow source, detached.
+    pub source: S,
+}
 
-    let (updates_tx, mut updates) = mpsc::channel::<Update>(4096);
-    let watching: Vec<Watching> = files
-        .into_iter()
-        .map(|source| source.watch(updates_tx.clone(), TICK))
-        .collect();
-    let kube_source = match settings.source {
-        Source::Kube => {
-            let client = kube::client_from_env().await?;
-            let options = kube::WatchOptions {
-                ignore_policies: settings.policies.is_some(),
-                ..kube::WatchOptions::default()
-            };
-            let source = KubeSource::spawn(&client, &options, &updates_tx);
-            intended.status = source.status();
-            Some(source)
-        }
-        Source::Snapshot(_) => {
-            readiness.set_model_loaded(true);
-            None
-        }
-    };
-    // The sources hold their own senders; ours would keep the channel open forever.
-    drop(updates_tx);
-
-    let node = counting_node(&settings, intended.cluster.inventory());
-    tracing::info!(
-        node = node.as_deref().unwrap_or("(any: counting every flow seen)"),
-        "counting rule"
-    );
-    let mut pipeline = Pipeline {
-        auditor: Auditor::new(audit_config(node.clone())),
-        log: UnexpectedLog::new(
-            std::io::stdout(),
-            LogLimits::default(),
-            Some(metrics.unexpected_logs_suppressed()),
-            Instant::now(),
-        ),
-        metrics: Arc::clone(&metrics),
-    };
-    let mut counting = node;
-    let mut ticks = tokio::time::interval(TICK);
-    let mut ticks_since_trim = 0_u32;
-    let mut sources_open = true;
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let signal_name = loop {
-        tokio::select! {
-            _ = terminate.recv() => break "SIGTERM",
-            _ = interrupt.recv() => break "SIGINT",
-            record = stream.next() => pipeline.count(record?, &intended.cluster),
-            update = updates.recv(), if sources_open => {
-                let Some(update) = update else {
-                    sources_open = false;
-                    continue;
-                };
-                intended.apply(update, &metrics);
-                // Drain what is queued, bounded, so a relist or a reload is applied in few
-                // wake-ups without starving the flows.
-                for _ in 0..UPDATES_PER_BATCH {
-                    match updates.try_recv() {
-                        Ok(update) => intended.apply(update, &metrics),
-                        Err(_) => break,
-                    }
-                }
-                intended.cluster.refresh();
-                intended.publish(&metrics);
-                if kube_source.is_some() {
-                    readiness.set_model_loaded(intended.status.synced());
-                }
-            }
-            _ = ticks.tick() => {
-                pipeline.release(&intended.cluster, false);
-                if let Err(error) = pipeline.log.flush_suppressed(SystemTime::now()) {
-                    tracing::warn!(%error, "writing the unexpected-flow log failed");
-                }
-                if matches!(settings.source, Source::Snapshot(_)) {
-                    let now_counting = counting_node(&settings, intended.cluster.inventory());
-                    if now_counting != counting {
-                        tracing::info!(node = ?now_counting, "local node changed in the snapshot; counting rule updated");
-                        pipeline.release(&intended.cluster, true);
-                        pipeline.auditor = Auditor::new(audit_config(now_counting.clone()));
-                        counting = now_counting;
-                    }
-                    metrics.set_inventory_synced(true, SystemTime::now());
-                } else {
-                    match intended.status.stale_since() {
-                        Some(since) => metrics.set_inventory_synced(false, since),
-                        None => metrics.set_inventory_synced(true, SystemTime::now()),
-                    }
-                }
-                intended.publish(&metrics);
-                publish_health(&stream, &metrics);
-                ticks_since_trim += 1;
-                if ticks_since_trim >= TRIM_EVERY_TICKS {
-                    ticks_since_trim = 0;
-                    release_freed_memory();
-                }
-            }
-        }
-    };
-    tracing::info!(signal = signal_name, "shutting down");
-    readiness.set_attached(false);
-    drop(kube_source);
-    drop(watching);
-    // Count what was seen: held ClusterIP flows are judged on every ready endpoint.
-    pipeline.release(&intended.cluster, true);
-    if let Err(error) = pipeline.log.flush_suppressed(SystemTime::now()) {
-        tracing::warn!(%error, "writing the unexpected-flow log failed");
+impl Daemon {
+    /// Reads the flags, the configuration and the snapshot or policy files (any error is bad
+    /// input, reported before anything is attached) and starts serving `/metrics`.
+    ///
+    /// # Errors
+    /// Bad input, or the metrics address cannot be bound.
+    pub async fn start(args: &RunArgs) -> Result<Self, DaemonError> {
+        let settings = Settings::from_args(args)?;
+        let (intended, files) = Intended::initial(&settings)?;
+        release_freed_memory();
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Arc::new(Readiness::new());
+        let server = Server::bind(
+            settings.metrics_addr,
+            Arc::clone(&metrics),
+            Arc::clone(&readiness),
+        )
+        .await?;
+        let addr = server.local_addr()?;
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+        let (stop_server, server_stop) = oneshot::channel::<()>();
+        let server = tokio::spawn(server.serve(async move {
+            let _ = server_stop.await;
+        }));
+        Ok(Self {
+            settings,
+            intended,
+            files,
+            metrics,
+            readiness,
+            addr,
+            server,
+            stop_server,
+        })
     }
-    let detached = stream.shutdown();
-    let _ = stop_server.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
-    detached?;
-    tracing::info!(counted = pipeline.auditor.stats().counted, "stopped");
-    Ok(())
+
+    /// Where `/metrics` is served.
+    #[must_use]
+    pub const fn metrics_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Audits the flows of `source` until `stop` resolves (to the reason, for the log), then
+    /// detaches it and counts what was held.
+    ///
+    /// # Errors
+    /// When the flow source or the Kubernetes client fails.
+    pub async fn run<S>(
+        self,
+        source: S,
+        stop: impl Future<Output = &'static str>,
+    ) -> Result<Stopped<S>, DaemonError>
+    where
+        S: FlowSource + Send,
+    {
+        let Self {
+            settings,
+            mut intended,
+            files,
+            metrics,
+            readiness,
+            addr: _,
+            server,
+            stop_server,
+        } = self;
+        intended.publish(&metrics);
+        metrics.set_inventory_synced(true, SystemTime::now());
+        let mut stream = FlowStream::new(source, settings.flows);
+        readiness.set_attached(true);
+        publish_health(&stream, &metrics);
+        let (updates_tx, mut updates) = mpsc::channel::<Update>(4096);
+        let watching: Vec<Watching> = files
+            .into_iter()
+            .map(|source| source.watch(updates_tx.clone(), TICK))
+            .collect();
+        let kube_source = match settings.source {
+            Source::Kube => {
+                let client = kube::client_from_env().await?;
+                let options = kube::WatchOptions {
+                    ignore_policies: settings.policies.is_some(),
+                    ..kube::WatchOptions::default()
+                };
+                let source = KubeSource::spawn(&client, &options, &updates_tx);
+                intended.status = source.status();
+                Some(source)
+            }
+            Source::Snapshot(_) => {
+                readiness.set_model_loaded(true);
+                None
+            }
+        };
+        // The sources hold their own senders; ours would keep the channel open forever.
+        drop(updates_tx);
+
+        let node = counting_node(&settings, intended.cluster.inventory());
+        tracing::info!(
+            node = node.as_deref().unwrap_or("(any: counting every flow seen)"),
+            "counting rule"
+        );
+        let mut pipeline = Pipeline {
+            auditor: Auditor::new(audit_config(node.clone())),
+            log: UnexpectedLog::new(
+                std::io::stdout(),
+                LogLimits::default(),
+                Some(metrics.unexpected_logs_suppressed()),
+                Instant::now(),
+            ),
+            metrics: Arc::clone(&metrics),
+        };
+        let mut counting = node;
+        let mut ticks = tokio::time::interval(TICK);
+        let mut ticks_since_trim = 0_u32;
+        let mut sources_open = true;
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stop = std::pin::pin!(stop);
+        let signal_name = loop {
+            tokio::select! {
+                reason = &mut stop => break reason,
+                record = stream.next() => pipeline.count(record.map_err(flow_error)?, &intended.cluster),
+                update = updates.recv(), if sources_open => {
+                    let Some(update) = update else {
+                        sources_open = false;
+                        continue;
+                    };
+                    intended.apply(update, &metrics);
+                    // Drain what is queued, bounded, so a relist or a reload is applied in few
+                    // wake-ups without starving the flows.
+                    for _ in 0..UPDATES_PER_BATCH {
+                        match updates.try_recv() {
+                            Ok(update) => intended.apply(update, &metrics),
+                            Err(_) => break,
+                        }
+                    }
+                    intended.cluster.refresh();
+                    intended.publish(&metrics);
+                    if kube_source.is_some() {
+                        readiness.set_model_loaded(intended.status.synced());
+                    }
+                }
+                _ = ticks.tick() => {
+                    pipeline.release(&intended.cluster, false);
+                    if let Err(error) = pipeline.log.flush_suppressed(SystemTime::now()) {
+                        tracing::warn!(%error, "writing the unexpected-flow log failed");
+                    }
+                    if matches!(settings.source, Source::Snapshot(_)) {
+                        let now_counting = counting_node(&settings, intended.cluster.inventory());
+                        if now_counting != counting {
+                            tracing::info!(node = ?now_counting, "local node changed in the snapshot; counting rule updated");
+                            pipeline.release(&intended.cluster, true);
+                            pipeline.auditor = Auditor::new(audit_config(now_counting.clone()));
+                            counting = now_counting;
+                        }
+                        metrics.set_inventory_synced(true, SystemTime::now());
+                    } else {
+                        match intended.status.stale_since() {
+                            Some(since) => metrics.set_inventory_synced(false, since),
+                            None => metrics.set_inventory_synced(true, SystemTime::now()),
+                        }
+                    }
+                    intended.publish(&metrics);
+                    publish_health(&stream, &metrics);
+                    ticks_since_trim += 1;
+                    if ticks_since_trim >= TRIM_EVERY_TICKS {
+                        ticks_since_trim = 0;
+                        release_freed_memory();
+                    }
+                }
+            }
+        };
+        tracing::info!(signal = signal_name, "shutting down");
+        readiness.set_attached(false);
+        drop(kube_source);
+        drop(watching);
+        // Count what was seen: held ClusterIP flows are judged on every ready endpoint.
+        pipeline.release(&intended.cluster, true);
+        if let Err(error) = pipeline.log.flush_suppressed(SystemTime::now()) {
+            tracing::warn!(%error, "writing the unexpected-flow log failed");
+        }
+        let detached = stream.shutdown();
+        let _ = stop_server.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+        let source = detached.map_err(flow_error)?;
+        let counted = pipeline.auditor.stats().counted;
+        tracing::info!(counted, "stopped");
+        Ok(Stopped { counted, source })
+    }
+}
+
+fn flow_error(error: impl std::error::Error + Send + Sync + 'static) -> DaemonError {
+    DaemonError::Flows(Box::new(error))
 }

@@ -1,0 +1,235 @@
+//! The daemon's event loop without a kernel: the real daemon (snapshot files watched, the audit,
+//! the metrics endpoint) driven by the fake datapath, as an ordinary unprivileged test. Flows are
+//! opened, answered or left unanswered on the fake, and counted through `/metrics`; a policy
+//! edited on disk changes the next verdict while flows keep being read.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use auditor::daemon::{Daemon, RunArgs};
+use auditor::flows::fake::{FakeDatapath, Peer};
+use auditor_ebpf::flow::proto;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::oneshot;
+
+/// Every wait in this test is bounded by this.
+const WAIT: Duration = Duration::from_secs(20);
+
+const CLUSTER: &str = r"
+apiVersion: v1
+kind: Namespace
+metadata: {name: web, labels: {kubernetes.io/metadata.name: web}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: db, labels: {kubernetes.io/metadata.name: db}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: tools, labels: {kubernetes.io/metadata.name: tools}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+spec: {podCIDR: 10.244.0.0/24}
+status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: frontend, namespace: web, labels: {app: frontend}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.244.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: probe, namespace: tools, labels: {app: probe}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.244.0.30}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: postgres, namespace: db, labels: {app: postgres}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{containerPort: 5432}]}]}
+status: {podIP: 10.244.0.20}
+";
+
+fn policy(from: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: db-from, namespace: db}}\n\
+         spec:\n  podSelector: {{}}\n  ingress:\n  - from:\n    - namespaceSelector: \
+         {{matchLabels: {{kubernetes.io/metadata.name: {from}}}}}\n    ports: [{{port: 5432}}]\n"
+    )
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("fa-daemon-loop-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {dir:?}: {e}"));
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        // Written beside and renamed, as editors and git-sync do: never read half-written.
+        let partial = self.0.join(format!(".{name}.partial"));
+        std::fs::write(&partial, text).unwrap_or_else(|e| panic!("write {partial:?}: {e}"));
+        std::fs::rename(&partial, &path).unwrap_or_else(|e| panic!("rename {path:?}: {e}"));
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn args(cluster: &Path) -> RunArgs {
+    RunArgs {
+        kube: false,
+        cluster: vec![cluster.to_path_buf()],
+        policies: None,
+        interfaces: Vec::new(),
+        uplink: None,
+        config: None,
+        metrics_addr: "127.0.0.1:0"
+            .parse()
+            .unwrap_or_else(|e| panic!("address: {e}")),
+        answer_timeout: Some(Duration::from_secs(2)),
+        node: Some("n1".to_owned()),
+    }
+}
+
+async fn metrics(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .write_all(
+            b"GET /metrics HTTP/1.1\r\nHost: t\r\nAccept: text/plain\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("request: {e}"));
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .unwrap_or_else(|e| panic!("response: {e}"));
+    response
+        .split_once("\r\n\r\n")
+        .map_or_else(String::new, |(_, body)| body.to_owned())
+}
+
+/// The value of one `flow_auditor_flows_total` series picked by its label values.
+fn count(text: &str, verdict: &str, outcome: &str, src: &str) -> f64 {
+    let wanted = [
+        format!("verdict=\"{verdict}\""),
+        format!("outcome=\"{outcome}\""),
+        format!("src_workload=\"{src}\""),
+        "dst_workload=\"postgres\"".to_owned(),
+    ];
+    text.lines()
+        .filter(|l| l.starts_with("flow_auditor_flows_total{"))
+        .filter(|l| wanted.iter().all(|w| l.contains(w.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Scrapes until `done` holds; panics naming `what` after [`WAIT`].
+async fn until(addr: SocketAddr, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = metrics(addr).await;
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not seen within {WAIT:?}; metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_audits_a_fake_datapath_and_follows_policy_edits() {
+    let dir = TempDir::new();
+    dir.write("cluster.yaml", CLUSTER);
+    dir.write("policy.yaml", &policy("web"));
+    let daemon = Daemon::start(&args(&dir.0))
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    let addr = daemon.metrics_addr();
+    let fake = FakeDatapath::with_interfaces(&[(7, "cali0")]);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(daemon.run(fake.clone(), async move {
+        let _ = stopped.await;
+        "test over"
+    }));
+    let socket = |text: &str| -> SocketAddr {
+        text.parse()
+            .unwrap_or_else(|e| panic!("socket {text}: {e}"))
+    };
+    let pg = socket("10.244.0.20:5432");
+
+    // Allowed and answered; forbidden and answered (the policy is not enforced: unexpected);
+    // forbidden and never answered.
+    let web = fake.open(proto::TCP, socket("10.244.0.10:40000"), pg, 7);
+    fake.send(&web, Peer::Responder);
+    let probe = fake.open(proto::TCP, socket("10.244.0.30:40001"), pg, 7);
+    fake.send(&probe, Peer::Responder);
+    fake.open(proto::TCP, socket("10.244.0.30:40002"), pg, 7);
+    fake.advance(Duration::from_secs(3));
+    let text = until(addr, "three flows counted", |t| {
+        count(t, "allowed", "established", "frontend") == 1.0
+            && count(t, "unexpected", "established", "probe") == 1.0
+            && count(t, "denied", "unanswered", "probe") == 1.0
+    })
+    .await;
+    let generation = sample(&text, "flow_auditor_model_generation");
+
+    // The policy now admits tools too; the file watcher reloads it off the pipeline.
+    dir.write("policy.yaml", &policy("tools"));
+    until(addr, "policy reloaded", |t| {
+        sample(t, "flow_auditor_model_generation") > generation
+    })
+    .await;
+    let again = fake.open(proto::TCP, socket("10.244.0.30:40003"), pg, 7);
+    fake.send(&again, Peer::Responder);
+    until(addr, "the edited policy decides", |t| {
+        count(t, "allowed", "established", "probe") == 1.0
+    })
+    .await;
+    // A broken edit keeps the last good policy and says so, until it is fixed.
+    dir.write("policy.yaml", "kind: NetworkPolicy\nmetadata: [\n");
+    until(addr, "policy error reported", |t| {
+        sample(t, "flow_auditor_policy_errors") == 1.0
+    })
+    .await;
+    dir.write("policy.yaml", &policy("tools"));
+    until(addr, "policy error cleared", |t| {
+        sample(t, "flow_auditor_policy_errors") == 0.0
+    })
+    .await;
+
+    let _ = stop.send(());
+    let stopped = tokio::time::timeout(WAIT, running)
+        .await
+        .unwrap_or_else(|_| panic!("the daemon did not stop within {WAIT:?}"))
+        .unwrap_or_else(|e| panic!("daemon task: {e}"))
+        .unwrap_or_else(|e| panic!("daemon: {e}"));
+    assert_eq!(stopped.counted, 4, "every flow counted once");
+    assert!(stopped.source.is_shut_down(), "the datapath was detached");
+}
