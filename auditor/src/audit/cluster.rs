@@ -11,7 +11,7 @@ use rustc_hash::FxHashMap;
 use slotmap::SecondaryMap;
 
 use super::cache::VerdictCache;
-use super::peer::NamedPorts;
+use super::named_ports::NamedPorts;
 use crate::inventory::{
     EndpointSlice, Inventory, Namespace, Node, Owner, Pod, PodId, Service, ServiceId,
 };

@@ -15,6 +15,8 @@ mod cluster;
 pub mod counting;
 mod dedup;
 pub mod explain;
+mod judge;
+mod named_ports;
 pub mod peer;
 mod verdict;
 
@@ -30,7 +32,8 @@ use crate::flows::{FlowRecord, Outcome};
 pub use cluster::{Cluster, ClusterConfig};
 pub use counting::{counting_node, counts_here};
 pub use explain::Explanation;
-pub use peer::{NamedPorts, Peer, PeerInfo, PodPeer};
+pub use named_ports::NamedPorts;
+pub use peer::{Peer, PeerInfo, PodPeer};
 pub use verdict::{
     DEFAULT_DENY_RULE, FlowQuery, Judgement, ModelVerdict, RuleHit, ServiceHop, ServiceProblem,
     Verdict,

@@ -98,7 +98,7 @@ impl FileSource {
                         }
                     }
                 }
-                Err(e) => errors.push(e),
+                Err(e) => errors.push(e.into()),
             }
         }
         if !errors.is_empty() {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::Change;
 use super::kinds::{self, Reader};
-use super::manifest::{is_manifest, manifests};
+use super::manifest::{ReadError, is_manifest, manifests};
 use crate::decode::{Document, Strictness};
 
 /// Where an object starts: a file and a 1-based line (of its document, or of the object inside
@@ -75,12 +75,8 @@ impl Select {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{}: cannot read: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] ReadError),
     #[error("{}: not a YAML or JSON file (.yaml, .yml, .json)", path.display())]
     NotAManifest { path: PathBuf },
     #[error("{}:{line}: {message}", file.display())]
@@ -130,7 +126,7 @@ pub fn load_file(
             path: path.to_path_buf(),
         });
     }
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+    let bytes = std::fs::read(path).map_err(|source| ReadError {
         path: path.to_path_buf(),
         source,
     })?;

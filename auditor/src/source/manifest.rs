@@ -5,7 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::load::LoadError;
+/// A path that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: cannot read: {source}", path.display())]
+pub struct ReadError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
 
 /// At most this many files are looked at under one path: polling stays cheap, and a path
 /// pointed at `/` by mistake does not walk the whole disk.
@@ -57,8 +64,8 @@ impl Fingerprint {
 ///
 /// # Errors
 /// When `path` or a directory under it cannot be read.
-pub fn manifests(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    let meta = std::fs::metadata(path).map_err(|source| LoadError::Read {
+pub fn manifests(path: &Path) -> Result<Vec<PathBuf>, ReadError> {
+    let meta = std::fs::metadata(path).map_err(|source| ReadError {
         path: path.to_path_buf(),
         source,
     })?;
@@ -68,7 +75,7 @@ pub fn manifests(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let mut files = Vec::new();
     let mut dirs = vec![path.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        let read_err = |source| LoadError::Read {
+        let read_err = |source| ReadError {
             path: dir.clone(),
             source,
         };
@@ -88,7 +95,7 @@ pub fn manifests(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
                 files.push(entry_path);
             }
             if files.len() + dirs.len() > MAX_FILES {
-                return Err(LoadError::Read {
+                return Err(ReadError {
                     path: path.to_path_buf(),
                     source: std::io::Error::other(format!(
                         "more than {MAX_FILES} files and directories: not a manifest directory"

@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: the Calico homelab of seed 004 in miniature on this machine, every part of
+//! `cargo xtask demo`: the Calico homelab of `shared/seeds/004_*` in miniature on this machine, every part of
 //! it (the node included) in network namespaces of its own, with the auditor daemon watching the
 //! node's `cali*` interfaces and a live summary of its verdicts. Ctrl-C removes it all.
 
