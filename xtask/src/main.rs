@@ -289,6 +289,21 @@ fn test(root: &Path) -> Result<()> {
                 run(&mut cmd)
             }),
         ),
+        // The workspace lints (clippy's pedantic group included), every target, warnings as
+        // errors: a step of its own, so a lint failure never hides a test result.
+        (
+            "cargo clippy",
+            Box::new(|| {
+                run(cargo(root).env("CARGO_INCREMENTAL", "0").args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))
+            }),
+        ),
         // The manifests in deploy/ build, are valid for their kinds, fit together; alerts pass
         // promtool.
         ("deploy", Box::new(|| deploy::run(root))),
