@@ -20,16 +20,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use super::{ExportError, Metrics};
+use super::{ExportError, Format, Metrics};
 
 /// `--metrics-addr` default; see the module docs for why this port.
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:19925";
-
-/// The content type of OpenMetrics text 1.0.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// The classic Prometheus text format, for clients whose `Accept` names only `text/plain`.
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Largest request head accepted; scrapes and probes send a few hundred bytes.
 const MAX_HEAD: usize = 8 * 1024;
@@ -249,18 +243,16 @@ async fn read_head(stream: &mut TcpStream, head: &mut Vec<u8>) -> std::io::Resul
     }
 }
 
-/// Whether the client asks for the classic text format: an `Accept` header naming `text/plain`
-/// and not OpenMetrics. Prometheus asks for OpenMetrics; no header (or `*/*`) gets OpenMetrics.
-fn wants_text_format(head: &[u8]) -> bool {
+/// The format the request's `Accept` headers ask for.
+fn format(head: &[u8]) -> Format {
     let head = String::from_utf8_lossy(head);
-    head.lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("accept"))
-        .any(|(_, value)| {
-            let value = value.to_ascii_lowercase();
-            value.contains("text/plain") && !value.contains("application/openmetrics-text")
-        })
+    Format::negotiate(
+        head.lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(name, _)| name.trim().eq_ignore_ascii_case("accept"))
+            .map(|(_, value)| value),
+    )
 }
 
 /// The response to a request head, and whether only the head is to be sent (HEAD).
@@ -293,21 +285,15 @@ fn route(head: &[u8], metrics: &Metrics, readiness: &Readiness) -> (Response, bo
     };
     let path = target.split('?').next().unwrap_or_default();
     let response = match path {
-        "/metrics" => match metrics.encode(SystemTime::now()) {
-            Ok(body) if wants_text_format(head) => Response {
+        "/metrics" => {
+            let format = format(head);
+            Response {
                 status: "200 OK",
-                content_type: TEXT_CONTENT_TYPE,
-                body: super::metrics::to_text_format(&body),
+                content_type: format.content_type(),
+                body: metrics.encode(SystemTime::now(), format),
                 allow: false,
-            },
-            Ok(body) => Response {
-                status: "200 OK",
-                content_type: OPENMETRICS_CONTENT_TYPE,
-                body,
-                allow: false,
-            },
-            Err(error) => Response::text("500 Internal Server Error", format!("{error}\n")),
-        },
+            }
+        }
         // Live while this task answers: the pipeline's own failures show in /readyz and metrics.
         "/healthz" => Response::text("200 OK", "ok\n"),
         "/readyz" => {

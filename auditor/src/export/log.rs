@@ -5,8 +5,9 @@
 use std::io::{self, Write};
 use std::time::{Duration, Instant, SystemTime};
 
-use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
+
+use super::metrics::Counter;
 
 use crate::audit::{AuditVerdict, AuditedFlow, Decision, Peer};
 use crate::flows::Outcome;
