@@ -11,7 +11,7 @@ pub mod metrics;
 use std::net::SocketAddr;
 
 pub use exposition::{Format, OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
-pub use http::{DEFAULT_METRICS_ADDR, Readiness, Server};
+pub use http::{DEFAULT_METRICS_ADDR, Limits, Readiness, Server, raise_nofile_limit};
 pub use log::{LogLimits, Logged, TokenBucket, UnexpectedLog};
 pub use metrics::{Counter, FlowLabels, LostSource, Metrics, RuleLabels};
 
