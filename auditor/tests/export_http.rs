@@ -441,6 +441,14 @@ async fn scrape_probes_and_series_lifecycle() {
             source.as_str()
         );
     }
+    for name in [
+        "flow_auditor_flow_table_insert_failures_total",
+        "flow_auditor_sampled_out_packets_total",
+    ] {
+        let series = find(&samples, name, &[]);
+        assert_eq!(series.len(), 1, "{name} must exist from the start");
+        assert_eq!(series[0].value, 0.0);
+    }
     let build = find(
         &samples,
         "flow_auditor_build_info",
@@ -482,6 +490,8 @@ async fn scrape_probes_and_series_lifecycle() {
     ));
     metrics.set_lost_events(LostSource::RingBuffer, 7);
     metrics.set_lost_events(LostSource::RingBuffer, 5); // a smaller total after a reload adds nothing
+    metrics.set_flow_table_insert_failures(11);
+    metrics.set_sampled_out_packets(40);
     metrics.set_flow_table(1234, 65536);
     metrics.set_attached_interfaces(HookMode::Tcx, 12);
     metrics.set_model(
@@ -557,6 +567,11 @@ async fn scrape_probes_and_series_lifecycle() {
         ),
         7.0
     );
+    assert_eq!(
+        scalar("flow_auditor_flow_table_insert_failures_total", &[]),
+        11.0
+    );
+    assert_eq!(scalar("flow_auditor_sampled_out_packets_total", &[]), 40.0);
     assert_eq!(scalar("flow_auditor_flow_table_entries", &[]), 1234.0);
     assert_eq!(scalar("flow_auditor_flow_table_capacity", &[]), 65536.0);
     assert_eq!(

@@ -10,8 +10,11 @@
 //! - `policy_rule_hits_total{policy_kind, policy_namespace, policy_name, direction, rule, action}`
 //!   (`rule="default-deny"` for each policy isolating a pod no rule admitted the flow to), one
 //!   series per rule of every loaded policy from the moment it is loaded, at zero until used;
-//! - `lost_events_total{source=ring_buffer|flow_table|sampling}`, `flow_table_entries`,
-//!   `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`, `policies{kind}`,
+//! - one unit per metric for what the datapath could not pass on: `lost_events_total{source=
+//!   ring_buffer}` (events), `flow_table_insert_failures_total` (packets whose flow the table
+//!   could not take), `sampled_out_packets_total` (packets skipped on purpose);
+//! - `flow_table_entries`, `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`,
+//!   `policies{kind}`,
 //!   `policy_errors`, `model_generation`, `model_last_update_timestamp_seconds`,
 //!   `inventory_staleness_seconds`, `unexpected_logs_suppressed_total`, `build_info{version}`.
 use std::hash::{Hash, Hasher as _};
@@ -275,34 +278,30 @@ impl<L: Clone + Hash + Eq> Series<L> {
     }
 }
 
-/// Where events were lost (SPEC 3: nothing is lost silently).
+/// Where datapath events were lost (SPEC 3: nothing is lost silently). Each metric counts one
+/// unit: events here; packets the flow table could not take and packets skipped by sampling
+/// have counters of their own ([`Metrics::set_flow_table_insert_failures`],
+/// [`Metrics::set_sampled_out_packets`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LostSource {
-    /// The ring buffer was full when the datapath had an event to send.
+    /// The ring buffer was full when the datapath had an event to send, or user space could not
+    /// decode an event it read.
     RingBuffer,
-    /// The flow table refused an insert.
-    FlowTable,
-    /// Established-flow packets skipped by sampling (counted, not judged).
-    Sampling,
 }
 
 impl LostSource {
-    pub const ALL: [Self; 3] = [Self::RingBuffer, Self::FlowTable, Self::Sampling];
+    pub const ALL: [Self; 1] = [Self::RingBuffer];
 
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::RingBuffer => "ring_buffer",
-            Self::FlowTable => "flow_table",
-            Self::Sampling => "sampling",
         }
     }
 
     const fn index(self) -> usize {
         match self {
             Self::RingBuffer => 0,
-            Self::FlowTable => 1,
-            Self::Sampling => 2,
         }
     }
 }
@@ -392,7 +391,18 @@ const RULE_HITS: Family = counter(
 );
 const LOST_EVENTS: Family = counter(
     "flow_auditor_lost_events",
-    "Datapath events not turned into flows, by where they were lost.",
+    "Datapath events lost before user space read them or could not be decoded, by where they \
+     were lost.",
+);
+const INSERT_FAILURES: Family = counter(
+    "flow_auditor_flow_table_insert_failures",
+    "Packets that would have started a flow the kernel flow table could not take; their flows \
+     are not tracked.",
+);
+const SAMPLED_OUT: Family = counter(
+    "flow_auditor_sampled_out_packets",
+    "Packets of established flows skipped by sampling: in no flow's packet and byte counts, \
+     by design.",
 );
 const FLOW_TABLE_ENTRIES: Family = gauge(
     "flow_auditor_flow_table_entries",
@@ -457,6 +467,8 @@ pub struct Metrics {
     flow_series: Mutex<Series<FlowLabels>>,
     rule_series: Mutex<Series<RuleLabels>>,
     lost: [AtomicU64; LostSource::ALL.len()],
+    insert_failures: AtomicU64,
+    sampled_out: AtomicU64,
     flow_table_entries: AtomicI64,
     flow_table_capacity: AtomicI64,
     attached: [AtomicI64; HookMode::ALL.len()],
@@ -492,6 +504,8 @@ impl Metrics {
             flow_series: Mutex::new(Series::default()),
             rule_series: Mutex::new(Series::default()),
             lost: Default::default(),
+            insert_failures: AtomicU64::new(0),
+            sampled_out: AtomicU64::new(0),
             flow_table_entries: AtomicI64::new(0),
             flow_table_capacity: AtomicI64::new(0),
             attached: Default::default(),
@@ -618,6 +632,18 @@ impl Metrics {
         self.lost[source.index()].fetch_max(total, Ordering::Relaxed);
     }
 
+    /// Brings the flow table's failed inserts up to the datapath's total (as
+    /// [`Metrics::set_lost_events`]).
+    pub fn set_flow_table_insert_failures(&self, total: u64) {
+        self.insert_failures.fetch_max(total, Ordering::Relaxed);
+    }
+
+    /// Brings the packets skipped by sampling up to the datapath's total (as
+    /// [`Metrics::set_lost_events`]).
+    pub fn set_sampled_out_packets(&self, total: u64) {
+        self.sampled_out.fetch_max(total, Ordering::Relaxed);
+    }
+
     pub fn set_flow_table(&self, entries: u64, capacity: u64) {
         self.flow_table_entries
             .store(saturating_i64(entries), Ordering::Relaxed);
@@ -693,6 +719,11 @@ impl Metrics {
             let total = self.lost[source.index()].load(Ordering::Relaxed);
             sink.sample(&[("source", source.as_str())], Value::Count(total));
         }
+        sink.family(&INSERT_FAILURES);
+        let failures = self.insert_failures.load(Ordering::Relaxed);
+        sink.sample(&[], Value::Count(failures));
+        sink.family(&SAMPLED_OUT);
+        sink.sample(&[], Value::Count(self.sampled_out.load(Ordering::Relaxed)));
         sink.family(&FLOW_TABLE_ENTRIES);
         sink.sample(&[], relaxed(&self.flow_table_entries));
         sink.family(&FLOW_TABLE_CAPACITY);
@@ -879,9 +910,11 @@ mod tests {
     }
 
     /// An exposition as its families (from each `# HELP` on), each its metadata in order and
-    /// its samples sorted (families keep series in no particular order).
-    fn families(text: &str) -> Vec<(Vec<&str>, Vec<&str>)> {
-        let mut out: Vec<(Vec<&str>, Vec<&str>)> = Vec::new();
+    /// its samples sorted (families keep series in no particular order); an integer value as
+    /// written, a float as the number it reads as (prometheus-client's float writer does not
+    /// always pick the shortest of the decimal forms that read back as the same number).
+    fn families(text: &str) -> Vec<(Vec<&str>, Vec<String>)> {
+        let mut out: Vec<(Vec<&str>, Vec<String>)> = Vec::new();
         for line in text.lines() {
             if line.starts_with("# HELP ") || out.is_empty() {
                 out.push((Vec::new(), Vec::new()));
@@ -892,7 +925,17 @@ mod tests {
             if line.starts_with('#') {
                 meta.push(line);
             } else {
-                samples.push(line);
+                let (series, value) = line
+                    .rsplit_once(' ')
+                    .unwrap_or_else(|| panic!("no value: {line:?}"));
+                if value.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+                    samples.push(line.to_owned());
+                } else {
+                    let value: f64 = value
+                        .parse()
+                        .unwrap_or_else(|e| panic!("bad value in {line:?}: {e}"));
+                    samples.push(format!("{series} {value:?} (a float)"));
+                }
             }
         }
         for (_, samples) in &mut out {
@@ -930,7 +973,8 @@ mod tests {
         odd.dst_port = None;
         m.record(&odd);
         m.set_lost_events(LostSource::RingBuffer, 7);
-        m.set_lost_events(LostSource::Sampling, u64::MAX);
+        m.set_flow_table_insert_failures(2);
+        m.set_sampled_out_packets(u64::MAX);
         m.set_flow_table(1234, 65536);
         m.set_attached_interfaces(HookMode::Tcx, 12);
         m.set_model(
@@ -1037,13 +1081,24 @@ mod tests {
     #[test]
     fn lost_events_follow_the_kernel_total() {
         let m = Metrics::new();
-        m.set_lost_events(LostSource::FlowTable, 10);
-        m.set_lost_events(LostSource::FlowTable, 25);
-        m.set_lost_events(LostSource::FlowTable, 3);
-        let text = m.encode(SystemTime::now(), Format::OpenMetrics);
-        assert!(
-            text.contains("flow_auditor_lost_events_total{source=\"flow_table\"} 25\n"),
-            "{text}"
+        m.set_lost_events(LostSource::RingBuffer, 10);
+        m.set_lost_events(LostSource::RingBuffer, 25);
+        m.set_lost_events(LostSource::RingBuffer, 3);
+        m.set_flow_table_insert_failures(4);
+        m.set_flow_table_insert_failures(1);
+        m.set_sampled_out_packets(9);
+        let text = m.encode(SystemTime::now(), Format::Text);
+        for line in [
+            "flow_auditor_lost_events_total{source=\"ring_buffer\"} 25\n",
+            "flow_auditor_flow_table_insert_failures_total 4\n",
+            "flow_auditor_sampled_out_packets_total 9\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert_eq!(
+            text.matches("flow_auditor_lost_events_total{").count(),
+            1,
+            "events only: {text}"
         );
     }
 }
