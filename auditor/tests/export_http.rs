@@ -1136,7 +1136,8 @@ async fn slow_heads_and_idle_connections_are_closed_and_kept_alive_ones_last() {
     let readiness = Arc::new(Readiness::new());
     let limits = Limits {
         header_timeout: Duration::from_millis(300),
-        idle_timeout: Duration::from_millis(600),
+        response_timeout: Duration::from_millis(400),
+        idle_timeout: Duration::from_millis(900),
         ..Limits::default()
     };
     let (addr, stopper, serving) = start(&metrics, &readiness, limits).await;
@@ -1149,13 +1150,16 @@ async fn slow_heads_and_idle_connections_are_closed_and_kept_alive_ones_last() {
     let mut slow = half_open(addr, 1).await;
     let mut silent = connect().await;
     let mut kept = connect().await;
-    // The kept-alive connection asks every 200 ms: never idle for long.
-    for _ in 0..6 {
-        kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    // The kept-alive connection asks every 500 ms: never idle for long, and longer between
+    // requests than a response may take, so an answered request (HEAD too) must not leave it
+    // counted as being answered.
+    for method in ["GET", "HEAD", "GET", "HEAD"] {
+        kept.write_all(format!("{method} /healthz HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
             .await
             .unwrap_or_else(|e| panic!("send: {e}"));
-        assert_eq!(read_reply(&mut kept, false).await.status, 200);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let reply = read_reply(&mut kept, method == "HEAD").await;
+        assert_eq!(reply.status, 200, "{method} on the kept-alive connection");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Liveness bounds only: both must be gone well within 5 s.
     assert!(closed(&mut slow[0]).await, "a head not finished is cut off");
