@@ -231,7 +231,7 @@ fn scrape(node: &Netns) -> Scrape {
         if line.starts_with("flow_auditor_flows_total{") {
             s.flows += value();
         } else if line.starts_with("flow_auditor_lost_events_total{source=\"ring_buffer\"}")
-            || line.starts_with("flow_auditor_lost_events_total{source=\"flow_table\"}")
+            || line.starts_with("flow_auditor_flow_table_insert_failures_total ")
         {
             s.lost += value();
         } else if line.starts_with("flow_auditor_flow_table_entries ") {

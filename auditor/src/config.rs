@@ -62,22 +62,22 @@ pub enum ConfigError {
     },
 }
 
-/// Parses "5s", "250ms", "2m", "1h" or a bare number of seconds.
+/// Parses a bare number of seconds ("1.5") or a duration in `humantime`'s syntax: "5s",
+/// "250ms", "2m", "1h", also "1.5m" or "1h 30m".
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().ok()?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(seconds).ok()
+    if text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Duration::try_from_secs_f64(text.parse().ok()?).ok();
+    }
+    humantime::parse_duration(text).ok().or_else(|| {
+        // humantime wants a digit on each side of a decimal point; ".5s" and "1.s" were
+        // always accepted here.
+        let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let (number, unit) = text.split_at(split);
+        let lead = if number.starts_with('.') { "0" } else { "" };
+        let trail = if number.ends_with('.') { "0" } else { "" };
+        humantime::parse_duration(&format!("{lead}{number}{trail}{unit}")).ok()
+    })
 }
 
 fn duration<'de, D: Deserializer<'de>>(de: D) -> Result<Duration, D::Error> {
@@ -150,6 +150,21 @@ mod tests {
         assert_eq!(parse_duration("1.5"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_duration("5 parsecs"), None);
         assert_eq!(parse_duration(""), None);
+    }
+
+    #[test]
+    fn durations_humantime_reads_and_what_was_always_accepted() {
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration(" 5 s "), ms(5_000));
+        assert_eq!(parse_duration("1.5m"), ms(90_000));
+        assert_eq!(parse_duration(".5s"), ms(500));
+        assert_eq!(parse_duration("2.h"), ms(7_200_000));
+        assert_eq!(parse_duration("2."), ms(2_000));
+        assert_eq!(parse_duration("1h 30m"), ms(5_400_000));
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("."), None);
+        assert_eq!(parse_duration("s"), None);
     }
 
     #[test]

@@ -68,6 +68,9 @@ enum Bench {
     Policy,
     /// The daemon under real traffic: new flows per second, lost events, resident memory.
     Daemon,
+    /// The metrics endpoint: scrape latency alone and behind 1,000 half-open connections, and
+    /// 50 concurrent scrapers.
+    Http,
 }
 
 impl Bench {
@@ -76,6 +79,7 @@ impl Bench {
             Bench::Datapath => "datapath",
             Bench::Policy => "policy",
             Bench::Daemon => "daemon",
+            Bench::Http => "http",
         }
     }
 

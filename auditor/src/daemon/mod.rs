@@ -476,8 +476,8 @@ fn publish_health<S: FlowSource>(stream: &FlowStream<S>, metrics: &Metrics) {
         LostSource::RingBuffer,
         health.events_lost + health.undecodable_events,
     );
-    metrics.set_lost_events(LostSource::FlowTable, health.inserts_failed);
-    metrics.set_lost_events(LostSource::Sampling, counter(Counter::SampledOut));
+    metrics.set_flow_table_insert_failures(health.inserts_failed);
+    metrics.set_sampled_out_packets(counter(Counter::SampledOut));
 }
 
 /// The local node when the inventory knows it; otherwise every flow seen is counted (a machine

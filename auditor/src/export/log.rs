@@ -5,9 +5,9 @@
 use std::io::{self, Write};
 use std::time::{Duration, Instant, SystemTime};
 
-use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
+use super::metrics::Counter;
 use crate::audit::{AuditVerdict, AuditedFlow, Peer, RuleHit};
 use crate::flows::Outcome;
 
@@ -257,41 +257,13 @@ fn write_line<W: Write, T: Serialize>(writer: &mut W, line: &T) -> io::Result<()
     writer.write_all(&bytes)
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC, what Loki and Promtail parse.
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC, what Loki and Promtail parse. Times outside what RFC 3339
+/// can write (before 1970 here, after 9999) are clamped to its ends.
 #[must_use]
 pub fn rfc3339(t: SystemTime) -> String {
-    let d = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    let secs = d.as_secs();
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
-/// The proleptic Gregorian date of a day count since 1970-01-01 (400-year era arithmetic).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
-        year,
-        u32::try_from(month).unwrap_or(1),
-        u32::try_from(day).unwrap_or(1),
-    )
+    // The last millisecond of 9999-12-31.
+    let last = SystemTime::UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
+    humantime::format_rfc3339_millis(t.clamp(SystemTime::UNIX_EPOCH, last)).to_string()
 }
 
 #[cfg(test)]
@@ -499,5 +471,8 @@ pub(crate) mod tests {
         assert_eq!(at(951_782_400), "2000-02-29T00:00:00.000Z");
         assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59.000Z");
         assert_eq!(at(1_709_251_199), "2024-02-29T23:59:59.000Z");
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(rfc3339(before), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(u64::from(u32::MAX) * 100), "9999-12-31T23:59:59.999Z");
     }
 }

@@ -1,6 +1,7 @@
 //! The Prometheus metrics of SPEC 5.3: the flow counter, the per-rule hit counter and the health
-//! set, in one registry encoded as OpenMetrics text. Label sets are bounded by the inventory and
-//! the policies, and series go away with the namespace, workload or policy they name.
+//! set, kept here and written in either exposition format ([`super::exposition`]) at each
+//! scrape. Label sets are bounded by the inventory and the policies, and series go away with
+//! the namespace, workload or policy they name.
 //!
 //! Exposed (all prefixed `flow_auditor_`):
 //! - `flows_total{verdict, outcome, src_namespace, src_workload, dst_namespace, dst_workload,
@@ -9,33 +10,28 @@
 //! - `policy_rule_hits_total{policy_kind, policy_namespace, policy_name, direction, rule, action}`
 //!   (`rule="default-deny"` for each policy isolating a pod no rule admitted the flow to), one
 //!   series per rule of every loaded policy from the moment it is loaded, at zero until used;
-//! - `lost_events_total{source=ring_buffer|flow_table|sampling}`, `flow_table_entries`,
-//!   `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`, `policies{kind}`,
+//! - one unit per metric for what the datapath could not pass on: `lost_events_total{source=
+//!   ring_buffer}` (events), `flow_table_insert_failures_total` (packets whose flow the table
+//!   could not take), `sampled_out_packets_total` (packets skipped on purpose);
+//! - `flow_table_entries`, `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`,
+//!   `policies{kind}`,
 //!   `policy_errors`, `model_generation`, `model_last_update_timestamp_seconds`,
 //!   `inventory_staleness_seconds`, `unexpected_logs_suppressed_total`, `build_info{version}`.
-use std::fmt::Write as _;
 use std::hash::{Hash, Hasher as _};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::{Registry, Unit};
 use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::audit::{AuditVerdict, AuditedFlow, RuleHit};
 use crate::datapath::attach::HookMode;
 use crate::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
 
-use super::ExportError;
+use super::exposition::{Encoder, Family, Format, Kind, Sink, Value};
 
 /// Labels of `flow_auditor_flows_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct FlowLabels {
     pub verdict: String,
     pub outcome: String,
@@ -63,6 +59,30 @@ impl FlowLabels {
                 .dst_port
                 .map_or_else(|| "other".to_owned(), |p| p.to_string()),
         }
+    }
+
+    /// The labels as the exposition writes them, in this order.
+    fn pairs(&self) -> [(&'static str, &str); 8] {
+        let Self {
+            verdict,
+            outcome,
+            src_namespace,
+            src_workload,
+            dst_namespace,
+            dst_workload,
+            protocol,
+            dst_port,
+        } = self;
+        [
+            ("verdict", verdict),
+            ("outcome", outcome),
+            ("src_namespace", src_namespace),
+            ("src_workload", src_workload),
+            ("dst_namespace", dst_namespace),
+            ("dst_workload", dst_workload),
+            ("protocol", protocol),
+            ("dst_port", dst_port),
+        ]
     }
 
     /// Whether these are the labels of `flow` (compared without building them).
@@ -112,7 +132,7 @@ impl FlowLabels {
 }
 
 /// Labels of `flow_auditor_policy_rule_hits_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RuleLabels {
     pub policy_kind: &'static str,
     /// Shared by the series of one policy's rules, and with the series index.
@@ -124,6 +144,26 @@ pub struct RuleLabels {
 }
 
 impl RuleLabels {
+    /// The labels as the exposition writes them, in this order.
+    fn pairs(&self) -> [(&'static str, &str); 6] {
+        let Self {
+            policy_kind,
+            policy_namespace,
+            policy_name,
+            direction,
+            rule,
+            action,
+        } = self;
+        [
+            ("policy_kind", policy_kind),
+            ("policy_namespace", policy_namespace),
+            ("policy_name", policy_name),
+            ("direction", direction),
+            ("rule", rule),
+            ("action", action),
+        ]
+    }
+
     fn names(&self, key: &PolicyKey) -> bool {
         self.policy_kind == key.kind.as_str()
             && *self.policy_namespace == *key.namespace
@@ -178,12 +218,12 @@ impl RuleLabels {
     }
 }
 
-/// The series of a family created so far, with their counters, found by a hash of the label
-/// values: counting a flow of an existing series builds no label set and takes no family lock.
-/// Also what removal walks, since a family cannot be listed.
+/// The series of a family created so far, with their counts, found by a hash of the label
+/// values: counting a flow of an existing series builds no label set. The counts are plain
+/// integers: they change and are read only under the lock that guards the index.
 #[derive(Debug)]
 struct Series<L> {
-    by_hash: FxHashMap<u64, Vec<(L, Counter)>>,
+    by_hash: FxHashMap<u64, Vec<(L, u64)>>,
     len: usize,
 }
 
@@ -197,15 +237,14 @@ impl<L> Default for Series<L> {
 }
 
 impl<L: Clone + Hash + Eq> Series<L> {
-    /// The counter of the series `matches` picks among those hashed `hash`, created at zero
-    /// (labels from `make`) in `family` when new.
+    /// The count of the series `matches` picks among those hashed `hash`, created at zero
+    /// (labels from `make`) when new.
     fn counter(
         &mut self,
         hash: u64,
         matches: impl Fn(&L) -> bool,
         make: impl FnOnce() -> L,
-        create: impl FnOnce(&L) -> Counter,
-    ) -> &Counter {
+    ) -> &mut u64 {
         // Nearly every bucket holds one series: sized exactly, not the four a pushed-to empty
         // `Vec` reserves (with thousands of rule series that was most of their memory).
         let bucket = self
@@ -215,126 +254,230 @@ impl<L: Clone + Hash + Eq> Series<L> {
         let at = match bucket.iter().position(|(labels, _)| matches(labels)) {
             Some(at) => at,
             None => {
-                let labels = make();
-                let counter = create(&labels);
-                bucket.push((labels, counter));
+                bucket.push((make(), 0));
                 self.len += 1;
                 bucket.len() - 1
             }
         };
-        &bucket[at].1
+        &mut bucket[at].1
     }
 
-    /// Removes the series `gone` picks (telling `removed` of each); returns how many.
-    fn remove(&mut self, gone: impl Fn(&L) -> bool, mut removed: impl FnMut(&L)) -> usize {
+    /// Removes the series `gone` picks; returns how many.
+    fn remove(&mut self, gone: impl Fn(&L) -> bool) -> usize {
         let before = self.len;
         self.by_hash.retain(|_, bucket| {
-            bucket.retain(|(labels, _)| {
-                let remove = gone(labels);
-                if remove {
-                    removed(labels);
-                }
-                !remove
-            });
+            bucket.retain(|(labels, _)| !gone(labels));
             !bucket.is_empty()
         });
         self.len = self.by_hash.values().map(Vec::len).sum();
         before - self.len
     }
-}
 
-/// `flow_auditor_policy_rule_hits_total`, encoded straight from the series index.
-#[derive(Debug)]
-struct RuleHits(Arc<Mutex<Series<RuleLabels>>>);
-
-impl Collector for RuleHits {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let series = lock(&self.0);
-        // As a family does: no series, no descriptor.
-        if series.len == 0 {
-            return Ok(());
-        }
-        let mut metric = encoder.encode_descriptor(
-            "policy_rule_hits",
-            "Flows decided by each policy rule, per direction",
-            None,
-            MetricType::Counter,
-        )?;
-        for (labels, counter) in series.by_hash.values().flatten() {
-            counter.encode(metric.encode_family(labels)?)?;
-        }
-        Ok(())
+    fn iter(&self) -> impl Iterator<Item = &(L, u64)> {
+        self.by_hash.values().flatten()
     }
 }
 
-/// Where events were lost (SPEC 3: nothing is lost silently).
+/// Where datapath events were lost (SPEC 3: nothing is lost silently). Each metric counts one
+/// unit: events here; packets the flow table could not take and packets skipped by sampling
+/// have counters of their own ([`Metrics::set_flow_table_insert_failures`],
+/// [`Metrics::set_sampled_out_packets`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LostSource {
-    /// The ring buffer was full when the datapath had an event to send.
+    /// The ring buffer was full when the datapath had an event to send, or user space could not
+    /// decode an event it read.
     RingBuffer,
-    /// The flow table refused an insert.
-    FlowTable,
-    /// Established-flow packets skipped by sampling (counted, not judged).
-    Sampling,
 }
 
 impl LostSource {
-    pub const ALL: [Self; 3] = [Self::RingBuffer, Self::FlowTable, Self::Sampling];
+    pub const ALL: [Self; 1] = [Self::RingBuffer];
 
     #[must_use]
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::RingBuffer => "ring_buffer",
-            Self::FlowTable => "flow_table",
-            Self::Sampling => "sampling",
+        }
+    }
+
+    const fn index(self) -> usize {
+        match self {
+            Self::RingBuffer => 0,
         }
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct SourceLabel {
-    source: &'static str,
+/// A counter that can be handed out: clones count together (the unexpected-flow log bumps the
+/// one [`Metrics::unexpected_logs_suppressed`] gives it).
+#[derive(Clone, Debug, Default)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
+
+    pub fn inc_by(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    #[must_use]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModeLabel {
-    mode: &'static str,
+/// A gauge holding an `f64` (as its bits).
+#[derive(Debug, Default)]
+struct GaugeF64(AtomicU64);
+
+impl GaugeF64 {
+    fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabel {
-    kind: &'static str,
+/// The policy kinds `flow_auditor_policies` has a series for, from the start.
+const POLICY_KINDS: [PolicyKind; 3] = [
+    PolicyKind::NetworkPolicy,
+    PolicyKind::CiliumNetworkPolicy,
+    PolicyKind::CiliumClusterwideNetworkPolicy,
+];
+
+const fn policy_kind_index(kind: PolicyKind) -> usize {
+    match kind {
+        PolicyKind::NetworkPolicy => 0,
+        PolicyKind::CiliumNetworkPolicy => 1,
+        PolicyKind::CiliumClusterwideNetworkPolicy => 2,
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
+const fn hook_mode_index(mode: HookMode) -> usize {
+    match mode {
+        HookMode::Tcx => 0,
+        HookMode::Clsact => 1,
+    }
 }
 
-type GaugeF64 = Gauge<f64, AtomicU64>;
+const fn counter(name: &'static str, help: &'static str) -> Family {
+    Family {
+        name,
+        help,
+        unit: None,
+        kind: Kind::Counter,
+    }
+}
+
+const fn gauge(name: &'static str, help: &'static str, unit: Option<&'static str>) -> Family {
+    Family {
+        name,
+        help,
+        unit,
+        kind: Kind::Gauge,
+    }
+}
+
+// The families, in the order they are written.
+const FLOWS: Family = counter(
+    "flow_auditor_flows",
+    "Flows counted, by audit verdict, outcome, peers, protocol and destination port.",
+);
+const RULE_HITS: Family = counter(
+    "flow_auditor_policy_rule_hits",
+    "Flows decided by each policy rule, per direction.",
+);
+const LOST_EVENTS: Family = counter(
+    "flow_auditor_lost_events",
+    "Datapath events lost before user space read them or could not be decoded, by where they \
+     were lost.",
+);
+const INSERT_FAILURES: Family = counter(
+    "flow_auditor_flow_table_insert_failures",
+    "Packets that would have started a flow the kernel flow table could not take; their flows \
+     are not tracked.",
+);
+const SAMPLED_OUT: Family = counter(
+    "flow_auditor_sampled_out_packets",
+    "Packets of established flows skipped by sampling: in no flow's packet and byte counts, \
+     by design.",
+);
+const FLOW_TABLE_ENTRIES: Family = gauge(
+    "flow_auditor_flow_table_entries",
+    "Entries in the kernel flow table.",
+    None,
+);
+const FLOW_TABLE_CAPACITY: Family = gauge(
+    "flow_auditor_flow_table_capacity",
+    "Maximum entries of the kernel flow table.",
+    None,
+);
+const ATTACHED: Family = gauge(
+    "flow_auditor_attached_interfaces",
+    "Interfaces the datapath is attached to, by attach mode.",
+    None,
+);
+const POLICIES: Family = gauge(
+    "flow_auditor_policies",
+    "Policy objects in the intended model, by kind.",
+    None,
+);
+const POLICY_ERRORS: Family = gauge(
+    "flow_auditor_policy_errors",
+    "Policy objects left out of the model because they could not be compiled.",
+    None,
+);
+const MODEL_GENERATION: Family = gauge(
+    "flow_auditor_model_generation",
+    "Generation of the intended model, bumped on every change.",
+    None,
+);
+const MODEL_UPDATED: Family = gauge(
+    "flow_auditor_model_last_update_timestamp_seconds",
+    "Unix time of the last change of the intended model.",
+    Some("seconds"),
+);
+const INVENTORY_STALENESS: Family = gauge(
+    "flow_auditor_inventory_staleness_seconds",
+    "Seconds since the inventory was last known in sync with its source; 0 while in sync.",
+    Some("seconds"),
+);
+const LOGS_SUPPRESSED: Family = counter(
+    "flow_auditor_unexpected_logs_suppressed",
+    "Unexpected-flow log lines dropped by the rate limit.",
+);
+// A gauge fixed at 1 rather than an OpenMetrics info: both text formats (and promtool)
+// understand it, and it joins the usual way (`* on() group_left(version) ...`).
+const BUILD_INFO: Family = gauge(
+    "flow_auditor_build_info",
+    "Build of the running auditor, always 1.",
+    None,
+);
 
 /// Every metric the daemon exposes. Shared (`Arc`) between the pipeline and the HTTP server;
 /// every method takes `&self`.
 #[derive(Debug)]
 pub struct Metrics {
-    registry: Registry,
-    flows: Family<FlowLabels, Counter>,
-    /// The label sets created so far (see [`Series`]).
+    /// The always-present zero series of each verdict and outcome (see
+    /// [`FlowLabels::placeholder`]); no flow counts in them.
+    flow_placeholders: Vec<FlowLabels>,
+    /// The flow series created by flows (see [`Series`]).
     flow_series: Mutex<Series<FlowLabels>>,
-    /// The rule hit series: stored here only, and encoded from here by [`RuleHits`] (a family
-    /// would keep a second copy of every label set, and there is a series per rule).
-    rule_series: Arc<Mutex<Series<RuleLabels>>>,
-    lost: Family<SourceLabel, Counter>,
-    flow_table_entries: Gauge,
-    flow_table_capacity: Gauge,
-    attached: Family<ModeLabel, Gauge>,
-    policies: Family<KindLabel, Gauge>,
-    policy_errors: Gauge,
-    model_generation: Gauge,
+    rule_series: Mutex<Series<RuleLabels>>,
+    lost: [AtomicU64; LostSource::ALL.len()],
+    insert_failures: AtomicU64,
+    sampled_out: AtomicU64,
+    flow_table_entries: AtomicI64,
+    flow_table_capacity: AtomicI64,
+    attached: [AtomicI64; HookMode::ALL.len()],
+    policies: [AtomicI64; POLICY_KINDS.len()],
+    policy_errors: AtomicI64,
+    model_generation: AtomicI64,
     model_updated: GaugeF64,
-    inventory_staleness: GaugeF64,
-    /// Unix time (as f64 bits) of the last moment the inventory was known in sync; 0 while it is.
-    inventory_stale_since: AtomicU64,
+    /// Unix time of the last moment the inventory was known in sync; 0 while it is.
+    inventory_stale_since: GaugeF64,
     log_suppressed: Counter,
 }
 
@@ -347,164 +490,48 @@ impl Default for Metrics {
 impl Metrics {
     #[must_use]
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("flow_auditor");
-        let flows = Family::<FlowLabels, Counter>::default();
-        registry.register(
-            "flows",
-            "Flows counted, by audit verdict, outcome, peers, protocol and destination port",
-            flows.clone(),
-        );
-        let rule_series = Arc::new(Mutex::new(Series::default()));
-        registry.register_collector(Box::new(RuleHits(Arc::clone(&rule_series))));
-        let lost = Family::<SourceLabel, Counter>::default();
-        registry.register(
-            "lost_events",
-            "Datapath events not turned into flows, by where they were lost",
-            lost.clone(),
-        );
-        let flow_table_entries = Gauge::default();
-        registry.register(
-            "flow_table_entries",
-            "Entries in the kernel flow table",
-            flow_table_entries.clone(),
-        );
-        let flow_table_capacity = Gauge::default();
-        registry.register(
-            "flow_table_capacity",
-            "Maximum entries of the kernel flow table",
-            flow_table_capacity.clone(),
-        );
-        let attached = Family::<ModeLabel, Gauge>::default();
-        registry.register(
-            "attached_interfaces",
-            "Interfaces the datapath is attached to, by attach mode",
-            attached.clone(),
-        );
-        let policies = Family::<KindLabel, Gauge>::default();
-        registry.register(
-            "policies",
-            "Policy objects in the intended model, by kind",
-            policies.clone(),
-        );
-        let policy_errors = Gauge::default();
-        registry.register(
-            "policy_errors",
-            "Policy objects left out of the model because they could not be compiled",
-            policy_errors.clone(),
-        );
-        let model_generation = Gauge::default();
-        registry.register(
-            "model_generation",
-            "Generation of the intended model, bumped on every change",
-            model_generation.clone(),
-        );
-        let model_updated = GaugeF64::default();
-        registry.register_with_unit(
-            "model_last_update_timestamp",
-            "Unix time of the last change of the intended model",
-            Unit::Seconds,
-            model_updated.clone(),
-        );
-        let inventory_staleness = GaugeF64::default();
-        registry.register_with_unit(
-            "inventory_staleness",
-            "Seconds since the inventory was last known in sync with its source; 0 while in sync",
-            Unit::Seconds,
-            inventory_staleness.clone(),
-        );
-        let log_suppressed = Counter::default();
-        registry.register(
-            "unexpected_logs_suppressed",
-            "Unexpected-flow log lines dropped by the rate limit",
-            log_suppressed.clone(),
-        );
-        // A gauge fixed at 1 rather than an OpenMetrics info: both text formats (and promtool)
-        // understand it, and it joins the usual way (`* on() group_left(version) ...`).
-        let build_info = Family::<BuildLabels, Gauge>::default();
-        build_info
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
+        let flow_placeholders = AuditVerdict::ALL
+            .into_iter()
+            .flat_map(|verdict| {
+                verdict
+                    .outcomes()
+                    .iter()
+                    .map(move |outcome| FlowLabels::placeholder(verdict, &outcome.to_string()))
             })
-            .set(1);
-        registry.register(
-            "build_info",
-            "Build of the running auditor, always 1",
-            build_info,
-        );
-
-        for source in LostSource::ALL {
-            drop(lost.get_or_create(&SourceLabel {
-                source: source.as_str(),
-            }));
-        }
-        for mode in HookMode::ALL {
-            drop(attached.get_or_create(&ModeLabel {
-                mode: mode.as_str(),
-            }));
-        }
-        for kind in [
-            PolicyKind::NetworkPolicy,
-            PolicyKind::CiliumNetworkPolicy,
-            PolicyKind::CiliumClusterwideNetworkPolicy,
-        ] {
-            drop(policies.get_or_create(&KindLabel {
-                kind: kind.as_str(),
-            }));
-        }
-        let metrics = Self {
-            registry,
-            flows,
+            .collect();
+        Self {
+            flow_placeholders,
             flow_series: Mutex::new(Series::default()),
-            rule_series,
-            lost,
-            flow_table_entries,
-            flow_table_capacity,
-            attached,
-            policies,
-            policy_errors,
-            model_generation,
-            model_updated,
-            inventory_staleness,
-            inventory_stale_since: AtomicU64::new(0),
-            log_suppressed,
-        };
-        metrics.create_placeholders();
-        metrics
-    }
-
-    fn create_placeholders(&self) {
-        for verdict in AuditVerdict::ALL {
-            for outcome in verdict.outcomes() {
-                drop(
-                    self.flows
-                        .get_or_create(&FlowLabels::placeholder(verdict, &outcome.to_string())),
-                );
-            }
+            rule_series: Mutex::new(Series::default()),
+            lost: Default::default(),
+            insert_failures: AtomicU64::new(0),
+            sampled_out: AtomicU64::new(0),
+            flow_table_entries: AtomicI64::new(0),
+            flow_table_capacity: AtomicI64::new(0),
+            attached: Default::default(),
+            policies: Default::default(),
+            policy_errors: AtomicI64::new(0),
+            model_generation: AtomicI64::new(0),
+            model_updated: GaugeF64::default(),
+            inventory_stale_since: GaugeF64::default(),
+            log_suppressed: Counter::default(),
         }
     }
 
     /// Counts one audited flow and the rules that decided it.
     pub fn record(&self, flow: &AuditedFlow) {
-        // Under the index's lock, so a concurrent removal sees the series in both places or
-        // neither.
-        lock(&self.flow_series)
-            .counter(
-                FlowLabels::hash_of(flow),
-                |labels| labels.describe(flow),
-                || FlowLabels::of(flow),
-                |labels| self.flows.get_or_create(labels).clone(),
-            )
-            .inc();
+        *lock(&self.flow_series).counter(
+            FlowLabels::hash_of(flow),
+            |labels| labels.describe(flow),
+            || FlowLabels::of(flow),
+        ) += 1;
         let mut rule_series = lock(&self.rule_series);
         for decision in &flow.judgement.decisions {
-            rule_series
-                .counter(
-                    RuleLabels::hash_of(decision),
-                    |labels| labels.describe(decision),
-                    || RuleLabels::of(decision),
-                    |_| Counter::default(),
-                )
-                .inc();
+            *rule_series.counter(
+                RuleLabels::hash_of(decision),
+                |labels| labels.describe(decision),
+                || RuleLabels::of(decision),
+            ) += 1;
         }
     }
 
@@ -540,7 +567,6 @@ impl Metrics {
                     rule: rule.into(),
                     action: action.as_str(),
                 },
-                |_| Counter::default(),
             );
         }
     }
@@ -549,17 +575,21 @@ impl Metrics {
     #[must_use]
     pub fn rule_count(&self, labels: &RuleLabels) -> Option<u64> {
         lock(&self.rule_series)
-            .by_hash
-            .values()
-            .flatten()
+            .iter()
             .find(|(l, _)| l == labels)
-            .map(|(_, c)| c.get())
+            .map(|(_, count)| *count)
     }
 
     /// The current value of a flow series (`None` when it does not exist).
     #[must_use]
     pub fn flow_count(&self, labels: &FlowLabels) -> Option<u64> {
-        self.flows.get(labels).map(|c| c.get())
+        if self.flow_placeholders.contains(labels) {
+            return Some(0);
+        }
+        lock(&self.flow_series)
+            .iter()
+            .find(|(l, _)| l == labels)
+            .map(|(_, count)| *count)
     }
 
     /// Number of flow series created by flows (the per-verdict placeholders not included).
@@ -574,9 +604,9 @@ impl Metrics {
         if namespace.is_empty() {
             return 0;
         }
-        let flows =
-            self.remove_flows(|l| l.src_namespace == namespace || l.dst_namespace == namespace);
-        let rules = lock(&self.rule_series).remove(|l| *l.policy_namespace == *namespace, |_| {});
+        let flows = lock(&self.flow_series)
+            .remove(|l| l.src_namespace == namespace || l.dst_namespace == namespace);
+        let rules = lock(&self.rule_series).remove(|l| *l.policy_namespace == *namespace);
         flows + rules
     }
 
@@ -585,7 +615,7 @@ impl Metrics {
         if namespace.is_empty() {
             return 0;
         }
-        self.remove_flows(|l| {
+        lock(&self.flow_series).remove(|l| {
             (l.src_namespace == namespace && l.src_workload == workload)
                 || (l.dst_namespace == namespace && l.dst_workload == workload)
         })
@@ -593,38 +623,36 @@ impl Metrics {
 
     /// Removes every rule series of a policy.
     pub fn remove_policy(&self, key: &PolicyKey) -> usize {
-        lock(&self.rule_series).remove(|l| l.names(key), |_| {})
-    }
-
-    fn remove_flows(&self, gone: impl Fn(&FlowLabels) -> bool) -> usize {
-        lock(&self.flow_series).remove(gone, |labels| {
-            self.flows.remove(labels);
-        })
+        lock(&self.rule_series).remove(|l| l.names(key))
     }
 
     /// Brings a lost-events counter up to the datapath's total (kernel counters only grow; a
     /// smaller total, after a reload, adds nothing).
     pub fn set_lost_events(&self, source: LostSource, total: u64) {
-        let counter = self.lost.get_or_create(&SourceLabel {
-            source: source.as_str(),
-        });
-        let current = counter.get();
-        if total > current {
-            counter.inc_by(total - current);
-        }
+        self.lost[source.index()].fetch_max(total, Ordering::Relaxed);
+    }
+
+    /// Brings the flow table's failed inserts up to the datapath's total (as
+    /// [`Metrics::set_lost_events`]).
+    pub fn set_flow_table_insert_failures(&self, total: u64) {
+        self.insert_failures.fetch_max(total, Ordering::Relaxed);
+    }
+
+    /// Brings the packets skipped by sampling up to the datapath's total (as
+    /// [`Metrics::set_lost_events`]).
+    pub fn set_sampled_out_packets(&self, total: u64) {
+        self.sampled_out.fetch_max(total, Ordering::Relaxed);
     }
 
     pub fn set_flow_table(&self, entries: u64, capacity: u64) {
-        self.flow_table_entries.set(saturating_i64(entries));
-        self.flow_table_capacity.set(saturating_i64(capacity));
+        self.flow_table_entries
+            .store(saturating_i64(entries), Ordering::Relaxed);
+        self.flow_table_capacity
+            .store(saturating_i64(capacity), Ordering::Relaxed);
     }
 
     pub fn set_attached_interfaces(&self, mode: HookMode, count: usize) {
-        self.attached
-            .get_or_create(&ModeLabel {
-                mode: mode.as_str(),
-            })
-            .set(saturating_i64(count as u64));
+        self.attached[hook_mode_index(mode)].store(saturating_i64(count as u64), Ordering::Relaxed);
     }
 
     /// The model as loaded: objects per kind, objects that failed to compile, its generation
@@ -637,14 +665,13 @@ impl Metrics {
         updated: SystemTime,
     ) {
         for &(kind, count) in per_kind {
-            self.policies
-                .get_or_create(&KindLabel {
-                    kind: kind.as_str(),
-                })
-                .set(saturating_i64(count as u64));
+            self.policies[policy_kind_index(kind)]
+                .store(saturating_i64(count as u64), Ordering::Relaxed);
         }
-        self.policy_errors.set(saturating_i64(errors as u64));
-        self.model_generation.set(saturating_i64(generation));
+        self.policy_errors
+            .store(saturating_i64(errors as u64), Ordering::Relaxed);
+        self.model_generation
+            .store(saturating_i64(generation), Ordering::Relaxed);
         self.model_updated.set(unix_seconds(updated));
     }
 
@@ -656,8 +683,7 @@ impl Metrics {
         } else {
             unix_seconds(since).max(f64::MIN_POSITIVE)
         };
-        self.inventory_stale_since
-            .store(value.to_bits(), Ordering::Relaxed);
+        self.inventory_stale_since.set(value);
     }
 
     /// The counter the unexpected-flow log bumps for each line it drops.
@@ -666,64 +692,71 @@ impl Metrics {
         self.log_suppressed.clone()
     }
 
-    /// The OpenMetrics text of every metric, as of `now`.
-    ///
-    /// # Errors
-    /// Only if encoding fails, which writing to a `String` does not.
-    pub fn encode(&self, now: SystemTime) -> Result<String, ExportError> {
-        let since = f64::from_bits(self.inventory_stale_since.load(Ordering::Relaxed));
+    /// Every metric, as of `now`, in `format`.
+    #[must_use]
+    pub fn encode(&self, now: SystemTime, format: Format) -> String {
+        let mut encoder = Encoder::new(format, 16 * 1024);
+        self.collect(now, &mut encoder);
+        encoder.finish()
+    }
+
+    /// Hands every family and its samples, as of `now`, to `sink`.
+    fn collect(&self, now: SystemTime, sink: &mut impl Sink) {
+        let relaxed = |v: &AtomicI64| Value::Int(v.load(Ordering::Relaxed));
+        sink.family(&FLOWS);
+        for labels in &self.flow_placeholders {
+            sink.sample(&labels.pairs(), Value::Count(0));
+        }
+        for (labels, count) in lock(&self.flow_series).iter() {
+            sink.sample(&labels.pairs(), Value::Count(*count));
+        }
+        sink.family(&RULE_HITS);
+        for (labels, count) in lock(&self.rule_series).iter() {
+            sink.sample(&labels.pairs(), Value::Count(*count));
+        }
+        sink.family(&LOST_EVENTS);
+        for source in LostSource::ALL {
+            let total = self.lost[source.index()].load(Ordering::Relaxed);
+            sink.sample(&[("source", source.as_str())], Value::Count(total));
+        }
+        sink.family(&INSERT_FAILURES);
+        let failures = self.insert_failures.load(Ordering::Relaxed);
+        sink.sample(&[], Value::Count(failures));
+        sink.family(&SAMPLED_OUT);
+        sink.sample(&[], Value::Count(self.sampled_out.load(Ordering::Relaxed)));
+        sink.family(&FLOW_TABLE_ENTRIES);
+        sink.sample(&[], relaxed(&self.flow_table_entries));
+        sink.family(&FLOW_TABLE_CAPACITY);
+        sink.sample(&[], relaxed(&self.flow_table_capacity));
+        sink.family(&ATTACHED);
+        for mode in HookMode::ALL {
+            let count = relaxed(&self.attached[hook_mode_index(mode)]);
+            sink.sample(&[("mode", mode.as_str())], count);
+        }
+        sink.family(&POLICIES);
+        for kind in POLICY_KINDS {
+            let count = relaxed(&self.policies[policy_kind_index(kind)]);
+            sink.sample(&[("kind", kind.as_str())], count);
+        }
+        sink.family(&POLICY_ERRORS);
+        sink.sample(&[], relaxed(&self.policy_errors));
+        sink.family(&MODEL_GENERATION);
+        sink.sample(&[], relaxed(&self.model_generation));
+        sink.family(&MODEL_UPDATED);
+        sink.sample(&[], Value::Float(self.model_updated.get()));
+        sink.family(&INVENTORY_STALENESS);
+        let since = self.inventory_stale_since.get();
         let staleness = if since > 0.0 {
             (unix_seconds(now) - since).max(0.0)
         } else {
             0.0
         };
-        self.inventory_staleness.set(staleness);
-        let mut out = String::with_capacity(16 * 1024);
-        text::encode(&mut out, &self.registry).map_err(|_| ExportError::Encode)?;
-        // The encoder ends with `# EOF`; make sure the last line is terminated for strict parsers.
-        if !out.ends_with('\n') {
-            let _ = writeln!(out);
-        }
-        Ok(out)
+        sink.sample(&[], Value::Float(staleness));
+        sink.family(&LOGS_SUPPRESSED);
+        sink.sample(&[], Value::Count(self.log_suppressed.get()));
+        sink.family(&BUILD_INFO);
+        sink.sample(&[("version", env!("CARGO_PKG_VERSION"))], Value::Int(1));
     }
-}
-
-/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition, for clients that ask
-/// for `text/plain` (and for `promtool check metrics`, which reads only that format): counter
-/// families are named with their `_total` suffix, and `# UNIT` / `# EOF` do not exist.
-#[must_use]
-pub fn to_text_format(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let meta = line
-            .strip_prefix("# HELP ")
-            .map(|rest| ("# HELP ", rest))
-            .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
-        match meta {
-            Some((prefix, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                let suffix = if counters.contains(name) {
-                    "_total"
-                } else {
-                    ""
-                };
-                let _ = writeln!(out, "{prefix}{name}{suffix} {tail}");
-            }
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    out
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -746,16 +779,262 @@ fn unix_seconds(t: SystemTime) -> f64 {
 mod tests {
     use super::*;
 
+    use std::sync::atomic::AtomicU64;
+
+    use prometheus_client::metrics::counter::Counter as PcCounter;
+    use prometheus_client::metrics::family::Family as PcFamily;
+    use prometheus_client::metrics::gauge::Gauge as PcGauge;
+    use prometheus_client::registry::{Metric, Registry, Unit};
+
+    use crate::audit::{Peer, PodPeer};
+
+    type PcLabels = Vec<(String, String)>;
+
+    /// One family handed to `prometheus-client`, of the type its first sample's value says: a
+    /// metric of its own for a family of one series without labels, else a family.
+    enum PcMetric {
+        Counter(PcFamily<PcLabels, PcCounter>),
+        Int(PcFamily<PcLabels, PcGauge>),
+        Float(PcFamily<PcLabels, PcGauge<f64, AtomicU64>>),
+        /// Registered with its value: a metric of one series takes one sample.
+        One,
+    }
+
+    /// The families of a [`Metrics`] rebuilt as `prometheus-client` families in its registry,
+    /// for its own OpenMetrics encoder to write.
+    #[derive(Default)]
+    struct Reference {
+        registry: Registry,
+        family: Option<&'static Family>,
+        metric: Option<PcMetric>,
+    }
+
+    impl Reference {
+        fn register(&mut self, family: &Family, metric: impl Metric) {
+            // prometheus-client ends every help text with a full stop of its own.
+            let help = family.help.strip_suffix('.').unwrap_or(family.help);
+            match family.unit {
+                None => self.registry.register(family.name, help, metric),
+                Some(unit) => {
+                    let name = family
+                        .name
+                        .strip_suffix(&format!("_{unit}"))
+                        .unwrap_or_else(|| panic!("{} does not end in its unit", family.name));
+                    let unit = match unit {
+                        "seconds" => Unit::Seconds,
+                        other => Unit::Other(other.to_owned()),
+                    };
+                    self.registry.register_with_unit(name, help, unit, metric);
+                }
+            }
+        }
+    }
+
+    impl Sink for Reference {
+        fn family(&mut self, family: &'static Family) {
+            self.family = Some(family);
+            self.metric = None;
+        }
+
+        fn sample(&mut self, labels: &[(&str, &str)], value: Value) {
+            let family = self
+                .family
+                .unwrap_or_else(|| panic!("a sample before a family"));
+            assert_eq!(
+                family.kind == Kind::Counter,
+                matches!(value, Value::Count(_)),
+                "{}: counters and only counters have counts",
+                family.name
+            );
+            if self.metric.is_none() {
+                let metric = match value {
+                    Value::Count(v) if labels.is_empty() => {
+                        let c: PcCounter = PcCounter::default();
+                        c.inc_by(v);
+                        self.register(family, c);
+                        PcMetric::One
+                    }
+                    Value::Int(v) if labels.is_empty() => {
+                        let g: PcGauge = PcGauge::default();
+                        g.set(v);
+                        self.register(family, g);
+                        PcMetric::One
+                    }
+                    Value::Float(v) if labels.is_empty() => {
+                        let g = PcGauge::<f64, AtomicU64>::default();
+                        g.set(v);
+                        self.register(family, g);
+                        PcMetric::One
+                    }
+                    Value::Count(_) => {
+                        let f = PcFamily::default();
+                        self.register(family, f.clone());
+                        PcMetric::Counter(f)
+                    }
+                    Value::Int(_) => {
+                        let f = PcFamily::default();
+                        self.register(family, f.clone());
+                        PcMetric::Int(f)
+                    }
+                    Value::Float(_) => {
+                        let f = PcFamily::default();
+                        self.register(family, f.clone());
+                        PcMetric::Float(f)
+                    }
+                };
+                self.metric = Some(metric);
+            }
+            let labels: PcLabels = labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            match (&self.metric, value) {
+                (Some(PcMetric::Counter(f)), Value::Count(v)) => {
+                    f.get_or_create(&labels).inc_by(v);
+                }
+                (Some(PcMetric::Int(f)), Value::Int(v)) => {
+                    f.get_or_create(&labels).set(v);
+                }
+                (Some(PcMetric::Float(f)), Value::Float(v)) => {
+                    f.get_or_create(&labels).set(v);
+                }
+                (Some(PcMetric::One), _) if labels.is_empty() => {
+                    // Set above: the one sample of a family without labels.
+                }
+                _ => panic!(
+                    "{}: samples of mixed value types, or more than one without labels",
+                    family.name
+                ),
+            }
+        }
+    }
+
+    /// An exposition as its families (from each `# HELP` on), each its metadata in order and
+    /// its samples sorted (families keep series in no particular order); an integer value as
+    /// written, a float as the number it reads as (prometheus-client's float writer does not
+    /// always pick the shortest of the decimal forms that read back as the same number).
+    fn families(text: &str) -> Vec<(Vec<&str>, Vec<String>)> {
+        let mut out: Vec<(Vec<&str>, Vec<String>)> = Vec::new();
+        for line in text.lines() {
+            if line.starts_with("# HELP ") || out.is_empty() {
+                out.push((Vec::new(), Vec::new()));
+            }
+            let Some((meta, samples)) = out.last_mut() else {
+                continue;
+            };
+            if line.starts_with('#') {
+                meta.push(line);
+            } else {
+                let (series, value) = line
+                    .rsplit_once(' ')
+                    .unwrap_or_else(|| panic!("no value: {line:?}"));
+                if value.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+                    samples.push(line.to_owned());
+                } else {
+                    let value: f64 = value
+                        .parse()
+                        .unwrap_or_else(|e| panic!("bad value in {line:?}: {e}"));
+                    samples.push(format!("{series} {value:?} (a float)"));
+                }
+            }
+        }
+        for (_, samples) in &mut out {
+            samples.sort_unstable();
+        }
+        out
+    }
+
+    /// Metrics with something in every family, and label values that need escaping.
+    fn populated() -> Metrics {
+        let m = Metrics::new();
+        let policy = PolicyKey {
+            kind: PolicyKind::NetworkPolicy,
+            namespace: "db".into(),
+            name: "allow-web".into(),
+        };
+        m.ensure_rules(
+            [
+                (&policy, Direction::Ingress, "ingress[0]", Action::Allow),
+                (&policy, Direction::Ingress, "default-deny", Action::Deny),
+            ]
+            .into_iter(),
+        );
+        let flow = crate::export::log::tests::flow(AuditVerdict::Unexpected);
+        for _ in 0..3 {
+            m.record(&flow);
+        }
+        let mut odd = crate::export::log::tests::flow(AuditVerdict::Denied);
+        odd.src = Peer::Pod(PodPeer {
+            namespace: "we\\ird".into(),
+            name: "x-0".into(),
+            workload: "say \"hi\"\nthere".into(),
+            node: None,
+        });
+        odd.dst_port = None;
+        m.record(&odd);
+        m.set_lost_events(LostSource::RingBuffer, 7);
+        m.set_flow_table_insert_failures(2);
+        m.set_sampled_out_packets(u64::MAX);
+        m.set_flow_table(1234, 65536);
+        m.set_attached_interfaces(HookMode::Tcx, 12);
+        m.set_model(
+            &[(PolicyKind::NetworkPolicy, 5)],
+            1,
+            42,
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_250),
+        );
+        m.set_inventory_synced(
+            false,
+            SystemTime::now() - std::time::Duration::from_millis(30_125),
+        );
+        m.unexpected_logs_suppressed().inc_by(4);
+        m
+    }
+
     #[test]
-    fn text_format_names_counters_with_total_and_drops_openmetrics_lines() {
-        let om = "# HELP a_flows Flows.\n# TYPE a_flows counter\na_flows_total{x=\"1\"} 3\n\
-                  # HELP a_age Age.\n# TYPE a_age_seconds gauge\n# UNIT a_age_seconds seconds\n\
-                  a_age_seconds 1.5\n# EOF\n";
-        let text = to_text_format(om);
-        assert_eq!(
-            text,
-            "# HELP a_flows_total Flows.\n# TYPE a_flows_total counter\na_flows_total{x=\"1\"} 3\n\
-             # HELP a_age Age.\n# TYPE a_age_seconds gauge\na_age_seconds 1.5\n"
+    fn openmetrics_is_what_prometheus_client_writes_for_the_same_families() {
+        for m in [Metrics::new(), populated()] {
+            let now = SystemTime::now();
+            let ours = m.encode(now, Format::OpenMetrics);
+            let mut reference = Reference::default();
+            m.collect(now, &mut reference);
+            let mut theirs = String::new();
+            prometheus_client::encoding::text::encode(&mut theirs, &reference.registry)
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                families(&ours),
+                families(&theirs),
+                "ours:\n{ours}\nprometheus-client:\n{theirs}"
+            );
+        }
+    }
+
+    #[test]
+    fn both_formats_carry_the_same_samples() {
+        let m = populated();
+        let now = SystemTime::now();
+        let om = m.encode(now, Format::OpenMetrics);
+        let text = m.encode(now, Format::Text);
+        let samples = |t: &str| {
+            let mut s: Vec<String> = t
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect();
+            s.sort_unstable();
+            s
+        };
+        assert_eq!(samples(&om), samples(&text));
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(
+            text.contains("# TYPE flow_auditor_flows_total counter\n")
+                && !text.contains("# UNIT")
+                && !text.contains("# EOF"),
+            "{text}"
+        );
+        assert!(
+            text.contains("src_workload=\"say \\\"hi\\\"\\nthere\""),
+            "{text}"
         );
     }
 
@@ -789,9 +1068,7 @@ mod tests {
         assert_eq!(m.rule_count(&labels("default-deny", "deny")), Some(1));
         assert_eq!(m.rule_count(&labels("ingress[0]", "allow")), Some(0));
         assert_eq!(lock(&m.rule_series).len, 2);
-        let text = m
-            .encode(SystemTime::now())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let text = m.encode(SystemTime::now(), Format::OpenMetrics);
         assert!(
             text.contains("rule=\"ingress[0]\",action=\"allow\"} 0\n"),
             "{text}"
@@ -804,15 +1081,24 @@ mod tests {
     #[test]
     fn lost_events_follow_the_kernel_total() {
         let m = Metrics::new();
-        m.set_lost_events(LostSource::FlowTable, 10);
-        m.set_lost_events(LostSource::FlowTable, 25);
-        m.set_lost_events(LostSource::FlowTable, 3);
-        let text = m
-            .encode(SystemTime::now())
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(
-            text.contains("flow_auditor_lost_events_total{source=\"flow_table\"} 25\n"),
-            "{text}"
+        m.set_lost_events(LostSource::RingBuffer, 10);
+        m.set_lost_events(LostSource::RingBuffer, 25);
+        m.set_lost_events(LostSource::RingBuffer, 3);
+        m.set_flow_table_insert_failures(4);
+        m.set_flow_table_insert_failures(1);
+        m.set_sampled_out_packets(9);
+        let text = m.encode(SystemTime::now(), Format::Text);
+        for line in [
+            "flow_auditor_lost_events_total{source=\"ring_buffer\"} 25\n",
+            "flow_auditor_flow_table_insert_failures_total 4\n",
+            "flow_auditor_sampled_out_packets_total 9\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert_eq!(
+            text.matches("flow_auditor_lost_events_total{").count(),
+            1,
+            "events only: {text}"
         );
     }
 }

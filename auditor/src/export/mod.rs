@@ -1,18 +1,19 @@
 //! The export stage: audited flows and health data out to the world, as Prometheus metrics
-//! served over HTTP ([`http`]) and one JSON log line per unexpected flow ([`log`]).
-//! The metric names, labels and values are the contract of SPEC 5.3 ([`metrics`]).
+//! served over HTTP ([`http`]) in either text format ([`exposition`]), and one JSON log line
+//! per unexpected flow ([`log`]). The metric names, labels and values are the contract of
+//! SPEC 5.3 ([`metrics`]).
 
+pub mod exposition;
 pub mod http;
 pub mod log;
 pub mod metrics;
 
 use std::net::SocketAddr;
 
-pub use http::{
-    DEFAULT_METRICS_ADDR, OPENMETRICS_CONTENT_TYPE, Readiness, Server, TEXT_CONTENT_TYPE,
-};
+pub use exposition::{Format, OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
+pub use http::{DEFAULT_METRICS_ADDR, Limits, Readiness, Server, raise_nofile_limit};
 pub use log::{LogLimits, Logged, TokenBucket, UnexpectedLog};
-pub use metrics::{FlowLabels, LostSource, Metrics, RuleLabels, to_text_format};
+pub use metrics::{Counter, FlowLabels, LostSource, Metrics, RuleLabels};
 
 /// Failures of the export stage.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,4 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
-    #[error("encoding the metrics failed")]
-    Encode,
 }
