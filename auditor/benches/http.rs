@@ -16,8 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use auditor::audit::{AuditVerdict, AuditedFlow, Judgement, ModelVerdict, Peer, PodPeer, RuleHit};
 use auditor::export::{Metrics, Readiness, Server, raise_nofile_limit};
-use auditor::flows::{FlowRecord, Outcome, PerDirection, Protocol};
-use auditor::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
+use auditor::flows::{FlowRecord, Outcome, PerDirection};
+use auditor::policy::ir::{Action, PolicyKey, PolicyKind};
+use auditor::vocab::{Direction, Protocol};
 use auditor_ebpf::flow::{FlowKey, Hook, proto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -15,8 +15,9 @@ use auditor::datapath::attach::HookMode;
 use auditor::export::{
     Limits, LostSource, Metrics, OPENMETRICS_CONTENT_TYPE, Readiness, Server, TEXT_CONTENT_TYPE,
 };
-use auditor::flows::{FlowRecord, Outcome, PerDirection, Protocol};
-use auditor::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
+use auditor::flows::{FlowRecord, Outcome, PerDirection};
+use auditor::policy::ir::{Action, PolicyKey, PolicyKind};
+use auditor::vocab::{Direction, Protocol};
 use auditor_ebpf::flow::{FlowKey, Hook, proto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -21,7 +21,8 @@ use auditor::{
         load::{Datapath, DatapathConfig},
         manager::{DatapathHealth, DatapathManager},
     },
-    flows::{FlowRecord, FlowStream, FlowsConfig, Outcome, Protocol},
+    flows::{FlowRecord, FlowStream, FlowsConfig, Outcome},
+    vocab::Protocol,
 };
 use auditor_ebpf::flow::Hook;
 use netns::{Netns, require_root};

@@ -14,7 +14,7 @@ use crate::inventory::{
 };
 use crate::policy::ir::{self, PolicyKind};
 use crate::policy::netpol;
-use crate::vocab::{ContainerPort, Labels, Protocol as FlowProtocol};
+use crate::vocab::{ContainerPort, Direction, Labels, Protocol};
 
 const FRONTEND: &str = "10.244.0.10";
 const PROMETHEUS: &str = "10.244.0.30";
@@ -64,7 +64,7 @@ fn pod(
             .map(|&(port, name)| ContainerPort {
                 name: Some(name.into()),
                 port,
-                protocol: ir::Protocol::Tcp,
+                protocol: Protocol::Tcp,
             })
             .collect(),
     }
@@ -138,7 +138,7 @@ fn model() -> Cluster {
         ports: vec![ServicePort {
             name: Some("pg".into()),
             port: 5432,
-            protocol: ir::Protocol::Tcp,
+            protocol: Protocol::Tcp,
             target: TargetPort::Number(5432),
         }],
         selector: Some(labels(&[("app", "postgres")])),
@@ -150,7 +150,7 @@ fn model() -> Cluster {
         ports: vec![EndpointPort {
             name: Some("pg".into()),
             port: 5432,
-            protocol: ir::Protocol::Tcp,
+            protocol: Protocol::Tcp,
         }],
         endpoints: vec![Endpoint {
             addresses: vec![ip(POSTGRES)],
@@ -164,7 +164,7 @@ fn model() -> Cluster {
         ports: vec![EndpointPort {
             name: Some("https".into()),
             port: 6443,
-            protocol: ir::Protocol::Tcp,
+            protocol: Protocol::Tcp,
         }],
         endpoints: vec![Endpoint {
             addresses: vec![ip(NODE_A)],
@@ -199,7 +199,7 @@ fn record(src: &str, dst: &str, outcome: Outcome, first: u64) -> FlowRecord {
         (responder.ip(), responder.port()),
     );
     FlowRecord {
-        protocol: FlowProtocol::Tcp,
+        protocol: Protocol::Tcp,
         initiator,
         responder,
         ifindex: 7,
@@ -296,7 +296,7 @@ fn allowed_flow_names_its_rule_and_declared_port() {
         rules,
         [(
             "allow-web",
-            ir::Direction::Ingress,
+            Direction::Ingress,
             "ingress[0]",
             ir::Action::Allow
         )]
@@ -554,14 +554,11 @@ fn a_service_is_labelled_with_its_endpoints_workload_only_when_there_is_one() {
 fn dst_port_is_other_unless_declared_or_named_by_a_policy() {
     let fx = Fixture::new();
     let r = fx.ctx();
-    let tcp = ir::Protocol::Tcp;
+    let tcp = Protocol::Tcp;
     let pg = r.peer(ip(POSTGRES), Some(5432));
     assert_eq!(r.port_label(&pg, ip(POSTGRES), tcp, 5432), Some(5432));
     assert_eq!(r.port_label(&pg, ip(POSTGRES), tcp, 6000), None);
-    assert_eq!(
-        r.port_label(&pg, ip(POSTGRES), ir::Protocol::Udp, 5432),
-        None
-    );
+    assert_eq!(r.port_label(&pg, ip(POSTGRES), Protocol::Udp, 5432), None);
     // World on 5432: not declared, but the policy names 5432/TCP.
     assert_eq!(
         r.port_label(&Peer::World, ip("198.51.100.7"), tcp, 5432),
@@ -571,10 +568,7 @@ fn dst_port_is_other_unless_declared_or_named_by_a_policy() {
         r.port_label(&Peer::World, ip("198.51.100.7"), tcp, 443),
         None
     );
-    assert_eq!(
-        r.port_label(&pg, ip(POSTGRES), ir::Protocol::Icmp, 5432),
-        None
-    );
+    assert_eq!(r.port_label(&pg, ip(POSTGRES), Protocol::Icmp, 5432), None);
 }
 
 #[test]
@@ -582,7 +576,7 @@ fn named_ports_skip_wide_ranges() {
     let mut policy = allow_web();
     policy.rules[0].ports = vec![
         ir::PortMatch {
-            protocol: Some(ir::Protocol::Udp),
+            protocol: Some(Protocol::Udp),
             port: ir::PortSpec::Range(5000, 5003),
         },
         ir::PortMatch {
@@ -592,9 +586,9 @@ fn named_ports_skip_wide_ranges() {
     ];
     let named = NamedPorts::from_rules(&policy.rules);
     assert_eq!(named.len(), 4);
-    assert!(named.contains(ir::Protocol::Udp, 5002));
-    assert!(!named.contains(ir::Protocol::Tcp, 5002));
-    assert!(!named.contains(ir::Protocol::Tcp, 2000));
+    assert!(named.contains(Protocol::Udp, 5002));
+    assert!(!named.contains(Protocol::Tcp, 5002));
+    assert!(!named.contains(Protocol::Tcp, 2000));
 }
 
 #[test]

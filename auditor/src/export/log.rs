@@ -274,8 +274,9 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::audit::{Judgement, ModelVerdict, PodPeer};
-    use crate::flows::{FlowRecord, PerDirection, Protocol};
-    use crate::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
+    use crate::flows::{FlowRecord, PerDirection};
+    use crate::policy::ir::{Action, PolicyKey, PolicyKind};
+    use crate::vocab::{Direction, Protocol};
 
     fn reason() -> String {
         "ingress of pod db/postgres-0 denied by default".to_owned()

@@ -26,7 +26,8 @@ use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::audit::{AuditVerdict, AuditedFlow, RuleHit};
 use crate::datapath::attach::HookMode;
-use crate::policy::ir::{Action, Direction, PolicyKey, PolicyKind};
+use crate::policy::ir::{Action, PolicyKey, PolicyKind};
+use crate::vocab::Direction;
 
 use super::exposition::{Encoder, Family, Format, Kind, Sink, Value};
 

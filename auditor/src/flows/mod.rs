@@ -30,7 +30,7 @@ use std::{
 
 use auditor_ebpf::flow::{FlowKey, Hook};
 
-pub use crate::vocab::Protocol;
+use crate::vocab::Protocol;
 use serde::Serialize;
 
 pub use source::FlowSource;

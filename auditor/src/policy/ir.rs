@@ -23,7 +23,7 @@ use std::fmt;
 use ipnet::IpNet;
 use serde::Serialize;
 
-pub use crate::vocab::{Direction, Protocol};
+use crate::vocab::{Direction, Protocol};
 
 /// The kinds of policy object the model knows; each has its row in
 /// [`super::kinds::POLICY_KINDS`].

@@ -7,9 +7,10 @@ use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::ir::{
-    Action, CompileError, CompiledPolicy, Direction, Isolation, LabelSelector, NamespaceScope,
-    Peer, Peers, PolicyKey, PolicyKind, PortMatch, PortSpec, Protocol, Rule, Subject,
+    Action, CompileError, CompiledPolicy, Isolation, LabelSelector, NamespaceScope, Peer, Peers,
+    PolicyKey, PolicyKind, PortMatch, PortSpec, Rule, Subject,
 };
+use crate::vocab::{Direction, Protocol};
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> CompileError {
     CompileError {

@@ -12,9 +12,9 @@ mod tests;
 pub use crd::*;
 
 use super::ir::{
-    Action, CompileError, CompiledPolicy, Direction, Isolation, Peers, PolicyKey, PolicyKind, Rule,
-    Subject,
+    Action, CompileError, CompiledPolicy, Isolation, Peers, PolicyKey, PolicyKind, Rule, Subject,
 };
+use crate::vocab::Direction;
 use labels::subject_of;
 use peers::{egress_peers, ingress_peers};
 use ports::{EntryPorts, ports_of};

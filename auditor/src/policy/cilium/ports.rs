@@ -2,7 +2,8 @@
 //! L7 rules kept apart) and `icmps`.
 
 use super::{IcmpField, IcmpRule, IcmpType, L7Rules, PortProtocol, PortRule, error};
-use crate::policy::ir::{Action, CompileError, PortMatch, PortSpec, Protocol};
+use crate::policy::ir::{Action, CompileError, PortMatch, PortSpec};
+use crate::vocab::Protocol;
 
 /// The protocols Cilium's `ANY` stands for (ICMP is only matched by ICMP rules).
 /// The ports of one ingress/egress entry: plain ports and the ports that carry L7 rules are

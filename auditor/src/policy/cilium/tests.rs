@@ -4,10 +4,11 @@
 use super::labels::never_requirement;
 use super::*;
 use crate::policy::ir::{
-    Entity, LabelSelector, NamespaceScope, Operator, Peer, Peers, PortMatch, PortSpec, Protocol,
-    Requirement, Unjudgeable,
+    Entity, LabelSelector, NamespaceScope, Operator, Peer, Peers, PortMatch, PortSpec, Requirement,
+    Unjudgeable,
 };
 use crate::vocab::NAMESPACE_NAME_LABEL;
+use crate::vocab::Protocol;
 
 fn parse(yaml: &str) -> CiliumPolicy {
     match serde_yaml_ng::from_str(yaml) {
