@@ -1,5 +1,5 @@
 //! Compiles the TC program (`auditor-ebpf`'s binary) for the bpf target with the pinned nightly and
-//! bpf-linker, into OUT_DIR, where `datapath` embeds it. `cargo xtask setup` installs both.
+//! bpf-linker, into `OUT_DIR`, where `datapath` embeds it. `cargo xtask setup` installs both.
 
 use std::{env, path::Path};
 

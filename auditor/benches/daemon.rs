@@ -1,11 +1,11 @@
 //! The daemon under load: the release `auditor run` in a node namespace with a synthetic
-//! inventory of 10,000 pods and 2,000 NetworkPolicies, and a pod namespace sending real UDP
+//! inventory of 10,000 pods and 2,000 `NetworkPolicies`, and a pod namespace sending real UDP
 //! packets, each to a new destination (pod address and port), through an attached `cali*` veth.
 //! The node routes them to a blackhole, so every flow stays unanswered and is decided at the
 //! answer timeout; meanwhile the 64k-entry flow table stays full. Needs root.
 //!
 //! Two phases, each flow to a destination never used before (sent with `sendmmsg`, 64 per call):
-//! 64,000 new flows, counted, then the daemon's resident set (VmRSS) with those 64,000 flows
+//! 64,000 new flows, counted, then the daemon's resident set (`VmRSS`) with those 64,000 flows
 //! tracked; then `FA_BENCH_FLOWS` more (450,000) at `FA_BENCH_RATE` per second (150,000).
 //!
 //! Figures: `flows_per_s` is the second phase's flows counted (read from `/metrics`) over the
@@ -15,6 +15,10 @@
 //! packet sent; `rss_mib` is the resident set with 64,000 tracked flows, read 11 s after they
 //! were counted (the resident set right when they were counted is printed too). The second phase's
 //! peak resident set is printed on its own line. Ends with the one summary line.
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "figures printed for people: a float rounded in its 16th digit, or a count far below 2^52, does not change them"
+)]
 
 #[path = "../tests/common/netns.rs"]
 mod netns;
@@ -52,7 +56,7 @@ fn pod_ip(i: usize) -> Ipv4Addr {
 }
 
 /// The synthetic cluster: namespaces `ns-N` (labelled with a team), nodes, 10,000 pods (100
-/// per namespace, five per app), and 20 NetworkPolicies per namespace, each isolating one app
+/// per namespace, five per app), and 20 `NetworkPolicies` per namespace, each isolating one app
 /// for ingress and egress and allowing a port range from a team's namespaces plus DNS out.
 fn cluster_yaml() -> String {
     let mut y = String::with_capacity(8 << 20);
@@ -148,7 +152,12 @@ impl Batch {
         let n = usize::try_from(end - first).unwrap_or(BATCH).min(BATCH);
         for (i, addr) in self.addrs.iter_mut().take(n).enumerate() {
             let dst = destination(first + u32::try_from(i).unwrap_or(0));
-            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "AF_INET is 2, and sa_family_t is the C type the kernel declares for it"
+            )]
+            let family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_family = family;
             addr.sin_port = dst.port().to_be();
             addr.sin_addr.s_addr = u32::from(*dst.ip()).to_be();
         }
@@ -166,7 +175,9 @@ impl Batch {
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
         for (msg, addr) in msgs.iter_mut().zip(self.addrs.iter_mut()).take(n) {
             msg.msg_hdr.msg_name = std::ptr::from_mut(addr).cast();
-            msg.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            #[expect(clippy::cast_possible_truncation, reason = "a sockaddr_in is 16 bytes")]
+            let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_hdr.msg_namelen = len;
             msg.msg_hdr.msg_iov = &raw mut self.iov;
             msg.msg_hdr.msg_iovlen = 1;
         }

@@ -13,6 +13,10 @@
 //! timer and setup, so the same is measured for the do-nothing program run once each and
 //! subtracted: new = noop + (mean single run of a new flow - mean single run of noop), taken in
 //! the chunk of flows where that difference is smallest, for the reason above.
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "figures printed for people: a float rounded in its 16th digit, or a count far below 2^52, does not change them"
+)]
 
 #[path = "../tests/common/packets.rs"]
 mod packets;

@@ -1,8 +1,14 @@
 //! Policy model benchmark (`cargo bench -p auditor --bench policy`): a deterministic synthetic
-//! cluster of 200 namespaces, 10,000 pods, 2,000 policies (NetworkPolicy and
-//! CiliumNetworkPolicy) and 100 Services; measures the build, incremental updates, and verdicts
+//! cluster of 200 namespaces, 10,000 pods, 2,000 policies (`NetworkPolicy` and
+//! `CiliumNetworkPolicy`) and 100 Services; measures the build, incremental updates, and verdicts
 //! per second on one core, cold (distinct flows, empty cache) and warm (repeated flows). Times
 //! are the thread's CPU time, so other work on the machine does not skew them.
+#![expect(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "figures printed for people: a float rounded in its 16th digit, or a count far below 2^52, does not change them; synthetic indices are drawn below the width they are cast to"
+)]
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -259,10 +265,8 @@ fn cpu_now() -> Duration {
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        panic!("clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    }
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    assert!(rc == 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
     Duration::new(
         u64::try_from(ts.tv_sec).unwrap_or(0),
         u32::try_from(ts.tv_nsec).unwrap_or(0),
@@ -293,7 +297,7 @@ fn main() {
     for _ in 0..3 {
         let t = cpu_now();
         let m = build(&objects);
-        build_time = build_time.min(cpu_now() - t);
+        build_time = build_time.min(cpu_now().saturating_sub(t));
         model = Some(black_box(m));
     }
     let Some(mut model) = model else {
@@ -310,7 +314,7 @@ fn main() {
             .unwrap_or_else(|e| panic!("{e}"));
         let t = cpu_now();
         model.upsert_pod(changed);
-        pod_total += cpu_now() - t;
+        pod_total += cpu_now().saturating_sub(t);
         let back = k8s::pod(&objects.pods[i]).unwrap_or_else(|e| panic!("{e}"));
         model.upsert_pod(back);
     }
@@ -328,7 +332,7 @@ fn main() {
         .unwrap_or_else(|e| panic!("{e}"));
         let t = cpu_now();
         model.upsert_policy(compiled);
-        policy_total += cpu_now() - t;
+        policy_total += cpu_now().saturating_sub(t);
     }
     let pod_us = pod_total.as_secs_f64() * 1e6 / UPDATES as f64;
     let policy_us = policy_total.as_secs_f64() * 1e6 / UPDATES as f64;
@@ -341,14 +345,14 @@ fn main() {
     // Cold: every flow distinct and the cache empty (an update clears it).
     model.upsert_namespace(inventory::Namespace {
         name: "bench-clear".to_owned(),
-        labels: Default::default(),
+        labels: auditor::vocab::Labels::default(),
     });
     let mut allowed = 0usize;
     let (t, w) = (cpu_now(), Instant::now());
     for f in &flows {
         allowed += usize::from(model.verdict(black_box(f)).allowed);
     }
-    let cold = cpu_now() - t;
+    let cold = cpu_now().saturating_sub(t);
     let cold_wall = w.elapsed();
     // Warm: the same flows again, answered from the cache.
     let (t, w) = (cpu_now(), Instant::now());
@@ -357,14 +361,14 @@ fn main() {
             allowed += usize::from(model.verdict(black_box(f)).allowed);
         }
     }
-    let warm = cpu_now() - t;
+    let warm = cpu_now().saturating_sub(t);
     let warm_wall = w.elapsed();
     // For reference: the engine alone, without the cache (every call computes).
     let t = cpu_now();
     for f in &flows {
         allowed += usize::from(model.judge(black_box(f)).allowed);
     }
-    let uncached = cpu_now() - t;
+    let uncached = cpu_now().saturating_sub(t);
     println!(
         "verdicts without the cache: {}/s",
         per_second(flows.len(), uncached)

@@ -58,7 +58,7 @@ pub enum OutputFormat {
 #[derive(Clone, Debug, clap::Args)]
 pub struct CheckArgs {
     /// Files or directories (recursive) of Kubernetes objects: Namespaces, Nodes, Pods,
-    /// Services, EndpointSlices, policies. Repeatable.
+    /// Services, `EndpointSlices`, policies. Repeatable.
     #[arg(long = "cluster", value_name = "PATH", required = true)]
     pub cluster: Vec<PathBuf>,
     /// Judge against the policies found here instead of those in --cluster.

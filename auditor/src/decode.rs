@@ -162,7 +162,7 @@ fn decode_plain<T: DeserializeOwned>(document: Document<'_>) -> Result<T, Decode
     }
 }
 
-/// `spec.ingress[0].fromEndpoint`, from serde_ignored's path.
+/// `spec.ingress[0].fromEndpoint`, from `serde_ignored`'s path.
 fn path_text(path: &serde_ignored::Path<'_>) -> String {
     use serde_ignored::Path;
     match path {

@@ -13,7 +13,7 @@ use auditor_ebpf::flow::proto;
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// The label Cilium gives every endpoint with its pod's service account; pods carry it here too
-/// so Cilium selectors on it work. Kubernetes itself never sets this key, so NetworkPolicy
+/// so Cilium selectors on it work. Kubernetes itself never sets this key, so `NetworkPolicy`
 /// selectors are unaffected in practice.
 pub const CILIUM_SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
 

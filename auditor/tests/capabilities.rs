@@ -1,8 +1,12 @@
-//! The DaemonSet's Linux capabilities are the least that work. The real `auditor run` starts in
+//! The `DaemonSet`'s Linux capabilities are the least that work. The real `auditor run` starts in
 //! a node namespace of its own as the kubelet would start it: uid 0 with exactly the capabilities
 //! `deploy/base/daemonset.yaml` adds (bounding, permitted and effective sets; nothing inheritable
-//! or ambient), no_new_privs and a read-only root filesystem. With the list it becomes ready,
+//! or ambient), `no_new_privs` and a read-only root filesystem. With the list it becomes ready,
 //! attaches and counts a flow; without any one entry of the list it must fail to start.
+#![expect(
+    clippy::float_cmp,
+    reason = "metric samples compared here are whole counts, which an f64 holds exactly"
+)]
 
 #[path = "common/netns.rs"]
 mod netns;
@@ -104,7 +108,7 @@ spec:
 status: {podIP: 192.0.2.20, podIPs: [{ip: 192.0.2.20}]}
 ";
 
-/// The auditor container's `securityContext.capabilities` in the base DaemonSet: (drop, add).
+/// The auditor container's `securityContext.capabilities` in the base `DaemonSet`: (drop, add).
 fn daemonset_capabilities() -> (Vec<String>, Vec<String>) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/daemonset.yaml");
     let text = std::fs::read_to_string(&path)
@@ -189,7 +193,7 @@ impl TempDir {
     fn new(tag: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("fa-caps-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {dir:?}: {e}"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         Self(dir)
     }
 }
@@ -212,7 +216,8 @@ impl Daemon {
         std::fs::write(&snapshot, CLUSTER_YAML)
             .unwrap_or_else(|e| panic!("writing {}: {e}", snapshot.display()));
         let stderr = dir.0.join(format!("{tag}.stderr"));
-        let file = |p: &Path| std::fs::File::create(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+        let file =
+            |p: &Path| std::fs::File::create(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         // As root, exec gives the new program permitted = effective = the bounding set (and the
         // inheritable set, emptied here): that is how a container runtime hands a uid 0
         // container its `capabilities.add`.

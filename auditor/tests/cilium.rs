@@ -1,5 +1,5 @@
-//! CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy end to end through the `auditor check`
-//! binary: every entity, deny precedence across CNP, CCNP and NetworkPolicy, enableDefaultDeny,
+//! `CiliumNetworkPolicy` and `CiliumClusterwideNetworkPolicy` end to end through the `auditor check`
+//! binary: every entity, deny precedence across CNP, CCNP and `NetworkPolicy`, enableDefaultDeny,
 //! toPorts, CIDR sets, selector scoping, unjudgeable rules, the seed's homelab cluster, bad input.
 //!
 //! Each case is a policy file plus a JSON Lines flow file whose lines carry the expectation next
@@ -40,9 +40,11 @@ fn run_check(
 /// Runs the flows of `flows` and compares every answer with the expectation on its line.
 fn expect_verdicts(output: &Output, flows: &Path) {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() {
-        panic!("auditor check failed ({}): {stderr}", output.status);
-    }
+    assert!(
+        output.status.success(),
+        "auditor check failed ({}): {stderr}",
+        output.status
+    );
     let input = match std::fs::read_to_string(flows) {
         Ok(text) => text,
         Err(e) => panic!("cannot read {}: {e}", flows.display()),
@@ -112,14 +114,13 @@ fn expect_verdicts(output: &Output, flows: &Path) {
             ));
         }
     }
-    if !failures.is_empty() {
-        panic!(
-            "{} of {} flows disagree:\n{}",
-            failures.len(),
-            inputs.len(),
-            failures.join("\n")
-        );
-    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} flows disagree:\n{}",
+        failures.len(),
+        inputs.len(),
+        failures.join("\n")
+    );
 }
 
 /// A case of the shared two-node cluster `cilium-base` with the case's own policies.
@@ -271,9 +272,7 @@ fn bad_cilium_policies_are_rejected_with_where_and_why() {
             }
         }
     }
-    if !failures.is_empty() {
-        panic!("{}", failures.join("\n"));
-    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 fn flow(src: &str, dst: &str, port: u16) -> auditor::audit::FlowQuery {
@@ -320,14 +319,14 @@ fn cilium_policy_and_label_changes_apply_incrementally() {
 
     // Change the deny to port 9100.
     let changed: CiliumPolicy = match serde_yaml_ng::from_str(
-        r#"
+        r"
 metadata: {name: web-deny-client, namespace: app}
 spec:
   endpointSelector: {matchLabels: {app: web}}
   ingressDeny:
   - fromEndpoints: [{matchLabels: {app: client}}]
     toPorts: [{ports: [{port: metrics}]}]
-"#,
+",
     ) {
         Ok(policy) => policy,
         Err(e) => panic!("policy: {e}"),

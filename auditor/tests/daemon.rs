@@ -3,6 +3,10 @@
 //! traffic, and `/metrics` scraped over TCP. Checks exact flow counts, a `--policies` change
 //! taking effect without a restart, a bad policy file keeping the last good policies, and that
 //! nothing stays attached after SIGTERM or after a SIGKILL followed by a new start.
+#![expect(
+    clippy::float_cmp,
+    reason = "metric samples compared here are whole counts, which an f64 holds exactly"
+)]
 
 #[path = "common/apiserver.rs"]
 mod apiserver;
@@ -55,22 +59,24 @@ impl TempDir {
     fn new(tag: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("fa-daemon-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {dir:?}: {e}"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         Self(dir)
     }
 
     fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.0.join(name);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir {parent:?}: {e}"));
+            std::fs::create_dir_all(parent)
+                .unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
         }
         // Write then rename, as GitOps tools and editors do, so the daemon never reads half.
         let file_name = path
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         let tmp = path.with_file_name(format!(".{file_name}.tmp"));
-        std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {tmp:?}: {e}"));
-        std::fs::rename(&tmp, &path).unwrap_or_else(|e| panic!("rename to {path:?}: {e}"));
+        std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+        std::fs::rename(&tmp, &path)
+            .unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
         path
     }
 }
@@ -164,7 +170,8 @@ impl Daemon {
     ) -> Self {
         let stdout = dir.0.join(format!("{tag}.stdout"));
         let stderr = dir.0.join(format!("{tag}.stderr"));
-        let file = |p: &Path| std::fs::File::create(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+        let file =
+            |p: &Path| std::fs::File::create(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         let mut args = vec![
             "netns",
             "exec",
@@ -575,7 +582,7 @@ fn after_sigkill_the_next_start_cleans_up() {
         "--config",
         &config.display().to_string(),
     ]
-    .map(|s| s.to_owned());
+    .map(std::borrow::ToOwned::to_owned);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
     let mut first = Daemon::start(&cluster.node, &dir, &args, "first");
@@ -686,7 +693,7 @@ fn netpol(udp: bool) -> Value {
     })
 }
 
-fn kube_pod(namespace: &str, name: &str, ip: &str, ports: Value) -> Value {
+fn kube_pod(namespace: &str, name: &str, ip: &str, ports: &Value) -> Value {
     json!({
         "metadata": {"namespace": namespace, "name": name, "labels": {"app": name}},
         "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x", "ports": ports}]},
@@ -737,7 +744,7 @@ fn daemon_follows_the_kubernetes_api() {
     );
     server.apply(
         apiserver::PODS,
-        kube_pod("web", "frontend", POD_A, json!([])),
+        kube_pod("web", "frontend", POD_A, &json!([])),
     );
     server.apply(
         apiserver::PODS,
@@ -745,7 +752,7 @@ fn daemon_follows_the_kubernetes_api() {
             "db",
             "postgres",
             POD_B,
-            json!([{"containerPort": 5432}, {"containerPort": 5353, "protocol": "UDP"}]),
+            &json!([{"containerPort": 5432}, {"containerPort": 5353, "protocol": "UDP"}]),
         ),
     );
     server.apply(apiserver::NETWORK_POLICIES, netpol(false));

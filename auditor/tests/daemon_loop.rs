@@ -2,6 +2,10 @@
 //! the metrics endpoint) driven by the fake datapath, as an ordinary unprivileged test. Flows are
 //! opened, answered or left unanswered on the fake, and counted through `/metrics`; a policy
 //! edited on disk changes the next verdict while flows keep being read.
+#![expect(
+    clippy::float_cmp,
+    reason = "metric samples compared here are whole counts, which an f64 holds exactly"
+)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,7 +73,7 @@ impl TempDir {
     fn new() -> Self {
         let dir = std::env::temp_dir().join(format!("fa-daemon-loop-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {dir:?}: {e}"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         Self(dir)
     }
 
@@ -77,8 +81,10 @@ impl TempDir {
         let path = self.0.join(name);
         // Written beside and renamed, as editors and git-sync do: never read half-written.
         let partial = self.0.join(format!(".{name}.partial"));
-        std::fs::write(&partial, text).unwrap_or_else(|e| panic!("write {partial:?}: {e}"));
-        std::fs::rename(&partial, &path).unwrap_or_else(|e| panic!("rename {path:?}: {e}"));
+        std::fs::write(&partial, text)
+            .unwrap_or_else(|e| panic!("write {}: {e}", partial.display()));
+        std::fs::rename(&partial, &path)
+            .unwrap_or_else(|e| panic!("rename {}: {e}", path.display()));
         path
     }
 }
@@ -225,11 +231,14 @@ async fn the_daemon_audits_a_fake_datapath_and_follows_policy_edits() {
     .await;
 
     let _ = stop.send(());
-    let stopped = tokio::time::timeout(WAIT, running)
-        .await
-        .unwrap_or_else(|_| panic!("the daemon did not stop within {WAIT:?}"))
-        .unwrap_or_else(|e| panic!("daemon task: {e}"))
-        .unwrap_or_else(|e| panic!("daemon: {e}"));
+    let stopped = match tokio::time::timeout(WAIT, running).await {
+        Ok(Ok(Ok(stopped))) => stopped,
+        Ok(Ok(Err(e))) => panic!("daemon: {e}"),
+        Ok(Err(e)) => panic!("daemon task: {e}"),
+        Err(tokio::time::error::Elapsed { .. }) => {
+            panic!("the daemon did not stop within {WAIT:?}")
+        }
+    };
     assert_eq!(stopped.counted, 4, "every flow counted once");
     assert!(stopped.source.is_shut_down(), "the datapath was detached");
 }

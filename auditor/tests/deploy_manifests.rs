@@ -1,5 +1,5 @@
-//! The manifests in `deploy/` against the code they deploy: the ClusterRole grants exactly the
-//! list/watch the Kubernetes source needs (`watched_resources()`), the DaemonSet's arguments are
+//! The manifests in `deploy/` against the code they deploy: the `ClusterRole` grants exactly the
+//! list/watch the Kubernetes source needs (`watched_resources()`), the `DaemonSet`'s arguments are
 //! accepted by the real `auditor run` flags, and each overlay's config file by the real parser.
 
 use std::collections::BTreeSet;
@@ -28,9 +28,7 @@ fn kustomizations() -> Vec<PathBuf> {
         .filter(|p| p.join("kustomization.yaml").is_file())
         .collect();
     found.sort();
-    if found.is_empty() {
-        panic!("no overlays in {}", overlays.display());
-    }
+    assert!(!found.is_empty(), "no overlays in {}", overlays.display());
     dirs.extend(found);
     dirs
 }
@@ -41,13 +39,12 @@ fn build(dir: &Path) -> Vec<Value> {
         .arg(dir)
         .output()
         .unwrap_or_else(|e| panic!("running kubectl kustomize (is kubectl installed?): {e}"));
-    if !out.status.success() {
-        panic!(
-            "kubectl kustomize {} failed: {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap_or_else(|e| panic!("not UTF-8: {e}"));
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|de| {
@@ -79,12 +76,11 @@ fn grants(docs: &[Value]) -> BTreeSet<(String, String, String)> {
             _ => continue,
         }
         for rule in doc["rules"].as_sequence().into_iter().flatten() {
-            if rule.get("nonResourceURLs").is_some() || rule.get("resourceNames").is_some() {
-                panic!(
-                    "unexpected rule shape in {}: {rule:?}",
-                    doc["metadata"]["name"].as_str().unwrap_or("?")
-                );
-            }
+            assert!(
+                !(rule.get("nonResourceURLs").is_some() || rule.get("resourceNames").is_some()),
+                "unexpected rule shape in {}: {rule:?}",
+                doc["metadata"]["name"].as_str().unwrap_or("?")
+            );
             for group in strings(&rule["apiGroups"]) {
                 for resource in strings(&rule["resources"]) {
                     for verb in strings(&rule["verbs"]) {
@@ -110,12 +106,11 @@ fn rbac_grants_exactly_list_and_watch_on_the_watched_kinds() {
         let got = grants(&build(&dir));
         let extra: Vec<_> = got.difference(&want).collect();
         let missing: Vec<_> = want.difference(&got).collect();
-        if !extra.is_empty() || !missing.is_empty() {
-            panic!(
-                "{}: RBAC differs from WATCHED_KINDS\n  granted but not watched: {extra:?}\n  watched but not granted: {missing:?}",
-                dir.display()
-            );
-        }
+        assert!(
+            !(!extra.is_empty() || !missing.is_empty()),
+            "{}: RBAC differs from WATCHED_KINDS\n  granted but not watched: {extra:?}\n  watched but not granted: {missing:?}",
+            dir.display()
+        );
     }
 }
 
@@ -131,7 +126,7 @@ enum Sub {
     Run(RunArgs),
 }
 
-/// The DaemonSet's container args with the env references Kubernetes expands (`$(VAR)`) replaced.
+/// The `DaemonSet`'s container args with the env references Kubernetes expands (`$(VAR)`) replaced.
 fn agent_args(docs: &[Value]) -> Vec<String> {
     let ds = docs
         .iter()
@@ -155,9 +150,10 @@ fn agent_args(docs: &[Value]) -> Vec<String> {
             for (name, value) in &env {
                 arg = arg.replace(&format!("$({name})"), value);
             }
-            if arg.contains("$(") {
-                panic!("argument {arg:?} refers to an env var the container does not set");
-            }
+            assert!(
+                !arg.contains("$("),
+                "argument {arg:?} refers to an env var the container does not set"
+            );
             arg
         })
         .collect()
@@ -171,12 +167,11 @@ fn the_daemonset_arguments_and_config_file_are_accepted_by_the_daemon() {
         let cli = Cli::try_parse_from(std::iter::once("auditor".to_owned()).chain(args.clone()))
             .unwrap_or_else(|e| panic!("{}: auditor rejects {args:?}: {e}", dir.display()));
         let Sub::Run(run) = cli.command;
-        if !run.kube || run.interfaces.is_empty() {
-            panic!(
-                "{}: the agent must run with --kube and interface globs: {args:?}",
-                dir.display()
-            );
-        }
+        assert!(
+            run.kube && !run.interfaces.is_empty(),
+            "{}: the agent must run with --kube and interface globs: {args:?}",
+            dir.display()
+        );
         let config_path = run
             .config
             .unwrap_or_else(|| panic!("{}: no --config in {args:?}", dir.display()));
@@ -202,12 +197,11 @@ fn the_daemonset_arguments_and_config_file_are_accepted_by_the_daemon() {
             .into_iter()
             .flatten()
             .any(|p| p["containerPort"].as_u64() == Some(u64::from(port)));
-        if !declared {
-            panic!(
-                "{}: --metrics-addr port {port} is not a containerPort",
-                dir.display()
-            );
-        }
+        assert!(
+            declared,
+            "{}: --metrics-addr port {port} is not a containerPort",
+            dir.display()
+        );
     }
 }
 
@@ -222,9 +216,9 @@ fn the_cilium_overlay_reads_ipblocks_as_cilium_and_names_ingress_addresses() {
     let config = Config::from_text(Path::new("overlays/cilium/config.yaml"), text)
         .unwrap_or_else(|e| panic!("{e}"));
     let model = config.cluster_config();
-    if model.ipblock != auditor::policy::model::IpBlockReading::Cilium || model.ingress.is_empty() {
-        panic!(
-            "the cilium overlay must use Cilium's ipBlock reading and list ingress CIDRs: {config:?}"
-        );
-    }
+    assert!(
+        !(model.ipblock != auditor::policy::model::IpBlockReading::Cilium
+            || model.ingress.is_empty()),
+        "the cilium overlay must use Cilium's ipBlock reading and list ingress CIDRs: {config:?}"
+    );
 }

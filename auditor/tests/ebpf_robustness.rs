@@ -19,7 +19,7 @@ const PACKETS: u32 = 120_000;
 /// Small, so the LRU evicts during the run.
 const FLOW_TABLE: u32 = 2048;
 
-/// The shortest frame TestRun accepts for an EtherType: it refuses (EINVAL) an IPv4 or IPv6
+/// The shortest frame `TestRun` accepts for an `EtherType`: it refuses (EINVAL) an IPv4 or IPv6
 /// frame shorter than the fixed IP header, and anything under an Ethernet header.
 fn min_len(frame: &[u8]) -> usize {
     match u16::from_be_bytes([frame[12], frame[13]]) {
@@ -120,7 +120,7 @@ fn valid(rng: &mut Rng) -> Vec<u8> {
     }
 }
 
-/// A random frame: random bytes behind an EtherType that is usually IPv4 or IPv6.
+/// A random frame: random bytes behind an `EtherType` that is usually IPv4 or IPv6.
 fn random(rng: &mut Rng) -> Vec<u8> {
     let len = 14 + rng.index(300);
     let mut f = rng.bytes(len);

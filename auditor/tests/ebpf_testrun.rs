@@ -2,7 +2,7 @@
 //! exact flow-table entry, events and counters each must produce. Every run must return
 //! `TC_ACT_UNSPEC` (-1): the program observes and never decides.
 //!
-//! How TestRun builds the skb matters for crafting: it always treats the data as an Ethernet
+//! How `TestRun` builds the skb matters for crafting: it always treats the data as an Ethernet
 //! frame (`eth_type_trans` on loopback, then pushes the 14 bytes back), so `skb->protocol` comes
 //! from bytes 12-13 and `skb->ifindex` is loopback's (1).
 
@@ -513,11 +513,11 @@ fn icmp_error_about_unknown_flow_is_counted_only() {
     );
 }
 
-/// An L3 device (tunl0, WireGuard) hands TC the IP header at offset 0. TestRun derives
-/// `skb->protocol` from bytes 12-13 as if they were an EtherType; for a bare IPv4 packet those
+/// An L3 device (tunl0, `WireGuard`) hands TC the IP header at offset 0. `TestRun` derives
+/// `skb->protocol` from bytes 12-13 as if they were an `EtherType`; for a bare IPv4 packet those
 /// are the first two bytes of the source address, so a source in 8.0.0.0/16 makes the kernel say
-/// ETH_P_IP, as a real L3 device's skb would. (For IPv6, bytes 12-13 are source bytes 4-5:
-/// 2001:db8:86dd::/48 gives ETH_P_IPV6.)
+/// `ETH_P_IP`, as a real L3 device's skb would. (For IPv6, bytes 12-13 are source bytes 4-5:
+/// `2001:db8:86dd::/48` gives `ETH_P_IPV6`.)
 #[test]
 #[ignore = "needs root and the kernel; run by cargo xtask test"]
 fn l3_device_packets_without_ethernet_header() {
@@ -617,7 +617,7 @@ fn truncated_packets_are_counted_and_passed() {
         UDP,
         &udp(1, 2, b""),
     ));
-    let inside_ext = &hop[..14 + 40 + 1];
+    let inside_ext = &hop[..=(14 + 40)];
     for frame in [inside_tcp, &long_ihl[..], inside_udp6, inside_ext] {
         h.pass(Hook::Egress, frame);
     }

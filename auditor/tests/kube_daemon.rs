@@ -3,6 +3,10 @@
 //! kubeconfig), real UDP flows between two pods behind `cali*` veths, `/metrics` scraped over TCP.
 //! Checks that a policy changed in the API changes the verdict of the next flow, and that an
 //! unreachable API keeps the last model while the staleness gauge says so.
+#![expect(
+    clippy::float_cmp,
+    reason = "metric samples compared here are whole counts, which an f64 holds exactly"
+)]
 
 #[path = "common/apiserver.rs"]
 mod apiserver;
@@ -54,7 +58,7 @@ impl TempDir {
     fn new(tag: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("fa-kube-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {dir:?}: {e}"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         Self(dir)
     }
 }
@@ -157,7 +161,7 @@ struct Daemon {
 impl Daemon {
     fn start(node: &Netns, dir: &TempDir, kubeconfig: &Path) -> Self {
         let stderr = dir.0.join("daemon.stderr");
-        let file = |p: &Path| File::create(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+        let file = |p: &Path| File::create(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         // `ip netns exec` execs the binary in place: the child's pid is the daemon's.
         let child = Command::new("ip")
             .args([

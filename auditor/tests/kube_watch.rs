@@ -95,7 +95,7 @@ fn netpol_pg_from_web() -> Value {
     })
 }
 
-/// The same intent as a CiliumNetworkPolicy, but for `app=worker`.
+/// The same intent as a `CiliumNetworkPolicy`, but for `app=worker`.
 fn cnp_pg_from_worker() -> Value {
     json!({
         "metadata": {"namespace": "db", "name": "pg-from-worker"},
@@ -184,7 +184,7 @@ impl Daemon {
             let update = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(update)) => update,
                 Ok(None) => panic!("{what}: the source stopped"),
-                Err(_) => panic!(
+                Err(tokio::time::error::Elapsed { .. }) => panic!(
                     "{what}: not reached within {WAIT:?}; last updates: {:#?}",
                     &self.log[self.log.len().saturating_sub(8)..]
                 ),

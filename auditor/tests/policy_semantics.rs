@@ -1,6 +1,6 @@
-//! SPEC 4.1 and 4.3 rules the conformance corpus does not cover: NotIn / DoesNotExist, IPv6,
+//! SPEC 4.1 and 4.3 rules the conformance corpus does not cover: `NotIn` / `DoesNotExist`, IPv6,
 //! own-node traffic, hostNetwork pods, the ipBlock reading switch, policyTypes defaulting,
-//! Services (named target ports, several endpoints, EndpointSlices), incremental updates, and the
+//! Services (named target ports, several endpoints, `EndpointSlices`), incremental updates, and the
 //! Calico homelab cluster of `shared/seeds/004_*` with the gaps its write-up mentions.
 
 use std::path::{Path, PathBuf};
@@ -53,12 +53,12 @@ fn judge(model: &mut Cluster, src: &str, dst: &str, protocol: &str, port: u16) -
 #[track_caller]
 fn expect(model: &mut Cluster, src: &str, dst: &str, port: u16, verdict: &str) -> Explanation {
     let e = judge(model, src, dst, "TCP", port);
-    if e.verdict != verdict {
-        panic!(
-            "{src} -> {dst}:{port}: expected {verdict}, got {}: {}",
-            e.verdict, e.reason
-        );
-    }
+    assert!(
+        e.verdict == verdict,
+        "{src} -> {dst}:{port}: expected {verdict}, got {}: {}",
+        e.verdict,
+        e.reason
+    );
     e
 }
 
@@ -161,7 +161,7 @@ spec:
     assert_eq!(e.dst_peer.name, "server");
 }
 
-const NODES: &str = r#"
+const NODES: &str = r"
 apiVersion: v1
 kind: Node
 metadata: {name: n1}
@@ -218,7 +218,7 @@ metadata: {name: monitoring-lockdown, namespace: monitoring}
 spec:
   podSelector: {}
   policyTypes: [Ingress, Egress]
-"#;
+";
 
 #[test]
 fn own_node_traffic_is_always_allowed() {
@@ -259,7 +259,7 @@ fn host_network_pods_are_their_node() {
 
 #[test]
 fn ipblock_reading_switch_for_pods() {
-    let yaml = r#"
+    let yaml = r"
 apiVersion: v1
 kind: Pod
 metadata: {name: a, namespace: x}
@@ -276,7 +276,7 @@ metadata: {name: by-cidr, namespace: x}
 spec:
   podSelector: {}
   ingress: [{from: [{ipBlock: {cidr: 10.244.0.0/16}}]}]
-"#;
+";
     let mut calico = model(yaml, IpBlockReading::Calico);
     expect(&mut calico, "10.244.0.10", "10.244.0.11", 80, "allow");
     expect(&mut calico, "10.244.9.9", "10.244.0.11", 80, "allow");
@@ -288,7 +288,7 @@ spec:
 
 #[test]
 fn policy_types_defaulting() {
-    let yaml = r#"
+    let yaml = r"
 apiVersion: v1
 kind: Pod
 metadata: {name: a, namespace: x, labels: {app: a}}
@@ -316,7 +316,7 @@ spec:
   policyTypes: [Ingress]
   ingress: [{ports: [{port: 80, endPort: 90}]}]
   egress: [{ports: [{port: 1}]}]
-"#;
+";
     let mut m = model(yaml, IpBlockReading::Calico);
     let e = judge(&mut m, "10.0.1.1", "203.0.113.5", "UDP", 53);
     assert_eq!(e.verdict, "allow", "{}", e.reason);

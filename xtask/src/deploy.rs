@@ -1,8 +1,8 @@
 //! The deployment checks of `cargo xtask test`: every Kustomize overlay in `deploy/` builds with
 //! `kubectl kustomize`, every object it yields is valid for its kind (built-in kinds parsed
 //! strictly against the Kubernetes API types, unknown fields rejected; the Prometheus Operator and
-//! ArgoCD kinds checked for their required fields), the objects fit together (selectors, ports,
-//! references), and every alert of the PrometheusRule passes its promtool unit tests.
+//! `ArgoCD` kinds checked for their required fields), the objects fit together (selectors, ports,
+//! references), and every alert of the `PrometheusRule` passes its promtool unit tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use crate::display;
 
 /// The capabilities the agent may hold, each justified in deploy/base/daemonset.yaml.
 const ALLOWED_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
-/// Where the dashboards live; the base turns them into the sidecar's ConfigMap.
+/// Where the dashboards live; the base turns them into the sidecar's `ConfigMap`.
 const DASHBOARD_FILE: &str = "deploy/dashboards/flow-auditor.json";
 
 /// Pass and fail counts of one step, printed as `<step>: N passed, M failed`.
@@ -191,7 +191,7 @@ fn describe(doc: &Value) -> String {
 /// drop it silently, or reject it under strict field validation) and on any required field
 /// missing: k8s-openapi fills those with defaults, so they show up as fields the parsed object
 /// serializes that the document did not have.
-fn strict<T: serde::de::DeserializeOwned + serde::Serialize>(doc: Value) -> Result<T> {
+fn strict<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> Result<T> {
     let mut unknown = Vec::new();
     let parsed = serde_ignored::deserialize(doc.clone(), |path| {
         unknown.push(path.to_string().replace(".?", ""));
@@ -200,7 +200,7 @@ fn strict<T: serde::de::DeserializeOwned + serde::Serialize>(doc: Value) -> Resu
     ensure!(unknown.is_empty(), "unknown fields: {}", unknown.join(", "));
     let back = serde_yaml_ng::to_value(&parsed).context("re-encoding")?;
     let mut missing = Vec::new();
-    defaulted(&doc, &back, "", &mut missing);
+    defaulted(doc, &back, "", &mut missing);
     ensure!(
         missing.is_empty(),
         "required fields missing: {}",
@@ -252,16 +252,16 @@ fn parse(doc: Value) -> Result<Object> {
         if cluster_scoped { "not " } else { "" }
     );
     Ok(match (api_version.as_str(), kind.as_str()) {
-        ("v1", "Namespace") => Object::Namespace(strict(doc)?),
-        ("v1", "ServiceAccount") => Object::ServiceAccount(strict(doc)?),
-        ("v1", "Service") => Object::Service(strict(doc)?),
-        ("v1", "ConfigMap") => Object::ConfigMap(strict(doc)?),
-        ("rbac.authorization.k8s.io/v1", "ClusterRole") => Object::ClusterRole(strict(doc)?),
+        ("v1", "Namespace") => Object::Namespace(strict(&doc)?),
+        ("v1", "ServiceAccount") => Object::ServiceAccount(strict(&doc)?),
+        ("v1", "Service") => Object::Service(strict(&doc)?),
+        ("v1", "ConfigMap") => Object::ConfigMap(strict(&doc)?),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => Object::ClusterRole(strict(&doc)?),
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-            Object::ClusterRoleBinding(strict(doc)?)
+            Object::ClusterRoleBinding(strict(&doc)?)
         }
-        ("apps/v1", "DaemonSet") => Object::DaemonSet(strict(doc)?),
-        ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(strict(doc)?),
+        ("apps/v1", "DaemonSet") => Object::DaemonSet(strict(&doc)?),
+        ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(strict(&doc)?),
         ("monitoring.coreos.com/v1", "ServiceMonitor") => {
             service_monitor(&doc)?;
             Object::ServiceMonitor(doc)
@@ -293,7 +293,7 @@ fn required_str<'a>(v: &'a Value, path: &str) -> Result<&'a str> {
     }
 }
 
-/// ServiceMonitor (monitoring.coreos.com/v1): `spec.selector` and `spec.endpoints` are required,
+/// `ServiceMonitor` (monitoring.coreos.com/v1): `spec.selector` and `spec.endpoints` are required,
 /// each endpoint names a port.
 fn service_monitor(doc: &Value) -> Result<()> {
     only_keys(doc, "", &["apiVersion", "kind", "metadata", "spec"])?;
@@ -347,7 +347,7 @@ fn service_monitor(doc: &Value) -> Result<()> {
     Ok(())
 }
 
-/// PrometheusRule (monitoring.coreos.com/v1): groups with a name and rules; each rule an alert or
+/// `PrometheusRule` (monitoring.coreos.com/v1): groups with a name and rules; each rule an alert or
 /// a record with an `expr`; alerts carry the summary and description on-call needs.
 fn prometheus_rule(doc: &Value) -> Result<()> {
     only_keys(doc, "", &["apiVersion", "kind", "metadata", "spec"])?;
@@ -431,9 +431,9 @@ fn selects(
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// The objects of one overlay fit together: what the DaemonSet needs exists, the Service selects
-/// its pods, the ServiceMonitor the Service, Prometheus in `default` may scrape, and the
-/// dashboard ConfigMap carries the dashboard file for Grafana's sidecar.
+/// The objects of one overlay fit together: what the `DaemonSet` needs exists, the Service selects
+/// its pods, the `ServiceMonitor` the Service, Prometheus in `default` may scrape, and the
+/// dashboard `ConfigMap` carries the dashboard file for Grafana's sidecar.
 fn coherence(root: &Path, objects: &[Object]) -> Vec<(&'static str, Result<()>)> {
     let mut out = Vec::new();
     let daemonsets: Vec<&DaemonSet> = objects
@@ -927,7 +927,7 @@ fn argocd_application(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Extracts the rule groups of the PrometheusRule into a promtool rules file beside copies of
+/// Extracts the rule groups of the `PrometheusRule` into a promtool rules file beside copies of
 /// `deploy/tests/*.test.yaml`, checks that every alert has a firing and a not-firing case, and
 /// runs `promtool check rules` and `promtool test rules`.
 fn promtool(root: &Path, rule: &Value, checks: &mut Checks) {
@@ -1054,9 +1054,10 @@ mod tests {
              spec: {template: {}}\n",
         )
         .unwrap_or_else(|e| panic!("test YAML: {e}"));
-        if parse(doc).is_ok() {
-            panic!("a DaemonSet without spec.selector was accepted");
-        }
+        assert!(
+            parse(doc).is_err(),
+            "a DaemonSet without spec.selector was accepted"
+        );
         let rule: Value = serde_yaml_ng::from_str(
             "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\n\
              metadata: {name: a, namespace: b}\n\
@@ -1105,9 +1106,7 @@ mod tests {
             }
         }
         for bad in ["", "5", "m", "5 m", "1.5m"] {
-            if duration(bad).is_ok() {
-                panic!("{bad:?} was accepted as a duration");
-            }
+            assert!(duration(bad).is_err(), "{bad:?} was accepted as a duration");
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `skopeo copy --all oci:target/image/flow-auditor:TAG docker://REGISTRY/flow-auditor:TAG`
 //! pushes it; the checks below prove skopeo reads both architectures and the binaries run.
 
+use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,7 +21,7 @@ const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
-/// Where the binary sits in the image; the DaemonSet's args follow it.
+/// Where the binary sits in the image; the `DaemonSet`'s args follow it.
 const ENTRYPOINT: &str = "/auditor";
 const EM_X86_64: u16 = 62;
 
@@ -165,7 +166,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     let mut hex = String::with_capacity(64);
     for b in digest {
-        hex.push_str(&format!("{b:02x}"));
+        let _ = write!(hex, "{b:02x}");
     }
     hex
 }
@@ -448,6 +449,10 @@ fn check(layout: &Path, tag: &str, arches: &[Arch]) -> Result<()> {
 
 /// Follows the layout from index.json to the architecture's layer, as a runtime would, unpacks
 /// it and runs `auditor --version` (arm64 under qemu-aarch64-static).
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "mebibytes printed to one decimal place"
+)]
 fn unpack_and_run(layout: &Path, arch: &Arch, tag: &str) -> Result<()> {
     let top: Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json"))?).context("index.json")?;
@@ -545,9 +550,10 @@ mod tests {
     fn sha256_of_known_input() {
         // FIPS 180-2 test vector "abc".
         let got = sha256_hex(b"abc");
-        if got != "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" {
-            panic!("sha256(abc) = {got}");
-        }
+        assert!(
+            got == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            "sha256(abc) = {got}"
+        );
     }
 
     #[test]
@@ -560,16 +566,18 @@ mod tests {
         let (a, id_a) = layer(&binary).unwrap_or_else(|e| panic!("layer: {e:#}"));
         let (b, id_b) = layer(&binary).unwrap_or_else(|e| panic!("layer: {e:#}"));
         let _ = std::fs::remove_dir_all(&dir);
-        if a != b || id_a != id_b {
-            panic!("two layers of the same binary differ");
-        }
+        assert!(
+            !(a != b || id_a != id_b),
+            "two layers of the same binary differ"
+        );
         let mut tar_bytes = Vec::new();
         flate2::read::GzDecoder::new(a.as_slice())
             .read_to_end(&mut tar_bytes)
             .unwrap_or_else(|e| panic!("gunzip: {e}"));
-        if id_a != format!("sha256:{}", sha256_hex(&tar_bytes)) {
-            panic!("diff_id is not the digest of the uncompressed tar");
-        }
+        assert!(
+            id_a == format!("sha256:{}", sha256_hex(&tar_bytes)),
+            "diff_id is not the digest of the uncompressed tar"
+        );
         let mut archive = tar::Archive::new(tar_bytes.as_slice());
         let entries: Vec<(String, u32)> = archive
             .entries()
@@ -585,8 +593,9 @@ mod tests {
                 (path, mode)
             })
             .collect();
-        if entries != [("auditor".to_owned(), 0o755)] {
-            panic!("layer entries {entries:?}");
-        }
+        assert!(
+            entries == [("auditor".to_owned(), 0o755)],
+            "layer entries {entries:?}"
+        );
     }
 }

@@ -62,7 +62,7 @@ enum Target {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Bench {
-    /// Per-packet cost of the TC program (BPF_PROG_TEST_RUN).
+    /// Per-packet cost of the TC program (`BPF_PROG_TEST_RUN`).
     Datapath,
     /// Policy model build, update and verdict throughput.
     Policy,
@@ -90,7 +90,7 @@ impl Bench {
 
 /// The static arm64 target for the Raspberry Pi 5.
 const AARCH64_TARGET: &str = "aarch64-unknown-linux-musl";
-/// The static x86_64 target, for the amd64 half of the image.
+/// The static `x86_64` target, for the amd64 half of the image.
 const X86_64_TARGET: &str = "x86_64-unknown-linux-musl";
 
 fn main() -> Result<()> {
@@ -372,6 +372,10 @@ const SUITE_TARGET_BYTES: u64 = 3_300_000_000;
 
 /// Says loudly, before hours of building, when the disk under `target/` cannot hold the suite's
 /// build; a build that runs out of space fails with errors that hide the cause among many.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "gigabytes printed to one decimal place"
+)]
 fn warn_if_disk_short(root: &Path) {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);

@@ -225,7 +225,7 @@ fn bpf_linker(root: &Path) -> Result<()> {
 }
 
 /// `ring` (kube's TLS) has C code, so the static arm64 build links with zig through
-/// cargo-zigbuild; zig itself comes from PyPI (`ziglang`).
+/// cargo-zigbuild; zig itself comes from `PyPI` (`ziglang`).
 const ZIGLANG_VERSION: &str = "0.17.0";
 const ZIGBUILD_VERSION: &str = "0.24";
 

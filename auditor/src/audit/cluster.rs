@@ -317,14 +317,11 @@ impl Cluster {
                     let node = pod.node.clone().map(|n| self.nodes.of(&n));
                     if host_network {
                         Side::Node { node }
+                    } else if let Some(&identity) = self.pod_identity.get(pod_id) {
+                        Side::Pod { identity, node }
                     } else {
-                        match self.pod_identity.get(pod_id) {
-                            Some(&identity) => Side::Pod { identity, node },
-                            None => {
-                                self.sides.remove(&ip);
-                                continue;
-                            }
-                        }
+                        self.sides.remove(&ip);
+                        continue;
                     }
                 }
                 Some(Owner::Service(id)) => Side::Service(id),

@@ -92,12 +92,14 @@ mod tests {
                 let on_a = counts_here(Some("a"), initiator, responder);
                 let on_b = counts_here(Some("b"), initiator, responder);
                 let bound = counting_node(initiator, responder).is_some();
-                if bound && on_a == on_b {
-                    panic!("{initiator:?} -> {responder:?}: a={on_a} b={on_b}, want exactly one");
-                }
-                if !bound && !(on_a && on_b) {
-                    panic!("{initiator:?} -> {responder:?}: unbound flow must count everywhere");
-                }
+                assert!(
+                    !bound || on_a != on_b,
+                    "{initiator:?} -> {responder:?}: a={on_a} b={on_b}, want exactly one"
+                );
+                assert!(
+                    bound || (on_a && on_b),
+                    "{initiator:?} -> {responder:?}: unbound flow must count everywhere"
+                );
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Memory of recently counted flows, so a flow reported twice (seen on two local interfaces, or
 //! by an event and again by a table walk) is counted once, and of the endpoints initiators just
-//! reached, so a flow seen both addressed to a Service ClusterIP and to the endpoint it was
+//! reached, so a flow seen both addressed to a Service `ClusterIP` and to the endpoint it was
 //! translated to is counted once. Bounded in time and in entries.
 
 use std::collections::VecDeque;
@@ -17,7 +17,7 @@ use crate::vocab::Protocol;
 /// is coarse, and wall-clock conversion happens at slightly different instants).
 const SLACK: Duration = Duration::from_secs(1);
 
-/// An initiator's socket: what a ClusterIP record and its endpoint record share.
+/// An initiator's socket: what a `ClusterIP` record and its endpoint record share.
 pub(super) type Initiator = (Protocol, SocketAddr);
 
 /// A wall-clock time in milliseconds since the Unix epoch: half the size of a `SystemTime`,
@@ -46,7 +46,7 @@ impl Hasher {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Seen {
+struct Sighting {
     first_seen: Millis,
     /// Milliseconds from the first to the last packet (saturating at 49 days).
     lasted: u32,
@@ -54,7 +54,7 @@ struct Seen {
     seq: u32,
 }
 
-impl Seen {
+impl Sighting {
     fn last_seen(&self) -> Millis {
         self.first_seen.saturating_add(u64::from(self.lasted))
     }
@@ -66,7 +66,7 @@ pub(super) struct Recent {
     horizon: Duration,
     capacity: usize,
     hasher: Hasher,
-    by_key: FxHashMap<u64, Seen>,
+    by_key: FxHashMap<u64, Sighting>,
     /// Insertion order, for expiry: (seq, key hash, when remembered).
     order: VecDeque<(u32, u64, Millis)>,
     next_seq: u32,
@@ -120,7 +120,7 @@ impl Recent {
         let (first, last) = (millis(first_seen), millis(last_seen));
         self.by_key.insert(
             hash,
-            Seen {
+            Sighting {
                 first_seen: first,
                 lasted: u32::try_from(last.saturating_sub(first)).unwrap_or(u32::MAX),
                 seq,
@@ -164,7 +164,7 @@ fn ip_of(address: Address) -> IpAddr {
 }
 
 /// The responders each initiator socket reached recently (counted flows to pods), kept only
-/// as long as a ClusterIP record of the same flow can still arrive.
+/// as long as a `ClusterIP` record of the same flow can still arrive.
 #[derive(Debug)]
 pub(super) struct Reached {
     window: Duration,

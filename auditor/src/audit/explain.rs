@@ -2,6 +2,7 @@
 //! applies, plus the Service translation and rules that could not be judged. Used by `check`'s
 //! output and by the daemon's logs.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use serde::Serialize;
@@ -130,13 +131,14 @@ impl Cluster {
                 .filter_map(|id| self.policy().rule_ref(id))
                 .collect();
             for r in denies {
-                explanation.text.push_str(&format!(
+                let _ = write!(
+                    explanation.text,
                     " (but {} could deny it and was not judged: {})",
                     r.text(),
                     r.unjudgeable
                         .as_deref()
                         .unwrap_or("not judgeable from addresses")
-                ));
+                );
                 unjudged.push(r);
             }
         }
@@ -232,16 +234,17 @@ impl Cluster {
                         .flat_map(|(key, what)| what.iter().map(move |w| format!("{key} {w}")))
                         .collect();
                     if !host.is_empty() {
-                        out.text.push_str(&format!(
+                        let _ = write!(
+                            out.text,
                             " (not judged, may apply to it: {})",
                             host.join(", ")
-                        ));
+                        );
                     }
                 }
             }
             Decision::OwnNode => {
                 out.by = "own-node";
-                out.text = "allowed, a pod and its own node may always talk".to_owned();
+                "allowed, a pod and its own node may always talk".clone_into(&mut out.text);
             }
             Decision::NotIsolated => {
                 out.by = "not-isolated";
@@ -283,13 +286,14 @@ impl Cluster {
                     out.text.push_str(&self.unknown_note(key));
                 }
                 if let Some(r) = maybe.and_then(|id| self.policy().rule_ref(id)) {
-                    out.text.push_str(&format!(
+                    let _ = write!(
+                        out.text,
                         " (but {} could allow it and was not judged: {})",
                         r.text(),
                         r.unjudgeable
                             .as_deref()
                             .unwrap_or("not judgeable from addresses")
-                    ));
+                    );
                     unjudged.push(r);
                 }
             }

@@ -1,4 +1,4 @@
-//! The model verdict of a flow: each end resolved, a flow to a Service ClusterIP translated to
+//! The model verdict of a flow: each end resolved, a flow to a Service `ClusterIP` translated to
 //! its ready endpoints (SPEC 4.4: allowed only if every ready endpoint would be), and each
 //! direction decided by the policy model; a pod and its own node may always talk. Verdicts are
 //! cached until the next change ([`super::cache`]).
@@ -216,7 +216,7 @@ impl Cluster {
     }
 }
 
-/// A pod and its own node may always talk (NetworkPolicy's and Cilium's host exemption).
+/// A pod and its own node may always talk (`NetworkPolicy`'s and Cilium's host exemption).
 fn own_node(pod_node: Option<NodeTag>, peer: Side) -> bool {
     pod_node.is_some() && matches!(peer, Side::Node { node } if node == pod_node)
 }

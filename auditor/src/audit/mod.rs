@@ -5,8 +5,8 @@
 //! Pure and synchronous: no I/O, the caller passes the time.
 //!
 //! Each flow is counted once: records repeating a counted flow (same normalised key, overlapping
-//! lifetime) are dropped; a flow seen both addressed to a Service ClusterIP and to the endpoint it
-//! was translated to counts once, judged on the endpoint (the ClusterIP record is held briefly,
+//! lifetime) are dropped; a flow seen both addressed to a Service `ClusterIP` and to the endpoint it
+//! was translated to counts once, judged on the endpoint (the `ClusterIP` record is held briefly,
 //! see [`AuditConfig::service_hold`], and judged against every ready endpoint when no endpoint
 //! record turns up); across nodes, only the agent named by [`counting`]'s rule counts it.
 
@@ -128,7 +128,7 @@ impl FlowQuery {
 pub struct AuditConfig {
     /// This agent's node (`spec.nodeName`); `None` counts every flow seen (see [`counting`]).
     pub local_node: Option<String>,
-    /// How long a flow addressed to a Service ClusterIP waits for the record of the endpoint it
+    /// How long a flow addressed to a Service `ClusterIP` waits for the record of the endpoint it
     /// was translated to. Both are decided by the same answer, so they arrive together; the wait
     /// only needs to cover one poll of the flow stream.
     pub service_hold: Duration,
@@ -164,7 +164,7 @@ pub struct AuditStats {
     pub duplicates: u64,
     /// Flows another node's agent counts.
     pub other_node: u64,
-    /// ClusterIP records replaced by their endpoint's record.
+    /// `ClusterIP` records replaced by their endpoint's record.
     pub superseded: u64,
 }
 
@@ -182,7 +182,7 @@ pub struct Auditor {
     config: AuditConfig,
     recent: dedup::Recent,
     reached: dedup::Reached,
-    /// ClusterIP flows waiting for their endpoint's record, by key and by initiator socket.
+    /// `ClusterIP` flows waiting for their endpoint's record, by key and by initiator socket.
     held: FxHashMap<FlowKey, Held>,
     held_by_initiator: FxHashMap<dedup::Initiator, Vec<FlowKey>>,
     stats: AuditStats,
@@ -218,7 +218,7 @@ impl Auditor {
         self.stats
     }
 
-    /// ClusterIP flows waiting for their endpoint's record.
+    /// `ClusterIP` flows waiting for their endpoint's record.
     #[must_use]
     pub fn held(&self) -> usize {
         self.held.len()
@@ -231,7 +231,7 @@ impl Auditor {
     }
 
     /// Feeds one decided flow. Returns it judged when this agent counts it now; `None` when it
-    /// repeats a counted flow, belongs to another node's agent, or waits (a ClusterIP flow, see
+    /// repeats a counted flow, belongs to another node's agent, or waits (a `ClusterIP` flow, see
     /// [`Auditor::tick`]).
     pub fn push(
         &mut self,
@@ -291,7 +291,7 @@ impl Auditor {
         Some(self.audit(record, src, dst, cluster, now))
     }
 
-    /// Drops held ClusterIP records of the flow `record` (to an endpoint) is the translation of.
+    /// Drops held `ClusterIP` records of the flow `record` (to an endpoint) is the translation of.
     fn supersede_held(
         &mut self,
         initiator: &dedup::Initiator,
@@ -328,7 +328,7 @@ impl Auditor {
         self.stats.superseded += superseded;
     }
 
-    /// Releases ClusterIP flows whose wait is over (judged on every ready endpoint, by the
+    /// Releases `ClusterIP` flows whose wait is over (judged on every ready endpoint, by the
     /// model) and forgets counted flows older than the horizon. Call it about once a second.
     pub fn tick(&mut self, cluster: &Cluster, now: SystemTime) -> Vec<AuditedFlow> {
         self.recent.expire(now);

@@ -16,7 +16,7 @@ use crate::vocab::{ObjectKey, Protocol};
 pub struct PodPeer {
     pub namespace: String,
     pub name: String,
-    /// The workload's name (Deployment, StatefulSet, DaemonSet, Job, or the pod itself).
+    /// The workload's name (Deployment, `StatefulSet`, `DaemonSet`, Job, or the pod itself).
     pub workload: String,
     /// The node it is scheduled on, when known.
     pub node: Option<String>,
@@ -31,10 +31,10 @@ pub enum Peer {
     Node {
         name: String,
     },
-    /// The API server: an address of the `default/kubernetes` EndpointSlice, reached on one of
+    /// The API server: an address of the `default/kubernetes` `EndpointSlice`, reached on one of
     /// its ports when the address is also a node's.
     KubeApiserver,
-    /// A Service ClusterIP the flow was seen addressed to, before translation. `workload` is
+    /// A Service `ClusterIP` the flow was seen addressed to, before translation. `workload` is
     /// what its ready endpoints run when they are all one workload (so the series matches the
     /// one a translated flow gets), else the Service's name.
     Service {

@@ -1,4 +1,4 @@
-//! The audit stage against the real policy model: a two-node cluster with one NetworkPolicy.
+//! The audit stage against the real policy model: a two-node cluster with one `NetworkPolicy`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
@@ -85,7 +85,7 @@ spec:
 ";
 
 /// Two nodes; web/frontend and monitoring/prometheus on node-a, db/postgres on node-b behind a
-/// ClusterIP; db admits only web on 5432.
+/// `ClusterIP`; db admits only web on 5432.
 fn model() -> Cluster {
     let mut model = Cluster::new(ClusterConfig {
         ingress: vec![net("192.0.2.0/28")],

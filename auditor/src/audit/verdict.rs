@@ -11,7 +11,7 @@ use crate::policy::ir::{Action, PolicyKey};
 use crate::policy::model::Decision;
 use crate::vocab::{Direction, Protocol};
 
-/// A flow as the model judges it: addresses as seen (a Service ClusterIP is the model's to
+/// A flow as the model judges it: addresses as seen (a Service `ClusterIP` is the model's to
 /// translate), the protocol, and the destination port (for ICMP, ignored).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowQuery {
@@ -44,7 +44,7 @@ pub enum ServiceProblem {
     NoReadyEndpoint,
 }
 
-/// A flow to a ClusterIP is judged per ready endpoint; this says which one the verdict shows.
+/// A flow to a `ClusterIP` is judged per ready endpoint; this says which one the verdict shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceHop {
     pub service: ServiceId,

@@ -73,7 +73,7 @@ pub struct RunArgs {
     /// file's, else 5s].
     #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     pub answer_timeout: Option<Duration>,
-    /// This node's name, for the cross-node counting rule [default: $NODE_NAME, else the
+    /// This node's name, for the cross-node counting rule [default: $`NODE_NAME`, else the
     /// hostname].
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,

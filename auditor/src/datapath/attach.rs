@@ -481,9 +481,9 @@ fn attach_tcx(programs: &mut TcPrograms<'_>, link: &Link) -> Result<Attachment, 
 
 fn attach_clsact(programs: &mut TcPrograms<'_>, link: &Link) -> Result<Attachment, AttachError> {
     match tc::qdisc_add_clsact(link.ifindex) {
-        Ok(()) => {}
+        // The qdisc was already there: ours from before, or the CNI's.
+        Ok(()) | Err(TcError::AlreadyAttached) => {}
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-        Err(TcError::AlreadyAttached) => {}
         Err(source) => {
             return Err(AttachError::Clsact {
                 interface: link.name.clone(),

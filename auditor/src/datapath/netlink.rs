@@ -10,6 +10,15 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
+// The sizes and address family of the C types the kernel declares: all small, so the casts to
+// those types cannot truncate.
+#[expect(clippy::cast_possible_truncation, reason = "an int is 4 bytes")]
+const SOCKLEN_INT: libc::socklen_t = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+#[expect(clippy::cast_possible_truncation, reason = "a sockaddr_nl is 12 bytes")]
+const SOCKLEN_NL: libc::socklen_t = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+#[expect(clippy::cast_possible_truncation, reason = "AF_NETLINK is 16")]
+const AF_NETLINK_FAMILY: libc::sa_family_t = libc::AF_NETLINK as libc::sa_family_t;
+
 use tokio::io::{Interest, unix::AsyncFd};
 
 const NLMSG_HDR_LEN: usize = 16;
@@ -144,7 +153,7 @@ impl LinkWatcher {
                     libc::SOL_SOCKET,
                     opt,
                     std::ptr::from_ref(&RECV_BUFFER_BYTES).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    SOCKLEN_INT,
                 )
             };
             if rc == 0 {
@@ -235,16 +244,10 @@ fn open_socket(groups: u32) -> Result<OwnedFd, NetlinkError> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    addr.nl_family = AF_NETLINK_FAMILY;
     addr.nl_groups = groups;
     // SAFETY: addr is a valid sockaddr_nl of the given size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            std::ptr::from_ref(&addr).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
+    let rc = unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&addr).cast(), SOCKLEN_NL) };
     if rc < 0 {
         return Err(NetlinkError::Io {
             op: "bind",
@@ -325,7 +328,7 @@ fn ifindex_of(payload: &[u8]) -> Result<u32, NetlinkError> {
     Ok(read_u32(payload, 4))
 }
 
-/// The interface of an RTM_NEWLINK payload; `None` when it carries no name (never seen in
+/// The interface of an `RTM_NEWLINK` payload; `None` when it carries no name (never seen in
 /// practice, but then there is nothing to match a glob against).
 fn parse_link(payload: &[u8]) -> Result<Option<Link>, NetlinkError> {
     let ifindex = ifindex_of(payload)?;
@@ -349,7 +352,7 @@ fn parse_link(payload: &[u8]) -> Result<Option<Link>, NetlinkError> {
     Ok(None)
 }
 
-/// The (negative) errno of an NLMSG_ERROR payload, as a positive number; 0 is an ACK.
+/// The (negative) errno of an `NLMSG_ERROR` payload, as a positive number; 0 is an ACK.
 fn error_code(payload: &[u8]) -> Result<i32, NetlinkError> {
     let bytes = payload.get(0..4).ok_or(NetlinkError::Malformed {
         reason: "short NLMSG_ERROR",

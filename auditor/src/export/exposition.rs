@@ -1,15 +1,15 @@
 //! The two text formats Prometheus reads, written by one encoder from the same families:
-//! OpenMetrics 1.0.0 and the Prometheus text format 0.0.4, and the choice between them from a
+//! `OpenMetrics` 1.0.0 and the Prometheus text format 0.0.4, and the choice between them from a
 //! request's `Accept` header.
 //!
-//! The samples are the same in both. Only the metadata differs: OpenMetrics names a counter
+//! The samples are the same in both. Only the metadata differs: `OpenMetrics` names a counter
 //! family without the `_total` its samples carry, writes `# UNIT` for a family with a unit and
 //! ends with `# EOF`; the 0.0.4 format names every family as its samples are named and has
 //! neither line.
 
 use std::fmt::Write as _;
 
-/// The content type of OpenMetrics text 1.0.0.
+/// The content type of `OpenMetrics` text 1.0.0.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// The content type of the Prometheus text format 0.0.4.
@@ -18,15 +18,15 @@ pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// An exposition format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
-    /// OpenMetrics text 1.0.0.
+    /// `OpenMetrics` text 1.0.0.
     OpenMetrics,
-    /// The Prometheus text format 0.0.4: what a client gets unless it asks for OpenMetrics, as
+    /// The Prometheus text format 0.0.4: what a client gets unless it asks for `OpenMetrics`, as
     /// Prometheus' own client libraries do (and what `promtool check metrics` reads).
     Text,
 }
 
 impl Format {
-    /// The format asked for by a request's `Accept` header values: OpenMetrics when
+    /// The format asked for by a request's `Accept` header values: `OpenMetrics` when
     /// `application/openmetrics-text` (without a version, or version 1.0.0) has a quality above
     /// zero and none of the other types this side can serve is preferred to it (an equal
     /// quality goes to the one listed first, a wildcard losing to a named type); otherwise, and
@@ -144,7 +144,7 @@ impl Kind {
     }
 }
 
-/// A metric family: its name as OpenMetrics has it (a counter's without `_total`; with a unit,
+/// A metric family: its name as `OpenMetrics` has it (a counter's without `_total`; with a unit,
 /// ending in it), help text, unit and type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Family {
@@ -283,7 +283,7 @@ impl Sink for Encoder {
 }
 
 /// Appends `text` with backslash and line feed escaped, and the double quote too when `quote`
-/// (label values in both formats; help text in OpenMetrics).
+/// (label values in both formats; help text in `OpenMetrics`).
 fn escape(out: &mut String, text: &str, quote: bool) {
     for c in text.chars() {
         match c {

@@ -14,9 +14,9 @@
 //! port must be free on every node. The Prometheus exporter range 9100-9999 is fully allocated
 //! (any number in it belongs to some exporter, e.g. node-exporter 9100, Calico Felix 9091,
 //! Cilium 9962-9965, Alertmanager 9093/9094, Loki 9095), the kubelet and kube-proxy sit at
-//! 10248-10256 and the control plane at 10257-10259, NodePorts at 30000-32767 and ephemeral
+//! 10248-10256 and the control plane at 10257-10259, `NodePorts` at 30000-32767 and ephemeral
 //! ports from 32768; 19925 is outside all of these and free of Loki's 3100/7946, etcd's
-//! 2379-2381, Hubble's 4244/4245, VXLAN 4789/8472 and WireGuard 51820/51821.
+//! 2379-2381, Hubble's 4244/4245, VXLAN 4789/8472 and `WireGuard` 51820/51821.
 
 use std::convert::Infallible;
 use std::future::Future;

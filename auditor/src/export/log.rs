@@ -123,7 +123,7 @@ struct SuppressedLine {
     suppressed: u64,
 }
 
-fn end<'a>(peer: &'a Peer, address: std::net::SocketAddr) -> EndLine<'a> {
+fn end(peer: &Peer, address: std::net::SocketAddr) -> EndLine<'_> {
     let (pod, node) = match peer {
         Peer::Pod(p) => (Some(p.name.as_str()), p.node.as_deref()),
         Peer::Node { name } => (None, Some(name.as_str())),
@@ -287,7 +287,7 @@ pub(crate) mod tests {
     }
 
     /// An audited flow for tests: monitoring/prometheus to db/postgres on TCP/5432, denied by
-    /// default by NetworkPolicy db/allow-web.
+    /// default by `NetworkPolicy` db/allow-web.
     pub(crate) fn flow(verdict: AuditVerdict) -> AuditedFlow {
         let initiator: SocketAddr = "10.244.0.30:41000"
             .parse()

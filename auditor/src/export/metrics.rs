@@ -252,13 +252,12 @@ impl<L: Clone + Hash + Eq> Series<L> {
             .by_hash
             .entry(hash)
             .or_insert_with(|| Vec::with_capacity(1));
-        let at = match bucket.iter().position(|(labels, _)| matches(labels)) {
-            Some(at) => at,
-            None => {
-                bucket.push((make(), 0));
-                self.len += 1;
-                bucket.len() - 1
-            }
+        let at = if let Some(at) = bucket.iter().position(|(labels, _)| matches(labels)) {
+            at
+        } else {
+            bucket.push((make(), 0));
+            self.len += 1;
+            bucket.len() - 1
         };
         &mut bucket[at].1
     }
@@ -802,7 +801,7 @@ mod tests {
     }
 
     /// The families of a [`Metrics`] rebuilt as `prometheus-client` families in its registry,
-    /// for its own OpenMetrics encoder to write.
+    /// for its own `OpenMetrics` encoder to write.
     #[derive(Default)]
     struct Reference {
         registry: Registry,

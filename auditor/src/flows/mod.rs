@@ -107,6 +107,10 @@ pub struct FlowRecord {
     pub key: FlowKey,
 }
 
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with passes the field by reference"
+)]
 fn hook_name<S: serde::Serializer>(d: &Hook, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(match d {
         Hook::Ingress => "ingress",

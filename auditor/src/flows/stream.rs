@@ -345,7 +345,7 @@ mod tests {
         let key = fake.open(proto::TCP, client(40000), server(), 7);
         assert!(ticked(&mut stream).is_empty());
         assert_eq!(stream.pending(), 1);
-        fake.advance(TIMEOUT - MS);
+        fake.advance(TIMEOUT.saturating_sub(MS));
         assert!(
             ticked(&mut stream).is_empty(),
             "decided a millisecond before its deadline"
@@ -378,7 +378,7 @@ mod tests {
         fake.advance(MS);
         let key = fake.open(proto::TCP, client(40000), server(), 7);
         assert!(ticked(&mut stream).is_empty());
-        fake.advance(TIMEOUT - MS);
+        fake.advance(TIMEOUT.saturating_sub(MS));
         fake.send(&key, Peer::Responder);
         // The deadline passes before the stream has read the answer from the ring buffer.
         fake.advance(MS);
@@ -398,7 +398,7 @@ mod tests {
         let after = fake.open(proto::UDP, client(2), server(), 7);
         assert!(ticked(&mut stream).is_empty());
 
-        fake.advance(TIMEOUT - MS);
+        fake.advance(TIMEOUT.saturating_sub(MS));
         let lookups = fake.lookups();
         assert_eq!(
             outcomes(&ticked(&mut stream)),
@@ -434,7 +434,7 @@ mod tests {
         fake.send(&later, Peer::Initiator);
         assert!(ticked(&mut stream).is_empty());
 
-        fake.advance(TIMEOUT - MS);
+        fake.advance(TIMEOUT.saturating_sub(MS));
         let lookups = fake.lookups();
         let records = ticked(&mut stream);
         assert_eq!(
@@ -508,7 +508,7 @@ mod tests {
         fake.advance(MS);
         let late = fake.open(proto::UDP, client(80), server(), 7);
         assert!(ticked(&mut stream).is_empty());
-        fake.advance(TIMEOUT - MS);
+        fake.advance(TIMEOUT.saturating_sub(MS));
         tick_only(&mut stream);
         assert_eq!(stream.ready.len(), many);
 

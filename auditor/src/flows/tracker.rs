@@ -122,7 +122,7 @@ struct Tracked {
 pub struct FlowTracker {
     config: FlowsConfig,
     /// Flows waiting for an answer, by key. The maps hash what pods send: a seeded hash, so no
-    /// one can aim collisions at them, and a fast one (SipHash was a tenth of the daemon's time).
+    /// one can aim collisions at them, and a fast one (`SipHash` was a tenth of the daemon's time).
     pending: HashMap<FlowKey, Tracked, foldhash::fast::RandomState>,
     /// Decided flows still in the table, by a seeded 64-bit hash of their key: most tracked flows
     /// are here, and an entry is 16 bytes instead of 104. A false match needs two of the table's

@@ -115,7 +115,7 @@ pub fn namespace(object: &core::Namespace) -> Result<Namespace, ObjectError> {
     })
 }
 
-/// Strips the pod-template-hash a Deployment appends to its ReplicaSets' names.
+/// Strips the pod-template-hash a Deployment appends to its `ReplicaSets`' names.
 fn deployment_of_replicaset(replicaset: &str, pod_labels: &Labels) -> Option<String> {
     if let Some(hash) = pod_labels.get("pod-template-hash") {
         return replicaset
@@ -415,7 +415,7 @@ pub fn endpoint_slice(object: &discovery::EndpointSlice) -> Result<EndpointSlice
     })
 }
 
-/// A legacy Endpoints object as one EndpointSlice per subset (named `<service>.endpoints-<i>`
+/// A legacy Endpoints object as one `EndpointSlice` per subset (named `<service>.endpoints-<i>`
 /// so it never collides with a real slice).
 pub fn endpoints(object: &core::Endpoints) -> Result<Vec<EndpointSlice>, ObjectError> {
     let ctx = Ctx {

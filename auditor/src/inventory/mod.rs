@@ -1,4 +1,4 @@
-//! The inventory store: who is who. Pods, nodes, Services, EndpointSlices and namespaces as
+//! The inventory store: who is who. Pods, nodes, Services, `EndpointSlices` and namespaces as
 //! plain facts, the owners of every address, and what follows from several objects at once: the
 //! API server's endpoints, the pod CIDRs, and the ready endpoints behind each Service port
 //! ([`services`]). Pure and incremental: the sources feed it changes; [`k8s`] turns Kubernetes
@@ -25,7 +25,7 @@ pub struct Namespace {
     pub labels: Labels,
 }
 
-/// What runs a pod, from its controller owner reference (a ReplicaSet's hash suffix stripped so
+/// What runs a pod, from its controller owner reference (a `ReplicaSet`'s hash suffix stripped so
 /// the Deployment is named); a bare pod is its own workload.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Workload {
@@ -55,7 +55,7 @@ impl Pod {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Node {
     pub name: String,
-    /// InternalIP and ExternalIP addresses.
+    /// `InternalIP` and `ExternalIP` addresses.
     pub addresses: Vec<IpAddr>,
     pub pod_cidrs: Vec<IpNet>,
 }
@@ -67,7 +67,7 @@ pub struct Service {
     /// Empty for headless Services (their flows go to pod addresses directly).
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
-    /// `None`: endpoints are managed by hand (EndpointSlices only).
+    /// `None`: endpoints are managed by hand (`EndpointSlices` only).
     pub selector: Option<Labels>,
 }
 
@@ -91,7 +91,7 @@ pub enum TargetPort {
     Name(String),
 }
 
-/// An EndpointSlice (or a legacy Endpoints object, turned into one).
+/// An `EndpointSlice` (or a legacy Endpoints object, turned into one).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct EndpointSlice {
     pub namespace: String,
@@ -313,28 +313,25 @@ impl Inventory {
     /// it replaced.
     pub fn upsert_pod(&mut self, pod: Pod) -> (PodId, Option<Pod>) {
         let key = pod.key();
-        let (id, old) = match self.pod_ids.get(&self.pods, &key) {
-            Some(id) => {
-                let old = self
-                    .pods
-                    .get_mut(id)
-                    .map(|slot| std::mem::replace(slot, pod));
-                if let Some(old) = &old {
-                    for &ip in &old.ips {
-                        remove_owner(&mut self.addresses, ip, Owner::Pod(id));
-                    }
+        let (id, old) = if let Some(id) = self.pod_ids.get(&self.pods, &key) {
+            let old = self
+                .pods
+                .get_mut(id)
+                .map(|slot| std::mem::replace(slot, pod));
+            if let Some(old) = &old {
+                for &ip in &old.ips {
+                    remove_owner(&mut self.addresses, ip, Owner::Pod(id));
                 }
-                (id, old)
             }
-            None => {
-                let id = self.pods.insert(pod);
-                self.pods_by_namespace
-                    .entry(key.namespace.clone())
-                    .or_default()
-                    .push(id);
-                self.pod_ids.insert(&self.pods, &key, id);
-                (id, None)
-            }
+            (id, old)
+        } else {
+            let id = self.pods.insert(pod);
+            self.pods_by_namespace
+                .entry(key.namespace.clone())
+                .or_default()
+                .push(id);
+            self.pod_ids.insert(&self.pods, &key, id);
+            (id, None)
         };
         if let Some(pod) = self.pods.get(id) {
             for &ip in &pod.ips {
@@ -396,24 +393,21 @@ impl Inventory {
     /// Adds or replaces a node (by name); returns the version it replaced.
     pub fn upsert_node(&mut self, node: Node) -> Option<Node> {
         let name = node.name.clone();
-        let (id, old) = match self.node_ids.get(&name) {
-            Some(&id) => {
-                let old = self
-                    .nodes
-                    .get_mut(id)
-                    .map(|slot| std::mem::replace(slot, node));
-                if let Some(old) = &old {
-                    for &ip in &old.addresses {
-                        remove_owner(&mut self.addresses, ip, Owner::Node(id));
-                    }
+        let (id, old) = if let Some(&id) = self.node_ids.get(&name) {
+            let old = self
+                .nodes
+                .get_mut(id)
+                .map(|slot| std::mem::replace(slot, node));
+            if let Some(old) = &old {
+                for &ip in &old.addresses {
+                    remove_owner(&mut self.addresses, ip, Owner::Node(id));
                 }
-                (id, old)
             }
-            None => {
-                let id = self.nodes.insert(node);
-                self.node_ids.insert(name, id);
-                (id, None)
-            }
+            (id, old)
+        } else {
+            let id = self.nodes.insert(node);
+            self.node_ids.insert(name, id);
+            (id, None)
         };
         if let Some(node) = self.nodes.get(id) {
             for &ip in &node.addresses {
@@ -473,24 +467,21 @@ impl Inventory {
     /// Adds or replaces a Service (by key); returns the version it replaced.
     pub fn upsert_service(&mut self, service: Service) -> Option<Service> {
         let key = service.key();
-        let (id, old) = match self.service_ids.get(&key) {
-            Some(&id) => {
-                let old = self
-                    .services
-                    .get_mut(id)
-                    .map(|slot| std::mem::replace(slot, service));
-                if let Some(old) = &old {
-                    for &ip in &old.cluster_ips {
-                        remove_owner(&mut self.addresses, ip, Owner::Service(id));
-                    }
+        let (id, old) = if let Some(&id) = self.service_ids.get(&key) {
+            let old = self
+                .services
+                .get_mut(id)
+                .map(|slot| std::mem::replace(slot, service));
+            if let Some(old) = &old {
+                for &ip in &old.cluster_ips {
+                    remove_owner(&mut self.addresses, ip, Owner::Service(id));
                 }
-                (id, old)
             }
-            None => {
-                let id = self.services.insert(service);
-                self.service_ids.insert(key, id);
-                (id, None)
-            }
+            (id, old)
+        } else {
+            let id = self.services.insert(service);
+            self.service_ids.insert(key, id);
+            (id, None)
         };
         if let Some(service) = self.services.get(id) {
             for &ip in &service.cluster_ips {
@@ -557,7 +548,7 @@ impl Inventory {
         }
     }
 
-    /// The EndpointSlices of a Service, `None` when it has none (endpoints then come from its
+    /// The `EndpointSlices` of a Service, `None` when it has none (endpoints then come from its
     /// selector).
     #[must_use]
     pub fn endpoint_slices(&self, service: &ObjectKey) -> Option<Vec<&EndpointSlice>> {

@@ -1,7 +1,7 @@
 //! Which pods back a Service: the ready endpoints (address, translated port) of each Service
-//! port, from its EndpointSlices, or from its selector and the pods' container ports when it has
+//! port, from its `EndpointSlices`, or from its selector and the pods' container ports when it has
 //! none (snapshots often carry no slices). Kept per Service and rebuilt after a change, since
-//! every flow to a ClusterIP needs them.
+//! every flow to a `ClusterIP` needs them.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -110,7 +110,7 @@ impl Inventory {
         out
     }
 
-    /// Whether `ip` is a ready endpoint address of the Service `key`: the endpoint a ClusterIP
+    /// Whether `ip` is a ready endpoint address of the Service `key`: the endpoint a `ClusterIP`
     /// flow was translated to, when both records are seen.
     #[must_use]
     pub fn is_endpoint_of(&self, key: &ObjectKey, ip: IpAddr) -> bool {
@@ -133,7 +133,7 @@ impl Inventory {
     }
 
     /// The one workload every ready endpoint of a Service runs, if there is exactly one (so a
-    /// ClusterIP flow's series matches the one its translated flow gets).
+    /// `ClusterIP` flow's series matches the one its translated flow gets).
     #[must_use]
     pub fn endpoint_workload(&self, key: &ObjectKey) -> Option<&str> {
         let slices = self.endpoint_slices(key)?;

@@ -1,4 +1,4 @@
-//! The rule IR: every policy kind (NetworkPolicy, CiliumNetworkPolicy, the clusterwide kind) is
+//! The rule IR: every policy kind (`NetworkPolicy`, `CiliumNetworkPolicy`, the clusterwide kind) is
 //! compiled into these types, and the verdict engine only ever sees them. It must be able to say
 //! everything SPEC 4.1-4.2 says, so a new policy feature starts here.
 //!
@@ -15,7 +15,7 @@
 //! - per direction: denied if any `Action::Deny` rule matches; else allowed if not isolated or any
 //!   `Action::Allow` rule matches; else denied by default;
 //! - a pod-to-pod flow needs the source's egress AND the destination's ingress;
-//! - a pod and its own node may always talk (NetworkPolicy's and Cilium's host exemption);
+//! - a pod and its own node may always talk (`NetworkPolicy`'s and Cilium's host exemption);
 //! - `Peer::Cidr` matches pod and node addresses only in the Calico reading (config switch).
 
 use std::fmt;
@@ -98,7 +98,7 @@ impl Action {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CompiledPolicy {
     pub key: PolicyKey,
-    /// Which endpoints this policy makes default-deny, per direction. NetworkPolicy: one per
+    /// Which endpoints this policy makes default-deny, per direction. `NetworkPolicy`: one per
     /// entry of `policyTypes` (after defaulting). Cilium: one per direction that has any rule
     /// (deny rules too), left out when `enableDefaultDeny` opts out of that direction.
     pub isolations: Vec<Isolation>,
@@ -174,9 +174,9 @@ pub struct Subject {
 /// Which namespaces an endpoint selector covers.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum NamespaceScope {
-    /// Every namespace (CCNP subjects, NetworkPolicy `namespaceSelector: {}`).
+    /// Every namespace (CCNP subjects, `NetworkPolicy` `namespaceSelector: {}`).
     All,
-    /// Exactly this namespace (a NetworkPolicy's own namespace, Cilium's namespace label).
+    /// Exactly this namespace (a `NetworkPolicy`'s own namespace, Cilium's namespace label).
     Named(String),
     /// Namespaces whose labels match. Every namespace carries `kubernetes.io/metadata.name`.
     Selector(LabelSelector),
@@ -209,7 +209,7 @@ pub enum Operator {
 /// The peers a rule matches.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peers {
-    /// Every address (NetworkPolicy: empty or missing `from`/`to`; Cilium: an L3-less rule).
+    /// Every address (`NetworkPolicy`: empty or missing `from`/`to`; Cilium: an L3-less rule).
     Any,
     /// Any one of these (a union). An empty list matches nothing.
     List(Vec<Peer>),
@@ -217,7 +217,7 @@ pub enum Peers {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peer {
-    /// Pods selected by namespace and pod labels (NetworkPolicy `podSelector` /
+    /// Pods selected by namespace and pod labels (`NetworkPolicy` `podSelector` /
     /// `namespaceSelector`, Cilium `fromEndpoints` / `toEndpoints`).
     Endpoints(Subject),
     /// An address block minus exceptions (`ipBlock`, `fromCIDR`, `toCIDRSet`, ...).
@@ -249,7 +249,7 @@ pub enum Entity {
     Host,
     /// Every other node.
     RemoteNode,
-    /// The API server's addresses (`default/kubernetes` EndpointSlice / Endpoints).
+    /// The API server's addresses (`default/kubernetes` `EndpointSlice` / Endpoints).
     KubeApiserver,
     /// Cilium's ingress / Gateway proxy: the `entities.ingress` CIDRs of the config file.
     Ingress,
@@ -306,7 +306,7 @@ impl fmt::Display for Unjudgeable {
 /// One destination-port condition of a rule.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PortMatch {
-    /// `None` is Cilium's `ANY`. NetworkPolicy defaults to TCP before it gets here.
+    /// `None` is Cilium's `ANY`. `NetworkPolicy` defaults to TCP before it gets here.
     pub protocol: Option<Protocol>,
     pub port: PortSpec,
 }

@@ -1,4 +1,4 @@
-//! NetworkPolicy (networking.k8s.io/v1) compiled into the rule IR, following the Kubernetes
+//! `NetworkPolicy` (networking.k8s.io/v1) compiled into the rule IR, following the Kubernetes
 //! documentation: policyTypes defaulting, peers (pod, namespace, both, ipBlock), ports by number
 //! or name with endPort; rules of a direction missing from policyTypes are ignored, as the API does.
 

@@ -1,5 +1,5 @@
 //! Label selectors: matching label sets, and reading Kubernetes' `LabelSelector` into the IR.
-//! Shared by every compiler, so `matchExpressions` mean the same in NetworkPolicy and Cilium.
+//! Shared by every compiler, so `matchExpressions` mean the same in `NetworkPolicy` and Cilium.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 

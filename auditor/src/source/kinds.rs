@@ -64,7 +64,7 @@ impl InventoryObject for discovery::EndpointSlice {
     }
 }
 
-/// Legacy Endpoints objects (snapshots of older clusters) become EndpointSlices.
+/// Legacy Endpoints objects (snapshots of older clusters) become `EndpointSlices`.
 impl InventoryObject for core::Endpoints {
     fn changes(&self) -> Result<Vec<Change>, ObjectError> {
         Ok(k8s::endpoints(self)?

@@ -357,19 +357,18 @@ where
                 self.changed(key.clone(), &object).await?;
                 seen.insert(key);
             }
-            match page.metadata.continue_.filter(|t| !t.is_empty()) {
-                Some(next) => token = Some(next),
-                None => {
-                    let version = page
-                        .metadata
-                        .resource_version
-                        .filter(|v| !v.is_empty())
-                        .ok_or(ListFailure::Api(KubeError::NoResourceVersion {
-                            kind: self.kind,
-                        }))?;
-                    self.remove_unseen(&seen).await?;
-                    return Ok(version);
-                }
+            if let Some(next) = page.metadata.continue_.filter(|t| !t.is_empty()) {
+                token = Some(next);
+            } else {
+                let version = page
+                    .metadata
+                    .resource_version
+                    .filter(|v| !v.is_empty())
+                    .ok_or(ListFailure::Api(KubeError::NoResourceVersion {
+                        kind: self.kind,
+                    }))?;
+                self.remove_unseen(&seen).await?;
+                return Ok(version);
             }
         }
     }

@@ -44,7 +44,7 @@ pub struct Located {
 /// Which objects to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Select {
-    /// Namespaces, Nodes, Pods, Services, EndpointSlices (and Endpoints).
+    /// Namespaces, Nodes, Pods, Services, `EndpointSlices` (and Endpoints).
     pub inventory: bool,
     /// Every kind of the policy kind table.
     pub policies: bool,
@@ -132,9 +132,8 @@ pub fn load_file(
     })?;
     let text = String::from_utf8(bytes).map_err(|e| LoadError::Syntax {
         file: path.to_path_buf(),
-        line: 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
-            .iter()
-            .filter(|b| **b == b'\n')
+        line: e.as_bytes()[..e.utf8_error().valid_up_to()]
+            .split(|b| *b == b'\n')
             .count(),
         message: "not UTF-8 text".to_owned(),
     })?;
@@ -317,7 +316,7 @@ impl Reading<'_> {
                     item: Some(i),
                     ..location.clone()
                 };
-                self.list_item(item, item_kind, location, out)?;
+                self.list_item(item, item_kind, &location, out)?;
             }
             return Ok(());
         }
@@ -346,7 +345,7 @@ impl Reading<'_> {
         &self,
         mut item: serde_json::Value,
         item_kind: Option<&str>,
-        location: Location,
+        location: &Location,
         out: &mut Vec<Located>,
     ) -> Result<(), LoadError> {
         let header: Header =
@@ -378,7 +377,7 @@ impl Reading<'_> {
                 object: name.clone(),
                 message: problem.message,
             })?;
-        push(out, &location, &name, changes);
+        push(out, location, &name, changes);
         Ok(())
     }
 }

@@ -19,7 +19,7 @@ pub struct ReadError {
 pub const MAX_FILES: usize = 10_000;
 
 /// What a set of paths looked like: every manifest with its size, modification time and inode.
-/// Any edit, replacement (editors, `kubectl`, ConfigMap symlink swaps), addition or removal
+/// Any edit, replacement (editors, `kubectl`, `ConfigMap` symlink swaps), addition or removal
 /// changes it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>, u64)>);
@@ -60,7 +60,7 @@ impl Fingerprint {
 }
 
 /// The manifests (`.yaml`, `.yml`, `.json`) under `path`, sorted; `path` itself when it is a
-/// file. Hidden entries (`.git`, editor swap files, a ConfigMap's `..data`) are skipped.
+/// file. Hidden entries (`.git`, editor swap files, a `ConfigMap`'s `..data`) are skipped.
 ///
 /// # Errors
 /// When `path` or a directory under it cannot be read.

@@ -166,6 +166,11 @@ impl ApiServer {
     }
 
     /// Starts on an ephemeral port of 127.0.0.1 of the socket `bind` opens (on every restart).
+    #[expect(
+        clippy::unused_async,
+        clippy::unused_async_trait_impl,
+        reason = "it spawns the server's tasks, which needs the caller to be on a running runtime"
+    )]
     pub async fn start_with(bind: Bind) -> Self {
         let (tick, _) = watch::channel(0);
         let shared = Arc::new(Shared {
@@ -416,8 +421,8 @@ impl Drop for ApiServer {
     }
 }
 
-/// Binds in the calling thread's network namespace. The standard library sets SO_REUSEADDR on
-/// Unix, so a restart gets the same port back while old connections sit in TIME_WAIT.
+/// Binds in the calling thread's network namespace. The standard library sets `SO_REUSEADDR` on
+/// Unix, so a restart gets the same port back while old connections sit in `TIME_WAIT`.
 pub fn bind_here(addr: SocketAddr) -> std::net::TcpListener {
     std::net::TcpListener::bind(addr)
         .unwrap_or_else(|e| panic!("bind the test API server to {addr}: {e}"))

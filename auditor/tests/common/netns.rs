@@ -177,8 +177,7 @@ pub fn open_fds() -> Vec<String> {
         .filter_map(Result::ok)
         .map(|entry| {
             let target = std::fs::read_link(entry.path())
-                .map(|t| t.display().to_string())
-                .unwrap_or_else(|_| "?".into());
+                .map_or_else(|_| "?".into(), |t| t.display().to_string());
             format!("{} -> {target}", entry.file_name().display())
         })
         .collect();

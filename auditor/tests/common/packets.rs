@@ -36,7 +36,7 @@ pub fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// An Ethernet frame around an IP packet, EtherType chosen from the IP version.
+/// An Ethernet frame around an IP packet, `EtherType` chosen from the IP version.
 pub fn eth_ip(ip: &[u8]) -> Vec<u8> {
     let ethertype = if ip.first().is_some_and(|b| b >> 4 == 6) {
         ETH_P_IPV6
@@ -156,7 +156,7 @@ pub fn sctp(sport: u16, dport: u16, chunks: &[u8]) -> Vec<u8> {
     h
 }
 
-/// An ICMP or ICMPv6 message: type, code, zero checksum, the 4-byte "rest of header", body.
+/// An ICMP or `ICMPv6` message: type, code, zero checksum, the 4-byte "rest of header", body.
 pub fn icmp(kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
     let mut h = vec![kind, code, 0, 0];
     h.extend_from_slice(&rest);
@@ -171,7 +171,7 @@ pub fn icmp_echo(reply: bool, id: u16, seq: u16) -> Vec<u8> {
     icmp(if reply { 0 } else { 8 }, 0, [a, b, c, d], b"ping")
 }
 
-/// ICMPv6 echo request or reply with identifier `id`.
+/// `ICMPv6` echo request or reply with identifier `id`.
 pub fn icmpv6_echo(reply: bool, id: u16, seq: u16) -> Vec<u8> {
     let [a, b] = id.to_be_bytes();
     let [c, d] = seq.to_be_bytes();
@@ -186,7 +186,7 @@ pub fn icmp_unreachable(code: u8, original: &[u8]) -> Vec<u8> {
     icmp(3, code, [0; 4], quoted)
 }
 
-/// ICMPv6 destination unreachable (`code` 4 = port unreachable) quoting `original`.
+/// `ICMPv6` destination unreachable (`code` 4 = port unreachable) quoting `original`.
 pub fn icmpv6_unreachable(code: u8, original: &[u8]) -> Vec<u8> {
     icmp(1, code, [0; 4], original)
 }

@@ -97,7 +97,7 @@ impl Harness {
             Ok(f) => f,
             Err(e) => panic!("opening the flow table failed: {}", error_chain(&e)),
         };
-        flows.iter().filter(Result::is_ok).count()
+        flows.iter().flatten().count()
     }
 
     pub fn counters(&self) -> CounterTotals {

@@ -1,13 +1,13 @@
 //! The miniature Calico homelab: which pods and external hosts exist, their addresses and ports,
 //! and the snapshot (`auditor run --cluster`) that tells the daemon who they are. The seed's five
-//! NetworkPolicies ride along verbatim as the intended model.
+//! `NetworkPolicies` ride along verbatim as the intended model.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 /// The one node of the lab; every pod is scheduled on it.
 pub const NODE_NAME: &str = "lab-node";
-/// The node's address on its uplink (the "LAN"), also its InternalIP in the snapshot.
+/// The node's address on its uplink (the "LAN"), also its `InternalIP` in the snapshot.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
 /// The LAN router the node's default route points at.
 pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
@@ -16,7 +16,7 @@ pub const POD_CIDR: &str = "10.244.0.0/24";
 /// Calico's fixed next hop inside every pod, answered by proxy ARP on the `cali*` side.
 pub const CALICO_GATEWAY: &str = "169.254.1.1";
 
-/// The seed's NetworkPolicies, verbatim.
+/// The seed's `NetworkPolicies`, verbatim.
 pub const SEED_POLICIES: &str = include_str!("seed-policies.yaml");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +61,7 @@ const fn udp(name: &'static str, number: u16) -> Port {
 /// What owns a pod, so the daemon derives the workload label the way it does in a cluster.
 #[derive(Clone, Copy, Debug)]
 pub enum Owner {
-    /// A Deployment's pod: owned by the ReplicaSet `<name>-<hash>`.
+    /// A Deployment's pod: owned by the `ReplicaSet` `<name>-<hash>`.
     Deployment {
         name: &'static str,
         hash: &'static str,
@@ -410,13 +410,15 @@ mod tests {
     #[test]
     fn cali_names_fit_an_interface_name_and_are_distinct() {
         let names: std::collections::BTreeSet<String> = PODS.iter().map(Pod::cali).collect();
-        if names.len() != PODS.len() {
-            panic!("two pods share a cali name: {names:?}");
-        }
+        assert!(
+            names.len() == PODS.len(),
+            "two pods share a cali name: {names:?}"
+        );
         for n in &names {
-            if n.len() != 15 {
-                panic!("{n} is not 15 characters (IFNAMSIZ - 1, as Calico's names are)");
-            }
+            assert!(
+                n.len() == 15,
+                "{n} is not 15 characters (IFNAMSIZ - 1, as Calico's names are)"
+            );
         }
     }
 
@@ -424,20 +426,22 @@ mod tests {
     fn every_pod_namespace_is_declared_and_addresses_are_unique() {
         let mut hosts = std::collections::BTreeSet::new();
         for p in PODS {
-            if !NAMESPACES.contains(&p.namespace) {
-                panic!("{} is in undeclared namespace {}", p.name, p.namespace);
-            }
-            if !hosts.insert(p.host) {
-                panic!("{} reuses address {}", p.name, p.ip());
-            }
+            assert!(
+                NAMESPACES.contains(&p.namespace),
+                "{} is in undeclared namespace {}",
+                p.name,
+                p.namespace
+            );
+            assert!(hosts.insert(p.host), "{} reuses address {}", p.name, p.ip());
         }
     }
 
     #[test]
     fn seed_policies_are_the_five_of_the_seed() {
         let count = SEED_POLICIES.matches("kind: NetworkPolicy").count();
-        if count != 5 {
-            panic!("expected the seed's 5 NetworkPolicies, found {count}");
-        }
+        assert!(
+            count == 5,
+            "expected the seed's 5 NetworkPolicies, found {count}"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! summary and the tests need.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -331,7 +332,7 @@ impl Prometheus {
         }
     }
 
-    /// An instant PromQL query; the `data.result` array.
+    /// An instant `PromQL` query; the `data.result` array.
     pub fn query(&self, promql: &str) -> Result<Vec<serde_json::Value>> {
         let path = format!("/api/v1/query?query={}", percent_encode(promql));
         let (status, body) = http_get(&self.ns, self.addr, &path)?;
@@ -362,7 +363,7 @@ pub fn percent_encode(s: &str) -> String {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            let _ = write!(out, "%{b:02X}");
         }
     }
     out
@@ -395,7 +396,7 @@ pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)>
 /// One `flow_auditor_flows_total` sample: its labels and value.
 pub type Sample = (BTreeMap<String, String>, f64);
 
-/// The samples of metric `name` in Prometheus or OpenMetrics text.
+/// The samples of metric `name` in Prometheus or `OpenMetrics` text.
 pub fn samples(text: &str, name: &str) -> Vec<Sample> {
     let mut out = Vec::new();
     for line in text.lines() {
@@ -459,9 +460,7 @@ mod tests {
             flow_auditor_flows_created{verdict=\"allowed\"} 1.7e9\n\
             flow_auditor_flows_total_other 9\n";
         let got = samples(text, "flow_auditor_flows_total");
-        if got.len() != 1 {
-            panic!("expected one sample, got {got:?}");
-        }
+        assert!(got.len() == 1, "expected one sample, got {got:?}");
         let (labels, value) = &got[0];
         if labels.get("src_namespace").map(String::as_str) != Some("a\"b")
             || labels.get("dst_namespace").map(String::as_str) != Some("")
@@ -474,8 +473,9 @@ mod tests {
     #[test]
     fn percent_encoding_keeps_unreserved_and_escapes_the_rest() {
         let got = percent_encode("sum by (verdict) (x{a=\"b\"})");
-        if got != "sum%20by%20%28verdict%29%20%28x%7Ba%3D%22b%22%7D%29" {
-            panic!("got {got}");
-        }
+        assert!(
+            got == "sum%20by%20%28verdict%29%20%28x%7Ba%3D%22b%22%7D%29",
+            "got {got}"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The lab's end-to-end test (a step of `cargo xtask test` when root): one deterministic round of
 //! the traffic script, a real Prometheus scraping the daemon, and the exact flow counts per
-//! verdict and namespace pair read back with PromQL against expectations worked out by hand from
+//! verdict and namespace pair read back with `PromQL` against expectations worked out by hand from
 //! the seed's policies and the lab's nftables enforcement. Grafana's panel queries run too.
 
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ use super::{Lab, catch_signals};
 
 /// Prometheus's listen address inside the node namespace.
 const PROMETHEUS_ADDR: &str = "127.0.0.1:19090";
-/// Short, so `unanswered` flows (dropped by LocalStack's enforcement) resolve quickly.
+/// Short, so `unanswered` flows (dropped by `LocalStack`'s enforcement) resolve quickly.
 const ANSWER_TIMEOUT: &str = "1s";
 /// The script is played this many times, so counters rise between scrapes and the dashboard's
 /// `increase()` / `rate()` panels have something to show; EXPECTED counts one round.
@@ -250,8 +250,8 @@ const EXPECTED_OUTCOMES: &[(&[&str], u64)] = &[
 ];
 
 /// `sum by (src_workload, dst_workload, dst_port)` of the unexpected flows, one round. Workloads
-/// come from the owner references of the snapshot (StatefulSet, DaemonSet, a Deployment through
-/// its ReplicaSet, a bare pod by its own name); a destination outside the cluster is `world`,
+/// come from the owner references of the snapshot (`StatefulSet`, `DaemonSet`, a Deployment through
+/// its `ReplicaSet`, a bare pod by its own name); a destination outside the cluster is `world`,
 /// and port 80 there is `other` (no pod declares it and no policy names it).
 const EXPECTED_UNEXPECTED: &[(&[&str], u64)] = &[
     (&["promtail", "loki", "9095"], 1),
@@ -747,21 +747,18 @@ impl Variables {
         while let Some(i) = rest.find(['$', '[']) {
             out.push_str(&rest[..i]);
             let (name, len) = reference(&rest[i..]);
-            match name.and_then(|n| Some((n, self.get(n)?))) {
-                Some((name, value)) => {
-                    if !name.starts_with("__") && out.ends_with("=\"") && !out.ends_with("!=\"") {
-                        out.truncate(out.len() - 2);
-                        out.push_str("=~\"");
-                    }
-                    out.push_str(value);
-                    rest = &rest[i + len..];
+            if let Some((name, value)) = name.and_then(|n| Some((n, self.get(n)?))) {
+                if !name.starts_with("__") && out.ends_with("=\"") && !out.ends_with("!=\"") {
+                    out.truncate(out.len() - 2);
+                    out.push_str("=~\"");
                 }
-                None => {
-                    // Not a variable of ours: keep the character and go on after it.
-                    let c = rest[i..].chars().next().map_or(1, char::len_utf8);
-                    out.push_str(&rest[i..i + c]);
-                    rest = &rest[i + c..];
-                }
+                out.push_str(value);
+                rest = &rest[i + len..];
+            } else {
+                // Not a variable of ours: keep the character and go on after it.
+                let c = rest[i..].chars().next().map_or(1, char::len_utf8);
+                out.push_str(&rest[i..i + c]);
+                rest = &rest[i + c..];
             }
         }
         out.push_str(rest);
@@ -833,9 +830,7 @@ mod tests {
             "sum(rate(x{instance=\"$instance\",verdict=~\"${verdict}\",a=~\"${ns:regex}\",b!=\"[[ns]]\"}[$__rate_interval]))",
         );
         let want = "sum(rate(x{instance=~\".*\",verdict=~\".*\",a=~\"web|db\",b!=\"web|db\"}[1m]))";
-        if got != want {
-            panic!("got {got}\nwant {want}");
-        }
+        assert!(got == want, "got {got}\nwant {want}");
     }
 
     #[test]
@@ -846,14 +841,10 @@ mod tests {
         let kept = "label_replace(label_replace(x[$__range], \"a\", \"$1-${1}\", \"k\", \"(.+)\"), \"b\", \"$src/${dst}$\", \"k\", \"(?P<src>.+)/(?P<dst>.+)\")[5m:1m]";
         let got = vars.substitute(kept);
         let want = kept.replace("$__range", "5m");
-        if got != want {
-            panic!("got {got}\nwant {want}");
-        }
+        assert!(got == want, "got {got}\nwant {want}");
         let got = vars.substitute("x{instance=\"$instances\"} + y{v=\"${verdict\"}");
         let want = "x{instance=\"$instances\"} + y{v=\"${verdict\"}";
-        if got != want {
-            panic!("got {got}\nwant {want}");
-        }
+        assert!(got == want, "got {got}\nwant {want}");
     }
 
     #[test]
@@ -869,9 +860,7 @@ mod tests {
             "flow_auditor_build_info{job=\"a,b\"}".to_owned(),
             "instance".to_owned(),
         )];
-        if got != want {
-            panic!("got {got:?}");
-        }
+        assert!(got == want, "got {got:?}");
     }
 
     /// The lab's network without the daemon: Calico-style routing, the LAN router, the external
@@ -903,15 +892,18 @@ mod tests {
                     )),
                 }
             }
-            if !wrong.is_empty() {
-                panic!("conversations went wrong:\n{}", wrong.join("\n"));
-            }
+            assert!(
+                wrong.is_empty(),
+                "conversations went wrong:\n{}",
+                wrong.join("\n")
+            );
         }
         let list = super::super::net::cmd("ip", &["netns", "list"])
             .unwrap_or_else(|e| panic!("ip netns list: {e:#}"));
-        if list.lines().any(|l| l.starts_with(&prefix)) {
-            panic!("lab namespaces left behind:\n{list}");
-        }
+        assert!(
+            !list.lines().any(|l| l.starts_with(&prefix)),
+            "lab namespaces left behind:\n{list}"
+        );
     }
 
     /// The comparison itself: placeholder zeros are ignored, a missing, extra or different
@@ -935,21 +927,21 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        if got.len() != 2 {
-            panic!("the zero-valued placeholder should be dropped: {got:?}");
-        }
+        assert!(
+            got.len() == 2,
+            "the zero-valued placeholder should be dropped: {got:?}"
+        );
         let text = diff(&want, &got);
         for needle in [
             "unexpected loki -> loki: want 2, got 3 (Promtail to Loki's gRPC 9095",
             "allowed velero -> : want 2, got none",
         ] {
-            if !text.contains(needle) {
-                panic!("diff lacks {needle:?}:\n{text}");
-            }
+            assert!(text.contains(needle), "diff lacks {needle:?}:\n{text}");
         }
-        if text.contains("default -> default") {
-            panic!("an equal count was reported as a difference:\n{text}");
-        }
+        assert!(
+            !text.contains("default -> default"),
+            "an equal count was reported as a difference:\n{text}"
+        );
     }
 
     #[test]
@@ -964,20 +956,21 @@ mod tests {
                 .sum()
         };
         for verdict in ["allowed", "denied", "unexpected"] {
-            if by_verdict(verdict) != outcomes(verdict) {
-                panic!("{verdict}: the pair table and the outcome table disagree");
-            }
-        }
-        let unexpected: u64 = EXPECTED_UNEXPECTED.iter().map(|(_, n)| n).sum();
-        if unexpected != by_verdict("unexpected") {
-            panic!("the workload table counts {unexpected} unexpected flows");
-        }
-        let total: u64 = EXPECTED.iter().map(|e| e.3).sum();
-        if total != SCRIPT.len() as u64 {
-            panic!(
-                "EXPECTED counts {total} flows but the script plays {}",
-                SCRIPT.len()
+            assert!(
+                by_verdict(verdict) == outcomes(verdict),
+                "{verdict}: the pair table and the outcome table disagree"
             );
         }
+        let unexpected: u64 = EXPECTED_UNEXPECTED.iter().map(|(_, n)| n).sum();
+        assert!(
+            unexpected == by_verdict("unexpected"),
+            "the workload table counts {unexpected} unexpected flows"
+        );
+        let total: u64 = EXPECTED.iter().map(|e| e.3).sum();
+        assert!(
+            total == SCRIPT.len() as u64,
+            "EXPECTED counts {total} flows but the script plays {}",
+            SCRIPT.len()
+        );
     }
 }

@@ -117,7 +117,7 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
     })
 }
 
-/// Deletes namespaces left by lab runs whose process is gone (a SIGKILLed demo).
+/// Deletes namespaces left by lab runs whose process is gone (a `SIGKILLed` demo).
 pub fn remove_stale() -> Result<()> {
     let list = cmd("ip", &["netns", "list"])?;
     for line in list.lines() {
@@ -332,7 +332,7 @@ fn pod_set(namespace: &str) -> String {
 /// The CNI's enforcement of two of the seed's policies, in the node's forward path (where Calico
 /// enforces pod-to-pod and pod-to-world traffic): `localstack` and `velero` are enforced,
 /// `loki`, `unipoller` and `trivy-system` are "not tightened yet" and pass everything. Velero's
-/// refusals are TCP resets / ICMP unreachables and LocalStack's are silent drops, so the lab
+/// refusals are TCP resets / ICMP unreachables and `LocalStack`'s are silent drops, so the lab
 /// shows both outcomes of a denial (`refused`, `unanswered`).
 pub fn nft_rules() -> String {
     let mut s = String::new();

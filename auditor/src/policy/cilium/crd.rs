@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-/// A CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy object. Both kinds share the shape;
+/// A `CiliumNetworkPolicy` or `CiliumClusterwideNetworkPolicy` object. Both kinds share the shape;
 /// the kind decides how selectors are scoped, so it is passed to [`compile`].
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -153,7 +153,7 @@ pub struct CidrRule {
     pub cidr: Option<String>,
     #[serde(default)]
     pub except: Option<Vec<String>>,
-    /// References a CiliumCIDRGroup object, which the model does not load.
+    /// References a `CiliumCIDRGroup` object, which the model does not load.
     #[serde(default)]
     pub cidr_group_ref: Option<String>,
     #[serde(default)]

@@ -234,7 +234,7 @@ pub(super) fn never_requirement() -> Requirement {
 }
 
 /// One `fromEndpoints`/`toEndpoints` selector, with the entry's `fromRequires`/`toRequires`
-/// ANDed in.
+/// `ANDed` in.
 pub(super) fn peer_of(
     scope: Scope<'_>,
     selector: &EndpointSelector,

@@ -1,4 +1,4 @@
-//! CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy (cilium.io/v2) compiled into the rule
+//! `CiliumNetworkPolicy` and `CiliumClusterwideNetworkPolicy` (cilium.io/v2) compiled into the rule
 //! IR with Cilium's semantics: the objects ([`crd`]), their selectors and label sources
 //! ([`labels`]), their peers ([`peers`]) and their ports and ICMP fields ([`ports`]).
 
@@ -20,7 +20,7 @@ use peers::{egress_peers, ingress_peers};
 use ports::{EntryPorts, ports_of};
 
 /// Compiles a Cilium policy object of `kind` (one of the two Cilium kinds) into the rule IR.
-/// A CiliumNetworkPolicy without a namespace lives in `default`, as `kubectl apply` would put it.
+/// A `CiliumNetworkPolicy` without a namespace lives in `default`, as `kubectl apply` would put it.
 pub fn compile(kind: PolicyKind, policy: &CiliumPolicy) -> Result<CompiledPolicy, CompileError> {
     let CiliumPolicy {
         metadata,
@@ -80,7 +80,7 @@ pub fn compile(kind: PolicyKind, policy: &CiliumPolicy) -> Result<CompiledPolicy
     Ok(compiled)
 }
 
-/// Where a policy lives: `Some(namespace)` for a CiliumNetworkPolicy, `None` for the
+/// Where a policy lives: `Some(namespace)` for a `CiliumNetworkPolicy`, `None` for the
 /// clusterwide kind. It decides how selectors without a namespace label are scoped.
 #[derive(Clone, Copy)]
 struct Scope<'a> {
@@ -144,24 +144,24 @@ fn compile_rule(
             return Ok(());
         }
         (Some(selector), None) => {
-            match subject_of(scope, selector, &format!("{path}.endpointSelector"))? {
-                Some(subject) => subject,
-                None => {
-                    // It selects Cilium's special endpoints (health, init, ...), never a pod,
-                    // and no flow the model judges has those at either end.
-                    tracing::warn!(
-                        policy = %out.key,
-                        rule = path,
-                        "endpointSelector on reserved labels selects no pod; not judged"
-                    );
-                    return Ok(());
-                }
+            if let Some(subject) = subject_of(scope, selector, &format!("{path}.endpointSelector"))?
+            {
+                subject
+            } else {
+                // It selects Cilium's special endpoints (health, init, ...), never a pod,
+                // and no flow the model judges has those at either end.
+                tracing::warn!(
+                    policy = %out.key,
+                    rule = path,
+                    "endpointSelector on reserved labels selects no pod; not judged"
+                );
+                return Ok(());
             }
         }
     };
 
-    let has_ingress = non_empty(ingress) || non_empty(ingress_deny);
-    let has_egress = non_empty(egress) || non_empty(egress_deny);
+    let has_ingress = non_empty(ingress.as_deref()) || non_empty(ingress_deny.as_deref());
+    let has_egress = non_empty(egress.as_deref()) || non_empty(egress_deny.as_deref());
     let DefaultDeny {
         ingress: dd_ingress,
         egress: dd_egress,
@@ -240,8 +240,8 @@ fn compile_rule(
     Ok(())
 }
 
-fn non_empty<T>(list: &Option<Vec<T>>) -> bool {
-    list.as_ref().is_some_and(|l| !l.is_empty())
+fn non_empty<T>(list: Option<&[T]>) -> bool {
+    list.is_some_and(|l| !l.is_empty())
 }
 
 fn push_rules(

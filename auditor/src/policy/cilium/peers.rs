@@ -56,7 +56,7 @@ pub(super) fn ingress_peers(
             nodes: ("fromNodes", from_nodes),
             services: None,
             fqdns: None,
-            has_l4: non_empty(to_ports) || non_empty(icmps),
+            has_l4: non_empty(to_ports.as_deref()) || non_empty(icmps.as_deref()),
         },
     )
 }
@@ -93,7 +93,7 @@ pub(super) fn egress_peers(
             nodes: ("toNodes", to_nodes),
             services: Some(to_services),
             fqdns: Some(to_fqdns),
-            has_l4: non_empty(to_ports) || non_empty(icmps),
+            has_l4: non_empty(to_ports.as_deref()) || non_empty(icmps.as_deref()),
         },
     )
 }
@@ -198,7 +198,7 @@ fn entity_peer(entity: CiliumEntity) -> Option<Peer> {
 }
 
 /// Cilium's CIDR rules never select pods or nodes (they have identities of their own), whatever
-/// the ipBlock reading configured for NetworkPolicy says.
+/// the ipBlock reading configured for `NetworkPolicy` says.
 fn cidr_peer(net: IpNet, except: Vec<IpNet>) -> Peer {
     Peer::ClusterExternalCidr { net, except }
 }

@@ -366,14 +366,14 @@ specs:
 
 #[test]
 fn icmp_rules_match_echo_requests_only() {
-    let p = cnp(r#"
+    let p = cnp(r"
 metadata: {name: p, namespace: app}
 spec:
   endpointSelector: {}
   ingress:
   - icmps: [{fields: [{type: 8}, {type: EchoRequest, family: IPv6}]}]
   - icmps: [{fields: [{type: DestinationUnreachable}]}]
-"#);
+");
     let icmp_any = PortMatch {
         protocol: Some(Protocol::Icmp),
         port: PortSpec::Any,
@@ -389,12 +389,12 @@ spec:
 "#);
     assert_eq!(p.rules[0].ports, vec![icmp_any]);
     let e = cnp_error(
-        r#"
+        r"
 metadata: {name: p, namespace: app}
 spec:
   endpointSelector: {}
   ingress: [{icmps: [{fields: [{type: Pong}]}]}]
-"#,
+",
     );
     assert_eq!(e.field, "spec.ingress[0].icmps[0].fields[0].type");
 }

@@ -190,8 +190,8 @@ impl Model {
                 continue;
             }
             selector.members.grow_and_insert(id.index());
-            for d in 0..2 {
-                isolating[d].extend_from_slice(&selector.isolations[d]);
+            for (into, from) in isolating.iter_mut().zip(&selector.isolations) {
+                into.extend_from_slice(from);
             }
             for &rid in &selector.subject_rules {
                 if let Some(entry) = self.rules.get(rid) {
