@@ -825,6 +825,7 @@ fn sampling_skips_established_packets_but_never_state_changes() {
         flow_table_entries: 1024,
         events_bytes: 64 * 1024,
         sample_every: 4,
+        kernel_log: false,
     });
     let before = h.counters();
     let (k, _) = key(UDP, (CLIENT4.into(), 7000), (SERVER4.into(), 7001));
