@@ -37,6 +37,14 @@ pub const PROGRAM_NOOP: &str = "flow_auditor_noop";
 /// carry no state change; 0 or 1 keeps every packet. Set by the loader with `set_global`.
 pub const SAMPLE_EVERY_GLOBAL: &str = "SAMPLE_EVERY";
 
+/// The `target` of every log record the program writes (aya-log, on its rare paths only, and only
+/// when the loader turns logging on); user space re-emits the records as `tracing` events under
+/// this same target.
+pub const KERNEL_LOG_TARGET: &str = "auditor_ebpf";
+/// aya-log's ring buffer of log records, as aya-log-ebpf names it. Its size is aya-log's default
+/// (128 KiB) when logging is on; the loader shrinks it to one page when it is off.
+pub const KERNEL_LOG_MAP: &str = "AYA_LOGS";
+
 /// Compiled-in size of each flow table, used when the loader does not override it.
 pub const DEFAULT_FLOW_TABLE_ENTRIES: u32 = 65_536;
 /// Compiled-in ring buffer size in bytes (a multiple of every page size Linux uses).

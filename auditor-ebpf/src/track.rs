@@ -17,6 +17,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    diag,
     parse::{self, Opening, PROTO_IPV4, PROTO_IPV6, Parsed, Seen},
     program::{COUNTERS, EVENTS, FLOWS, FLOWS4, FLOWS4_TCP, SAMPLE_EVERY},
 };
@@ -87,9 +88,22 @@ fn handle(ctx: &TcContext, hook: Hook) -> Result<Counter, Counter> {
     };
     let parsed = match fast6 {
         Some(seen) => Parsed::Flow(seen),
-        None => parse_any(ctx, protocol, meta.len())?,
+        None => match parse_any(ctx, protocol, meta.len()) {
+            Ok(parsed) => parsed,
+            Err(outcome) => return Err(unparsed(outcome, meta)),
+        },
     };
     dispatch(&parsed, meta)
+}
+
+/// A packet the parser could not key, ending in `outcome`; the headers it could not read are
+/// logged (when the loader turned logging on), the protocols it does not track are not.
+#[inline(always)]
+fn unparsed(outcome: Counter, meta: Meta) -> Counter {
+    if matches!(outcome, Counter::Truncated | Counter::Malformed) {
+        diag::unreadable(meta.skb, meta.hook, outcome);
+    }
+    outcome
 }
 
 /// Tracks a packet the IPv4 fast path did not take. Not inlined: a frame of its own, beside the
@@ -216,7 +230,13 @@ fn track<K: TableKey>(seen: &Seen<K>, meta: Meta) -> Result<Counter, Counter> {
         None => match create(seen, meta) {
             Some(outcome) => return outcome,
             // Another CPU created the flow between our lookup and insert: this packet updates it.
-            None => seen.key.find().ok_or(Counter::InsertFailed)?,
+            None => match seen.key.find() {
+                Some(state) => state,
+                None => {
+                    diag::entry_vanished(meta.skb, meta.hook, seen.key.proto());
+                    return Err(Counter::InsertFailed);
+                }
+            },
         },
     };
     // SAFETY: a live value of the flow table; LRU values stay valid for this program run.
@@ -238,7 +258,10 @@ fn create<K: TableKey>(seen: &Seen<K>, meta: Meta) -> Option<Result<Counter, Cou
             Some(Ok(Counter::FlowCreated))
         }
         Err(e) if e == -EEXIST => None,
-        Err(_) => Some(Err(Counter::InsertFailed)),
+        Err(e) => {
+            diag::insert_failed(meta.skb, meta.hook, seen.key.proto(), e);
+            Some(Err(Counter::InsertFailed))
+        }
     }
 }
 

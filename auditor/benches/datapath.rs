@@ -54,6 +54,7 @@ fn main() {
         // we time the normal path, not the lost-event one.
         events_bytes: 16 * 1024 * 1024,
         sample_every: 1,
+        kernel_log: false,
     });
 
     let client = Ipv4Addr::new(192, 0, 2, 10);

@@ -25,6 +25,10 @@ pub struct Config {
     pub answer_timeout: Duration,
     /// `auto` (default: TCX on kernels 6.6+, else clsact), `tcx` or `clsact`.
     pub attach_mode: AttachMode,
+    /// `true`: the TC program logs its rare paths (headers it could not read, flows its table
+    /// would not take) into the agent's log, target `auditor_ebpf`. Default `false`; `--kernel-log`
+    /// turns it on too.
+    pub kernel_log: bool,
 }
 
 impl Default for Config {
@@ -35,6 +39,7 @@ impl Default for Config {
             // SPEC 2: the default answer timeout.
             answer_timeout: Duration::from_secs(5),
             attach_mode: AttachMode::Auto,
+            kernel_log: false,
         }
     }
 }
@@ -182,6 +187,9 @@ mod tests {
         assert_eq!(c.entities.ingress.len(), 2);
         assert_eq!(c.answer_timeout, Duration::from_millis(750));
         assert_eq!(c.cluster_config().ingress, c.entities.ingress);
+        assert!(!c.kernel_log, "kernel logging is off unless asked for");
+        let c = Config::from_text(path, "kernelLog: true\n").unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.kernel_log);
     }
 
     #[test]

@@ -108,6 +108,7 @@ fn args(cluster: &Path) -> RunArgs {
             .unwrap_or_else(|e| panic!("address: {e}")),
         answer_timeout: Some(Duration::from_secs(2)),
         node: Some("n1".to_owned()),
+        kernel_log: false,
     }
 }
 

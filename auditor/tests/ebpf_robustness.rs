@@ -156,6 +156,7 @@ fn random_and_mutated_packets_never_fail_and_counters_add_up() {
         flow_table_entries: FLOW_TABLE,
         events_bytes: 1024 * 1024,
         sample_every: 1,
+        kernel_log: false,
     });
     let before = h.counters();
     let mut rng = Rng::new(SEED);

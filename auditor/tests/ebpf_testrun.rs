@@ -5,6 +5,9 @@
 //! How `TestRun` builds the skb matters for crafting: it always treats the data as an Ethernet
 //! frame (`eth_type_trans` on loopback, then pushes the 14 bytes back), so `skb->protocol` comes
 //! from bytes 12-13 and `skb->ifindex` is loopback's (1).
+//!
+//! The program's own log records (kernel logging, off by default) are read here too, through the
+//! datapath's reader and its bridge into `tracing`.
 
 #[path = "common/packets.rs"]
 mod packets;
@@ -14,8 +17,9 @@ mod testrun;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use auditor::datapath::load::{CounterTotals, DatapathConfig};
-use auditor_ebpf::flow::{
-    Counter, EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Hook, Side,
+use auditor_ebpf::{
+    PROGRAM_EGRESS, PROGRAM_INGRESS,
+    flow::{Counter, EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Hook, Side},
 };
 use packets::*;
 use testrun::{Harness, coarse_now_ns};
@@ -825,6 +829,7 @@ fn sampling_skips_established_packets_but_never_state_changes() {
         flow_table_entries: 1024,
         events_bytes: 64 * 1024,
         sample_every: 4,
+        kernel_log: false,
     });
     let before = h.counters();
     let (k, _) = key(UDP, (CLIENT4.into(), 7000), (SERVER4.into(), 7001));
@@ -934,4 +939,222 @@ fn batched_walk_reads_every_entry_once() {
         Some(([1, 0], [SYN, 0])),
         "an IPv4 TCP flow's entry (TCP table), widened key and value"
     );
+}
+
+/// One `tracing` event: what the kernel-log bridge emitted for one of the program's records.
+#[derive(Debug, Clone)]
+struct Traced {
+    target: String,
+    level: tracing::Level,
+    fields: Vec<(String, String)>,
+}
+
+impl Traced {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A `tracing` layer keeping every event it sees.
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<Traced>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields<'a>(&'a mut Vec<(String, String)>);
+        impl tracing::field::Visit for Fields<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push((field.name().to_owned(), format!("{value:?}")));
+            }
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                self.0.push((field.name().to_owned(), value.to_owned()));
+            }
+        }
+        let mut traced = Traced {
+            target: event.metadata().target().to_owned(),
+            level: *event.metadata().level(),
+            fields: Vec::new(),
+        };
+        event.record(&mut Fields(&mut traced.fields));
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(traced);
+    }
+}
+
+/// The program's log records waiting now, read through the datapath's reader and the bridge to
+/// `tracing`, as the events a subscriber on this thread receives.
+fn kernel_log_events(h: &mut Harness) -> Vec<Traced> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Capture(std::sync::Arc::clone(&events)));
+    tracing::subscriber::with_default(subscriber, || h.datapath.flush_kernel_log());
+    events
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+fn with_kernel_log(kernel_log: bool) -> Harness {
+    Harness::with_config(&DatapathConfig {
+        flow_table_entries: 1024,
+        events_bytes: 64 * 1024,
+        sample_every: 1,
+        kernel_log,
+    })
+}
+
+/// Frames down the two rare paths of the parser, with the record each must produce when kernel
+/// logging is on: IPv4 whose TCP header is cut short (truncated), sent at egress, and IPv4 with
+/// an IHL of 4 (malformed), received at ingress. `TestRun` data is all linear, on loopback.
+fn unreadable_frames() -> [(Hook, Vec<u8>, String); 2] {
+    let full = eth_ip(&ipv4(CLIENT4, SERVER4, TCP, &tcp(40_000, 80, SYN, b"")));
+    let cut = full[..14 + 20 + 10].to_vec();
+    let mut short_ihl = eth_ip(&ipv4(CLIENT4, SERVER4, UDP, &udp(1, 2, b"")));
+    short_ihl[14] = 0x44;
+    let (cut_len, short_len) = (cut.len(), short_ihl.len());
+    [
+        (
+            Hook::Egress,
+            cut,
+            format!(
+                "headers cut short (counted as truncated): egress, ifindex {LOOPBACK_IFINDEX}, \
+                 EtherType 0x800, {cut_len} bytes, {cut_len} linear"
+            ),
+        ),
+        (
+            Hook::Ingress,
+            short_ihl,
+            format!(
+                "invalid headers (counted as malformed): ingress, ifindex {LOOPBACK_IFINDEX}, \
+                 EtherType 0x800, {short_len} bytes, {short_len} linear"
+            ),
+        ),
+    ]
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn kernel_log_on_records_unreadable_headers_through_the_bridge() {
+    let mut h = with_kernel_log(true);
+    let before = h.counters();
+    // A flow's packets and a non-IP frame take no rare path: no record.
+    let request = eth_ip(&ipv4(CLIENT4, SERVER4, UDP, &udp(7000, 53, b"q")));
+    let reply = eth_ip(&ipv4(SERVER4, CLIENT4, UDP, &udp(53, 7000, b"a")));
+    let arp = eth(
+        ETH_P_ARP,
+        &[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 192, 0, 2, 10],
+    );
+    h.pass(Hook::Egress, &request);
+    h.pass(Hook::Ingress, &reply);
+    h.pass(Hook::Ingress, &arp);
+    assert!(
+        kernel_log_events(&mut h).is_empty(),
+        "a flow's packets and a non-IP frame are no rare path"
+    );
+    let frames = unreadable_frames();
+    for (hook, frame, _) in &frames {
+        h.pass(*hook, frame);
+    }
+    let events = kernel_log_events(&mut h);
+    assert_eq!(
+        events.len(),
+        frames.len(),
+        "one record per unreadable packet: {events:#?}"
+    );
+    for (event, (_, _, message)) in events.iter().zip(&frames) {
+        assert_eq!(event.target, auditor_ebpf::KERNEL_LOG_TARGET, "{event:?}");
+        assert_eq!(event.level, tracing::Level::WARN, "{event:?}");
+        assert_eq!(event.field("message"), Some(message.as_str()), "{event:?}");
+        assert_eq!(
+            event.field("module"),
+            Some("auditor_ebpf::diag"),
+            "{event:?}"
+        );
+        assert!(
+            event.field("file").is_some_and(|f| f.ends_with("diag.rs")),
+            "{event:?}"
+        );
+        assert!(event.field("line").is_some_and(|l| l != "0"), "{event:?}");
+        assert_eq!(
+            event.field("kernel_target"),
+            None,
+            "the record's own target is the event's: {event:?}"
+        );
+    }
+    assert!(
+        kernel_log_events(&mut h).is_empty(),
+        "records are read once"
+    );
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 5),
+            (Counter::FlowCreated, 1),
+            (Counter::FlowUpdated, 1),
+            (Counter::EventsSent, 2),
+            (Counter::NonIp, 1),
+            (Counter::Truncated, 1),
+            (Counter::Malformed, 1),
+        ],
+    );
+}
+
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn kernel_log_off_writes_no_record() {
+    let mut h = with_kernel_log(false);
+    let before = h.counters();
+    for (hook, frame, _) in &unreadable_frames() {
+        h.pass(*hook, frame);
+    }
+    let events = kernel_log_events(&mut h);
+    assert!(
+        events.is_empty(),
+        "logging off, the program writes no record: {events:#?}"
+    );
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 2),
+            (Counter::Truncated, 1),
+            (Counter::Malformed, 1),
+        ],
+    );
+}
+
+/// Off, the verifier proves every record dead (aya-log's level global is a constant to it) and
+/// does not walk them: it processes fewer instructions than with the records on.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn kernel_log_off_is_pruned_by_the_verifier() {
+    let mut on = with_kernel_log(true);
+    let mut off = with_kernel_log(false);
+    for name in [PROGRAM_INGRESS, PROGRAM_EGRESS] {
+        let count = |h: &mut Harness| {
+            let program = h
+                .datapath
+                .program(name)
+                .unwrap_or_else(|e| panic!("program {name}: {e}"));
+            program
+                .info()
+                .unwrap_or_else(|e| panic!("program {name} info: {e}"))
+                .verified_instruction_count()
+        };
+        // The count is reported from Linux 5.16 on.
+        let (Some(on), Some(off)) = (count(&mut on), count(&mut off)) else {
+            eprintln!("{name}: the kernel does not report verified instructions");
+            continue;
+        };
+        eprintln!("{name}: verified instructions: kernel log off {off}, on {on}");
+        assert!(
+            off < on,
+            "{name}: with the records off the verifier must walk less ({off}) than on ({on})"
+        );
+    }
 }

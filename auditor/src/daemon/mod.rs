@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// hostname].
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
+    /// Log the TC program's rare paths (headers it could not read, flows its table would not
+    /// take), target `auditor_ebpf` [default: the config file's `kernelLog`, else off].
+    #[arg(long)]
+    pub kernel_log: bool,
 }
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
@@ -159,6 +163,7 @@ impl Settings {
             metrics_addr,
             answer_timeout,
             node,
+            kernel_log,
         } = args;
         let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
         let source = if *kube || (cluster.is_empty() && in_pod) {
@@ -171,10 +176,11 @@ impl Settings {
         } else {
             Source::Snapshot(cluster.clone())
         };
-        let config = match config {
+        let mut config = match config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
+        config.kernel_log |= *kernel_log;
         let mut attach = AttachConfig {
             uplink: uplink.clone(),
             mode: config.attach_mode,
@@ -238,7 +244,10 @@ pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
                 source,
             })?;
         let daemon = Daemon::start(args).await?;
-        let datapath = Datapath::load(&DatapathConfig::default())?;
+        let datapath = Datapath::load(&DatapathConfig {
+            kernel_log: daemon.settings.config.kernel_log,
+            ..DatapathConfig::default()
+        })?;
         let manager = DatapathManager::start(datapath, daemon.settings.attach.clone())?;
         let stop = async {
             tokio::select! {

@@ -1,6 +1,7 @@
-//! Loads the TC program object: sizes its maps and sets its sampling from configuration (no
-//! recompiling), has the kernel verify both hook programs, and hands out a typed [`Datapath`]
-//! through which the attach manager reaches the programs and the reader reaches the maps.
+//! Loads the TC program object: sizes its maps and sets its sampling and its log records from
+//! configuration (no recompiling), has the kernel verify both hook programs, and hands out a
+//! typed [`Datapath`] through which the attach manager reaches the programs and the reader
+//! reaches the maps and the program's log.
 
 use std::{
     borrow::{Borrow, BorrowMut},
@@ -10,7 +11,8 @@ use std::{
 
 use auditor_ebpf::{
     COUNTERS_MAP, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES, EVENTS_MAP, FLOWS_MAP,
-    FLOWS4_MAP, FLOWS4_TCP_MAP, PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_NOOP, SAMPLE_EVERY_GLOBAL,
+    FLOWS4_MAP, FLOWS4_TCP_MAP, KERNEL_LOG_MAP, PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_NOOP,
+    SAMPLE_EVERY_GLOBAL,
     flow::{Counter, FlowKey, FlowKey4, FlowKeyTcp4, FlowState},
 };
 use aya::{
@@ -20,7 +22,7 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{EBPF_OBJECT, attach::TcPrograms};
+use super::{EBPF_OBJECT, attach::TcPrograms, kernel_log::KernelLog};
 
 /// What can be tuned in the datapath without recompiling the program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +40,11 @@ pub struct DatapathConfig {
     /// RST); 0 or 1 keeps all. Skipped packets are counted in [`Counter::SampledOut`] and are
     /// missing from the flow's packet and byte counts.
     pub sample_every: u32,
+    /// Have the program write a log record (aya-log) on its rare paths: headers it could not
+    /// read, a flow the table would not take. Off, the verifier removes the records, so the
+    /// program runs as if they did not exist. [`Datapath::take_kernel_log`] hands out the reader
+    /// that turns them into `tracing` events.
+    pub kernel_log: bool,
 }
 
 impl Default for DatapathConfig {
@@ -46,6 +53,7 @@ impl Default for DatapathConfig {
             flow_table_entries: DEFAULT_FLOW_TABLE_ENTRIES,
             events_bytes: DEFAULT_EVENTS_BYTES,
             sample_every: 1,
+            kernel_log: false,
         }
     }
 }
@@ -74,6 +82,8 @@ pub enum LoadError {
     },
     #[error("the eBPF object has no map {name}")]
     MissingMap { name: &'static str },
+    #[error("opening the program's log records")]
+    KernelLog(#[source] aya_log::Error),
     #[error("reading the flow tables")]
     Walk(#[source] io::Error),
     #[error("map {name}: {op}")]
@@ -186,6 +196,8 @@ impl<T: BorrowMut<MapData>> FlowTables<T> {
 pub struct Datapath {
     ebpf: Ebpf,
     effective: DatapathConfig,
+    /// The reader of the program's log records, until taken (empty with `kernel_log` off).
+    kernel_log: Option<KernelLog>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -204,20 +216,30 @@ impl Datapath {
     /// On an invalid configuration, or when the kernel refuses a map or program (the verifier's
     /// log is in the error's source chain).
     pub fn load(config: &DatapathConfig) -> Result<Self, LoadError> {
-        let effective = effective_config(config, page_size()?)?;
+        let page = page_size()?;
+        let effective = effective_config(config, page)?;
         let DatapathConfig {
             flow_table_entries,
             events_bytes,
             sample_every,
+            kernel_log,
         } = effective;
-        let mut ebpf = EbpfLoader::new()
+        let log_level = kernel_log_level(kernel_log);
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(FLOWS_MAP, flow_table_entries)
             .map_max_entries(FLOWS4_MAP, flow_table_entries)
             .map_max_entries(FLOWS4_TCP_MAP, flow_table_entries)
             .map_max_entries(EVENTS_MAP, events_bytes)
             .override_global(SAMPLE_EVERY_GLOBAL, &sample_every, true)
-            .load(EBPF_OBJECT)
-            .map_err(LoadError::Object)?;
+            // aya-log's level global: every record's level is compared with it, and, in
+            // `.rodata`, it is a constant to the verifier, which prunes the records it disables.
+            .override_global(aya_log::LEVEL, &log_level, true);
+        if !kernel_log {
+            // The programs still name the record ring buffer; unused, it need not be 128 KiB.
+            loader.map_max_entries(KERNEL_LOG_MAP, page);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
         for name in [PROGRAM_INGRESS, PROGRAM_EGRESS] {
             classifier_mut(&mut ebpf, name)?
                 .load()
@@ -227,13 +249,33 @@ impl Datapath {
                     source,
                 })?;
         }
-        Ok(Self { ebpf, effective })
+        // Taken with logging off too: an empty reader shows the records really are off.
+        let kernel_log = Some(KernelLog::take(&mut ebpf).map_err(LoadError::KernelLog)?);
+        Ok(Self {
+            ebpf,
+            effective,
+            kernel_log,
+        })
     }
 
     /// The configuration in force: `events_bytes` rounded up, `sample_every` 0 turned into 1.
     #[must_use]
     pub const fn config(&self) -> DatapathConfig {
         self.effective
+    }
+
+    /// The reader of the program's log records, taken out (to poll it where events are read);
+    /// `None` once taken. With `kernel_log` off the program writes none: it stays empty.
+    pub const fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        self.kernel_log.take()
+    }
+
+    /// Emits the program's log records waiting now as `tracing` events on the calling thread,
+    /// unless the reader was taken.
+    pub fn flush_kernel_log(&mut self) {
+        if let Some(log) = &mut self.kernel_log {
+            log.flush();
+        }
     }
 
     /// Both hook programs, for the attach manager.
@@ -527,6 +569,7 @@ fn effective_config(config: &DatapathConfig, page: u32) -> Result<DatapathConfig
         flow_table_entries,
         events_bytes,
         sample_every,
+        kernel_log,
     } = *config;
     if flow_table_entries == 0 {
         return Err(LoadError::InvalidConfig {
@@ -539,7 +582,14 @@ fn effective_config(config: &DatapathConfig, page: u32) -> Result<DatapathConfig
         flow_table_entries,
         events_bytes: ring_buffer_bytes(events_bytes, page)?,
         sample_every: sample_every.max(1),
+        kernel_log,
     })
+}
+
+/// The value of aya-log's level global: every level on, or none (the records' levels start at
+/// 1, error).
+fn kernel_log_level(on: bool) -> u8 {
+    if on { aya_log::Level::Trace.into() } else { 0 }
 }
 
 /// The kernel wants a ring buffer size that is a power of two and a multiple of the page size;

@@ -1,6 +1,6 @@
 //! The running datapath: the loaded programs attached to the matching interfaces of one network
-//! namespace (kept in step with link notifications), the event ring buffer read asynchronously,
-//! and the flow table and counters read on demand. It hands out raw flow events and table
+//! namespace (kept in step with link notifications), the event ring buffer (and the program's
+//! log records, when on) read asynchronously, and the flow table and counters read on demand. It hands out raw flow events and table
 //! entries; `flows` turns them into records.
 //!
 //! Run it on a thread of the namespace to watch, inside a tokio runtime (any flavour: the
@@ -14,10 +14,14 @@ use std::{
 use auditor_ebpf::flow::{Counter, FlowEvent, FlowKey, FlowState};
 use aya::maps::{MapData, MapError, RingBuf};
 use serde::Serialize;
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::io::{
+    Interest,
+    unix::{AsyncFd, AsyncFdReadyMutGuard},
+};
 
 use super::{
     attach::{AttachConfig, AttachError, AttachedInterface, Attacher},
+    kernel_log::KernelLog,
     load::{CounterTotals, Datapath, LoadError},
     netlink::{self, LinkChange, LinkWatcher, NetlinkError},
 };
@@ -38,8 +42,9 @@ pub enum ManagerError {
     Attach(#[from] AttachError),
     #[error("watching interfaces: {0}")]
     Netlink(#[from] NetlinkError),
-    #[error("registering the event ring buffer (fd {fd}) with tokio: {source}")]
+    #[error("registering the {what} ring buffer (fd {fd}) with tokio: {source}")]
     Register {
+        what: &'static str,
         fd: RawFd,
         #[source]
         source: std::io::Error,
@@ -84,6 +89,8 @@ pub struct DatapathManager {
     attacher: Attacher,
     watcher: LinkWatcher,
     events: AsyncFd<RingBuf<MapData>>,
+    /// The program's log records, when the datapath was loaded with them on.
+    kernel_log: Option<AsyncFd<KernelLog>>,
     /// Interface changes read but not applied yet.
     changes: VecDeque<LinkChange>,
     table_entries: u64,
@@ -119,10 +126,26 @@ impl DatapathManager {
         let events =
             unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
                 ManagerError::Register {
+                    what: "event",
                     fd,
                     source: e.into_parts().1,
                 }
             })?;
+        // Off, the program writes no records: nothing to wait for.
+        let kernel_log = match datapath.take_kernel_log() {
+            Some(log) if datapath.config().kernel_log => {
+                let fd = log.as_raw_fd();
+                // SAFETY: as above: the logger owns its ring buffer's fd until the AsyncFd drops it.
+                let log = unsafe { AsyncFd::register_with_interest(log, Interest::READABLE) }
+                    .map_err(|e| ManagerError::Register {
+                        what: "kernel log",
+                        fd,
+                        source: e.into_parts().1,
+                    })?;
+                Some(log)
+            }
+            _ => None,
+        };
         attacher.sync(&mut datapath.programs()?, &links)?;
         tracing::info!(
             attached = attacher.attached().len(),
@@ -134,6 +157,7 @@ impl DatapathManager {
             attacher,
             watcher,
             events,
+            kernel_log,
             changes: VecDeque::new(),
             table_entries: 0,
             undecodable_events: 0,
@@ -176,6 +200,12 @@ impl DatapathManager {
                     if !events.is_empty() {
                         return Ok(events);
                     }
+                }
+                guard = kernel_log_readable(self.kernel_log.as_mut()) => {
+                    let mut guard = guard.map_err(|source| ManagerError::Poll { source })?;
+                    // Drains the ring buffer: records are few, they come from rare paths only.
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
                 }
             }
         }
@@ -306,8 +336,22 @@ impl DatapathManager {
     /// When called from a thread in another namespace.
     pub fn shutdown(&mut self) -> Result<(), ManagerError> {
         self.attacher.shutdown()?;
+        if let Some(log) = &mut self.kernel_log {
+            // What the program logged before it was detached.
+            log.get_mut().flush();
+        }
         tracing::info!("datapath detached");
         Ok(())
+    }
+}
+
+/// Waits until the program's log records are readable; never, when there is no reader.
+async fn kernel_log_readable(
+    log: Option<&mut AsyncFd<KernelLog>>,
+) -> std::io::Result<AsyncFdReadyMutGuard<'_, KernelLog>> {
+    match log {
+        Some(log) => log.readable_mut().await,
+        None => std::future::pending().await,
     }
 }
 

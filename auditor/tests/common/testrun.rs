@@ -29,6 +29,7 @@ impl Harness {
             flow_table_entries: 4096,
             events_bytes: 256 * 1024,
             sample_every: 1,
+            kernel_log: false,
         })
     }
 
