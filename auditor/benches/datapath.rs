@@ -13,6 +13,14 @@
 //! timer and setup, so the same is measured for the do-nothing program run once each and
 //! subtracted: new = noop + (mean single run of a new flow - mean single run of noop), taken in
 //! the chunk of flows where that difference is smallest, for the reason above.
+//!
+//! What the figures have shown (x86-64 VM, kernel 6.18, quiet runs; throwaway variants of the
+//! program timed in the same rounds): an established packet costs about 40 ns over noop, of
+//! which about 30 are the kernel's LRU lookup (`__htab_map_lookup_elem` hashing and comparing
+//! the key), so the IPv4 TCP table's 12-byte key, jhash's shortest case, saves about 4 ns over
+//! a 16-byte one; the coarse clock helper costs about 12 ns, which is why a flow reads it once
+//! per tick rather than per packet. Kernel-side logging (`--kernel-log`) off compiles its calls
+//! away: the established path runs the same instructions with or without it.
 #![expect(
     clippy::cast_precision_loss,
     reason = "figures printed for people: a float rounded in its 16th digit, or a count far below 2^52, does not change them"

@@ -241,9 +241,9 @@ const fn half(w: u64, first: bool) -> u32 {
 /// that [`FlowKey4`], so the program looks a TCP flow up through the key it already built.
 ///
 /// TCP, the bulk of pod traffic, has this table of its own for the per-packet lookup: the kernel
-/// hashes keys with jhash, which for up to 12 bytes runs only its final mixing round, and a
-/// 12-byte lookup took about 4 ns less than a 16-byte one on the benchmark machine (an
-/// established packet costs about 40 ns over a do-nothing program, about 30 of them this lookup).
+/// hashes keys with jhash, which for up to 12 bytes runs only its final mixing round, so a
+/// 12-byte key is the cheapest lookup (the lookup is most of an established packet's cost; see
+/// `auditor/benches/datapath.rs` for what was measured).
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKeyTcp4 {
