@@ -83,39 +83,20 @@ pub fn decode<T: DeserializeOwned>(
     let object = match document {
         Document::Yaml(text) => {
             let de = serde_yaml_ng::Deserializer::from_str(text);
-            serde_ignored::deserialize(de, &mut note).map_err(|e| DecodeError {
-                line: e.location().map(|l| l.line()),
-                message: strip_position(&e.to_string()),
-            })?
+            serde_ignored::deserialize(de, &mut note).map_err(|e| yaml_error(&e))?
         }
         Document::Json(text) => {
             let mut de = serde_json::Deserializer::from_str(text);
             let object = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
                 &mut de, &mut note,
             ))
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                DecodeError {
-                    line: Some(inner.line()),
-                    message: with_path(&path, &strip_position(&inner.to_string())),
-                }
-            })?;
-            de.end().map_err(|e| DecodeError {
-                line: Some(e.line()),
-                message: strip_position(&e.to_string()),
-            })?;
+            .map_err(json_error)?;
+            de.end().map_err(|e| json_end_error(&e))?;
             object
         }
         Document::Value(value) => {
             serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut note))
-                .map_err(|e| {
-                    let path = e.path().to_string();
-                    DecodeError {
-                        line: None,
-                        message: with_path(&path, &e.into_inner().to_string()),
-                    }
-                })?
+                .map_err(value_error)?
         }
     };
     if strictness == Strictness::Strict
@@ -129,36 +110,50 @@ pub fn decode<T: DeserializeOwned>(
     Ok(Decoded { object, unknown })
 }
 
-/// [`decode`] without looking for unknown fields.
+/// [`decode`] without looking for unknown fields (`serde_ignored` builds a path, with a copy of
+/// the key, for every field of every object: not worth it where nothing is looked for).
 fn decode_plain<T: DeserializeOwned>(document: Document<'_>) -> Result<T, DecodeError> {
     match document {
-        Document::Yaml(text) => serde_yaml_ng::from_str(text).map_err(|e| DecodeError {
-            line: e.location().map(|l| l.line()),
-            message: strip_position(&e.to_string()),
-        }),
+        Document::Yaml(text) => serde_yaml_ng::from_str(text).map_err(|e| yaml_error(&e)),
         Document::Json(text) => {
             let mut de = serde_json::Deserializer::from_str(text);
-            let object = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                DecodeError {
-                    line: Some(inner.line()),
-                    message: with_path(&path, &strip_position(&inner.to_string())),
-                }
-            })?;
-            de.end().map_err(|e| DecodeError {
-                line: Some(e.line()),
-                message: strip_position(&e.to_string()),
-            })?;
+            let object = serde_path_to_error::deserialize(&mut de).map_err(json_error)?;
+            de.end().map_err(|e| json_end_error(&e))?;
             Ok(object)
         }
-        Document::Value(value) => serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            DecodeError {
-                line: None,
-                message: with_path(&path, &e.into_inner().to_string()),
-            }
-        }),
+        Document::Value(value) => serde_path_to_error::deserialize(value).map_err(value_error),
+    }
+}
+
+fn yaml_error(e: &serde_yaml_ng::Error) -> DecodeError {
+    DecodeError {
+        line: e.location().map(|l| l.line()),
+        message: strip_position(&e.to_string()),
+    }
+}
+
+fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> DecodeError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    DecodeError {
+        line: Some(inner.line()),
+        message: with_path(&path, &strip_position(&inner.to_string())),
+    }
+}
+
+/// Trailing characters after a JSON document.
+fn json_end_error(e: &serde_json::Error) -> DecodeError {
+    DecodeError {
+        line: Some(e.line()),
+        message: strip_position(&e.to_string()),
+    }
+}
+
+fn value_error(e: serde_path_to_error::Error<serde_json::Error>) -> DecodeError {
+    let path = e.path().to_string();
+    DecodeError {
+        line: None,
+        message: with_path(&path, &e.into_inner().to_string()),
     }
 }
 

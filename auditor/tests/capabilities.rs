@@ -10,6 +10,8 @@
 
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "common/tempdir.rs"]
+mod tempdir;
 
 use std::{
     ffi::CString,
@@ -18,6 +20,7 @@ use std::{
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
+use tempdir::TempDir;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use netns::{Netns, flows_total, require_root, sample};
@@ -183,24 +186,6 @@ impl Cluster {
         netns::calico_pod(&node, &pod_a, "caliA", POD_A, 1);
         netns::calico_pod(&node, &pod_b, "caliB", POD_B, 2);
         Self { node, pod_a, pod_b }
-    }
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("fa-caps-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

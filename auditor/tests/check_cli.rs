@@ -2,45 +2,16 @@
 //! text table, `--policies`, `--config`, JSON and `List` input, and bad input: exit 2 with one
 //! message naming the file and line or object, and nothing on stdout.
 
+#[path = "common/tempdir.rs"]
+mod tempdir;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use tempdir::TempDir;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calico-homelab")
-}
-
-/// A scratch directory removed on drop, even when the test panics.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "auditor-check-cli-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        Self(path)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir: {e}"));
-        }
-        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 struct Run {
@@ -140,7 +111,7 @@ fn jsonl_verdicts_in_input_order() {
 
 #[test]
 fn flows_from_a_file_and_the_text_table() {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("check-cli");
     let flows = tmp.write("flows.jsonl", FLOWS);
     let dir = fixtures();
     let run = check(
@@ -196,7 +167,7 @@ fn policies_flag_replaces_the_cluster_policies() {
     assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
     assert!(run.stdout.contains(r#""verdict":"deny""#), "{}", run.stdout);
     // --policies pointing at a directory without policies: the cluster's are ignored.
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("check-cli");
     tmp.write("empty/readme.yaml", "kind: Kustomization\nresources: []\n");
     let run = check(
         &[
@@ -233,7 +204,7 @@ const POD_CIDR_CLUSTER: &str = r#"{
 
 #[test]
 fn json_list_input_and_the_config_file() {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("check-cli");
     let cluster = tmp.write("nested/dir/cluster.json", POD_CIDR_CLUSTER);
     let flow = r#"{"src": "10.244.0.10", "dst": "10.244.0.11", "protocol": "TCP", "port": 80}"#;
     // Directory recursion finds the JSON file; Calico's reading is the default.
@@ -262,7 +233,7 @@ fn json_list_input_and_the_config_file() {
 
 #[test]
 fn malformed_yaml_names_file_and_line() {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("check-cli");
     let file = tmp.write(
         "broken.yaml",
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: ok}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n   namespace: bad-indent\n",
@@ -285,7 +256,7 @@ fn malformed_yaml_names_file_and_line() {
 
 #[test]
 fn wrong_field_type_names_the_object() {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("check-cli");
     let file = tmp.write(
         "policies.yaml",
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  podSelector: {}\n  ingress:\n  - ports:\n    - port: [80]\n",
@@ -325,7 +296,7 @@ fn bad_flow_lines_name_the_line() {
         &format!("{good}\n{good}\n{}\n", good.replace("TCP", "GRE")),
     );
     expect_bad_input(&run, &["<stdin>:3", "unknown protocol \"GRE\""]);
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("check-cli");
     let flows = tmp.write(
         "flows.jsonl",
         &format!("{}\n", good.replace("10.244.2.80", "10.244.2.800")),

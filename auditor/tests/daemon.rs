@@ -12,6 +12,8 @@
 mod apiserver;
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "common/tempdir.rs"]
+mod tempdir;
 
 use std::{
     ffi::CString,
@@ -21,6 +23,7 @@ use std::{
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
+use tempdir::TempDir;
 
 use apiserver::ApiServer;
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -49,41 +52,6 @@ impl Cluster {
             netns::calico_pod(&node, pod, cali, addr, n);
         }
         Self { node, pod_a, pod_b }
-    }
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("fa-daemon-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
-        }
-        // Write then rename, as GitOps tools and editors do, so the daemon never reads half.
-        let file_name = path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        let tmp = path.with_file_name(format!(".{file_name}.tmp"));
-        std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
-        std::fs::rename(&tmp, &path)
-            .unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -7,9 +7,13 @@
     reason = "metric samples compared here are whole counts, which an f64 holds exactly"
 )]
 
+#[path = "common/tempdir.rs"]
+mod tempdir;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
+use tempdir::TempDir;
 
 use auditor::daemon::{Daemon, RunArgs};
 use auditor::flows::fake::{FakeDatapath, Peer};
@@ -65,34 +69,6 @@ fn policy(from: &str) -> String {
          spec:\n  podSelector: {{}}\n  ingress:\n  - from:\n    - namespaceSelector: \
          {{matchLabels: {{kubernetes.io/metadata.name: {from}}}}}\n    ports: [{{port: 5432}}]\n"
     )
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("fa-daemon-loop-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        // Written beside and renamed, as editors and git-sync do: never read half-written.
-        let partial = self.0.join(format!(".{name}.partial"));
-        std::fs::write(&partial, text)
-            .unwrap_or_else(|e| panic!("write {}: {e}", partial.display()));
-        std::fs::rename(&partial, &path)
-            .unwrap_or_else(|e| panic!("rename {}: {e}", path.display()));
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn args(cluster: &Path) -> RunArgs {
@@ -172,7 +148,7 @@ async fn until(addr: SocketAddr, what: &str, done: impl Fn(&str) -> bool) -> Str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_audits_a_fake_datapath_and_follows_policy_edits() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("daemon-loop");
     dir.write("cluster.yaml", CLUSTER);
     dir.write("policy.yaml", &policy("web"));
     let daemon = Daemon::start(&args(&dir.0))

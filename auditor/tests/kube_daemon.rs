@@ -12,6 +12,8 @@
 mod apiserver;
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "common/tempdir.rs"]
+mod tempdir;
 
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
@@ -19,6 +21,7 @@ use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+use tempdir::TempDir;
 
 use apiserver::ApiServer;
 use netns::{Netns, require_root, sample};
@@ -48,24 +51,6 @@ impl Cluster {
             netns::calico_pod(&node, pod, cali, addr, 0x10 + n);
         }
         Self { node, pod_a, pod_b }
-    }
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("fa-kube-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

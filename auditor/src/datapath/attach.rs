@@ -72,6 +72,12 @@ pub enum HookMode {
 impl HookMode {
     pub const ALL: [Self; 2] = [Self::Tcx, Self::Clsact];
 
+    /// Its place in [`HookMode::ALL`]: for per-mode arrays.
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The `mode` label value of the attached-interfaces metric.
     #[must_use]
     pub const fn as_str(self) -> &'static str {

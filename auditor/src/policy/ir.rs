@@ -41,6 +41,12 @@ impl PolicyKind {
         Self::CiliumClusterwideNetworkPolicy,
     ];
 
+    /// Its place in [`PolicyKind::ALL`] (and in the kind table): for per-kind arrays.
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The Kubernetes `kind` string, also used as the `policy_kind` metric label.
     #[must_use]
     pub const fn as_str(self) -> &'static str {

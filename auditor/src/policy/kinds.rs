@@ -143,12 +143,7 @@ impl PolicyKind {
     /// This kind's row of [`POLICY_KINDS`].
     #[must_use]
     pub fn info(self) -> &'static PolicyKindInfo {
-        let row = match self {
-            Self::NetworkPolicy => 0,
-            Self::CiliumNetworkPolicy => 1,
-            Self::CiliumClusterwideNetworkPolicy => 2,
-        };
-        &POLICY_KINDS[row]
+        &POLICY_KINDS[self.index()]
     }
 }
 
@@ -168,7 +163,8 @@ mod tests {
     #[test]
     fn rows_follow_the_kinds() {
         assert_eq!(POLICY_KINDS.len(), PolicyKind::ALL.len());
-        for kind in PolicyKind::ALL {
+        for (i, kind) in PolicyKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), i, "{kind} is at its place in ALL");
             assert_eq!(kind.info().kind, kind, "row of {kind}");
             let row = find(kind.as_str(), Some(&kind.info().api_version()));
             assert_eq!(row.map(|r| r.kind), Some(kind));

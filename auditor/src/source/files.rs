@@ -214,38 +214,12 @@ impl Drop for Watching {
 mod tests {
     use super::*;
     use crate::policy::ir::PolicyKind;
+    use crate::source::tempdir::TempDir;
 
     const NETPOL: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
         metadata: {name: deny-all, namespace: web}\nspec: {podSelector: {}}\n";
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: web}\n\
         status: {podIP: 10.0.0.1}\n";
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "fa-files-{tag}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {dir:?}: {e}"));
-            Self(dir)
-        }
-
-        fn write(&self, name: &str, text: &str) -> PathBuf {
-            let path = self.0.join(name);
-            std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {path:?}: {e}"));
-            path
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn keys(changes: &[Change]) -> Vec<String> {
         changes

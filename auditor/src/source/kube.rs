@@ -426,6 +426,11 @@ where
     async fn gone(&mut self, key: &ObjectKey) -> Result<(), Closed> {
         let removal = ChangeKey::of(self.kind, key).removal();
         self.send(Update::Change(removal)).await?;
+        self.clear(key).await
+    }
+
+    /// Tells that an object rejected before is no longer (fixed, or gone).
+    async fn clear(&mut self, key: &ObjectKey) -> Result<(), Closed> {
         if self.rejected.remove(key) {
             self.send(Update::Cleared {
                 kind: self.kind,
@@ -442,14 +447,7 @@ where
                 for change in changes {
                     self.send(Update::Change(change)).await?;
                 }
-                if self.rejected.remove(key) {
-                    self.send(Update::Cleared {
-                        kind: self.kind,
-                        object: key.to_string(),
-                    })
-                    .await?;
-                }
-                Ok(())
+                self.clear(key).await
             }
             Err(reason) => {
                 tracing::warn!(kind = %self.kind, object = %key, %reason,

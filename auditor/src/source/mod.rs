@@ -9,6 +9,9 @@ pub mod kinds;
 pub mod kube;
 pub mod load;
 pub mod manifest;
+#[cfg(test)]
+#[path = "../../tests/common/tempdir.rs"]
+mod tempdir;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
