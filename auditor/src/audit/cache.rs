@@ -37,20 +37,29 @@ impl VerdictCache {
         }
     }
 
+    /// The packed key of an IPv4 flow, of the flow as policies see it (see
+    /// [`FlowQuery::normalized`]), computed in place: no copy of the flow on the way.
+    #[inline]
     fn key4(flow: &FlowQuery) -> Option<(u64, u32)> {
         match (flow.src, flow.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => Some((
-                (u64::from(u32::from(s)) << 32) | u64::from(u32::from(d)),
-                (u32::from(flow.protocol as u8) << 16) | u32::from(flow.port),
-            )),
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let protocol = flow.protocol.policy();
+                let port = if protocol.is_icmp() { 0 } else { flow.port };
+                Some((
+                    (u64::from(u32::from(s)) << 32) | u64::from(u32::from(d)),
+                    (u32::from(protocol as u8) << 16) | u32::from(port),
+                ))
+            }
             _ => None,
         }
     }
 
+    /// On the path of every flow counted: kept inline with its caller.
+    #[inline]
     pub(super) fn get(&self, flow: &FlowQuery) -> Option<Verdict> {
         let id = match Self::key4(flow) {
             Some(k) => self.v4.get(&k)?,
-            None => self.other.get(flow)?,
+            None => self.other.get(&flow.normalized())?,
         };
         self.verdicts.get(*id as usize).copied()
     }
@@ -71,7 +80,7 @@ impl VerdictCache {
                 }
                 self.v4.insert(k, id)
             }
-            None => self.other.insert(*flow, id),
+            None => self.other.insert(flow.normalized(), id),
         };
     }
 }

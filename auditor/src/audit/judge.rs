@@ -32,13 +32,13 @@ impl AddressFacts for Cluster {
 impl Cluster {
     /// The verdict for a flow, from the cache when this flow was judged since the last change.
     pub fn verdict(&mut self, flow: &FlowQuery) -> Verdict {
-        let flow = flow.normalized();
-        if let Some(v) = self.cache.get(&flow) {
+        // The cache keys flows as policies see them (see `FlowQuery::normalized`).
+        if let Some(v) = self.cache.get(flow) {
             return v;
         }
         self.refresh();
-        let v = self.judge(&flow);
-        self.cache.insert(&flow, v);
+        let v = self.judge(flow);
+        self.cache.insert(flow, v);
         v
     }
 

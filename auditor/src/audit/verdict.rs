@@ -25,6 +25,7 @@ impl FlowQuery {
     /// The question as policies ask it: one ICMP for both families, and no port for ICMP (the
     /// flow's "port" is an echo identifier).
     #[must_use]
+    #[inline]
     pub const fn normalized(self) -> Self {
         let protocol = self.protocol.policy();
         Self {
