@@ -1,5 +1,5 @@
 //! The judging stage. [`Cluster`] joins the two stores (who is who, what is intended) and gives
-//! a flow its model verdict ([`verdict`]), its peers ([`peer`], one classifier for `check` and
+//! a flow its model verdict (`verdict`), its peers ([`peer`], one classifier for `check` and
 //! the daemon) and its explanation ([`explain`]); [`Auditor`] turns a decided flow (the flows
 //! stage's [`FlowRecord`]) into the audit verdict `allowed` / `denied` / `unexpected` (SPEC 2).
 //! Pure and synchronous: no I/O, the caller passes the time.

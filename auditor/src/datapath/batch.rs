@@ -37,7 +37,7 @@ pub enum BatchError {
 const CHUNK: usize = 4096;
 
 /// Calls `each` for every entry of the hash map `fd` (keys `K`, values `V`, both plain data
-/// matching the map's sizes), reading [`CHUNK`] entries per system call. Entries inserted or
+/// matching the map's sizes), reading `CHUNK` entries per system call. Entries inserted or
 /// deleted during the read may or may not be seen, as with any walk of a live map. Returns the
 /// number of entries read.
 ///

@@ -167,7 +167,7 @@ impl<W: Write> UnexpectedLog<W> {
     }
 
     /// Logs `flow` if it is unexpected and the rate allows; `wall` stamps the line. `explain`
-    /// gives the line's `reason` (see [`crate::audit::Judge::explain`]); it is called only for
+    /// gives the line's `reason` (see [`crate::audit::Cluster::explain`]); it is called only for
     /// a line that is written.
     ///
     /// # Errors

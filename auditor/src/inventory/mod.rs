@@ -1,7 +1,7 @@
 //! The inventory store: who is who. Pods, nodes, Services, `EndpointSlices` and namespaces as
 //! plain facts, the owners of every address, and what follows from several objects at once: the
 //! API server's endpoints, the pod CIDRs, and the ready endpoints behind each Service port
-//! ([`services`]). Pure and incremental: the sources feed it changes; [`k8s`] turns Kubernetes
+//! (`services`). Pure and incremental: the sources feed it changes; [`k8s`] turns Kubernetes
 //! objects into these facts. Nothing here knows about policies.
 
 pub mod k8s;

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
 /// A `CiliumNetworkPolicy` or `CiliumClusterwideNetworkPolicy` object. Both kinds share the shape;
-/// the kind decides how selectors are scoped, so it is passed to [`compile`].
+/// the kind decides how selectors are scoped, so it is passed to [`super::compile`].
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CiliumPolicy {
@@ -89,7 +89,7 @@ pub enum SelectorOperator {
 }
 
 /// An `ingress` or `ingressDeny` entry. Deny entries are the same shape minus L7 and
-/// authentication, which [`compile`] rejects in them.
+/// authentication, which [`super::compile`] rejects in them.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IngressRule {

@@ -1,6 +1,6 @@
 //! `CiliumNetworkPolicy` and `CiliumClusterwideNetworkPolicy` (cilium.io/v2) compiled into the rule
-//! IR with Cilium's semantics: the objects ([`crd`]), their selectors and label sources
-//! ([`labels`]), their peers ([`peers`]) and their ports and ICMP fields ([`ports`]).
+//! IR with Cilium's semantics: the objects (`crd`), their selectors and label sources
+//! (`labels`), their peers (`peers`) and their ports and ICMP fields (`ports`).
 
 mod crd;
 mod labels;

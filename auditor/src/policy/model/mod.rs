@@ -1,8 +1,8 @@
 //! The policy store: compiled policies indexed so that deciding one direction of a flow costs a
 //! few lookups. Pods are known here only as identities (namespace, labels, declared ports, with a
 //! count of the pods that share them); every selector knows the identities it matches
-//! ([`selectors`]), every identity the rules that apply to it ([`identities`]), so a change
-//! touches only what it changes. [`decide`] answers for one end and one direction; joining the
+//! (`selectors`), every identity the rules that apply to it (`identities`), so a change
+//! touches only what it changes. `decide` answers for one end and one direction; joining the
 //! two ends of a flow, Services and addresses is the judging stage's work.
 //!
 //! Pure: no I/O, and nothing here knows the inventory. What it needs to know about the other
