@@ -159,7 +159,7 @@ const POLICIES: Family = gauge(
 );
 const POLICY_ERRORS: Family = gauge(
     "flow_auditor_policy_errors",
-    "Policy objects left out of the model because they could not be compiled.",
+    "Objects and files of the intended model that cannot be used now; 0 again once they are fixed or deleted.",
     None,
 );
 const MODEL_GENERATION: Family = gauge(
