@@ -20,7 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditConfig, AuditedFlow, Auditor, Cluster, DEFAULT_DENY_RULE};
-use crate::config::{Config, ConfigError, parse_duration};
+use crate::config::{Config, ConfigError, PinDir, parse_duration};
 use crate::datapath::attach::{AttachConfig, HookMode};
 use crate::datapath::load::{Datapath, DatapathConfig, LoadError as DatapathLoadError};
 use crate::datapath::manager::{DatapathManager, ManagerError};
@@ -81,6 +81,14 @@ pub struct RunArgs {
     /// take), target `auditor_ebpf` [default: the config file's `kernelLog`, else off].
     #[arg(long)]
     pub kernel_log: bool,
+    /// A flow without packets for this long leaves the flow table; a connection resuming later
+    /// is recognised and not counted again [default: the config file's `idleTimeout`, else 300s].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub idle_timeout: Option<Duration>,
+    /// Where the flow tables are pinned in bpffs, so they survive restarts; `none` to not pin
+    /// them [default: the config file's `pinDir`, else /sys/fs/bpf/flow-auditor].
+    #[arg(long, value_name = "DIR", value_parser = PinDir::parse)]
+    pub pin_dir: Option<PinDir>,
 }
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
@@ -149,6 +157,7 @@ struct Settings {
     flows: FlowsConfig,
     metrics_addr: SocketAddr,
     node: Option<String>,
+    pin_dir: PinDir,
 }
 
 impl Settings {
@@ -164,6 +173,8 @@ impl Settings {
             answer_timeout,
             node,
             kernel_log,
+            idle_timeout,
+            pin_dir,
         } = args;
         let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
         let source = if *kube || (cluster.is_empty() && in_pod) {
@@ -195,8 +206,16 @@ impl Settings {
         }
         let flows = FlowsConfig {
             answer_timeout: answer_timeout.unwrap_or(config.answer_timeout),
+            idle_timeout: idle_timeout.unwrap_or(config.idle_timeout),
             ..FlowsConfig::default()
         };
+        if flows.idle_timeout < Duration::from_secs(1) {
+            return Err(DaemonError::Usage(format!(
+                "the idle timeout ({:?}) must be at least 1s: shorter, live flows would leave the table between two packets",
+                flows.idle_timeout
+            )));
+        }
+        let pin_dir = pin_dir.clone().unwrap_or_else(|| config.pin_dir.clone());
         let node = node
             .clone()
             .or_else(|| std::env::var("NODE_NAME").ok())
@@ -214,6 +233,7 @@ impl Settings {
             flows,
             metrics_addr: *metrics_addr,
             node,
+            pin_dir,
         })
     }
 }
@@ -244,10 +264,27 @@ pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
                 source,
             })?;
         let daemon = Daemon::start(args).await?;
-        let datapath = Datapath::load(&DatapathConfig {
-            kernel_log: daemon.settings.config.kernel_log,
-            ..DatapathConfig::default()
-        })?;
+        let datapath = Datapath::load_pinned(
+            &DatapathConfig {
+                kernel_log: daemon.settings.config.kernel_log,
+                ..DatapathConfig::default()
+            },
+            daemon.settings.pin_dir.path(),
+        )?;
+        match datapath.pinned() {
+            Some(pinned) => {
+                for old in &pinned.removed_layouts {
+                    tracing::info!(dir = %old.display(), "removed the flow tables of another layout");
+                }
+                tracing::info!(
+                    dir = %pinned.dir.display(),
+                    adopted = pinned.adopted,
+                    "flow tables pinned{}",
+                    if pinned.adopted { ": adopting the flows of the previous agent" } else { "" }
+                );
+            }
+            None => tracing::info!("flow tables not pinned: a restart forgets every flow"),
+        }
         let manager = DatapathManager::start(datapath, daemon.settings.attach.clone())?;
         let stop = async {
             tokio::select! {
@@ -486,6 +523,8 @@ fn publish_health<S: FlowSource>(stream: &FlowStream<S>, metrics: &Metrics) {
         health.events_lost + health.undecodable_events,
     );
     metrics.set_flow_table_insert_failures(health.inserts_failed);
+    let evictions = stream.evictions();
+    metrics.set_flow_table_evictions(evictions.decided, evictions.undecided);
     metrics.set_sampled_out_packets(counter(Counter::SampledOut));
 }
 
