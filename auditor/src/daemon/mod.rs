@@ -19,9 +19,10 @@ use auditor_ebpf::flow::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::audit::{AuditConfig, AuditedFlow, Auditor, Cluster, DEFAULT_DENY_RULE};
+use crate::audit::{AuditConfig, AuditedFlow, Auditor, Cluster, DEFAULT_DENY_RULE, EphemeralRange};
 use crate::config::{Config, ConfigError, PinDir, parse_duration};
 use crate::datapath::attach::{AttachConfig, HookMode};
+use crate::datapath::conntrack::Conntrack;
 use crate::datapath::load::{Datapath, DatapathConfig, LoadError as DatapathLoadError};
 use crate::datapath::manager::{DatapathManager, ManagerError};
 use crate::export::{
@@ -454,11 +455,31 @@ struct Pipeline {
     auditor: Auditor,
     log: UnexpectedLog<std::io::Stdout>,
     metrics: Arc<Metrics>,
+    /// The node's conntrack, asked who opened flows first seen mid-stream; `None` when it
+    /// cannot be opened (then the other evidence orients them).
+    conntrack: Option<Conntrack>,
 }
 
 impl Pipeline {
     fn count(&mut self, record: FlowRecord, cluster: &Cluster) {
-        if let Some(flow) = self.auditor.push(record, cluster, SystemTime::now()) {
+        let originator = if record.mid_stream {
+            self.conntrack.as_mut().and_then(|ct| {
+                let protocol = record.key.proto;
+                match ct.originator(protocol, record.initiator, record.responder) {
+                    Ok(found) => found,
+                    Err(error) => {
+                        tracing::warn!(%error, "asking conntrack who opened a flow failed");
+                        None
+                    }
+                }
+            })
+        } else {
+            None
+        };
+        if let Some(flow) = self
+            .auditor
+            .push_with(record, originator, cluster, SystemTime::now())
+        {
             self.emit(&flow, cluster);
         }
     }
@@ -541,6 +562,7 @@ fn counting_node(settings: &Settings, inventory: &Inventory) -> Option<String> {
 fn audit_config(node: Option<String>) -> AuditConfig {
     AuditConfig {
         local_node: node,
+        ephemeral: EphemeralRange::of_node(),
         ..AuditConfig::default()
     }
 }
@@ -674,6 +696,13 @@ impl Daemon {
                 Instant::now(),
             ),
             metrics: Arc::clone(&metrics),
+            conntrack: match Conntrack::open() {
+                Ok(ct) => Some(ct),
+                Err(error) => {
+                    tracing::info!(%error, "no conntrack: flows first seen mid-stream are oriented by their ports");
+                    None
+                }
+            },
         };
         let mut counting = node;
         let mut ticks = tokio::time::interval(TICK);
