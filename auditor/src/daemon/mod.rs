@@ -265,13 +265,24 @@ pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
                 source,
             })?;
         let daemon = Daemon::start(args).await?;
-        let datapath = Datapath::load_pinned(
-            &DatapathConfig {
-                kernel_log: daemon.settings.config.kernel_log,
-                ..DatapathConfig::default()
-            },
-            daemon.settings.pin_dir.path(),
-        )?;
+        let datapath_config = DatapathConfig {
+            kernel_log: daemon.settings.config.kernel_log,
+            ..DatapathConfig::default()
+        };
+        let datapath = match Datapath::load_pinned(&datapath_config, daemon.settings.pin_dir.path())
+        {
+            // No bpffs where the tables should be pinned: audit anyway, without surviving a
+            // restart, and say so.
+            Err(DatapathLoadError::Pins { path, op, source }) => {
+                tracing::error!(
+                    dir = %path.display(),
+                    %source,
+                    "cannot pin the flow tables: {op}; running with unpinned tables (a restart will count live connections again)"
+                );
+                Datapath::load(&datapath_config)?
+            }
+            other => other?,
+        };
         match datapath.pinned() {
             Some(pinned) => {
                 for old in &pinned.removed_layouts {

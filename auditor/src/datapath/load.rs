@@ -243,6 +243,16 @@ fn prepare_pins(base: &Path) -> Result<(PathBuf, Vec<PathBuf>), LoadError> {
         source,
     };
     std::fs::create_dir_all(&dir).map_err(|e| pins_error(&dir, "create the directory", e))?;
+    if !is_bpffs(&dir)? {
+        // Not a bpffs: the directory was made on another filesystem; leave nothing behind.
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(base);
+        return Err(pins_error(
+            base,
+            "is not in a bpffs mount (mount -t bpf bpf /sys/fs/bpf, or the DaemonSet's hostPath)",
+            io::Error::from(io::ErrorKind::Unsupported),
+        ));
+    }
     let mut removed = Vec::new();
     let entries = std::fs::read_dir(base).map_err(|e| pins_error(base, "list", e))?;
     for entry in entries {
@@ -257,6 +267,33 @@ fn prepare_pins(base: &Path) -> Result<(PathBuf, Vec<PathBuf>), LoadError> {
         }
     }
     Ok((dir, removed))
+}
+
+/// Whether `path` lies in a bpffs mount.
+fn is_bpffs(path: &Path) -> Result<bool, LoadError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    /// `BPF_FS_MAGIC` from uapi/linux/magic.h.
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let pins_error = |source| LoadError::Pins {
+        path: path.to_path_buf(),
+        op: "statfs",
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| pins_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: statfs is plain data; all-zero is a valid value to be overwritten.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statfs to write to.
+    if unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) } != 0 {
+        return Err(pins_error(io::Error::last_os_error()));
+    }
+    #[allow(
+        clippy::unnecessary_cast,
+        clippy::useless_conversion,
+        reason = "f_type's width differs between architectures and C libraries"
+    )]
+    let kind = i64::from(stat.f_type as i64);
+    Ok(kind == BPF_FS_MAGIC)
 }
 
 /// Unpins every map pinned in `dir` (the maps go once nothing else holds them).
