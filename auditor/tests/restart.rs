@@ -619,3 +619,58 @@ fn a_reset_of_a_flow_first_seen_mid_stream_is_no_refusal() {
     );
     assert!(daemon.unexpected_lines().is_empty());
 }
+
+/// Conntrack first: in a node namespace whose nftables uses connection tracking (as Calico's
+/// dataplane and kube-proxy do), a connection opened before the agent started, between ports
+/// that give no evidence (neither declared, both in the ephemeral range), is oriented by the
+/// conntrack entry's ORIGINAL tuple: the forbidden connection from `other/rogue` is a true
+/// `unexpected`. (Judged both ways it would pass as allowed, web -> rogue.)
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn a_mid_stream_flow_is_oriented_by_the_node_s_conntrack() {
+    require_root();
+    let lab = Lab::new("rct");
+    lab.node.output(&[
+        "nft",
+        "add table inet fa; add chain inet fa tracked { type filter hook forward priority 0; policy accept; }; add rule inet fa tracked ct state established,related accept",
+    ]);
+    // 40000: in the ephemeral range, declared by no pod and named by no policy.
+    let listener = lab
+        .web
+        .run(|| TcpListener::bind(addr(WEB, 40_000)).unwrap_or_else(|e| panic!("bind: {e}")));
+    let mut rogue = lab.rogue.run(|| {
+        TcpStream::connect_timeout(&addr(WEB, 40_000), Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect -> web:40000: {e}"))
+    });
+    let (mut web, _) = listener.accept().unwrap_or_else(|e| panic!("accept: {e}"));
+    for s in [&rogue, &web] {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    exchange(&mut rogue, &mut web);
+    let conntrack = lab.node.output(&["cat", "/proc/net/nf_conntrack"]);
+    let daemon = lab.start("ct", &[]);
+    // The server speaks first.
+    exchange(&mut web, &mut rogue);
+    let unexpected = series(
+        "unexpected",
+        "established",
+        ("other", "rogue"),
+        ("shop", "web"),
+        "tcp",
+        "other",
+    );
+    let after = lab.wait_metrics(&daemon, "the rogue connection", |m| {
+        sample(m, &unexpected) == 1.0
+    });
+    assert_eq!(flows_total(&after), 1.0, "{}", flow_lines(&after));
+    let lines = daemon.unexpected_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line: serde_json::Value =
+        serde_json::from_str(&lines[0]).unwrap_or_else(|e| panic!("{e}: {}", lines[0]));
+    assert_eq!(
+        (&line["orientation"], &line["seen_from_opening"]),
+        (&serde_json::json!("conntrack"), &serde_json::json!(false)),
+        "{line}\nconntrack:\n{conntrack}"
+    );
+}
