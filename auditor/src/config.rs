@@ -48,7 +48,7 @@ pub enum PinDir {
     Off,
 }
 
-/// The default pin directory: the DaemonSet mounts the host's `/sys/fs/bpf`.
+/// The default pin directory: the `DaemonSet` mounts the host's `/sys/fs/bpf`.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flow-auditor";
 
 impl Default for PinDir {

@@ -295,7 +295,6 @@ fn flow_lines(metrics: &str) -> String {
         .join("\n")
 }
 
-#[expect(clippy::too_many_arguments, reason = "one argument per label")]
 fn series(
     verdict: &str,
     outcome: &str,

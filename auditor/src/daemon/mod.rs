@@ -283,19 +283,18 @@ pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
             }
             other => other?,
         };
-        match datapath.pinned() {
-            Some(pinned) => {
-                for old in &pinned.removed_layouts {
-                    tracing::info!(dir = %old.display(), "removed the flow tables of another layout");
-                }
-                tracing::info!(
-                    dir = %pinned.dir.display(),
-                    adopted = pinned.adopted,
-                    "flow tables pinned{}",
-                    if pinned.adopted { ": adopting the flows of the previous agent" } else { "" }
-                );
+        if let Some(pinned) = datapath.pinned() {
+            for old in &pinned.removed_layouts {
+                tracing::info!(dir = %old.display(), "removed the flow tables of another layout");
             }
-            None => tracing::info!("flow tables not pinned: a restart forgets every flow"),
+            tracing::info!(
+                dir = %pinned.dir.display(),
+                adopted = pinned.adopted,
+                "flow tables pinned{}",
+                if pinned.adopted { ": adopting the flows of the previous agent" } else { "" }
+            );
+        } else {
+            tracing::info!("flow tables not pinned: a restart forgets every flow");
         }
         let manager = DatapathManager::start(datapath, daemon.settings.attach.clone())?;
         let stop = async {

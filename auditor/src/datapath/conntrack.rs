@@ -153,8 +153,10 @@ impl Conntrack {
                     source: error,
                 });
             };
-            if let Some(answer) = answer(&buf[..n], self.seq)? {
-                return Ok(answer);
+            match answer(&buf[..n], self.seq)? {
+                Reply::NotOurs => {}
+                Reply::NoEntry => return Ok(None),
+                Reply::Entry(originator) => return Ok(Some(originator)),
             }
         }
         Err(ConntrackError::Malformed("no answer to our request"))
@@ -211,9 +213,19 @@ const fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 
-/// The answer to request `seq` in one datagram: `Some(None)` for "no such entry",
-/// `Some(Some(originator))` for an entry, `None` when the datagram answers something else.
-fn answer(datagram: &[u8], seq: u32) -> Result<Option<Option<SocketAddr>>, ConntrackError> {
+/// What one datagram says about request `seq`.
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    /// It answers another request.
+    NotOurs,
+    /// Conntrack has no such entry.
+    NoEntry,
+    /// The entry's ORIGINAL source.
+    Entry(SocketAddr),
+}
+
+/// The answer to request `seq` in one datagram.
+fn answer(datagram: &[u8], seq: u32) -> Result<Reply, ConntrackError> {
     let mut rest = datagram;
     while rest.len() >= NLMSG_HDR_LEN {
         let len = read_u32(rest, 0) as usize;
@@ -234,7 +246,7 @@ fn answer(datagram: &[u8], seq: u32) -> Result<Option<Option<SocketAddr>>, Connt
                     .ok_or(ConntrackError::Malformed("short NLMSG_ERROR"))?;
                 let errno = -i32::from_ne_bytes([code[0], code[1], code[2], code[3]]);
                 return match errno {
-                    0 | libc::ENOENT => Ok(Some(None)),
+                    0 | libc::ENOENT => Ok(Reply::NoEntry),
                     errno => Err(ConntrackError::Nack { errno }),
                 };
             }
@@ -242,12 +254,12 @@ fn answer(datagram: &[u8], seq: u32) -> Result<Option<Option<SocketAddr>>, Connt
                 let attrs = payload
                     .get(NFGENMSG_LEN..)
                     .ok_or(ConntrackError::Malformed("short nfgenmsg"))?;
-                return Ok(Some(Some(originator(attrs)?)));
+                return Ok(Reply::Entry(originator(attrs)?));
             }
             _ => {}
         }
     }
-    Ok(None)
+    Ok(Reply::NotOurs)
 }
 
 /// The source of `CTA_TUPLE_ORIG` in a conntrack entry's attributes.
@@ -352,13 +364,16 @@ mod tests {
         let (client, server) = (sock("192.0.2.10:41000"), sock("192.0.2.20:8080"));
         assert_eq!(
             answer(&entry(7, client, server), 7).unwrap(),
-            Some(Some(client))
+            Reply::Entry(client)
         );
         let (c6, s6) = (sock("[2001:db8::10]:41000"), sock("[2001:db8::20]:443"));
-        assert_eq!(answer(&entry(8, c6, s6), 8).unwrap(), Some(Some(c6)));
+        assert_eq!(answer(&entry(8, c6, s6), 8).unwrap(), Reply::Entry(c6));
         // Another request's answer is skipped.
-        assert_eq!(answer(&entry(6, client, server), 7).unwrap(), None);
-        assert_eq!(answer(&error(7, libc::ENOENT), 7).unwrap(), Some(None));
+        assert_eq!(
+            answer(&entry(6, client, server), 7).unwrap(),
+            Reply::NotOurs
+        );
+        assert_eq!(answer(&error(7, libc::ENOENT), 7).unwrap(), Reply::NoEntry);
         assert!(matches!(
             answer(&error(7, libc::EPERM), 7),
             Err(ConntrackError::Nack { errno }) if errno == libc::EPERM

@@ -949,12 +949,12 @@ mod tests {
     #[test]
     fn flows_a_predecessor_counted_are_not_counted_again() {
         let mut t = tracker();
-        let (k, _) = key(proto::TCP);
+        let (tcp_key, _) = key(proto::TCP);
         let mut counted = state(proto::TCP, FlowStatus::Answered, true, 0, 5);
         counted.reported = 1;
         t.begin_walk();
-        let v = t.on_table_entry(&k, &counted, &now(6));
-        assert!(v.record.is_none() && !v.remove);
+        let verdict = t.on_table_entry(&tcp_key, &counted, &now(6));
+        assert!(verdict.record.is_none() && !verdict.remove);
         t.end_walk();
         assert_eq!(t.len(), 1);
         // Its close later is no record either.
@@ -968,7 +968,7 @@ mod tests {
         );
         // An event before any walk, for a counted flow: no record.
         let mut t = tracker();
-        let (u, _) = key(proto::UDP);
+        let (udp_key, _) = key(proto::UDP);
         let mut udp = state(proto::UDP, FlowStatus::Closed, true, 0, 5);
         udp.reported = 1;
         assert!(
@@ -983,12 +983,12 @@ mod tests {
         let mut t = tracker();
         t.begin_walk();
         let fresh = state(proto::UDP, FlowStatus::Answered, true, 0, 5);
-        let r = t.on_table_entry(&u, &fresh, &now(6)).record;
+        let r = t.on_table_entry(&udp_key, &fresh, &now(6)).record;
         assert_eq!(
             r.map(|r| (r.initiator, r.outcome)),
             Some((SocketAddr::from(client()), Outcome::Established))
         );
-        assert!(t.on_table_entry(&u, &fresh, &now(7)).record.is_none());
+        assert!(t.on_table_entry(&udp_key, &fresh, &now(7)).record.is_none());
     }
 
     /// A connection idle past the idle timeout leaves the table; when it resumes (the server
