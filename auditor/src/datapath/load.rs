@@ -860,6 +860,23 @@ mod tests {
         }
     }
 
+    /// Pinning needs a bpffs: elsewhere (here, the temporary directory) it is refused with one
+    /// error naming the directory, and the layout directory it made is not left behind.
+    #[test]
+    fn pins_outside_a_bpffs_are_refused_and_leave_nothing() {
+        let base = std::env::temp_dir().join(format!("fa-pins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        match prepare_pins(&base) {
+            Err(LoadError::Pins { path, op, .. }) => {
+                assert_eq!(path, base);
+                assert!(op.contains("bpffs"), "{op}");
+            }
+            other => panic!("pins outside a bpffs: {other:?}"),
+        }
+        assert!(!base.exists(), "{} left behind", base.display());
+        assert!(pin_dir(&base).ends_with(format!("v{FLOW_LAYOUT:08x}")));
+    }
+
     #[test]
     fn ring_buffer_too_large_is_an_error() {
         assert!(
