@@ -237,8 +237,15 @@ impl FlowTracker {
     }
 
     /// Records a decided flow that is not counted here (a predecessor counted it, or it resumes
-    /// one counted before): it is tracked until its entry goes, and its entry marked.
-    fn settle_silently(&mut self, key: FlowKey, hash: u64, first_seen_ns: u64, last_seen_ns: u64) {
+    /// one counted before): it is tracked until its entry goes, and its entry marked unless it
+    /// already is (`marked`).
+    fn settle_silently(
+        &mut self,
+        key: FlowKey,
+        hash: u64,
+        (first_seen_ns, last_seen_ns): (u64, u64),
+        marked: bool,
+    ) {
         self.pending.remove(&key);
         self.settled.insert(
             hash,
@@ -249,7 +256,9 @@ impl FlowTracker {
                 finished: false,
             },
         );
-        self.marks.push(key);
+        if !marked {
+            self.marks.push(key);
+        }
     }
 
     #[must_use]
@@ -332,7 +341,7 @@ impl FlowTracker {
             // 5-tuple again is the same conversation.
             let resumable = mid_stream != 0 || key.proto != auditor_ebpf::flow::proto::TCP;
             if resumable && self.gone.take(hash) {
-                self.settle_silently(key, hash, ts_ns, ts_ns);
+                self.settle_silently(key, hash, (ts_ns, ts_ns), false);
                 return None;
             }
             self.settled.remove(&hash);
@@ -364,12 +373,8 @@ impl FlowTracker {
         }
         // A flow a predecessor counted (adopted with the pinned table): tracked, not counted.
         if let Some(state) = state.filter(|s| s.reported != 0) {
-            self.settle_silently(
-                key,
-                hash,
-                state.first_seen_ns,
-                state.last_seen_ns.max(ts_ns),
-            );
+            let times = (state.first_seen_ns, state.last_seen_ns.max(ts_ns));
+            self.settle_silently(key, hash, times, true);
             return None;
         }
         // An answer, refusal or close whose `New` we never saw (lost event, or started before us).
@@ -435,7 +440,7 @@ impl FlowTracker {
         let mut tracked = self.pending.remove(key)?;
         let hash = self.hash(key);
         if let Some(s) = state.filter(|s| s.reported != 0) {
-            self.settle_silently(*key, hash, s.first_seen_ns, s.last_seen_ns);
+            self.settle_silently(*key, hash, (s.first_seen_ns, s.last_seen_ns), true);
             return None;
         }
         let outcome = state.map_or(Outcome::Unanswered, |s| {
@@ -465,7 +470,8 @@ impl FlowTracker {
         let mut record = None;
         if !self.settled.contains_key(&hash) && state.reported != 0 {
             // Counted by a predecessor (the table is pinned and was adopted): tracked only.
-            self.settle_silently(*key, hash, state.first_seen_ns, state.last_seen_ns);
+            let times = (state.first_seen_ns, state.last_seen_ns);
+            self.settle_silently(*key, hash, times, true);
         } else if !self.settled.contains_key(&hash) {
             let Some(initiator) = state.initiator() else {
                 return WalkVerdict {
@@ -957,6 +963,7 @@ mod tests {
         assert!(verdict.record.is_none() && !verdict.remove);
         t.end_walk();
         assert_eq!(t.len(), 1);
+        assert!(t.take_marks().is_empty(), "its entry is marked already");
         // Its close later is no record either.
         assert!(
             t.on_event(
