@@ -299,6 +299,8 @@ fn fresh_state<K>(seen: &Seen<K>, meta: Meta) -> FlowState {
         answered: u8::from(status == FlowStatus::Answered),
         _pad: 0,
         tick,
+        reported: 0,
+        _reserved: [0; 7],
     }
 }
 
@@ -432,7 +434,9 @@ fn next_tcp_status(status: u8, from_initiator: bool, flags: u8, state: &mut Flow
     const ANSWERED: u8 = FlowStatus::Answered as u8;
     if flags & tcp_flags::RST != 0 {
         return match status {
-            NEW if from_initiator => FlowStatus::Closed as u8,
+            // A reset of a flow first seen mid-stream ends a connection that was established
+            // before we saw it, whoever sends it: never a refusal.
+            NEW if from_initiator || state.mid_stream != 0 => FlowStatus::Closed as u8,
             NEW => FlowStatus::Refused as u8,
             ANSWERED => FlowStatus::Closed as u8,
             other => other,

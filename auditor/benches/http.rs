@@ -91,6 +91,7 @@ fn flow(i: usize) -> AuditedFlow {
             }],
         },
         verdict: AuditVerdict::Allowed,
+        orientation: auditor::audit::Orientation::Opening,
     }
 }
 

@@ -29,6 +29,69 @@ pub struct Config {
     /// would not take) into the agent's log, target `auditor_ebpf`. Default `false`; `--kernel-log`
     /// turns it on too.
     pub kernel_log: bool,
+    /// A flow without packets for this long leaves the flow table ("300s" by default); the
+    /// agent remembers it was counted, so a connection resuming later is not counted again.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Where the flow tables are pinned in bpffs, so they survive agent restarts (default
+    /// `/sys/fs/bpf/flow-auditor`; the tables go in a subdirectory named after their layout).
+    /// `none`: not pinned (a restart forgets every flow).
+    pub pin_dir: PinDir,
+}
+
+/// Where the flow tables are pinned, or not at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinDir {
+    /// Pinned under this directory of a bpffs mount.
+    At(PathBuf),
+    /// Not pinned.
+    Off,
+}
+
+/// The default pin directory: the `DaemonSet` mounts the host's `/sys/fs/bpf`.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flow-auditor";
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::At(PathBuf::from(DEFAULT_PIN_DIR))
+    }
+}
+
+impl PinDir {
+    /// `none`, or an absolute path.
+    ///
+    /// # Errors
+    /// A relative path or an empty one.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text == "none" {
+            return Ok(Self::Off);
+        }
+        let path = PathBuf::from(text);
+        if path.is_absolute() {
+            Ok(Self::At(path))
+        } else {
+            Err(format!(
+                "{text:?} is not an absolute path in a bpffs mount, nor `none`"
+            ))
+        }
+    }
+
+    /// The directory, when pinning.
+    #[must_use]
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Self::At(path) => Some(path),
+            Self::Off => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PinDir {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(de)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for Config {
@@ -40,6 +103,8 @@ impl Default for Config {
             answer_timeout: Duration::from_secs(5),
             attach_mode: AttachMode::Auto,
             kernel_log: false,
+            idle_timeout: crate::flows::FlowsConfig::default().idle_timeout,
+            pin_dir: PinDir::default(),
         }
     }
 }
@@ -146,6 +211,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_timeout_and_pin_dir() {
+        let path = Path::new("c.yaml");
+        let d = Config::from_text(path, "# nothing\n").unwrap();
+        assert_eq!(d.idle_timeout, Duration::from_secs(300));
+        assert_eq!(d.pin_dir.path(), Some(Path::new(DEFAULT_PIN_DIR)));
+        let c = Config::from_text(path, "idleTimeout: 3s\npinDir: /sys/fs/bpf/x\n").unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_secs(3));
+        assert_eq!(c.pin_dir.path(), Some(Path::new("/sys/fs/bpf/x")));
+        let off = Config::from_text(path, "pinDir: none\n").unwrap();
+        assert_eq!(off.pin_dir, PinDir::Off);
+        let err = Config::from_text(path, "pinDir: relative/dir\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("c.yaml:1:") && err.contains("absolute path"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn durations() {

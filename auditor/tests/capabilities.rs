@@ -8,6 +8,8 @@
     reason = "metric samples compared here are whole counts, which an f64 holds exactly"
 )]
 
+#[path = "common/bpffs.rs"]
+mod bpffs;
 #[path = "common/netns.rs"]
 mod netns;
 #[path = "common/tempdir.rs"]
@@ -175,6 +177,8 @@ struct Cluster {
     node: Netns,
     pod_a: Netns,
     pod_b: Netns,
+    /// A bpffs of the test's own for the flow tables' pins.
+    pins: bpffs::PinDir,
 }
 
 impl Cluster {
@@ -185,7 +189,12 @@ impl Cluster {
         node.sysctl("net.ipv4.ip_forward", "1");
         netns::calico_pod(&node, &pod_a, "caliA", POD_A, 1);
         netns::calico_pod(&node, &pod_b, "caliB", POD_B, 2);
-        Self { node, pod_a, pod_b }
+        Self {
+            node,
+            pod_a,
+            pod_b,
+            pins: bpffs::PinDir::new("caps"),
+        }
     }
 }
 
@@ -211,6 +220,9 @@ impl Daemon {
             .collect::<Vec<_>>()
             .join(",");
         let snapshot = snapshot.display().to_string();
+        // The flow tables are pinned, as in the DaemonSet: pinning must work with these
+        // capabilities too.
+        let pins = cluster.pins.arg();
         let daemon = [
             "ip",
             "netns",
@@ -236,6 +248,8 @@ impl Daemon {
             "1s",
             "--node",
             "node-1",
+            "--pin-dir",
+            &pins,
         ];
         // readOnlyRootFilesystem: the root mount is read-only in a mount namespace of the
         // daemon's own (slave, so nothing propagates back to the machine's).
@@ -398,6 +412,12 @@ fn the_daemonsets_capabilities_are_enough_to_attach_and_count() {
     for field in ["CapInh", "CapAmb"] {
         assert!(daemon.status_mask(field) == 0, "{field} is not empty");
     }
+    assert!(
+        daemon.log().contains("flow tables pinned") && !daemon.log().contains("cannot pin"),
+        "the flow tables were not pinned with {caps:?}:
+{}",
+        daemon.log()
+    );
 
     assert!(
         tcx_programs(&cluster.node, "caliA") == 2 && tcx_programs(&cluster.node, "caliB") == 2,

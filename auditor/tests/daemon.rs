@@ -154,6 +154,9 @@ impl Daemon {
             "1s",
             "--node",
             "node-1",
+            // Restarts with pinned tables are tests/restart.rs'; these leave nothing pinned.
+            "--pin-dir",
+            "none",
         ];
         args.extend_from_slice(extra);
         // `ip netns exec` execs the binary in place: the child's pid is the daemon's.
@@ -641,6 +644,26 @@ fn bad_input_exits_2_naming_the_file_before_attaching() {
         stderr.contains("--cluster"),
         "says what is missing: {stderr}"
     );
+
+    for (flag, value, says) in [
+        ("--pin-dir", "relative/pins", "absolute path"),
+        ("--idle-timeout", "0s", "at least 1s"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_auditor"))
+            .args(["run", "--cluster", &cluster.display().to_string()])
+            .args(["--metrics-addr", "127.0.0.1:0", flag, value])
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap_or_else(|e| panic!("run: {e}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| l.contains("error")).count(),
+            1,
+            "one clear error: {stderr}"
+        );
+    }
 }
 
 fn netpol(udp: bool) -> Value {

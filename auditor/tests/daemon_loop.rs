@@ -85,6 +85,9 @@ fn args(cluster: &Path) -> RunArgs {
         answer_timeout: Some(Duration::from_secs(2)),
         node: Some("n1".to_owned()),
         kernel_log: false,
+        idle_timeout: None,
+        // The fake datapath has no tables to pin.
+        pin_dir: Some(auditor::config::PinDir::Off),
     }
 }
 

@@ -152,6 +152,8 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
         answered: 0,
         _pad: 0,
         tick: 0,
+        reported: 0,
+        _reserved: [0; 7],
     };
     assert_eq!(
         got,
@@ -282,6 +284,8 @@ fn udp_request_and_reply() {
         answered: 1,
         _pad: 0,
         tick: 0,
+        reported: 0,
+        _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1));
     assert_events(
@@ -356,6 +360,58 @@ fn timestamps_follow_the_clock_across_ticks() {
     }
 }
 
+/// A flow first seen mid-stream (the agent restarted, the entry expired): its first packet is
+/// the server's data, so the server is taken for the initiator; the client's RST then ends an
+/// established connection. Before, a RST from the side not taken for the initiator made it
+/// `refused`, hiding a real connection as a refusal.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn tcp_rst_on_a_mid_stream_flow_closes_it() {
+    let mut h = Harness::new();
+    let (k, server_side) = key(TCP, (SERVER4.into(), 82), (CLIENT4.into(), 41_002));
+    let data = eth_ip(&ipv4(
+        SERVER4,
+        CLIENT4,
+        TCP,
+        &tcp(82, 41_002, PSH | ACK, b"keepalive"),
+    ));
+    let rst = eth_ip(&ipv4(CLIENT4, SERVER4, TCP, &tcp(41_002, 82, RST, b"")));
+    let t0 = coarse_now_ns();
+    h.pass(Hook::Ingress, &data);
+    h.pass(Hook::Egress, &rst);
+    let t1 = coarse_now_ns();
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry for the mid-stream connection"));
+    let expected = FlowState {
+        first_seen_ns: 0,
+        last_seen_ns: 0,
+        packets: [1, 1],
+        bytes: [len(&data), len(&rst)],
+        ifindex: LOOPBACK_IFINDEX,
+        tcp_flags: [PSH | ACK, RST],
+        initiator: server_side as u8,
+        status: FlowStatus::Closed as u8,
+        hook: Hook::Ingress as u8,
+        mid_stream: 1,
+        answered: 0,
+        _pad: 0,
+        tick: 0,
+        reported: 0,
+        _reserved: [0; 7],
+    };
+    assert_eq!(got, with_times(expected, &got, t0, t1));
+    assert_events(
+        &h.events(),
+        &[
+            event(EventKind::New, k, server_side, Hook::Ingress, 1),
+            event(EventKind::Closed, k, server_side, Hook::Egress, 1),
+        ],
+        t0,
+        t1,
+    );
+}
+
 #[test]
 #[ignore = "needs root and the kernel; run by cargo xtask test"]
 fn tcp_refused_by_rst() {
@@ -390,6 +446,8 @@ fn tcp_refused_by_rst() {
         answered: 0,
         _pad: 0,
         tick: 0,
+        reported: 0,
+        _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1));
     assert_events(
@@ -464,6 +522,8 @@ fn refused_by_icmp(client: IpAddr, server: IpAddr) {
         answered: 0,
         _pad: 0,
         tick: 0,
+        reported: 0,
+        _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1));
     assert_events(
@@ -567,6 +627,8 @@ fn l3_device_packets_without_ethernet_header() {
         answered: 0,
         _pad: 0,
         tick: 0,
+        reported: 0,
+        _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1));
 

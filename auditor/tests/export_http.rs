@@ -330,6 +330,7 @@ fn flow(
             decisions,
         },
         verdict,
+        orientation: auditor::audit::Orientation::Opening,
     }
 }
 

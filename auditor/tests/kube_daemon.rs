@@ -162,6 +162,9 @@ impl Daemon {
                 METRICS,
                 "--answer-timeout",
                 "1s",
+                // Nothing here restarts: no pinned tables to clean up.
+                "--pin-dir",
+                "none",
                 "--node",
                 "node-1",
             ])

@@ -20,6 +20,9 @@ use crate::display;
 
 /// The capabilities the agent may hold, each justified in deploy/base/daemonset.yaml.
 const ALLOWED_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
+/// The host's bpffs mount, the only hostPath volume the agent may have.
+const BPFFS: &str = "/sys/fs/bpf";
+
 /// Where the dashboards live; the base turns them into the sidecar's `ConfigMap`.
 const DASHBOARD_FILE: &str = "deploy/dashboards/flow-auditor.json";
 
@@ -540,7 +543,10 @@ fn agent_security(ds: &DaemonSet) -> Result<()> {
     }
     for volume in spec.volumes.as_deref().unwrap_or_default() {
         if let Some(host) = &volume.host_path {
-            bail!(
+            // The host's bpffs, where the flow tables are pinned to survive restarts: the one
+            // host path the agent needs.
+            ensure!(
+                host.path == BPFFS && host.type_.as_deref() == Some("Directory"),
                 "hostPath volume {} ({}) is not needed",
                 volume.name,
                 host.path

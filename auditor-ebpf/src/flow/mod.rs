@@ -477,6 +477,12 @@ pub struct FlowState {
     /// since (the coarse clock moves only then), so a busy flow pays for the clock once per timer
     /// tick, not per packet.
     pub tick: u32,
+    /// Written by user space only: 1 once an agent has counted this flow (its record went to
+    /// the metrics), so an agent that adopts the pinned table after a restart does not count it
+    /// again. The program writes 0 when it (re)creates the entry and never reads it.
+    pub reported: u8,
+    /// Always zero; room for later fields without another layout change of the first 64 bytes.
+    pub _reserved: [u8; 7],
 }
 
 impl FlowState {
@@ -672,6 +678,69 @@ impl Counter {
     }
 }
 
+/// Bump when the meaning of a flow table byte changes without its offset or size changing (a
+/// field reused, a status added): [`FLOW_LAYOUT`] then changes too.
+pub const FLOW_LAYOUT_REVISION: u32 = 1;
+
+/// The version of the flow tables' layout: keys, value and the meaning of their bytes. Derived
+/// from [`FLOW_LAYOUT_REVISION`] and the size and offset of every field of [`FlowKey`],
+/// [`FlowKey4`], [`FlowKeyTcp4`] and [`FlowState`], so a change of any of them changes it
+/// without anyone having to remember. The pinned tables live under a directory named after it
+/// (`v<FLOW_LAYOUT as 8 hex digits>`), so an agent never adopts tables of another layout.
+pub const FLOW_LAYOUT: u32 = layout_hash(&[
+    FLOW_LAYOUT_REVISION as usize,
+    core::mem::size_of::<FlowKey>(),
+    core::mem::offset_of!(FlowKey, lo_addr),
+    core::mem::offset_of!(FlowKey, hi_addr),
+    core::mem::offset_of!(FlowKey, lo_port),
+    core::mem::offset_of!(FlowKey, hi_port),
+    core::mem::offset_of!(FlowKey, proto),
+    core::mem::size_of::<FlowKey4>(),
+    core::mem::offset_of!(FlowKey4, lo_addr),
+    core::mem::offset_of!(FlowKey4, hi_addr),
+    core::mem::offset_of!(FlowKey4, lo_port),
+    core::mem::offset_of!(FlowKey4, hi_port),
+    core::mem::offset_of!(FlowKey4, proto),
+    core::mem::size_of::<FlowKeyTcp4>(),
+    core::mem::offset_of!(FlowKeyTcp4, lo_addr),
+    core::mem::offset_of!(FlowKeyTcp4, hi_addr),
+    core::mem::offset_of!(FlowKeyTcp4, lo_port),
+    core::mem::offset_of!(FlowKeyTcp4, hi_port),
+    core::mem::size_of::<FlowState>(),
+    core::mem::offset_of!(FlowState, first_seen_ns),
+    core::mem::offset_of!(FlowState, last_seen_ns),
+    core::mem::offset_of!(FlowState, packets),
+    core::mem::offset_of!(FlowState, bytes),
+    core::mem::offset_of!(FlowState, ifindex),
+    core::mem::offset_of!(FlowState, tcp_flags),
+    core::mem::offset_of!(FlowState, initiator),
+    core::mem::offset_of!(FlowState, status),
+    core::mem::offset_of!(FlowState, hook),
+    core::mem::offset_of!(FlowState, mid_stream),
+    core::mem::offset_of!(FlowState, answered),
+    core::mem::offset_of!(FlowState, _pad),
+    core::mem::offset_of!(FlowState, tick),
+    core::mem::offset_of!(FlowState, reported),
+    core::mem::offset_of!(FlowState, _reserved),
+]);
+
+/// FNV-1a over the numbers' little-endian bytes: stable across builds and architectures.
+const fn layout_hash(parts: &[usize]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < parts.len() {
+        let bytes = (parts[i] as u64).to_le_bytes();
+        let mut j = 0;
+        while j < bytes.len() {
+            hash ^= bytes[j] as u32;
+            hash = hash.wrapping_mul(0x0100_0193);
+            j += 1;
+        }
+        i += 1;
+    }
+    hash
+}
+
 // The kernel copies these verbatim: a layout change must be deliberate.
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowKey4>() == 16);
@@ -683,15 +752,32 @@ const _: () = assert!(core::mem::offset_of!(FlowKeyTcp4, lo_port) == 8);
 const _: () = assert!(core::mem::offset_of!(FlowKeyTcp4, hi_port) == 10);
 const _: () = assert!(core::mem::offset_of!(FlowKey4, hi_addr) == 4);
 const _: () = assert!(core::mem::offset_of!(FlowKey4, hi_port) == 10);
-const _: () = assert!(core::mem::size_of::<FlowState>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 72);
 const _: () = assert!(core::mem::offset_of!(FlowState, tick) == 60);
+const _: () = assert!(core::mem::offset_of!(FlowState, reported) == 64);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
 const _: () = assert!(core::mem::offset_of!(FlowEvent, ts_ns) == 40);
 const _: () = assert!(Counter::ALL.len() == Counter::COUNT as usize);
 
 #[cfg(test)]
 mod tests {
-    use super::{FlowKey, FlowKey4, ipv4_mapped, proto, words};
+    use super::{FLOW_LAYOUT, FlowKey, FlowKey4, ipv4_mapped, layout_hash, proto, words};
+
+    /// The layout version follows the layout: this is the version of today's layout (the pinned
+    /// tables' directory name). When this fails, the layout changed: the new value is right (an
+    /// agent of the new layout starts with new tables and removes the old pins), so update the
+    /// expected value here and the pin path in README's troubleshooting section.
+    #[test]
+    fn layout_version_is_the_layout_s() {
+        assert_eq!(
+            format!("v{FLOW_LAYOUT:08x}"),
+            "veb417c62",
+            "the flow table layout changed"
+        );
+        // Any size or offset moving changes it.
+        assert_ne!(layout_hash(&[1, 72, 64]), layout_hash(&[1, 72, 65]));
+        assert_ne!(layout_hash(&[1, 72]), layout_hash(&[2, 72]));
+    }
 
     /// xorshift64: a fixed sequence, so a failure reproduces.
     fn next(state: &mut u64) -> u64 {

@@ -17,6 +17,7 @@ mod dedup;
 pub mod explain;
 mod judge;
 mod named_ports;
+pub mod orient;
 pub mod peer;
 mod verdict;
 
@@ -33,6 +34,7 @@ pub use cluster::{Cluster, ClusterConfig};
 pub use counting::{counting_node, counts_here};
 pub use explain::Explanation;
 pub use named_ports::NamedPorts;
+pub use orient::{ConntrackOriginator, EphemeralRange, Orientation};
 pub use peer::{Peer, PeerInfo, PodPeer};
 pub use verdict::{
     DEFAULT_DENY_RULE, FlowQuery, Judgement, ModelVerdict, RuleHit, ServiceHop, ServiceProblem,
@@ -100,6 +102,9 @@ pub struct AuditedFlow {
     pub dst_port: Option<u16>,
     pub judgement: Judgement,
     pub verdict: AuditVerdict,
+    /// How the initiator was established (the opening was seen, or evidence for a flow first
+    /// seen mid-stream).
+    pub orientation: Orientation,
 }
 
 impl AuditedFlow {
@@ -137,6 +142,8 @@ pub struct AuditConfig {
     pub horizon: Duration,
     /// At most this many counted flows are remembered (the oldest go first).
     pub capacity: usize,
+    /// The node's ephemeral port range, evidence for orienting flows first seen mid-stream.
+    pub ephemeral: EphemeralRange,
 }
 
 impl Default for AuditConfig {
@@ -152,6 +159,7 @@ impl Default for AuditConfig {
             // of a second at 100k flows/s, still far longer than two interfaces' events of one
             // flow are apart.
             capacity: 32_768,
+            ephemeral: EphemeralRange::default(),
         }
     }
 }
@@ -173,6 +181,7 @@ struct Held {
     record: FlowRecord,
     src: Peer,
     dst: Peer,
+    orientation: Orientation,
     due: SystemTime,
 }
 
@@ -239,12 +248,33 @@ impl Auditor {
         cluster: &Cluster,
         now: SystemTime,
     ) -> Option<AuditedFlow> {
+        self.push_with(record, None, cluster, now)
+    }
+
+    /// [`Auditor::push`] with what the node's conntrack says of the flow (who sent its ORIGINAL
+    /// direction), for orienting a flow first seen mid-stream (see [`orient`]): conntrack, then
+    /// the ports the responder declares, then the ephemeral range; with no evidence the flow is
+    /// judged both ways and allowed when either way is.
+    pub fn push_with(
+        &mut self,
+        record: FlowRecord,
+        conntrack: ConntrackOriginator,
+        cluster: &Cluster,
+        now: SystemTime,
+    ) -> Option<AuditedFlow> {
         if self.recent.is_duplicate(&record.key, record.first_seen)
             || self.held.contains_key(&record.key)
         {
             self.stats.duplicates += 1;
             return None;
         }
+        let (orientation, flip) =
+            orient::orient(&record, conntrack, cluster, self.config.ephemeral);
+        let record = if flip {
+            orient::flipped(record)
+        } else {
+            record
+        };
         let src = cluster.peer(record.initiator.ip(), Some(record.initiator.port()));
         let dst = cluster.peer(record.responder.ip(), Some(record.responder.port()));
         if !counts_here(self.config.local_node.as_deref(), &src, &dst) {
@@ -278,6 +308,7 @@ impl Auditor {
                     record,
                     src,
                     dst,
+                    orientation,
                     due: now + hold,
                 },
             );
@@ -288,7 +319,7 @@ impl Auditor {
             self.reached
                 .insert(initiator, record.responder.ip(), record.first_seen, now);
         }
-        Some(self.audit(record, src, dst, cluster, now))
+        Some(self.audit(record, src, dst, orientation, cluster, now))
     }
 
     /// Drops held `ClusterIP` records of the flow `record` (to an endpoint) is the translation of.
@@ -360,6 +391,7 @@ impl Auditor {
                 record,
                 src,
                 dst,
+                orientation,
                 due: _,
             }) = self.held.remove(&key)
             else {
@@ -372,7 +404,7 @@ impl Auditor {
                     self.held_by_initiator.remove(&initiator);
                 }
             }
-            out.push(self.audit(record, src, dst, cluster, now));
+            out.push(self.audit(record, src, dst, orientation, cluster, now));
         }
         // Deterministic order for the caller (and its logs): by first sight.
         out.sort_by_key(|f| f.record.first_seen);
@@ -381,17 +413,31 @@ impl Auditor {
 
     fn audit(
         &mut self,
-        record: FlowRecord,
-        src: Peer,
-        dst: Peer,
+        mut record: FlowRecord,
+        mut src: Peer,
+        mut dst: Peer,
+        orientation: Orientation,
         cluster: &Cluster,
         now: SystemTime,
     ) -> AuditedFlow {
         self.recent
             .remember(record.key, record.first_seen, record.last_seen, now);
         self.stats.counted += 1;
-        let query = FlowQuery::of(&record).normalized();
-        let judgement = cluster.judgement(&query);
+        let mut query = FlowQuery::of(&record).normalized();
+        let mut judgement = cluster.judgement(&query);
+        if orientation == Orientation::Unknown && judgement.verdict == ModelVerdict::Deny {
+            // Either side may have opened it: denied only if denied both ways; when the other
+            // way is allowed, it is reported that way.
+            let reversed = orient::flipped(record.clone());
+            let reversed_query = FlowQuery::of(&reversed).normalized();
+            let reversed_judgement = cluster.judgement(&reversed_query);
+            if reversed_judgement.verdict == ModelVerdict::Allow {
+                record = reversed;
+                std::mem::swap(&mut src, &mut dst);
+                query = reversed_query;
+                judgement = reversed_judgement;
+            }
+        }
         let verdict = classify(judgement.verdict, record.outcome);
         let dst_port = cluster.port_label(&dst, query.dst, query.protocol, query.port);
         AuditedFlow {
@@ -401,6 +447,7 @@ impl Auditor {
             dst_port,
             judgement,
             verdict,
+            orientation,
         }
     }
 }

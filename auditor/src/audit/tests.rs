@@ -616,3 +616,171 @@ fn remembered_flows_are_bounded_in_time_and_number() {
         "flows older than the horizon must be forgotten"
     );
 }
+
+fn mid_stream(src: &str, dst: &str) -> FlowRecord {
+    let mut r = record(src, dst, Outcome::Established, 0);
+    r.mid_stream = true;
+    r.packets = PerDirection {
+        to_responder: 5,
+        to_initiator: 2,
+    };
+    r
+}
+
+/// A flow first seen mid-stream from the server (its keepalive after an agent restart): the
+/// server declares its port, so it is the responder; the record is turned round, counters too.
+#[test]
+fn a_mid_stream_flow_is_oriented_by_the_port_its_responder_declares() {
+    let fx = Fixture::new();
+    let mut a = auditor(None);
+    let flow = a
+        .push(
+            mid_stream(&format!("{POSTGRES}:5432"), &format!("{FRONTEND}:41000")),
+            fx.ctx(),
+            t(2),
+        )
+        .unwrap_or_else(|| panic!("not counted"));
+    assert_eq!(flow.orientation, Orientation::DeclaredPort);
+    assert_eq!(
+        (flow.record.initiator, flow.record.responder),
+        (
+            format!("{FRONTEND}:41000").parse().unwrap(),
+            format!("{POSTGRES}:5432").parse().unwrap()
+        )
+    );
+    assert_eq!(
+        (
+            flow.record.packets.to_responder,
+            flow.record.packets.to_initiator
+        ),
+        (2, 5)
+    );
+    assert_eq!(flow.verdict, AuditVerdict::Allowed);
+    assert_eq!(flow.dst_port, Some(5432));
+    // A flow whose opening was seen keeps the orientation it was seen with.
+    let opened = a
+        .push(
+            record(
+                &format!("{FRONTEND}:41001"),
+                &format!("{POSTGRES}:5432"),
+                Outcome::Established,
+                5,
+            ),
+            fx.ctx(),
+            t(6),
+        )
+        .unwrap_or_else(|| panic!("not counted"));
+    assert_eq!(opened.orientation, Orientation::Opening);
+}
+
+/// Conntrack's ORIGINAL tuple comes first: here it names prometheus, which the model denies,
+/// so the established flow is a true `unexpected`, oriented by conntrack.
+#[test]
+fn conntrack_orients_before_ports() {
+    let fx = Fixture::new();
+    let mut a = auditor(None);
+    let originator: SocketAddr = format!("{PROMETHEUS}:41002").parse().unwrap();
+    let flow = a
+        .push_with(
+            mid_stream(&format!("{POSTGRES}:5432"), &originator.to_string()),
+            Some(originator),
+            fx.ctx(),
+            t(2),
+        )
+        .unwrap_or_else(|| panic!("not counted"));
+    assert_eq!(flow.orientation, Orientation::Conntrack);
+    assert_eq!(flow.record.initiator, originator);
+    assert_eq!(flow.verdict, AuditVerdict::Unexpected);
+    // Conntrack wins over the declared port when they disagree.
+    let server: SocketAddr = format!("{POSTGRES}:5432").parse().unwrap();
+    let flow = a
+        .push_with(
+            mid_stream(&server.to_string(), &format!("{FRONTEND}:41003")),
+            Some(server),
+            fx.ctx(),
+            t(3),
+        )
+        .unwrap_or_else(|| panic!("not counted"));
+    assert_eq!(
+        (flow.orientation, flow.record.initiator),
+        (Orientation::Conntrack, server)
+    );
+}
+
+/// Neither port declared: the ephemeral range decides (the initiator's port is in it).
+#[test]
+fn the_ephemeral_range_orients_when_no_port_is_declared() {
+    let fx = Fixture::new();
+    let mut a = auditor(None);
+    let flow = a
+        .push(
+            mid_stream(&format!("{POSTGRES}:7000"), &format!("{FRONTEND}:45000")),
+            fx.ctx(),
+            t(2),
+        )
+        .unwrap_or_else(|| panic!("not counted"));
+    assert_eq!(flow.orientation, Orientation::EphemeralRange);
+    assert_eq!(flow.record.responder.port(), 7000);
+}
+
+/// No evidence at all: judged both ways. Prometheus to db is denied (db admits only web), db to
+/// prometheus is allowed (nothing isolates monitoring): allowed, reported the allowed way, never
+/// `unexpected`.
+#[test]
+fn a_flow_without_evidence_is_unexpected_only_if_denied_both_ways() {
+    let fx = Fixture::new();
+    let mut a = auditor(None);
+    let flow = a
+        .push(
+            mid_stream(&format!("{PROMETHEUS}:9999"), &format!("{POSTGRES}:7000")),
+            fx.ctx(),
+            t(2),
+        )
+        .unwrap_or_else(|| panic!("not counted"));
+    assert_eq!(flow.orientation, Orientation::Unknown);
+    assert_eq!(flow.verdict, AuditVerdict::Allowed);
+    assert_eq!(flow.record.initiator.ip(), ip(POSTGRES));
+    // The same flow seen from its opening is judged the way it was opened only.
+    let opened = a
+        .push(
+            record(
+                &format!("{PROMETHEUS}:9998"),
+                &format!("{POSTGRES}:7000"),
+                Outcome::Established,
+                5,
+            ),
+            fx.ctx(),
+            t(6),
+        )
+        .unwrap_or_else(|| panic!("not counted"));
+    assert_eq!(
+        opened.verdict,
+        AuditVerdict::Unexpected,
+        "seen from its opening, the same flow is judged one way only"
+    );
+}
+
+/// No evidence, and both ways denied (monitoring isolated too): then, and only then, an
+/// established flow of unknown orientation is `unexpected`.
+#[test]
+fn a_flow_without_evidence_denied_both_ways_is_unexpected() {
+    let mut model = model();
+    let object = serde_yaml_ng::from_str(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: deny-all, namespace: monitoring}\n\
+         spec: {podSelector: {}, policyTypes: [Ingress]}\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    model.upsert_policy(netpol::compile(&object).unwrap_or_else(|e| panic!("{e}")));
+    model.refresh();
+    let mut a = auditor(None);
+    let flow = a
+        .push(
+            mid_stream(&format!("{PROMETHEUS}:9999"), &format!("{POSTGRES}:7000")),
+            &model,
+            t(2),
+        )
+        .unwrap_or_else(|| panic!("not counted"));
+    assert_eq!(flow.orientation, Orientation::Unknown);
+    assert_eq!(flow.verdict, AuditVerdict::Unexpected);
+}

@@ -19,9 +19,10 @@ use auditor_ebpf::flow::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::audit::{AuditConfig, AuditedFlow, Auditor, Cluster, DEFAULT_DENY_RULE};
-use crate::config::{Config, ConfigError, parse_duration};
+use crate::audit::{AuditConfig, AuditedFlow, Auditor, Cluster, DEFAULT_DENY_RULE, EphemeralRange};
+use crate::config::{Config, ConfigError, PinDir, parse_duration};
 use crate::datapath::attach::{AttachConfig, HookMode};
+use crate::datapath::conntrack::Conntrack;
 use crate::datapath::load::{Datapath, DatapathConfig, LoadError as DatapathLoadError};
 use crate::datapath::manager::{DatapathManager, ManagerError};
 use crate::export::{
@@ -81,6 +82,14 @@ pub struct RunArgs {
     /// take), target `auditor_ebpf` [default: the config file's `kernelLog`, else off].
     #[arg(long)]
     pub kernel_log: bool,
+    /// A flow without packets for this long leaves the flow table; a connection resuming later
+    /// is recognised and not counted again [default: the config file's `idleTimeout`, else 300s].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub idle_timeout: Option<Duration>,
+    /// Where the flow tables are pinned in bpffs, so they survive restarts; `none` to not pin
+    /// them [default: the config file's `pinDir`, else /sys/fs/bpf/flow-auditor].
+    #[arg(long, value_name = "DIR", value_parser = PinDir::parse)]
+    pub pin_dir: Option<PinDir>,
 }
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
@@ -149,6 +158,7 @@ struct Settings {
     flows: FlowsConfig,
     metrics_addr: SocketAddr,
     node: Option<String>,
+    pin_dir: PinDir,
 }
 
 impl Settings {
@@ -164,6 +174,8 @@ impl Settings {
             answer_timeout,
             node,
             kernel_log,
+            idle_timeout,
+            pin_dir,
         } = args;
         let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
         let source = if *kube || (cluster.is_empty() && in_pod) {
@@ -195,8 +207,16 @@ impl Settings {
         }
         let flows = FlowsConfig {
             answer_timeout: answer_timeout.unwrap_or(config.answer_timeout),
+            idle_timeout: idle_timeout.unwrap_or(config.idle_timeout),
             ..FlowsConfig::default()
         };
+        if flows.idle_timeout < Duration::from_secs(1) {
+            return Err(DaemonError::Usage(format!(
+                "the idle timeout ({:?}) must be at least 1s: shorter, live flows would leave the table between two packets",
+                flows.idle_timeout
+            )));
+        }
+        let pin_dir = pin_dir.clone().unwrap_or_else(|| config.pin_dir.clone());
         let node = node
             .clone()
             .or_else(|| std::env::var("NODE_NAME").ok())
@@ -214,6 +234,7 @@ impl Settings {
             flows,
             metrics_addr: *metrics_addr,
             node,
+            pin_dir,
         })
     }
 }
@@ -244,10 +265,37 @@ pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
                 source,
             })?;
         let daemon = Daemon::start(args).await?;
-        let datapath = Datapath::load(&DatapathConfig {
+        let datapath_config = DatapathConfig {
             kernel_log: daemon.settings.config.kernel_log,
             ..DatapathConfig::default()
-        })?;
+        };
+        let datapath = match Datapath::load_pinned(&datapath_config, daemon.settings.pin_dir.path())
+        {
+            // No bpffs where the tables should be pinned: audit anyway, without surviving a
+            // restart, and say so.
+            Err(DatapathLoadError::Pins { path, op, source }) => {
+                tracing::error!(
+                    dir = %path.display(),
+                    %source,
+                    "cannot pin the flow tables: {op}; running with unpinned tables (a restart will count live connections again)"
+                );
+                Datapath::load(&datapath_config)?
+            }
+            other => other?,
+        };
+        if let Some(pinned) = datapath.pinned() {
+            for old in &pinned.removed_layouts {
+                tracing::info!(dir = %old.display(), "removed the flow tables of another layout");
+            }
+            tracing::info!(
+                dir = %pinned.dir.display(),
+                adopted = pinned.adopted,
+                "flow tables pinned{}",
+                if pinned.adopted { ": adopting the flows of the previous agent" } else { "" }
+            );
+        } else {
+            tracing::info!("flow tables not pinned: a restart forgets every flow");
+        }
         let manager = DatapathManager::start(datapath, daemon.settings.attach.clone())?;
         let stop = async {
             tokio::select! {
@@ -417,11 +465,31 @@ struct Pipeline {
     auditor: Auditor,
     log: UnexpectedLog<std::io::Stdout>,
     metrics: Arc<Metrics>,
+    /// The node's conntrack, asked who opened flows first seen mid-stream; `None` when it
+    /// cannot be opened (then the other evidence orients them).
+    conntrack: Option<Conntrack>,
 }
 
 impl Pipeline {
     fn count(&mut self, record: FlowRecord, cluster: &Cluster) {
-        if let Some(flow) = self.auditor.push(record, cluster, SystemTime::now()) {
+        let originator = if record.mid_stream {
+            self.conntrack.as_mut().and_then(|ct| {
+                let protocol = record.key.proto;
+                match ct.originator(protocol, record.initiator, record.responder) {
+                    Ok(found) => found,
+                    Err(error) => {
+                        tracing::warn!(%error, "asking conntrack who opened a flow failed");
+                        None
+                    }
+                }
+            })
+        } else {
+            None
+        };
+        if let Some(flow) = self
+            .auditor
+            .push_with(record, originator, cluster, SystemTime::now())
+        {
             self.emit(&flow, cluster);
         }
     }
@@ -486,6 +554,8 @@ fn publish_health<S: FlowSource>(stream: &FlowStream<S>, metrics: &Metrics) {
         health.events_lost + health.undecodable_events,
     );
     metrics.set_flow_table_insert_failures(health.inserts_failed);
+    let evictions = stream.evictions();
+    metrics.set_flow_table_evictions(evictions.decided, evictions.undecided);
     metrics.set_sampled_out_packets(counter(Counter::SampledOut));
 }
 
@@ -502,6 +572,7 @@ fn counting_node(settings: &Settings, inventory: &Inventory) -> Option<String> {
 fn audit_config(node: Option<String>) -> AuditConfig {
     AuditConfig {
         local_node: node,
+        ephemeral: EphemeralRange::of_node(),
         ..AuditConfig::default()
     }
 }
@@ -635,6 +706,13 @@ impl Daemon {
                 Instant::now(),
             ),
             metrics: Arc::clone(&metrics),
+            conntrack: match Conntrack::open() {
+                Ok(ct) => Some(ct),
+                Err(error) => {
+                    tracing::info!(%error, "no conntrack: flows first seen mid-stream are oriented by their ports");
+                    None
+                }
+            },
         };
         let mut counting = node;
         let mut ticks = tokio::time::interval(TICK);

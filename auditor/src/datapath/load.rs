@@ -7,13 +7,14 @@ use std::{
     borrow::{Borrow, BorrowMut},
     io,
     os::fd::AsFd as _,
+    path::{Path, PathBuf},
 };
 
 use auditor_ebpf::{
     COUNTERS_MAP, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES, EVENTS_MAP, FLOWS_MAP,
     FLOWS4_MAP, FLOWS4_TCP_MAP, KERNEL_LOG_MAP, PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_NOOP,
     SAMPLE_EVERY_GLOBAL,
-    flow::{Counter, FlowKey, FlowKey4, FlowKeyTcp4, FlowState},
+    flow::{Counter, FLOW_LAYOUT, FlowKey, FlowKey4, FlowKeyTcp4, FlowState},
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -86,6 +87,13 @@ pub enum LoadError {
     KernelLog(#[source] aya_log::Error),
     #[error("reading the flow tables")]
     Walk(#[source] io::Error),
+    #[error("pinning the flow tables in {path}: {op}")]
+    Pins {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("map {name}: {op}")]
     Map {
         name: &'static str,
@@ -179,6 +187,20 @@ impl<T: Borrow<MapData>> FlowTables<T> {
 }
 
 impl<T: BorrowMut<MapData>> FlowTables<T> {
+    /// Writes the entry of an existing flow (`BPF_EXIST`: never creates one).
+    ///
+    /// # Errors
+    /// The write's failure (`ENOENT` in it when the flow is gone).
+    pub fn replace(&mut self, key: &FlowKey, state: &FlowState) -> Result<(), MapError> {
+        // `BPF_EXIST` from uapi/linux/bpf.h.
+        let exist = 2;
+        match slot(key) {
+            Slot::Tcp4(tcp) => self.tcp4.insert(&tcp, state, exist),
+            Slot::V4(key4) => self.v4.insert(&key4, state, exist),
+            Slot::Other => self.other.insert(key, state, exist),
+        }
+    }
+
     /// Deletes the entry of `key` from the table it belongs in.
     ///
     /// # Errors
@@ -192,12 +214,110 @@ impl<T: BorrowMut<MapData>> FlowTables<T> {
     }
 }
 
+/// The directory the flow tables of this build's layout are pinned in, under `base`:
+/// `base/v<FLOW_LAYOUT in hex>`. Another layout has another directory, so an agent never adopts
+/// tables whose bytes mean something else.
+#[must_use]
+pub fn pin_dir(base: &Path) -> PathBuf {
+    base.join(format!("v{FLOW_LAYOUT:08x}"))
+}
+
+/// What loading found in the pin directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pinned {
+    /// Where the flow tables are pinned.
+    pub dir: PathBuf,
+    /// The tables were already pinned there (a predecessor's, now adopted with their flows).
+    pub adopted: bool,
+    /// Pin directories of other layouts, removed.
+    pub removed_layouts: Vec<PathBuf>,
+}
+
+/// Creates `base` and this layout's directory in it, and removes the pins of other layouts
+/// (directories named `v...` besides ours; anything else in `base` is left alone).
+fn prepare_pins(base: &Path) -> Result<(PathBuf, Vec<PathBuf>), LoadError> {
+    let dir = pin_dir(base);
+    let pins_error = |path: &Path, op, source| LoadError::Pins {
+        path: path.to_path_buf(),
+        op,
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| pins_error(&dir, "create the directory", e))?;
+    if !is_bpffs(&dir)? {
+        // Not a bpffs: the directory was made on another filesystem; leave nothing behind.
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(base);
+        return Err(pins_error(
+            base,
+            "is not in a bpffs mount (mount -t bpf bpf /sys/fs/bpf, or the DaemonSet's hostPath)",
+            io::Error::from(io::ErrorKind::Unsupported),
+        ));
+    }
+    let mut removed = Vec::new();
+    let entries = std::fs::read_dir(base).map_err(|e| pins_error(base, "list", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| pins_error(base, "list", e))?;
+        let path = entry.path();
+        let is_layout = entry.file_name().to_string_lossy().starts_with('v')
+            && entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_layout && path != dir {
+            remove_pins(&path)?;
+            std::fs::remove_dir(&path).map_err(|e| pins_error(&path, "remove", e))?;
+            removed.push(path);
+        }
+    }
+    Ok((dir, removed))
+}
+
+/// Whether `path` lies in a bpffs mount.
+fn is_bpffs(path: &Path) -> Result<bool, LoadError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    /// `BPF_FS_MAGIC` from uapi/linux/magic.h.
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let pins_error = |source| LoadError::Pins {
+        path: path.to_path_buf(),
+        op: "statfs",
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| pins_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: statfs is plain data; all-zero is a valid value to be overwritten.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statfs to write to.
+    if unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) } != 0 {
+        return Err(pins_error(io::Error::last_os_error()));
+    }
+    #[allow(
+        clippy::unnecessary_cast,
+        clippy::useless_conversion,
+        reason = "f_type's width differs between architectures and C libraries"
+    )]
+    let kind = i64::from(stat.f_type as i64);
+    Ok(kind == BPF_FS_MAGIC)
+}
+
+/// Unpins every map pinned in `dir` (the maps go once nothing else holds them).
+fn remove_pins(dir: &Path) -> Result<(), LoadError> {
+    let pins_error = |op, source| LoadError::Pins {
+        path: dir.to_path_buf(),
+        op,
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(|e| pins_error("list", e))? {
+        let path = entry.map_err(|e| pins_error("list", e))?.path();
+        std::fs::remove_file(&path).map_err(|e| pins_error("unpin", e))?;
+    }
+    Ok(())
+}
+
 /// The loaded and verified datapath: programs ready to attach, maps ready to read.
 pub struct Datapath {
     ebpf: Ebpf,
     effective: DatapathConfig,
     /// The reader of the program's log records, until taken (empty with `kernel_log` off).
     kernel_log: Option<KernelLog>,
+    /// Where the flow tables are pinned, when they are.
+    pinned: Option<Pinned>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -216,6 +336,61 @@ impl Datapath {
     /// On an invalid configuration, or when the kernel refuses a map or program (the verifier's
     /// log is in the error's source chain).
     pub fn load(config: &DatapathConfig) -> Result<Self, LoadError> {
+        Self::load_pinned(config, None)
+    }
+
+    /// [`Datapath::load`] with the flow tables pinned under `pin_base` (a directory in a bpffs
+    /// mount, see [`pin_dir`]): tables already pinned there by a predecessor of the same layout
+    /// and size are adopted with their flows, so they survive agent restarts; otherwise new
+    /// ones are created and pinned. Pins of other layouts are removed, and so are this layout's
+    /// when their size no longer matches the configuration (the flows in them are lost, once).
+    /// The ring buffer and the counters are not pinned: they are per agent.
+    ///
+    /// # Errors
+    /// As [`Datapath::load`], and when the pin directory cannot be prepared.
+    pub fn load_pinned(
+        config: &DatapathConfig,
+        pin_base: Option<&Path>,
+    ) -> Result<Self, LoadError> {
+        let Some(base) = pin_base else {
+            return Self::load_with(config, None);
+        };
+        let (dir, removed_layouts) = prepare_pins(base)?;
+        let adopted = TABLES.iter().all(|name| dir.join(name).exists());
+        let pinned = Pinned {
+            dir,
+            adopted,
+            removed_layouts,
+        };
+        match Self::load_with(config, Some(pinned.clone())) {
+            Err(LoadError::Object(EbpfError::MapError(MapError::IncompatiblePinnedMap {
+                name,
+                property,
+                expected,
+                actual,
+            }))) => {
+                tracing::warn!(
+                    map = name,
+                    property,
+                    expected,
+                    actual,
+                    dir = %pinned.dir.display(),
+                    "the pinned flow tables do not match the configuration; replacing them (their flows are counted again as they are seen)"
+                );
+                remove_pins(&pinned.dir)?;
+                Self::load_with(
+                    config,
+                    Some(Pinned {
+                        adopted: false,
+                        ..pinned
+                    }),
+                )
+            }
+            other => other,
+        }
+    }
+
+    fn load_with(config: &DatapathConfig, pinned: Option<Pinned>) -> Result<Self, LoadError> {
         let page = page_size()?;
         let effective = effective_config(config, page)?;
         let DatapathConfig {
@@ -239,6 +414,11 @@ impl Datapath {
             // The programs still name the record ring buffer; unused, it need not be 128 KiB.
             loader.map_max_entries(KERNEL_LOG_MAP, page);
         }
+        if let Some(pinned) = &pinned {
+            for name in TABLES {
+                loader.map_pin_path(name, pinned.dir.join(name));
+            }
+        }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
         for name in [PROGRAM_INGRESS, PROGRAM_EGRESS] {
             classifier_mut(&mut ebpf, name)?
@@ -255,7 +435,49 @@ impl Datapath {
             ebpf,
             effective,
             kernel_log,
+            pinned,
         })
+    }
+
+    /// Where the flow tables are pinned and whether a predecessor's were adopted; `None` when
+    /// they are not pinned.
+    #[must_use]
+    pub const fn pinned(&self) -> Option<&Pinned> {
+        self.pinned.as_ref()
+    }
+
+    /// Sets the [`FlowState::reported`] mark of a flow's entry: this agent counted it, so a
+    /// successor adopting the pinned table must not. A flow gone from the table is fine.
+    ///
+    /// The kernel has no way to change one byte of a hash map value from user space: the entry is
+    /// read and written back whole, so a packet the program counts in between (microseconds) is
+    /// lost from the entry's counters; a status change in between is lost too, which at worst
+    /// keeps a closed flow until it idles out instead of lingering. Done once per flow.
+    ///
+    /// # Errors
+    /// When the read or the write fails for another reason than the entry being gone.
+    pub fn mark_reported(&mut self, key: &FlowKey) -> Result<(), LoadError> {
+        let mut tables = self.flows_mut()?;
+        let mut state = match tables.get(key) {
+            Ok(state) => state,
+            Err(MapError::KeyNotFound) => return Ok(()),
+            Err(source) => return Err(map_op_error(TABLES[table_index(key)], "read", source)),
+        };
+        if state.reported != 0 {
+            return Ok(());
+        }
+        state.reported = 1;
+        match tables.replace(key, &state) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(map_op_error(
+                TABLES[table_index(key)],
+                "mark reported",
+                source,
+            )),
+        }
     }
 
     /// The configuration in force: `events_bytes` rounded up, `sample_every` 0 turned into 1.
@@ -545,6 +767,10 @@ fn classifier_mut<'a>(
     })
 }
 
+const fn map_op_error(name: &'static str, op: &'static str, source: MapError) -> LoadError {
+    LoadError::Map { name, op, source }
+}
+
 const fn map_error(name: &'static str, source: MapError) -> LoadError {
     LoadError::Map {
         name,
@@ -632,6 +858,23 @@ mod tests {
                 "{got} is not a multiple of the page size {page}"
             );
         }
+    }
+
+    /// Pinning needs a bpffs: elsewhere (here, the temporary directory) it is refused with one
+    /// error naming the directory, and the layout directory it made is not left behind.
+    #[test]
+    fn pins_outside_a_bpffs_are_refused_and_leave_nothing() {
+        let base = std::env::temp_dir().join(format!("fa-pins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        match prepare_pins(&base) {
+            Err(LoadError::Pins { path, op, .. }) => {
+                assert_eq!(path, base);
+                assert!(op.contains("bpffs"), "{op}");
+            }
+            other => panic!("pins outside a bpffs: {other:?}"),
+        }
+        assert!(!base.exists(), "{} left behind", base.display());
+        assert!(pin_dir(&base).ends_with(format!("v{FLOW_LAYOUT:08x}")));
     }
 
     #[test]

@@ -290,6 +290,14 @@ impl DatapathManager {
         }
     }
 
+    /// Marks a flow's entry as counted (see [`Datapath::mark_reported`]); a missing key is fine.
+    ///
+    /// # Errors
+    /// When the read or write fails for another reason.
+    pub fn mark_reported(&mut self, key: &FlowKey) -> Result<(), ManagerError> {
+        Ok(self.datapath.mark_reported(key)?)
+    }
+
     /// The name of an attached interface.
     #[must_use]
     pub fn interface_name(&self, ifindex: u32) -> Option<&str> {

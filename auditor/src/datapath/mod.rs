@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod batch;
+pub mod conntrack;
 pub mod kernel_log;
 pub mod load;
 pub mod manager;

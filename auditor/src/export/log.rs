@@ -113,6 +113,11 @@ struct FlowLine<'a> {
     reason: String,
     interface: &'a str,
     mid_stream: bool,
+    /// Whether the flow's opening was seen (false: first seen mid-stream).
+    seen_from_opening: bool,
+    /// How the initiator was established: `opening`, `conntrack`, `declared_port`,
+    /// `ephemeral_range`, `unknown`.
+    orientation: &'static str,
     first_seen: String,
 }
 
@@ -220,6 +225,8 @@ impl<W: Write> UnexpectedLog<W> {
             reason: explain(),
             interface: &record.interface,
             mid_stream: record.mid_stream,
+            seen_from_opening: !record.mid_stream,
+            orientation: flow.orientation.as_str(),
             first_seen: rfc3339(record.first_seen),
         };
         write_line(&mut self.writer, &line)?;
@@ -342,6 +349,7 @@ pub(crate) mod tests {
                 }],
             },
             verdict,
+            orientation: crate::audit::Orientation::Opening,
         }
     }
 

@@ -217,6 +217,8 @@ impl FakeDatapath {
             answered: 0,
             _pad: 0,
             tick: 0,
+            reported: 0,
+            _reserved: [0; 7],
         };
         state.put(key, entry);
         let event = event_of(key, &entry, EventKind::New, now);
@@ -248,7 +250,8 @@ impl FakeDatapath {
     }
 
     /// The responder refuses the flow (TCP RST, ICMP unreachable): `Refused` while it is still
-    /// unanswered; after an answer the reset closes it (`Closed`).
+    /// unanswered; after an answer, or on a flow first seen mid-stream, the reset closes it
+    /// (`Closed`).
     ///
     /// # Panics
     /// When the flow is not in the table.
@@ -257,7 +260,8 @@ impl FakeDatapath {
         let now = state.now.mono_ns;
         let entry = state.entry_mut(key);
         entry.last_seen_ns = now;
-        let kind = if entry.status() == Some(FlowStatus::New) {
+        // A reset of a flow first seen mid-stream closes it, as in the kernel.
+        let kind = if entry.status() == Some(FlowStatus::New) && entry.mid_stream == 0 {
             entry.status = FlowStatus::Refused as u8;
             EventKind::Refused
         } else {
@@ -468,6 +472,14 @@ impl FlowSource for FakeDatapath {
 
     fn remove(&mut self, key: &FlowKey) -> Result<(), FakeError> {
         self.check("delete")?.take(key);
+        Ok(())
+    }
+
+    fn mark_reported(&mut self, key: &FlowKey) -> Result<(), FakeError> {
+        let mut state = self.check("mark reported")?;
+        if let Some(&i) = state.index.get(key) {
+            state.table[i].1.reported = 1;
+        }
         Ok(())
     }
 

@@ -14,8 +14,14 @@
 //!   only starts a linger period, after which the walk deletes its table entry. Entries idle
 //!   for longer than the idle timeout are deleted too, so the LRU table holds live flows. A flow
 //!   that resumes after its entry was deleted (or evicted by the LRU) comes back marked
-//!   mid-stream: while the tracker still remembers it, that is recognised as the same flow and not
-//!   reported again; after that it is reported again, with `mid_stream` set.
+//!   mid-stream (TCP) or as a new conversation on the same 5-tuple (UDP and the rest): while the
+//!   tracker still remembers it ([`tracker::GONE_CAPACITY`] such flows), that is recognised as
+//!   the same flow and not reported again; after that it is reported again, with `mid_stream`
+//!   set for TCP, and the audit orients it by evidence.
+//! - Every decided flow's table entry gets the reported mark ([`FlowSource::mark_reported`])
+//!   before its record is handed out: with the tables pinned, the next agent adopts the entries
+//!   and counts only the unmarked ones. Entries the tracker knew that a walk no longer finds were
+//!   evicted by the LRU; they are counted ([`tracker::Evictions`]).
 
 pub mod fake;
 pub mod source;

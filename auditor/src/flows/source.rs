@@ -53,6 +53,14 @@ pub trait FlowSource {
     /// When the deletion fails for another reason.
     fn remove(&mut self, key: &FlowKey) -> Result<(), Self::Error>;
 
+    /// Sets the flow's [`FlowState::reported`] mark: it was counted, so whoever adopts the table
+    /// after this agent (a restart with pinned tables) must not count it again. A missing key
+    /// is fine.
+    ///
+    /// # Errors
+    /// When the write fails for another reason.
+    fn mark_reported(&mut self, key: &FlowKey) -> Result<(), Self::Error>;
+
     /// The name of an attached interface.
     fn interface_name(&self, ifindex: u32) -> Option<&str>;
 
@@ -98,6 +106,10 @@ impl FlowSource for DatapathManager {
 
     fn remove(&mut self, key: &FlowKey) -> Result<(), ManagerError> {
         Self::remove(self, key)
+    }
+
+    fn mark_reported(&mut self, key: &FlowKey) -> Result<(), ManagerError> {
+        Self::mark_reported(self, key)
     }
 
     fn interface_name(&self, ifindex: u32) -> Option<&str> {

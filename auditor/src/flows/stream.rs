@@ -8,7 +8,7 @@ use auditor_ebpf::flow::{EventKind, FlowKey};
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
 
-use super::{FlowRecord, FlowSource, FlowTracker, FlowsConfig, Now};
+use super::{FlowRecord, FlowSource, FlowTracker, FlowsConfig, Now, tracker::Evictions};
 use crate::datapath::manager::{DatapathHealth, DatapathManager};
 
 /// How often pending flows are checked against their answer deadline: the precision of
@@ -123,6 +123,12 @@ impl<S: FlowSource> FlowStream<S> {
         self.tracker.pending()
     }
 
+    /// Flow-table evictions noticed so far (see [`FlowTracker::end_walk`]).
+    #[must_use]
+    pub const fn evictions(&self) -> Evictions {
+        self.tracker.evictions()
+    }
+
     /// The datapath under the stream.
     #[must_use]
     pub const fn source(&self) -> &S {
@@ -212,13 +218,23 @@ fn tick<S: FlowSource>(
             .mono_ns
             .saturating_add(u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX));
     }
+    mark(source, tracker)
+}
+
+/// Sets the reported mark of the flows decided since the last call, before their records are
+/// handed out (so an agent killed in between undercounts one flow rather than double counting
+/// it after a restart).
+fn mark<S: FlowSource>(source: &mut S, tracker: &mut FlowTracker) -> Result<(), S::Error> {
+    for key in tracker.take_marks() {
+        source.mark_reported(&key)?;
+    }
     Ok(())
 }
 
 /// Feeds events to the tracker; New carries no counters worth a system call, the others decide
 /// the flow and read its entry.
 fn on_events<S: FlowSource>(
-    source: &S,
+    source: &mut S,
     tracker: &mut FlowTracker,
     ready: &mut VecDeque<FlowRecord>,
     events: &[auditor_ebpf::flow::FlowEvent],
@@ -233,7 +249,7 @@ fn on_events<S: FlowSource>(
             push(source, ready, record);
         }
     }
-    Ok(())
+    mark(source, tracker)
 }
 
 /// Walks the flow table through the tracker: adopts and decides flows whose events were lost,

@@ -60,9 +60,12 @@ pub struct WalkVerdict {
 }
 
 /// A flow whose outcome is known: all the tracker keeps of it until its table entry goes,
-/// in 8 bytes (with its key's hash, 16 per flow).
+/// in 12 bytes (with its key's hash, 24 per flow).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Settled {
+    /// Its first packet, in [`Ticks`]: a `New` event of this time or earlier is this flow's own,
+    /// read after a table walk had already adopted and decided it, not a new use of the key.
+    first_seen: Ticks,
     /// Its last packet, in [`Ticks`].
     last_seen: Ticks,
     /// Walk generation that last saw the entry in the table (wrapping: only entries seen by
@@ -115,6 +118,61 @@ struct Tracked {
     mid_stream: bool,
     packets: [u64; 2],
     bytes: [u64; 2],
+    /// Walk generation current when it became pending, and the last walk that saw its entry: a
+    /// walk that started after it became pending and did not see it means the LRU evicted it.
+    walk_born: u16,
+    seen_in_walk: u16,
+    /// Its eviction was counted.
+    evicted: bool,
+}
+
+/// How many counted flows whose table entries went (idle expiry, eviction) are remembered, so
+/// that the connection resuming later is not counted again: about 28 bytes each.
+pub const GONE_CAPACITY: usize = 32_768;
+
+/// Flows evicted from the flow table by the kernel's LRU (it does so silently; the tracker
+/// notices entries it knew that vanished without having been deleted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evictions {
+    /// Flows already decided (and counted): only their later counters and close are lost.
+    pub decided: u64,
+    /// Flows still waiting for their answer: their outcome is a guess (`unanswered` unless an
+    /// event says otherwise).
+    pub undecided: u64,
+}
+
+/// Key hashes of counted flows whose entries went, oldest first, bounded.
+#[derive(Debug, Default)]
+struct Gone {
+    /// Hash -> sequence number of its entry in `order` (only that one's expiry forgets it).
+    by_hash: HashMap<u64, u32, rustc_hash::FxBuildHasher>,
+    order: VecDeque<(u32, u64)>,
+    next_seq: u32,
+}
+
+impl Gone {
+    fn remember(&mut self, hash: u64) {
+        while self.order.len() >= GONE_CAPACITY {
+            if let Some((seq, old)) = self.order.pop_front()
+                && self.by_hash.get(&old) == Some(&seq)
+            {
+                self.by_hash.remove(&old);
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.by_hash.insert(hash, seq);
+        self.order.push_back((seq, hash));
+    }
+
+    /// Whether the flow was remembered; it is forgotten here (it is back in the table).
+    fn take(&mut self, hash: u64) -> bool {
+        self.by_hash.remove(&hash).is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.by_hash.len()
+    }
 }
 
 /// Decides each flow's outcome once. See the [module docs](super) for the life of a flow.
@@ -136,6 +194,12 @@ pub struct FlowTracker {
     /// Entries of flows decided since are skipped when they come up.
     deadlines: VecDeque<(u64, FlowKey)>,
     walk: u16,
+    /// Counted flows whose entries went, for recognising their resumption.
+    gone: Gone,
+    /// Flows decided since the last [`FlowTracker::take_marks`], whose table entries get the
+    /// reported mark.
+    marks: Vec<FlowKey>,
+    evictions: Evictions,
 }
 
 impl FlowTracker {
@@ -148,6 +212,52 @@ impl FlowTracker {
             hasher: foldhash::fast::RandomState::default(),
             deadlines: VecDeque::new(),
             walk: 0,
+            gone: Gone::default(),
+            marks: Vec::new(),
+            evictions: Evictions::default(),
+        }
+    }
+
+    /// Keys of the flows decided since the last call: set their entries' reported mark (see
+    /// [`FlowState::reported`]) before their records are counted.
+    pub fn take_marks(&mut self) -> Vec<FlowKey> {
+        std::mem::take(&mut self.marks)
+    }
+
+    /// Evictions noticed so far.
+    #[must_use]
+    pub const fn evictions(&self) -> Evictions {
+        self.evictions
+    }
+
+    /// Counted flows remembered after their entries went.
+    #[must_use]
+    pub fn remembered_gone(&self) -> usize {
+        self.gone.len()
+    }
+
+    /// Records a decided flow that is not counted here (a predecessor counted it, or it resumes
+    /// one counted before): it is tracked until its entry goes, and its entry marked unless it
+    /// already is (`marked`).
+    fn settle_silently(
+        &mut self,
+        key: FlowKey,
+        hash: u64,
+        (first_seen_ns, last_seen_ns): (u64, u64),
+        marked: bool,
+    ) {
+        self.pending.remove(&key);
+        self.settled.insert(
+            hash,
+            Settled {
+                first_seen: Ticks::of(first_seen_ns),
+                last_seen: Ticks::of(last_seen_ns),
+                seen_in_walk: self.walk,
+                finished: false,
+            },
+        );
+        if !marked {
+            self.marks.push(key);
         }
     }
 
@@ -206,14 +316,32 @@ impl FlowTracker {
             mid_stream: mid_stream != 0,
             packets: [0; 2],
             bytes: [0; 2],
+            walk_born: self.walk,
+            seen_in_walk: self.walk,
+            evicted: false,
         };
         if kind == EventKind::New {
             // The same flow seen on a second CPU or interface in the same instant.
             if self.pending.contains_key(&key) {
                 return None;
             }
-            // A flow we already reported, resuming after its entry was deleted or evicted.
-            if mid_stream != 0 && self.settled.get(&hash).is_some_and(|s| !s.finished) {
+            if let Some(settled) = self.settled.get(&hash) {
+                // This flow's own `New`, read after a table walk adopted and decided it (the ring
+                // buffer lagging the walk): not a second flow.
+                if Ticks::of(ts_ns).since(settled.first_seen) <= 0 {
+                    return None;
+                }
+                // A flow we already reported, resuming after its entry was deleted or evicted.
+                if mid_stream != 0 && !settled.finished {
+                    return None;
+                }
+            }
+            // A counted flow resuming after its entry went (idle expiry, eviction): TCP says so
+            // (not an opening packet); other protocols have no opening to tell, and the same
+            // 5-tuple again is the same conversation.
+            let resumable = mid_stream != 0 || key.proto != auditor_ebpf::flow::proto::TCP;
+            if resumable && self.gone.take(hash) {
+                self.settle_silently(key, hash, (ts_ns, ts_ns), false);
                 return None;
             }
             self.settled.remove(&hash);
@@ -243,6 +371,12 @@ impl FlowTracker {
             settled.finished |= finished;
             return None;
         }
+        // A flow a predecessor counted (adopted with the pinned table): tracked, not counted.
+        if let Some(state) = state.filter(|s| s.reported != 0) {
+            let times = (state.first_seen_ns, state.last_seen_ns.max(ts_ns));
+            self.settle_silently(key, hash, times, true);
+            return None;
+        }
         // An answer, refusal or close whose `New` we never saw (lost event, or started before us).
         let mut tracked = self.pending.remove(&key).unwrap_or_else(fresh);
         if let Some(state) = state {
@@ -254,7 +388,9 @@ impl FlowTracker {
             EventKind::Answered => Outcome::Established,
             EventKind::Refused => Outcome::Refused,
             EventKind::Closed => {
-                if state.is_some_and(|s| s.answered != 0) {
+                // A flow first seen mid-stream was established before we saw it, whatever
+                // closed it (a RST on it is no refusal).
+                if state.is_some_and(|s| s.answered != 0) || mid_stream != 0 {
                     Outcome::Established
                 } else {
                     // The initiator reset or finished before any answer: it gave up.
@@ -302,13 +438,17 @@ impl FlowTracker {
         now: &Now,
     ) -> Option<FlowRecord> {
         let mut tracked = self.pending.remove(key)?;
+        let hash = self.hash(key);
+        if let Some(s) = state.filter(|s| s.reported != 0) {
+            self.settle_silently(*key, hash, (s.first_seen_ns, s.last_seen_ns), true);
+            return None;
+        }
         let outcome = state.map_or(Outcome::Unanswered, |s| {
             refresh(&mut tracked, s);
             outcome_of(s).unwrap_or(Outcome::Unanswered)
         });
         let finished = state
             .is_some_and(|s| matches!(s.status(), Some(FlowStatus::Closed | FlowStatus::Refused)));
-        let hash = self.hash(key);
         self.settle(*key, hash, &tracked, outcome, finished, now)
     }
 
@@ -328,7 +468,11 @@ impl FlowTracker {
         );
         let hash = self.hash(key);
         let mut record = None;
-        if !self.settled.contains_key(&hash) {
+        if !self.settled.contains_key(&hash) && state.reported != 0 {
+            // Counted by a predecessor (the table is pinned and was adopted): tracked only.
+            let times = (state.first_seen_ns, state.last_seen_ns);
+            self.settle_silently(*key, hash, times, true);
+        } else if !self.settled.contains_key(&hash) {
             let Some(initiator) = state.initiator() else {
                 return WalkVerdict {
                     record: None,
@@ -348,6 +492,9 @@ impl FlowTracker {
                         mid_stream: state.mid_stream != 0,
                         packets: state.packets,
                         bytes: state.bytes,
+                        walk_born: walk,
+                        seen_in_walk: walk,
+                        evicted: false,
                     });
                     if outcome.is_none() {
                         expect_answer(
@@ -361,6 +508,7 @@ impl FlowTracker {
                 }
             };
             refresh(tracked, state);
+            tracked.seen_in_walk = walk;
             let Some(outcome) = outcome else {
                 return WalkVerdict {
                     record: None,
@@ -387,16 +535,47 @@ impl FlowTracker {
         };
         let remove = Ticks::of(now.mono_ns).passed(settled.last_seen, linger);
         if remove {
+            let finished = settled.finished;
             self.settled.remove(&hash);
+            // Idle, not closed: the connection may resume, and is then the same flow.
+            if !finished {
+                self.gone.remember(hash);
+            }
         }
         WalkVerdict { record, remove }
     }
 
-    /// Forgets decided flows the walk did not find (the LRU evicted them). Pending ones stay until
-    /// their timeout resolves them.
+    /// Forgets decided flows the walk did not find (the LRU evicted them: nothing else deletes
+    /// entries but the walk itself) and remembers them as gone, so their resumption is not
+    /// counted again; counts them and the pending flows the walk should have found as evicted.
+    /// Pending ones stay until their timeout resolves them.
     pub fn end_walk(&mut self) {
         let walk = self.walk;
-        self.settled.retain(|_, s| s.seen_in_walk == walk);
+        let gone = &mut self.gone;
+        let mut decided = 0;
+        self.settled.retain(|hash, s| {
+            let kept = s.seen_in_walk == walk;
+            if !kept {
+                decided += 1;
+                if !s.finished {
+                    gone.remember(*hash);
+                }
+            }
+            kept
+        });
+        let mut undecided = 0;
+        for tracked in self.pending.values_mut() {
+            // Pending before this walk began, so its entry existed all through the walk.
+            if tracked.walk_born != walk && tracked.seen_in_walk != walk && !tracked.evicted {
+                tracked.evicted = true;
+                undecided += 1;
+            }
+        }
+        self.evictions.decided += decided;
+        self.evictions.undecided += undecided;
+        if decided + undecided > 0 {
+            tracing::debug!(decided, undecided, "flows evicted from the flow table");
+        }
         shrink_map(&mut self.settled);
     }
 
@@ -413,11 +592,13 @@ impl FlowTracker {
         self.settled.insert(
             hash,
             Settled {
+                first_seen: Ticks::of(tracked.first_seen_ns),
                 last_seen: Ticks::of(tracked.last_seen_ns),
                 seen_in_walk: self.walk,
                 finished,
             },
         );
+        self.marks.push(key);
         record(key, tracked, outcome, now)
     }
 }
@@ -459,7 +640,9 @@ fn outcome_of(state: &FlowState) -> Option<Outcome> {
         FlowStatus::New => None,
         FlowStatus::Answered => Some(Outcome::Established),
         FlowStatus::Refused => Some(Outcome::Refused),
-        FlowStatus::Closed if state.answered != 0 => Some(Outcome::Established),
+        FlowStatus::Closed if state.answered != 0 || state.mid_stream != 0 => {
+            Some(Outcome::Established)
+        }
         FlowStatus::Closed => Some(Outcome::Unanswered),
     }
 }
@@ -562,6 +745,8 @@ mod tests {
             answered: u8::from(answered),
             _pad: 0,
             tick: 0,
+            reported: 0,
+            _reserved: [0; 7],
         }
     }
 
@@ -723,6 +908,201 @@ mod tests {
             .on_event(&event(proto::TCP, EventKind::Answered, 12), None, &now(12))
             .unwrap();
         assert_eq!(r.first_seen, now(12).wall);
+    }
+
+    /// The ring buffer lags the table walk (a slow or busy CPU): the walk adopts and decides the
+    /// flow first, then its own `New` and `Answered` events arrive. One record, not two.
+    #[test]
+    fn a_walk_ahead_of_the_events_does_not_count_the_flow_twice() {
+        let mut t = tracker();
+        let (k, _) = key(proto::TCP);
+        let answered = state(proto::TCP, FlowStatus::Answered, true, 0, 0);
+        t.begin_walk();
+        let v = t.on_table_entry(&k, &answered, &now(1));
+        assert_eq!(v.record.map(|r| r.outcome), Some(Outcome::Established));
+        t.end_walk();
+        assert_eq!(
+            t.take_marks(),
+            vec![k],
+            "the decided flow's entry is marked"
+        );
+        assert!(
+            t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(1))
+                .is_none()
+        );
+        assert!(
+            t.on_event(
+                &event(proto::TCP, EventKind::Answered, 0),
+                Some(&answered),
+                &now(1)
+            )
+            .is_none(),
+            "counted twice"
+        );
+        assert_eq!(t.pending(), 0);
+        // A later connection reusing the key (after a close) is a new flow still.
+        t.on_event(&event(proto::TCP, EventKind::Closed, 2), None, &now(2));
+        t.on_event(&event(proto::TCP, EventKind::New, 3), None, &now(3));
+        assert!(
+            t.on_event(&event(proto::TCP, EventKind::Answered, 3), None, &now(3))
+                .is_some()
+        );
+    }
+
+    /// After a restart the pinned table is adopted: flows the predecessor counted (marked
+    /// reported) are tracked without a record, whatever reaches us first; unmarked ones are
+    /// counted, with the initiator the table recorded.
+    #[test]
+    fn flows_a_predecessor_counted_are_not_counted_again() {
+        let mut t = tracker();
+        let (tcp_key, _) = key(proto::TCP);
+        let mut counted = state(proto::TCP, FlowStatus::Answered, true, 0, 5);
+        counted.reported = 1;
+        t.begin_walk();
+        let verdict = t.on_table_entry(&tcp_key, &counted, &now(6));
+        assert!(verdict.record.is_none() && !verdict.remove);
+        t.end_walk();
+        assert_eq!(t.len(), 1);
+        assert!(t.take_marks().is_empty(), "its entry is marked already");
+        // Its close later is no record either.
+        assert!(
+            t.on_event(
+                &event(proto::TCP, EventKind::Closed, 7),
+                Some(&counted),
+                &now(7)
+            )
+            .is_none()
+        );
+        // An event before any walk, for a counted flow: no record.
+        let mut t = tracker();
+        let (udp_key, _) = key(proto::UDP);
+        let mut udp = state(proto::UDP, FlowStatus::Closed, true, 0, 5);
+        udp.reported = 1;
+        assert!(
+            t.on_event(
+                &event(proto::UDP, EventKind::Closed, 6),
+                Some(&udp),
+                &now(6)
+            )
+            .is_none()
+        );
+        // An unmarked entry (decided while no agent ran) is counted, once.
+        let mut t = tracker();
+        t.begin_walk();
+        let fresh = state(proto::UDP, FlowStatus::Answered, true, 0, 5);
+        let r = t.on_table_entry(&udp_key, &fresh, &now(6)).record;
+        assert_eq!(
+            r.map(|r| (r.initiator, r.outcome)),
+            Some((SocketAddr::from(client()), Outcome::Established))
+        );
+        assert!(t.on_table_entry(&udp_key, &fresh, &now(7)).record.is_none());
+    }
+
+    /// A connection idle past the idle timeout leaves the table; when it resumes (the server
+    /// speaking first, so mid-stream), it is the same flow: not counted again. A UDP one too.
+    #[test]
+    fn a_connection_resuming_after_idle_expiry_is_not_counted_again() {
+        for p in [proto::TCP, proto::UDP] {
+            let mut t = tracker();
+            let (k, initiator) = key(p);
+            t.on_event(&event(p, EventKind::New, 0), None, &now(0));
+            assert!(
+                t.on_event(&event(p, EventKind::Answered, 0), None, &now(0))
+                    .is_some()
+            );
+            t.begin_walk();
+            let idle = state(p, FlowStatus::Answered, true, 0, 0);
+            assert!(t.on_table_entry(&k, &idle, &now(301)).remove);
+            t.end_walk();
+            assert!(t.is_empty());
+            assert_eq!(t.remembered_gone(), 1);
+            // The server speaks first: the kernel takes it for the initiator.
+            let server_side = match initiator {
+                Side::Lo => Side::Hi,
+                Side::Hi => Side::Lo,
+            };
+            let mut resumed = event(p, EventKind::New, 400);
+            resumed.initiator = server_side as u8;
+            resumed.mid_stream = u8::from(p == proto::TCP);
+            assert!(t.on_event(&resumed, None, &now(400)).is_none());
+            assert_eq!(t.pending(), 0, "{p}: waiting to count it again");
+            assert!(
+                t.on_event(&event(p, EventKind::Answered, 400), None, &now(400))
+                    .is_none(),
+                "{p}: counted again"
+            );
+            assert_eq!(t.take_marks().len(), 2, "{p}: both uses marked");
+            assert_eq!(
+                t.evictions(),
+                Evictions::default(),
+                "{p}: expiry is no eviction"
+            );
+        }
+    }
+
+    /// Entries the tracker knew that a walk no longer finds were evicted: counted by whether
+    /// their outcome was decided, and a decided one resuming is not counted again.
+    #[test]
+    fn evictions_are_counted_by_decision() {
+        let mut t = tracker();
+        t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
+        t.on_event(&event(proto::TCP, EventKind::Answered, 0), None, &now(0))
+            .unwrap();
+        t.on_event(&event(proto::UDP, EventKind::New, 0), None, &now(0));
+        // A walk that sees neither.
+        t.begin_walk();
+        t.end_walk();
+        assert_eq!(
+            t.evictions(),
+            Evictions {
+                decided: 1,
+                undecided: 1
+            }
+        );
+        // Counted once: the next walk adds nothing.
+        t.begin_walk();
+        t.end_walk();
+        assert_eq!(t.evictions().undecided, 1);
+        // A flow the walk itself adopted is not evicted by it.
+        let mut t = tracker();
+        t.begin_walk();
+        let (k, _) = key(proto::UDP);
+        t.on_table_entry(
+            &k,
+            &state(proto::UDP, FlowStatus::New, false, 0, 0),
+            &now(0),
+        );
+        t.end_walk();
+        assert_eq!(t.evictions(), Evictions::default());
+        let mut resumed = event(proto::TCP, EventKind::New, 10);
+        resumed.mid_stream = 1;
+        let mut t2 = tracker();
+        t2.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
+        t2.on_event(&event(proto::TCP, EventKind::Answered, 0), None, &now(0));
+        t2.begin_walk();
+        t2.end_walk();
+        assert!(t2.on_event(&resumed, None, &now(10)).is_none());
+        assert_eq!(
+            t2.pending(),
+            0,
+            "an evicted, counted flow resuming is not counted again"
+        );
+    }
+
+    /// A flow first seen mid-stream and closed (a RST on it) was established before we saw it.
+    #[test]
+    fn a_mid_stream_flow_closed_is_established() {
+        let mut t = tracker();
+        let mut new = event(proto::TCP, EventKind::New, 0);
+        new.mid_stream = 1;
+        t.on_event(&new, None, &now(0));
+        let mut closed = event(proto::TCP, EventKind::Closed, 1);
+        closed.mid_stream = 1;
+        let mut s = state(proto::TCP, FlowStatus::Closed, false, 0, 1);
+        s.mid_stream = 1;
+        let r = t.on_event(&closed, Some(&s), &now(1)).unwrap();
+        assert_eq!((r.outcome, r.mid_stream), (Outcome::Established, true));
+        assert_eq!(outcome_of(&s), Some(Outcome::Established));
     }
 
     #[test]

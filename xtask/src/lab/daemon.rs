@@ -176,6 +176,9 @@ impl Daemon {
             metrics.to_string(),
             "--answer-timeout".to_owned(),
             answer_timeout.to_owned(),
+            // The lab never restarts its agent: no pinned tables to leave behind.
+            "--pin-dir".to_owned(),
+            "none".to_owned(),
             // Every pod of the snapshot is scheduled on this node, so this agent counts them all.
             "--node".to_owned(),
             super::cluster::NODE_NAME.to_owned(),

@@ -12,7 +12,9 @@
 //!   series per rule of every loaded policy from the moment it is loaded, at zero until used;
 //! - one unit per metric for what the datapath could not pass on: `lost_events_total{source=
 //!   ring_buffer}` (events), `flow_table_insert_failures_total` (packets whose flow the table
-//!   could not take), `sampled_out_packets_total` (packets skipped on purpose);
+//!   could not take), `sampled_out_packets_total` (packets skipped on purpose),
+//!   `flow_table_evictions_total{decided=true|false}` (flows the kernel's LRU evicted, before or
+//!   after their outcome was decided);
 //! - `flow_table_entries`, `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`,
 //!   `policies{kind}`,
 //!   `policy_errors`, `model_generation`, `model_last_update_timestamp_seconds`,
@@ -132,6 +134,11 @@ const INSERT_FAILURES: Family = counter(
     "Packets that would have started a flow the kernel flow table could not take; their flows \
      are not tracked.",
 );
+const EVICTIONS: Family = counter(
+    "flow_auditor_flow_table_evictions",
+    "Flows the kernel flow table evicted to make room (LRU), by whether their outcome was \
+     already decided; an undecided one is counted unanswered unless an event says otherwise.",
+);
 const SAMPLED_OUT: Family = counter(
     "flow_auditor_sampled_out_packets",
     "Packets of established flows skipped by sampling: in no flow's packet and byte counts, \
@@ -201,6 +208,8 @@ pub struct Metrics {
     rule_series: Mutex<Series<RuleLabels>>,
     lost: [AtomicU64; LostSource::ALL.len()],
     insert_failures: AtomicU64,
+    /// Evictions of flows `[decided, undecided]`.
+    evictions: [AtomicU64; 2],
     sampled_out: AtomicU64,
     flow_table_entries: AtomicI64,
     flow_table_capacity: AtomicI64,
@@ -238,6 +247,7 @@ impl Metrics {
             rule_series: Mutex::new(Series::default()),
             lost: Default::default(),
             insert_failures: AtomicU64::new(0),
+            evictions: Default::default(),
             sampled_out: AtomicU64::new(0),
             flow_table_entries: AtomicI64::new(0),
             flow_table_capacity: AtomicI64::new(0),
@@ -371,6 +381,13 @@ impl Metrics {
         self.insert_failures.fetch_max(total, Ordering::Relaxed);
     }
 
+    /// Brings the flow-table eviction counters up to the flow stream's totals (as
+    /// [`Metrics::set_lost_events`]).
+    pub fn set_flow_table_evictions(&self, decided: u64, undecided: u64) {
+        self.evictions[0].fetch_max(decided, Ordering::Relaxed);
+        self.evictions[1].fetch_max(undecided, Ordering::Relaxed);
+    }
+
     /// Brings the packets skipped by sampling up to the datapath's total (as
     /// [`Metrics::set_lost_events`]).
     pub fn set_sampled_out_packets(&self, total: u64) {
@@ -454,6 +471,11 @@ impl Metrics {
         sink.family(&INSERT_FAILURES);
         let failures = self.insert_failures.load(Ordering::Relaxed);
         sink.sample(&[], Value::Count(failures));
+        sink.family(&EVICTIONS);
+        for (decided, counter) in ["true", "false"].into_iter().zip(&self.evictions) {
+            let count = Value::Count(counter.load(Ordering::Relaxed));
+            sink.sample(&[("decided", decided)], count);
+        }
         sink.family(&SAMPLED_OUT);
         sink.sample(&[], Value::Count(self.sampled_out.load(Ordering::Relaxed)));
         sink.family(&FLOW_TABLE_ENTRIES);
