@@ -12,7 +12,9 @@
 //!   series per rule of every loaded policy from the moment it is loaded, at zero until used;
 //! - one unit per metric for what the datapath could not pass on: `lost_events_total{source=
 //!   ring_buffer}` (events), `flow_table_insert_failures_total` (packets whose flow the table
-//!   could not take), `sampled_out_packets_total` (packets skipped on purpose);
+//!   could not take), `sampled_out_packets_total` (packets skipped on purpose),
+//!   `encapsulated_packets_total` (tunnels' outer packets on the uplinks, not flows) and
+//!   `duplicate_packets_total` (packets a second hook on the node saw, counted once);
 //! - `flow_table_entries`, `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`,
 //!   `policies{kind}`,
 //!   `policy_errors`, `model_generation`, `model_last_update_timestamp_seconds`,
@@ -137,6 +139,16 @@ const SAMPLED_OUT: Family = counter(
     "Packets of established flows skipped by sampling: in no flow's packet and byte counts, \
      by design.",
 );
+const ENCAPSULATED: Family = counter(
+    "flow_auditor_encapsulated_packets",
+    "Outer packets of VXLAN, Geneve and WireGuard seen on the uplinks: their inner packets are \
+     the flows, seen on the tunnel device.",
+);
+const DUPLICATES: Family = counter(
+    "flow_auditor_duplicate_packets",
+    "Packets seen by a second hook on this node (an uplink, then a pod interface; two pod \
+     interfaces): counted in their flow once, by the first.",
+);
 const FLOW_TABLE_ENTRIES: Family = gauge(
     "flow_auditor_flow_table_entries",
     "Entries in the kernel flow table.",
@@ -202,6 +214,8 @@ pub struct Metrics {
     lost: [AtomicU64; LostSource::ALL.len()],
     insert_failures: AtomicU64,
     sampled_out: AtomicU64,
+    encapsulated: AtomicU64,
+    duplicates: AtomicU64,
     flow_table_entries: AtomicI64,
     flow_table_capacity: AtomicI64,
     attached: [AtomicI64; HookMode::ALL.len()],
@@ -239,6 +253,8 @@ impl Metrics {
             lost: Default::default(),
             insert_failures: AtomicU64::new(0),
             sampled_out: AtomicU64::new(0),
+            encapsulated: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             flow_table_entries: AtomicI64::new(0),
             flow_table_capacity: AtomicI64::new(0),
             attached: Default::default(),
@@ -377,6 +393,13 @@ impl Metrics {
         self.sampled_out.fetch_max(total, Ordering::Relaxed);
     }
 
+    /// Brings the uplinks' encapsulation packets and the packets seen twice on the node up to
+    /// the datapath's totals (as [`Metrics::set_lost_events`]).
+    pub fn set_not_flow_packets(&self, encapsulated: u64, duplicates: u64) {
+        self.encapsulated.fetch_max(encapsulated, Ordering::Relaxed);
+        self.duplicates.fetch_max(duplicates, Ordering::Relaxed);
+    }
+
     pub fn set_flow_table(&self, entries: u64, capacity: u64) {
         self.flow_table_entries
             .store(saturating_i64(entries), Ordering::Relaxed);
@@ -456,6 +479,10 @@ impl Metrics {
         sink.sample(&[], Value::Count(failures));
         sink.family(&SAMPLED_OUT);
         sink.sample(&[], Value::Count(self.sampled_out.load(Ordering::Relaxed)));
+        sink.family(&ENCAPSULATED);
+        sink.sample(&[], Value::Count(self.encapsulated.load(Ordering::Relaxed)));
+        sink.family(&DUPLICATES);
+        sink.sample(&[], Value::Count(self.duplicates.load(Ordering::Relaxed)));
         sink.family(&FLOW_TABLE_ENTRIES);
         sink.sample(&[], relaxed(&self.flow_table_entries));
         sink.family(&FLOW_TABLE_CAPACITY);
