@@ -504,10 +504,7 @@ fn publish_health<S: FlowSource>(stream: &FlowStream<S>, metrics: &Metrics) {
     );
     metrics.set_flow_table_insert_failures(health.inserts_failed);
     metrics.set_sampled_out_packets(counter(Counter::SampledOut));
-    metrics.set_not_flow_packets(
-        counter(Counter::Encapsulated),
-        counter(Counter::Duplicate),
-    );
+    metrics.set_not_flow_packets(counter(Counter::Encapsulated), counter(Counter::Duplicate));
 }
 
 /// The local node when the inventory knows it; otherwise every flow seen is counted (a machine

@@ -453,7 +453,12 @@ impl Attacher {
         };
         match result {
             Ok(attachment) => {
-                tracing::debug!(interface = %link.name, ifindex = link.ifindex, mode = %attachment.mode, role = ?role, "attached");
+                if role == Role::Uplink {
+                    // Few, and what decides whether a CNI's redirected packets are seen.
+                    tracing::info!(interface = %link.name, ifindex = link.ifindex, mode = %attachment.mode, "uplink attached");
+                } else {
+                    tracing::debug!(interface = %link.name, ifindex = link.ifindex, mode = %attachment.mode, "attached");
+                }
                 self.attached.insert(link.ifindex, attachment);
                 Ok(Attached::Yes)
             }
