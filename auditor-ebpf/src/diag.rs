@@ -52,7 +52,7 @@ pub fn unreadable(skb: *const __sk_buff, hook: Hook, outcome: Counter) {
         ifindex,
     } = Packet::of(skb);
     match (outcome, hook) {
-        (Counter::Truncated, Hook::Ingress) => warn!(
+        (Counter::Truncated, Hook::Ingress | Hook::UplinkIngress) => warn!(
             skb,
             target: KERNEL_LOG_TARGET,
             "headers cut short (counted as truncated): ingress, ifindex {}, EtherType 0x{:x}, {} bytes, {} linear",
@@ -61,7 +61,7 @@ pub fn unreadable(skb: *const __sk_buff, hook: Hook, outcome: Counter) {
             len,
             linear
         ),
-        (Counter::Truncated, Hook::Egress) => warn!(
+        (Counter::Truncated, Hook::Egress | Hook::UplinkEgress) => warn!(
             skb,
             target: KERNEL_LOG_TARGET,
             "headers cut short (counted as truncated): egress, ifindex {}, EtherType 0x{:x}, {} bytes, {} linear",
@@ -70,7 +70,7 @@ pub fn unreadable(skb: *const __sk_buff, hook: Hook, outcome: Counter) {
             len,
             linear
         ),
-        (Counter::Malformed, Hook::Ingress) => warn!(
+        (Counter::Malformed, Hook::Ingress | Hook::UplinkIngress) => warn!(
             skb,
             target: KERNEL_LOG_TARGET,
             "invalid headers (counted as malformed): ingress, ifindex {}, EtherType 0x{:x}, {} bytes, {} linear",
@@ -79,7 +79,7 @@ pub fn unreadable(skb: *const __sk_buff, hook: Hook, outcome: Counter) {
             len,
             linear
         ),
-        (Counter::Malformed, Hook::Egress) => warn!(
+        (Counter::Malformed, Hook::Egress | Hook::UplinkEgress) => warn!(
             skb,
             target: KERNEL_LOG_TARGET,
             "invalid headers (counted as malformed): egress, ifindex {}, EtherType 0x{:x}, {} bytes, {} linear",
@@ -100,7 +100,7 @@ pub fn insert_failed(skb: *const __sk_buff, hook: Hook, proto: u8, errno: i32) {
     let Packet { ifindex, .. } = Packet::of(skb);
     let errno = errno.unsigned_abs();
     match hook {
-        Hook::Ingress => error!(
+        Hook::Ingress | Hook::UplinkIngress => error!(
             skb,
             target: KERNEL_LOG_TARGET,
             "flow table insert failed with errno {} (counted as insert_failed): ingress, ifindex {}, IP protocol {}",
@@ -108,7 +108,7 @@ pub fn insert_failed(skb: *const __sk_buff, hook: Hook, proto: u8, errno: i32) {
             ifindex,
             proto
         ),
-        Hook::Egress => error!(
+        Hook::Egress | Hook::UplinkEgress => error!(
             skb,
             target: KERNEL_LOG_TARGET,
             "flow table insert failed with errno {} (counted as insert_failed): egress, ifindex {}, IP protocol {}",
@@ -125,14 +125,14 @@ pub fn insert_failed(skb: *const __sk_buff, hook: Hook, proto: u8, errno: i32) {
 pub fn entry_vanished(skb: *const __sk_buff, hook: Hook, proto: u8) {
     let Packet { ifindex, .. } = Packet::of(skb);
     match hook {
-        Hook::Ingress => warn!(
+        Hook::Ingress | Hook::UplinkIngress => warn!(
             skb,
             target: KERNEL_LOG_TARGET,
             "flow entered by another CPU was gone at once (counted as insert_failed): ingress, ifindex {}, IP protocol {}",
             ifindex,
             proto
         ),
-        Hook::Egress => warn!(
+        Hook::Egress | Hook::UplinkEgress => warn!(
             skb,
             target: KERNEL_LOG_TARGET,
             "flow entered by another CPU was gone at once (counted as insert_failed): egress, ifindex {}, IP protocol {}",

@@ -29,6 +29,10 @@ pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const PROGRAM_INGRESS: &str = "flow_auditor_ingress";
 /// The TC program for the egress hook.
 pub const PROGRAM_EGRESS: &str = "flow_auditor_egress";
+/// The TC program for an uplink's ingress (a native or tunnel device of the node).
+pub const PROGRAM_UPLINK_INGRESS: &str = "flow_auditor_uplink_ingress";
+/// The TC program for an uplink's egress.
+pub const PROGRAM_UPLINK_EGRESS: &str = "flow_auditor_uplink_egress";
 /// A program that only returns `TC_ACT_UNSPEC`: the baseline of the datapath benchmark. Never
 /// attached.
 pub const PROGRAM_NOOP: &str = "flow_auditor_noop";
@@ -36,6 +40,14 @@ pub const PROGRAM_NOOP: &str = "flow_auditor_noop";
 /// Global (`u32`, read-only once loaded): keep one in this many packets of an answered flow that
 /// carry no state change; 0 or 1 keeps every packet. Set by the loader with `set_global`.
 pub const SAMPLE_EVERY_GLOBAL: &str = "SAMPLE_EVERY";
+
+/// Global (`u16`, read-only once loaded): the UDP port of WireGuard on this node's uplinks
+/// (Calico's default 51820, Cilium's 51871). Packets to or from it on an uplink are
+/// encapsulation, counted in [`flow::Counter::Encapsulated`]; 0 turns the check off. Set by the
+/// loader with `set_global`.
+pub const WIREGUARD_PORT_GLOBAL: &str = "WIREGUARD_PORT";
+/// Its default.
+pub const DEFAULT_WIREGUARD_PORT: u16 = 51820;
 
 /// The `target` of every log record the program writes (aya-log, on its rare paths only, and only
 /// when the loader turns logging on); user space re-emits the records as `tracing` events under

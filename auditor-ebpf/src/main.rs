@@ -56,6 +56,11 @@ mod program {
     #[unsafe(no_mangle)]
     pub static SAMPLE_EVERY: u32 = 0;
 
+    /// [`auditor_ebpf::WIREGUARD_PORT_GLOBAL`], host byte order; in `.rodata` like
+    /// [`SAMPLE_EVERY`]. Only the uplink programs read it.
+    #[unsafe(no_mangle)]
+    pub static WIREGUARD_PORT: u16 = auditor_ebpf::DEFAULT_WIREGUARD_PORT;
+
     #[classifier]
     pub fn flow_auditor_ingress(ctx: TcContext) -> i32 {
         crate::track::observe(&ctx, Hook::Ingress);
@@ -65,6 +70,20 @@ mod program {
     #[classifier]
     pub fn flow_auditor_egress(ctx: TcContext) -> i32 {
         crate::track::observe(&ctx, Hook::Egress);
+        TC_ACT_UNSPEC
+    }
+
+    /// An uplink's ingress: a program of its own so the hook kind is a constant to the
+    /// verifier and the encapsulation check exists only here, never on a pod interface.
+    #[classifier]
+    pub fn flow_auditor_uplink_ingress(ctx: TcContext) -> i32 {
+        crate::track::observe(&ctx, Hook::UplinkIngress);
+        TC_ACT_UNSPEC
+    }
+
+    #[classifier]
+    pub fn flow_auditor_uplink_egress(ctx: TcContext) -> i32 {
+        crate::track::observe(&ctx, Hook::UplinkEgress);
         TC_ACT_UNSPEC
     }
 

@@ -5,8 +5,8 @@
 use auditor_ebpf::{
     MAX_HEADER_BYTES,
     flow::{
-        Counter, EventKind, FlowEvent, FlowKey, FlowKey4, FlowState, FlowStatus, Hook, Side, proto,
-        tcp_flags,
+        Counter, ENCAPSULATION_PORTS, EventKind, FlowEvent, FlowKey, FlowKey4, FlowState,
+        FlowStatus, Hook, Side, proto, tcp_flags,
     },
 };
 use aya_ebpf::{
@@ -19,7 +19,7 @@ use aya_ebpf::{
 use crate::{
     diag,
     parse::{self, Opening, PROTO_IPV4, PROTO_IPV6, Parsed, Seen},
-    program::{COUNTERS, EVENTS, FLOWS, FLOWS4, FLOWS4_TCP, SAMPLE_EVERY},
+    program::{COUNTERS, EVENTS, FLOWS, FLOWS4, FLOWS4_TCP, SAMPLE_EVERY, WIREGUARD_PORT},
 };
 
 const EEXIST: i32 = 17;
@@ -157,6 +157,8 @@ trait TableKey {
     /// Inserts the flow into its table, unless another CPU just did (`-EEXIST`).
     fn enter(&self, state: &FlowState) -> Result<(), i32>;
     fn proto(&self) -> u8;
+    /// The port of the endpoint on `side`.
+    fn port(&self, side: Side) -> u16;
     /// The key as user space and the events know it.
     fn wide(&self) -> FlowKey;
 }
@@ -184,6 +186,14 @@ impl TableKey for FlowKey4 {
     #[inline(always)]
     fn proto(&self) -> u8 {
         self.proto
+    }
+
+    #[inline(always)]
+    fn port(&self, side: Side) -> u16 {
+        match side {
+            Side::Lo => self.lo_port,
+            Side::Hi => self.hi_port,
+        }
     }
 
     #[inline(always)]
@@ -217,6 +227,11 @@ impl TableKey for FlowKey {
     }
 
     #[inline(always)]
+    fn port(&self, side: Side) -> u16 {
+        self.endpoint(side).1
+    }
+
+    #[inline(always)]
     fn wide(&self) -> FlowKey {
         *self
     }
@@ -225,6 +240,10 @@ impl TableKey for FlowKey {
 /// Updates the packet's flow, or creates it. Inlined once per key type.
 #[inline(always)]
 fn track<K: TableKey>(seen: &Seen<K>, meta: Meta) -> Result<Counter, Counter> {
+    // A constant in each program: the pod interfaces' programs do not have this check at all.
+    if meta.hook.is_uplink() && encapsulated(seen) {
+        return Ok(Counter::Encapsulated);
+    }
     let state = match seen.key.find() {
         Some(state) => state,
         None => match create(seen, meta) {
@@ -241,6 +260,21 @@ fn track<K: TableKey>(seen: &Seen<K>, meta: Meta) -> Result<Counter, Counter> {
     };
     // SAFETY: a live value of the flow table; LRU values stay valid for this program run.
     Ok(update(unsafe { &mut *state }, seen, meta))
+}
+
+/// Whether a packet seen on an uplink is an encapsulation's outer packet: UDP to a VXLAN or
+/// Geneve port, or to or from WireGuard's. Not inlined: only the uplink programs call it.
+#[inline(never)]
+fn encapsulated<K: TableKey>(seen: &Seen<K>) -> bool {
+    if seen.key.proto() != proto::UDP {
+        return false;
+    }
+    let src = seen.key.port(seen.sender);
+    let dst = seen.key.port(other(seen.sender));
+    // SAFETY: a plain read of a global; volatile so the loader's value is read, not the default.
+    let wireguard = unsafe { core::ptr::read_volatile(&WIREGUARD_PORT) };
+    let [a, b, c] = ENCAPSULATION_PORTS;
+    dst == a || dst == b || dst == c || (wireguard != 0 && (dst == wireguard || src == wireguard))
 }
 
 /// Enters a flow the table does not have: its outcome, or `None` when another CPU entered it
@@ -280,10 +314,11 @@ fn fresh_state<K>(seen: &Seen<K>, meta: Meta) -> FlowState {
     let len = u64::from(meta.len());
     let flags = seen.tcp_flags;
     // Whole arrays rather than a store at a computed index, which compiled to byte-wise zeroing.
-    let (packets, bytes, tcp_flags) = if seen.sender == initiator {
-        ([1, 0], [len, 0], [flags, 0])
+    let owner = meta.hook.owner();
+    let (packets, bytes, tcp_flags, owners) = if seen.sender == initiator {
+        ([1, 0], [len, 0], [flags, 0], owner)
     } else {
-        ([0, 1], [0, len], [0, flags])
+        ([0, 1], [0, len], [0, flags], owner << 4)
     };
     FlowState {
         first_seen_ns: now,
@@ -297,7 +332,7 @@ fn fresh_state<K>(seen: &Seen<K>, meta: Meta) -> FlowState {
         hook: meta.hook as u8,
         mid_stream,
         answered: u8::from(status == FlowStatus::Answered),
-        _pad: 0,
+        owners,
         tick,
         reported: 0,
         _reserved: [0; 7],
@@ -311,6 +346,16 @@ fn fresh_state<K>(seen: &Seen<K>, meta: Meta) -> FlowState {
 /// [`account_sampled`].
 #[inline(always)]
 fn update<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: Meta) -> Counter {
+    // The hook that counts this direction: on the established path one byte compared with a
+    // constant of the program.
+    let shift = if seen.sender as u8 == state.initiator {
+        0
+    } else {
+        4
+    };
+    if (state.owners >> shift) & 0x0f != meta.hook.owner() && !claim(state, shift, meta.hook) {
+        return Counter::Duplicate;
+    }
     if state.status == FlowStatus::Answered as u8
         && seen.tcp_flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) == 0
     {
@@ -323,6 +368,18 @@ fn update<K: TableKey>(state: &mut FlowState, seen: &Seen<K>, meta: Meta) -> Cou
         return Counter::FlowUpdated;
     }
     transition(state, seen, meta)
+}
+
+/// A packet of a direction this hook does not own: the hook takes it if no hook has seen that
+/// direction yet (true), else the packet is the owner's, seen twice (false). Not inlined: off the
+/// established path, where the owner is the hook running.
+#[inline(never)]
+fn claim(state: &mut FlowState, shift: u8, hook: Hook) -> bool {
+    if (state.owners >> shift) & 0x0f != 0 {
+        return false;
+    }
+    state.owners |= hook.owner() << shift;
+    true
 }
 
 /// [`update`]'s steady packet with sampling on: counted if kept.

@@ -1,6 +1,9 @@
 //! Per-packet cost of the TC program, measured by the kernel with `BPF_PROG_TEST_RUN` repeat
 //! counts, side by side in one run: a do-nothing TC program, a packet of an established flow, the
-//! first packet of a new flow, and a non-IP frame. Needs root. Ends with the one summary line
+//! same at an uplink's ingress (a remote client's packet, which Cilium's host routing hands to
+//! the pod from there), that packet again at the pod interface's egress (where the kernel's
+//! routing takes it on Calico: a duplicate, not counted twice), the first packet of a new flow,
+//! and a non-IP frame. Needs root. Ends with the one summary line
 //! `cargo xtask bench datapath` reports.
 //!
 //! The repeated cases run in many short interleaved rounds and report the fastest round: on a
@@ -34,7 +37,9 @@ mod testrun;
 use std::net::Ipv4Addr;
 
 use auditor::datapath::load::DatapathConfig;
-use auditor_ebpf::{PROGRAM_INGRESS, PROGRAM_NOOP, flow::Counter};
+use auditor_ebpf::{
+    PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_NOOP, PROGRAM_UPLINK_INGRESS, flow::Counter,
+};
 use packets::{ACK, ETH_P_ARP, PSH, SYN, TCP, UDP, eth, eth_ip, ipv4, tcp, udp};
 use testrun::{Harness, PASS, run_program};
 
@@ -63,6 +68,7 @@ fn main() {
         events_bytes: 16 * 1024 * 1024,
         sample_every: 1,
         kernel_log: false,
+        ..DatapathConfig::default()
     });
 
     let client = Ipv4Addr::new(192, 0, 2, 10);
@@ -79,6 +85,22 @@ fn main() {
     for frame in [&syn, &synack] {
         expect_pass(run_program(&mut h.datapath, PROGRAM_INGRESS, frame, 1).0);
     }
+    // A flow from a remote client to a local pod: its packets arrive at the uplink's ingress.
+    let remote = Ipv4Addr::new(203, 0, 113, 30);
+    let remote_syn = eth_ip(&ipv4(remote, server, TCP, &tcp(41_000, 80, SYN, b"")));
+    let remote_synack = eth_ip(&ipv4(server, remote, TCP, &tcp(80, 41_000, SYN | ACK, b"")));
+    let remote_data = eth_ip(&ipv4(
+        remote,
+        server,
+        TCP,
+        &tcp(41_000, 80, PSH | ACK, &[0x61; 64]),
+    ));
+    for (program, frame) in [
+        (PROGRAM_UPLINK_INGRESS, &remote_syn),
+        (PROGRAM_INGRESS, &remote_synack),
+    ] {
+        expect_pass(run_program(&mut h.datapath, program, frame, 1).0);
+    }
     let arp = eth(
         ETH_P_ARP,
         &[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 192, 0, 2, 10],
@@ -87,12 +109,28 @@ fn main() {
     let mut noop = Vec::new();
     let mut established = Vec::new();
     let mut non_ip = Vec::new();
+    let mut uplink = Vec::new();
+    let mut duplicate = Vec::new();
+    let counted = h.counters();
     for _ in 0..ROUNDS {
         // Interleaved so drift (frequency, other load) hits every column alike.
         noop.push(repeated(&mut h, PROGRAM_NOOP, &data));
         established.push(repeated(&mut h, PROGRAM_INGRESS, &data));
+        uplink.push(repeated(&mut h, PROGRAM_UPLINK_INGRESS, &remote_data));
+        duplicate.push(repeated(&mut h, PROGRAM_EGRESS, &remote_data));
         non_ip.push(repeated(&mut h, PROGRAM_INGRESS, &arp));
     }
+    let delta = h.counters().since(&counted);
+    let runs = u64::from(REPEAT) * ROUNDS as u64;
+    assert_eq!(
+        (
+            delta.get(Counter::FlowUpdated),
+            delta.get(Counter::Duplicate)
+        ),
+        (2 * runs, runs),
+        "the established and uplink packets must update their flows, the pod egress copy of the \
+         uplink's packet must be a duplicate"
+    );
     let before = h.counters();
     let (new_single, noop_single) = new_flows(&mut h, client, server);
     let delta = h.counters().since(&before);
@@ -110,6 +148,8 @@ fn main() {
     let (noop, noop_median) = fastest_and_median(&mut noop);
     let (established, established_median) = fastest_and_median(&mut established);
     let (non_ip, non_ip_median) = fastest_and_median(&mut non_ip);
+    let (uplink, uplink_median) = fastest_and_median(&mut uplink);
+    let (duplicate, duplicate_median) = fastest_and_median(&mut duplicate);
     let new = noop + (new_single - noop_single).max(0.0);
     let repeated_how = |m: f64| format!("repeat {REPEAT}, fastest of {ROUNDS} (median {m:.1})");
     println!("datapath per-packet cost (BPF_PROG_TEST_RUN, kernel-timed)");
@@ -126,6 +166,8 @@ fn main() {
     );
     for (name, v, how) in [
         ("established", established, repeated_how(established_median)),
+        ("uplink", uplink, repeated_how(uplink_median)),
+        ("duplicate", duplicate, repeated_how(duplicate_median)),
         (
             "new",
             new,
@@ -138,7 +180,7 @@ fn main() {
         println!("{name:<14} {v:>10.1} {:>14.1}  {how}", v - noop);
     }
     println!(
-        "datapath ns/pkt: noop={noop:.1} established={established:.1} new={new:.1} non_ip={non_ip:.1}"
+        "datapath ns/pkt: noop={noop:.1} established={established:.1} uplink={uplink:.1} duplicate={duplicate:.1} new={new:.1} non_ip={non_ip:.1}"
     );
 }
 

@@ -37,6 +37,12 @@ pub struct Config {
     /// `/sys/fs/bpf/flow-auditor`; the tables go in a subdirectory named after their layout).
     /// `none`: not pinned (a restart forgets every flow).
     pub pin_dir: PinDir,
+    /// The node's uplinks (native and tunnel devices; `":default-route"` for the default routes'
+    /// devices), as `--uplink` takes them; `--uplink` replaces this list. Default none.
+    pub uplinks: Vec<String>,
+    /// WireGuard's UDP port on the uplinks, whose packets are encapsulation, not flows (Calico
+    /// 51820, the default; Cilium 51871). 0 turns the check off.
+    pub wireguard_port: u16,
 }
 
 /// Where the flow tables are pinned, or not at all.
@@ -105,6 +111,8 @@ impl Default for Config {
             kernel_log: false,
             idle_timeout: crate::flows::FlowsConfig::default().idle_timeout,
             pin_dir: PinDir::default(),
+            uplinks: Vec::new(),
+            wireguard_port: auditor_ebpf::DEFAULT_WIREGUARD_PORT,
         }
     }
 }
@@ -275,6 +283,16 @@ mod tests {
         assert!(!c.kernel_log, "kernel logging is off unless asked for");
         let c = Config::from_text(path, "kernelLog: true\n").unwrap_or_else(|e| panic!("{e}"));
         assert!(c.kernel_log);
+        assert!(c.uplinks.is_empty(), "no uplinks unless configured");
+        assert_eq!(c.wireguard_port, 51820);
+        let c = Config::from_text(
+            path,
+            "uplinks: [cilium_vxlan, \":default-route\"]\nwireguardPort: 51871\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.uplinks, ["cilium_vxlan", ":default-route"]);
+        assert_eq!(c.wireguard_port, 51871);
+        assert!(Config::from_text(path, "wireguardPort: 70000\n").is_err());
     }
 
     #[test]

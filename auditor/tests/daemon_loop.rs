@@ -77,7 +77,7 @@ fn args(cluster: &Path) -> RunArgs {
         cluster: vec![cluster.to_path_buf()],
         policies: None,
         interfaces: Vec::new(),
-        uplink: None,
+        uplink: Vec::new(),
         config: None,
         metrics_addr: "127.0.0.1:0"
             .parse()

@@ -221,4 +221,14 @@ fn the_cilium_overlay_reads_ipblocks_as_cilium_and_names_ingress_addresses() {
             || model.ingress.is_empty()),
         "the cilium overlay must use Cilium's ipBlock reading and list ingress CIDRs: {config:?}"
     );
+    // Cilium delivers packets into pods past the lxc* egress hook from its tunnel devices and
+    // the native device: the overlay must watch them, with Cilium's WireGuard port.
+    for uplink in auditor::datapath::attach::CILIUM_UPLINKS {
+        assert!(
+            config.uplinks.iter().any(|u| u == uplink),
+            "the cilium overlay must attach to {uplink}: {:?}",
+            config.uplinks
+        );
+    }
+    assert_eq!(config.wireguard_port, 51_871, "Cilium's WireGuard port");
 }

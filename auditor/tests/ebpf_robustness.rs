@@ -157,6 +157,7 @@ fn random_and_mutated_packets_never_fail_and_counters_add_up() {
         events_bytes: 1024 * 1024,
         sample_every: 1,
         kernel_log: false,
+        ..DatapathConfig::default()
     });
     let before = h.counters();
     let mut rng = Rng::new(SEED);
@@ -287,7 +288,21 @@ fn random_and_mutated_packets_never_fail_and_counters_add_up() {
             state.mid_stream <= 1 && state.answered <= 1,
             "flags are 0 or 1: {state:?}"
         );
-        assert_eq!(state._pad, 0, "state padding must be zero: {state:?}");
+        for from_initiator in [true, false] {
+            let nibble = if from_initiator {
+                state.owners & 0x0f
+            } else {
+                state.owners >> 4
+            };
+            assert!(
+                nibble == 0 || state.owner(from_initiator).is_some(),
+                "each owner is a hook or none: {state:?}"
+            );
+        }
+        assert!(
+            state.owner(true).is_some() || state.owner(false).is_some(),
+            "the hook that created the flow owns a direction: {state:?}"
+        );
         if state.status() == Some(FlowStatus::Answered) {
             assert_eq!(
                 state.answered, 1,

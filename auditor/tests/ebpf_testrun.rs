@@ -40,6 +40,12 @@ fn len(frame: &[u8]) -> u64 {
     u64::try_from(frame.len()).unwrap_or(u64::MAX)
 }
 
+/// [`FlowState::owners`] of a flow whose initiator's packets are counted at `initiator` and
+/// whose responder's at `responder`.
+fn owners(initiator: Option<Hook>, responder: Option<Hook>) -> u8 {
+    initiator.map_or(0, Hook::owner) | responder.map_or(0, Hook::owner) << 4
+}
+
 /// Checks the timestamps of `got` lie in `[t0, t1]` and in order, then returns the expected
 /// state with those timestamps so the whole entry can be compared exactly.
 fn with_times(expected: FlowState, got: &FlowState, t0: u64, t1: u64) -> FlowState {
@@ -150,7 +156,7 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
         hook: Hook::Egress as u8,
         mid_stream: 0,
         answered: 0,
-        _pad: 0,
+        owners: owners(Some(Hook::Egress), None),
         tick: 0,
         reported: 0,
         _reserved: [0; 7],
@@ -217,6 +223,7 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
         tcp_flags: [SYN | ACK | PSH | FIN, SYN | ACK | PSH | FIN],
         status: FlowStatus::Closed as u8,
         answered: 1,
+        owners: owners(Some(Hook::Egress), Some(Hook::Ingress)),
         ..expected
     };
     assert_eq!(
@@ -282,7 +289,7 @@ fn udp_request_and_reply() {
         hook: Hook::Ingress as u8,
         mid_stream: 0,
         answered: 1,
-        _pad: 0,
+        owners: owners(Some(Hook::Ingress), Some(Hook::Egress)),
         tick: 0,
         reported: 0,
         _reserved: [0; 7],
@@ -395,7 +402,7 @@ fn tcp_rst_on_a_mid_stream_flow_closes_it() {
         hook: Hook::Ingress as u8,
         mid_stream: 1,
         answered: 0,
-        _pad: 0,
+        owners: owners(Some(Hook::Ingress), Some(Hook::Egress)),
         tick: 0,
         reported: 0,
         _reserved: [0; 7],
@@ -444,7 +451,7 @@ fn tcp_refused_by_rst() {
         hook: Hook::Egress as u8,
         mid_stream: 0,
         answered: 0,
-        _pad: 0,
+        owners: owners(Some(Hook::Egress), Some(Hook::Ingress)),
         tick: 0,
         reported: 0,
         _reserved: [0; 7],
@@ -520,7 +527,7 @@ fn refused_by_icmp(client: IpAddr, server: IpAddr) {
         hook: Hook::Egress as u8,
         mid_stream: 0,
         answered: 0,
-        _pad: 0,
+        owners: owners(Some(Hook::Egress), None),
         tick: 0,
         reported: 0,
         _reserved: [0; 7],
@@ -625,7 +632,7 @@ fn l3_device_packets_without_ethernet_header() {
         hook: Hook::Ingress as u8,
         mid_stream: 0,
         answered: 0,
-        _pad: 0,
+        owners: owners(Some(Hook::Ingress), None),
         tick: 0,
         reported: 0,
         _reserved: [0; 7],
@@ -892,6 +899,7 @@ fn sampling_skips_established_packets_but_never_state_changes() {
         events_bytes: 64 * 1024,
         sample_every: 4,
         kernel_log: false,
+        ..DatapathConfig::default()
     });
     let before = h.counters();
     let (k, _) = key(UDP, (CLIENT4.into(), 7000), (SERVER4.into(), 7001));
@@ -1066,6 +1074,7 @@ fn with_kernel_log(kernel_log: bool) -> Harness {
         events_bytes: 64 * 1024,
         sample_every: 1,
         kernel_log,
+        ..DatapathConfig::default()
     })
 }
 
@@ -1219,4 +1228,178 @@ fn kernel_log_off_is_pruned_by_the_verifier() {
             "{name}: with the records off the verifier must walk less ({off}) than on ({on})"
         );
     }
+}
+
+/// A packet that crosses two hooks on one node adds to its flow once: a same-node pod-to-pod
+/// connection leaves pod A through its interface's ingress and enters pod B through B's egress
+/// (and the replies the other way round); a reply from another node arrives at the uplink's
+/// ingress, then crosses the pod interface's egress (Calico's routing). Each direction is
+/// counted by the first hook that saw it; the other hook's copy is `duplicate` and changes
+/// nothing, state changes included.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn a_packet_seen_at_two_hooks_is_counted_once() {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let (k, client_side) = key(TCP, (CLIENT4.into(), 40_100), (SERVER4.into(), 80));
+    let from_client = |flags| eth_ip(&ipv4(CLIENT4, SERVER4, TCP, &tcp(40_100, 80, flags, b"")));
+    let from_server = |flags| eth_ip(&ipv4(SERVER4, CLIENT4, TCP, &tcp(80, 40_100, flags, b"")));
+    let (syn, synack, ack) = (from_client(SYN), from_server(SYN | ACK), from_client(ACK));
+    let data = from_server(PSH | ACK);
+    let t0 = coarse_now_ns();
+    // Same node: client pod's interface ingress, then the server pod's interface egress.
+    for (first, second, frame) in [
+        (Hook::Ingress, Hook::Egress, &syn),
+        (Hook::Ingress, Hook::Egress, &synack),
+        (Hook::Ingress, Hook::Egress, &ack),
+        (Hook::Ingress, Hook::Egress, &data),
+    ] {
+        h.pass(first, frame);
+        h.pass(second, frame);
+    }
+    let t1 = coarse_now_ns();
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry for the same-node connection"));
+    let expected = FlowState {
+        first_seen_ns: 0,
+        last_seen_ns: 0,
+        packets: [2, 2],
+        bytes: [len(&syn) + len(&ack), len(&synack) + len(&data)],
+        ifindex: LOOPBACK_IFINDEX,
+        tcp_flags: [SYN | ACK, SYN | ACK | PSH],
+        initiator: client_side as u8,
+        status: FlowStatus::Answered as u8,
+        hook: Hook::Ingress as u8,
+        mid_stream: 0,
+        answered: 1,
+        owners: owners(Some(Hook::Ingress), Some(Hook::Ingress)),
+        tick: 0,
+        reported: 0,
+        _reserved: [0; 7],
+    };
+    assert_eq!(got, with_times(expected, &got, t0, t1), "same node");
+    assert_events(
+        &h.events(),
+        &[
+            event(EventKind::New, k, client_side, Hook::Ingress, 0),
+            event(EventKind::Answered, k, client_side, Hook::Ingress, 0),
+        ],
+        t0,
+        t1,
+    );
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 8),
+            (Counter::FlowCreated, 1),
+            (Counter::FlowUpdated, 3),
+            (Counter::Duplicate, 4),
+            (Counter::EventsSent, 2),
+        ],
+    );
+
+    // Across nodes (Calico): the request leaves through the pod interface's ingress and the
+    // uplink's egress, the answer comes in at the uplink's ingress and then the pod's egress.
+    let before = h.counters();
+    let (k, client_side) = key(TCP, (CLIENT4.into(), 40_200), (SERVER4.into(), 80));
+    let from_client = |flags| eth_ip(&ipv4(CLIENT4, SERVER4, TCP, &tcp(40_200, 80, flags, b"")));
+    let from_server = |flags| eth_ip(&ipv4(SERVER4, CLIENT4, TCP, &tcp(80, 40_200, flags, b"")));
+    let (syn, synack, rst) = (from_client(SYN), from_server(SYN | ACK), from_server(RST));
+    for (first, second, frame) in [
+        (Hook::Ingress, Hook::UplinkEgress, &syn),
+        (Hook::UplinkIngress, Hook::Egress, &synack),
+        (Hook::UplinkIngress, Hook::Egress, &rst),
+    ] {
+        h.pass(first, frame);
+        h.pass(second, frame);
+    }
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry for the cross-node connection"));
+    assert_eq!(
+        (got.packets, got.status(), got.answered, got.initiator),
+        ([1, 2], Some(FlowStatus::Closed), 1, client_side as u8),
+        "each packet once, the RST closes the answered flow once: {got:?}"
+    );
+    assert_eq!(
+        (got.owner(true), got.owner(false)),
+        (Some(Hook::Ingress), Some(Hook::UplinkIngress)),
+        "{got:?}"
+    );
+    let kinds: Vec<_> = h.events().iter().map(|e| (e.kind(), e.hook())).collect();
+    assert_eq!(
+        kinds,
+        [
+            (Some(EventKind::New), Some(Hook::Ingress)),
+            (Some(EventKind::Answered), Some(Hook::UplinkIngress)),
+            (Some(EventKind::Closed), Some(Hook::UplinkIngress)),
+        ],
+        "one event per change, from the hook that counts"
+    );
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 6),
+            (Counter::FlowCreated, 1),
+            (Counter::FlowUpdated, 2),
+            (Counter::Duplicate, 3),
+            (Counter::EventsSent, 3),
+        ],
+    );
+}
+
+/// On an uplink, an encapsulation's outer packet (VXLAN on 4789 and 8472, Geneve on 6081,
+/// WireGuard on its configured port either way) is counted, not a flow; on a pod interface the
+/// same packet is an ordinary UDP flow, and on an uplink other UDP is too.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn encapsulation_on_uplinks_is_counted_not_a_flow() {
+    let mut h = Harness::with_config(&DatapathConfig {
+        flow_table_entries: 1024,
+        events_bytes: 64 * 1024,
+        wireguard_port: 51_871,
+        ..DatapathConfig::default()
+    });
+    let before = h.counters();
+    let outer = |sport, dport| eth_ip(&ipv4(CLIENT4, SERVER4, UDP, &udp(sport, dport, b"inner")));
+    let encapsulated = [
+        outer(40_001, 4789),
+        outer(40_002, 8472),
+        outer(40_003, 6081),
+        outer(40_004, 51_871),
+        outer(51_871, 40_005),
+    ];
+    for frame in &encapsulated {
+        h.pass(Hook::UplinkIngress, frame);
+        h.pass(Hook::UplinkEgress, frame);
+    }
+    assert_eq!(h.flow_count(), 0, "no flow for outer packets");
+    assert!(h.events().is_empty());
+    assert_counters(
+        &h,
+        &before,
+        &[(Counter::PacketsSeen, 10), (Counter::Encapsulated, 10)],
+    );
+    // WireGuard's default port is not Cilium's: with 51871 configured, 51820 is plain UDP.
+    let before = h.counters();
+    h.pass(Hook::UplinkIngress, &outer(40_006, 51_820));
+    h.pass(Hook::UplinkIngress, &outer(40_007, 53));
+    h.pass(Hook::Ingress, &outer(40_008, 4789));
+    assert_eq!(
+        h.flow_count(),
+        3,
+        "ordinary UDP, and VXLAN from a pod, are flows"
+    );
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 3),
+            (Counter::FlowCreated, 3),
+            (Counter::EventsSent, 3),
+        ],
+    );
 }

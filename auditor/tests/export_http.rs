@@ -451,6 +451,8 @@ async fn scrape_probes_and_series_lifecycle() {
     for name in [
         "flow_auditor_flow_table_insert_failures_total",
         "flow_auditor_sampled_out_packets_total",
+        "flow_auditor_encapsulated_packets_total",
+        "flow_auditor_duplicate_packets_total",
     ] {
         let series = find(&samples, name, &[]);
         assert_eq!(series.len(), 1, "{name} must exist from the start");

@@ -32,12 +32,18 @@ enum Verb {
     },
     /// Run the whole test suite, including the tests that need root and the kernel.
     Test,
-    /// Build everything, then run the Calico homelab in miniature (network namespaces on this
-    /// machine) under the auditor, with a live summary; Ctrl-C removes it all.
+    /// Build everything, then run the Calico (or Cilium) homelab in miniature (network
+    /// namespaces on this machine) under the auditor, with a live summary; Ctrl-C removes it all.
     Demo {
         /// Stop after this many seconds (non-interactive, for tests and CI).
         #[arg(long)]
         duration: Option<u64>,
+        /// Which homelab: Calico's (seed 004, one node) or Cilium's (seed 000, two nodes).
+        #[arg(long, value_enum, default_value_t = lab::Cni::Calico)]
+        cni: lab::Cni,
+        /// With `--cni cilium`: how the two nodes reach each other's pods.
+        #[arg(long, value_enum, default_value_t = lab::cilium::Routing::Native)]
+        routing: lab::cilium::Routing,
     },
     /// Check deploy/ alone: every overlay builds, every object is valid for its kind, the alerts
     /// pass their promtool tests (also part of `test`).
@@ -45,8 +51,12 @@ enum Verb {
     /// Build the multi-architecture OCI image (linux/arm64 + linux/amd64) into
     /// target/image/flow-auditor (an OCI layout `skopeo copy --all` pushes) and check it.
     Image,
-    /// Only the lab's end-to-end test (root), which `test` runs as one of its steps.
-    LabTest,
+    /// Only the lab's end-to-end test (root), which `test` runs as one of its steps; `--cni
+    /// cilium` runs the Cilium-style lab's instead (both routing variants), another step.
+    LabTest {
+        #[arg(long, value_enum, default_value_t = lab::Cni::Calico)]
+        cni: lab::Cni,
+    },
     /// Run a benchmark and print its figures.
     Bench {
         #[arg(value_enum)]
@@ -101,8 +111,15 @@ fn main() -> Result<()> {
         Verb::Setup => Ok(()),
         Verb::Build { target } => build(&root, target).map(|_| ()),
         Verb::Test => test(&root),
-        Verb::Demo { duration } => lab::demo(&root, duration),
-        Verb::LabTest => lab::e2e::run(&root, &lab::binary(&root)?),
+        Verb::Demo {
+            duration,
+            cni,
+            routing,
+        } => lab::demo(&root, duration, cni, routing),
+        Verb::LabTest { cni } => match cni {
+            lab::Cni::Calico => lab::e2e::run(&root, &lab::binary(&root)?),
+            lab::Cni::Cilium => lab::cilium::run(&root, &lab::binary(&root)?),
+        },
         Verb::Bench { which } => bench(&root, which),
         Verb::Deploy => deploy::run(&root),
         Verb::Image => image::run(&root).map(|_| ()),
@@ -321,22 +338,26 @@ fn test(root: &Path) -> Result<()> {
             Ok(())
         }),
     ));
+    // The labs' daemon: the image step's static amd64 binary unless a build of one's own is
+    // named.
+    let lab_binary = || -> Result<PathBuf> {
+        let prebuilt = image_amd64
+            .borrow()
+            .clone()
+            .filter(|_| std::env::var_os("FLOW_AUDITOR_LAB_BINARY").is_none());
+        match prebuilt {
+            Some(binary) => Ok(binary),
+            None => lab::binary(root),
+        }
+    };
     if root_user {
         // The lab end to end: the release daemon, real traffic, a real Prometheus. It runs the
         // image's static amd64 binary, the one users deploy, which also saves a release build.
+        steps.push(("lab e2e", Box::new(|| lab::e2e::run(root, &lab_binary()?))));
+        // The Cilium-style lab: two nodes, delivery past the lxc* egress hook, both routings.
         steps.push((
-            "lab e2e",
-            Box::new(|| {
-                let prebuilt = image_amd64
-                    .borrow_mut()
-                    .take()
-                    .filter(|_| std::env::var_os("FLOW_AUDITOR_LAB_BINARY").is_none());
-                let binary = match prebuilt {
-                    Some(binary) => binary,
-                    None => lab::binary(root)?,
-                };
-                lab::e2e::run(root, &binary)
-            }),
+            "cilium lab e2e",
+            Box::new(|| lab::cilium::run(root, &lab_binary()?)),
         ));
     }
     steps.push((

@@ -26,27 +26,65 @@ impl Side {
     }
 }
 
-/// Which TC hook saw a packet. Each hook has its own program (see [`crate::PROGRAM_INGRESS`]),
-/// so the hook is known without asking the kernel.
+/// Which TC hook saw a packet, and on which kind of interface. Each has its own program (see
+/// [`crate::PROGRAM_INGRESS`], [`crate::PROGRAM_UPLINK_INGRESS`]), so the hook is a constant of
+/// the program, known without asking the kernel.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Hook {
-    /// TC ingress: the packet arrived on the interface.
+    /// TC ingress of a pod interface: the packet arrived from the pod.
     Ingress = 0,
-    /// TC egress: the packet is leaving through the interface.
+    /// TC egress of a pod interface: the packet is being delivered to the pod.
     Egress = 1,
+    /// TC ingress of an uplink (a native or tunnel device of the node): where a CNI that hands
+    /// packets to pods with `bpf_redirect_peer` (Cilium's BPF host routing, its tunnels) is the
+    /// last place they are seen before the pod. Encapsulation's outer packets are not flows here
+    /// ([`Counter::Encapsulated`]).
+    UplinkIngress = 2,
+    /// TC egress of an uplink: hostNetwork and external traffic leaving the node.
+    UplinkEgress = 3,
 }
 
 impl Hook {
+    /// Every hook, in raw-value order.
+    pub const ALL: [Self; 4] = [
+        Self::Ingress,
+        Self::Egress,
+        Self::UplinkIngress,
+        Self::UplinkEgress,
+    ];
+
     /// Decodes a raw byte; `None` for anything the program never writes.
     pub const fn from_raw(raw: u8) -> Option<Self> {
         match raw {
             0 => Some(Self::Ingress),
             1 => Some(Self::Egress),
+            2 => Some(Self::UplinkIngress),
+            3 => Some(Self::UplinkEgress),
             _ => None,
         }
     }
+
+    /// Whether this is a TC ingress hook (of either kind of interface).
+    pub const fn is_ingress(self) -> bool {
+        matches!(self, Self::Ingress | Self::UplinkIngress)
+    }
+
+    /// Whether this hook is on an uplink rather than a pod interface.
+    pub const fn is_uplink(self) -> bool {
+        matches!(self, Self::UplinkIngress | Self::UplinkEgress)
+    }
+
+    /// The value this hook has in [`FlowState::owners`]: never 0, which means "no hook yet".
+    pub const fn owner(self) -> u8 {
+        self as u8 + 1
+    }
 }
+
+/// Destination UDP ports of encapsulation that is never a flow of its own on an uplink: VXLAN
+/// (IANA's 4789, and 8472, the Linux kernel's old default that Cilium and Flannel use) and
+/// Geneve (6081). WireGuard's port is configured ([`crate::WIREGUARD_PORT_GLOBAL`]).
+pub const ENCAPSULATION_PORTS: [u16; 3] = [4789, 8472, 6081];
 
 /// IP protocol numbers the program parses. Everything else is counted in
 /// [`Counter::OtherProtocol`].
@@ -470,8 +508,15 @@ pub struct FlowState {
     /// 1 once the responder has answered, kept when the flow later closes, so user space can tell
     /// a closed established flow from an abandoned attempt. 0 otherwise.
     pub answered: u8,
-    /// Always zero.
-    pub _pad: u8,
+    /// Which observation point counts each direction of the flow, so a packet that crosses two
+    /// hooks on one node (an uplink's ingress, then the pod interface's egress; one pod's
+    /// interface, then another's on the same node) adds to the counters once: the low nibble
+    /// for the initiator's packets, the high nibble for the responder's, each the
+    /// [`Hook::owner`] of the first hook that saw a packet of that direction, 0 before one did.
+    /// A packet of a direction owned by another hook is [`Counter::Duplicate`] and changes
+    /// nothing (the owning hook saw the same packet, or will: every packet of one direction
+    /// crosses the same hooks in the same order).
+    pub owners: u8,
     /// The program's own bookkeeping, not a time to read: the low 32 bits of the kernel's jiffies
     /// when `last_seen_ns` was last stamped. A packet reads the clock only when jiffies has moved
     /// since (the coarse clock moves only then), so a busy flow pays for the clock once per timer
@@ -499,6 +544,20 @@ impl FlowState {
     /// The decoded [`FlowState::hook`].
     pub const fn hook(&self) -> Option<Hook> {
         Hook::from_raw(self.hook)
+    }
+
+    /// The hook that counts the packets of the initiator (`from_initiator`) or of the responder,
+    /// if one has seen any ([`FlowState::owners`]).
+    pub const fn owner(&self, from_initiator: bool) -> Option<Hook> {
+        let nibble = if from_initiator {
+            self.owners & 0x0f
+        } else {
+            self.owners >> 4
+        };
+        match nibble {
+            0 => None,
+            n => Hook::from_raw(n - 1),
+        }
     }
 }
 
@@ -615,11 +674,18 @@ pub enum Counter {
     EventsSent = 13,
     /// Events lost because the ring buffer was full.
     EventsLost = 14,
+    /// Outcome: a packet of a flow's direction that another hook on this node counts (see
+    /// [`FlowState::owners`]): the same packet seen a second time, not counted again.
+    Duplicate = 15,
+    /// Outcome: an encapsulation's outer packet on an uplink (VXLAN, Geneve, WireGuard; see
+    /// [`ENCAPSULATION_PORTS`]): its inner packet is seen on the tunnel device, so the outer one
+    /// is not a flow of its own.
+    Encapsulated = 16,
 }
 
 impl Counter {
     /// Number of counters: the counter map's `max_entries`.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
 
     /// Every counter, in index order.
     pub const ALL: [Self; Self::COUNT as usize] = [
@@ -638,10 +704,12 @@ impl Counter {
         Self::InsertFailed,
         Self::EventsSent,
         Self::EventsLost,
+        Self::Duplicate,
+        Self::Encapsulated,
     ];
 
     /// The outcome counters: each packet increments exactly one of them.
-    pub const OUTCOMES: [Self; 12] = [
+    pub const OUTCOMES: [Self; 14] = [
         Self::NonIp,
         Self::Truncated,
         Self::Malformed,
@@ -654,6 +722,8 @@ impl Counter {
         Self::FlowUpdated,
         Self::SampledOut,
         Self::InsertFailed,
+        Self::Duplicate,
+        Self::Encapsulated,
     ];
 
     /// A stable snake_case name, for metric labels and logs.
@@ -674,6 +744,8 @@ impl Counter {
             Self::InsertFailed => "insert_failed",
             Self::EventsSent => "events_sent",
             Self::EventsLost => "events_lost",
+            Self::Duplicate => "duplicate",
+            Self::Encapsulated => "encapsulated",
         }
     }
 }
@@ -718,7 +790,7 @@ pub const FLOW_LAYOUT: u32 = layout_hash(&[
     core::mem::offset_of!(FlowState, hook),
     core::mem::offset_of!(FlowState, mid_stream),
     core::mem::offset_of!(FlowState, answered),
-    core::mem::offset_of!(FlowState, _pad),
+    core::mem::offset_of!(FlowState, owners),
     core::mem::offset_of!(FlowState, tick),
     core::mem::offset_of!(FlowState, reported),
     core::mem::offset_of!(FlowState, _reserved),

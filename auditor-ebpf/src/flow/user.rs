@@ -88,6 +88,8 @@ impl fmt::Display for Hook {
         f.write_str(match self {
             Self::Ingress => "ingress",
             Self::Egress => "egress",
+            Self::UplinkIngress => "uplink_ingress",
+            Self::UplinkEgress => "uplink_egress",
         })
     }
 }

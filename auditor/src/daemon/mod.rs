@@ -61,9 +61,13 @@ pub struct RunArgs {
     /// Interface name globs to attach to, comma-separated [default: cali*,lxc*,veth*].
     #[arg(long, value_name = "GLOB,...", value_delimiter = ',')]
     pub interfaces: Vec<String>,
-    /// The node's uplink, also attached (hostNetwork and external traffic).
-    #[arg(long, value_name = "IFACE")]
-    pub uplink: Option<String>,
+    /// The node's uplinks, attached at ingress and egress with the uplink programs: native and
+    /// tunnel devices by name or glob, comma-separated, and `:default-route` for the device(s)
+    /// of the default routes. Needed where the CNI delivers packets into pods past the pod
+    /// interface's egress hook (Cilium: `cilium_vxlan,cilium_geneve,cilium_wg0,:default-route`),
+    /// and for hostNetwork and external traffic [default: the config file's `uplinks`, else none].
+    #[arg(long, value_name = "IFACE,...", value_delimiter = ',')]
+    pub uplink: Vec<String>,
     /// Configuration file (YAML).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -193,8 +197,18 @@ impl Settings {
             None => Config::default(),
         };
         config.kernel_log |= *kernel_log;
+        let cleaned = |list: &[String]| -> Vec<String> {
+            list.iter()
+                .map(|g| g.trim().to_owned())
+                .filter(|g| !g.is_empty())
+                .collect()
+        };
         let mut attach = AttachConfig {
-            uplink: uplink.clone(),
+            uplinks: if uplink.is_empty() {
+                config.uplinks.clone()
+            } else {
+                cleaned(uplink)
+            },
             mode: config.attach_mode,
             ..AttachConfig::default()
         };
@@ -205,6 +219,8 @@ impl Settings {
                 .filter(|g| !g.is_empty())
                 .collect();
         }
+        crate::datapath::attach::validate(&attach)
+            .map_err(|e| DaemonError::Usage(format!("--interfaces / --uplink / uplinks: {e}")))?;
         let flows = FlowsConfig {
             answer_timeout: answer_timeout.unwrap_or(config.answer_timeout),
             idle_timeout: idle_timeout.unwrap_or(config.idle_timeout),
@@ -267,6 +283,7 @@ pub fn run(args: &RunArgs) -> Result<(), DaemonError> {
         let daemon = Daemon::start(args).await?;
         let datapath_config = DatapathConfig {
             kernel_log: daemon.settings.config.kernel_log,
+            wireguard_port: daemon.settings.config.wireguard_port,
             ..DatapathConfig::default()
         };
         let datapath = match Datapath::load_pinned(&datapath_config, daemon.settings.pin_dir.path())
@@ -557,6 +574,7 @@ fn publish_health<S: FlowSource>(stream: &FlowStream<S>, metrics: &Metrics) {
     let evictions = stream.evictions();
     metrics.set_flow_table_evictions(evictions.decided, evictions.undecided);
     metrics.set_sampled_out_packets(counter(Counter::SampledOut));
+    metrics.set_not_flow_packets(counter(Counter::Encapsulated), counter(Counter::Duplicate));
 }
 
 /// The local node when the inventory knows it; otherwise every flow seen is counted (a machine

@@ -2,6 +2,13 @@
 //! matches the configured globs, first in the TCX chain (falling back to a clsact filter), takes it
 //! off when the interface goes, and on start-up removes clsact filters a crashed instance left.
 //!
+//! Two kinds of interface: pod interfaces (`cali*`, `lxc*`, ...) get the pod programs, uplinks
+//! (the node's native and tunnel devices, by glob or as the default route's device) the uplink
+//! programs, whose hook kind is a constant of their own. Where a CNI delivers packets into pods
+//! past the pod interface's egress hook (Cilium's BPF host routing and tunnels hand them over
+//! with `bpf_redirect_peer` from the uplink's TC ingress), the uplink's ingress is the only place
+//! such a packet is seen; where it does not, the program counts a packet seen at both once.
+//!
 //! What survives a crash: TCX links are held only by our file descriptors (we never pin them), so
 //! the kernel detaches them when the process dies, however it dies; `attach_churn` verifies it.
 //! clsact filters are netlink objects that outlive the process, hence [`Attacher::remove_stale`],
@@ -33,8 +40,11 @@ pub struct AttachConfig {
     /// Interface name globs (`*` any run of characters, `?` one character). The defaults cover
     /// Calico, Cilium and generic veth CNIs.
     pub interfaces: Vec<String>,
-    /// The node's uplink, attached by exact name, for hostNetwork and external traffic.
-    pub uplink: Option<String>,
+    /// The node's uplinks: native and tunnel devices, by glob, or [`DEFAULT_ROUTE`] for the
+    /// device(s) of the default routes. Attached at ingress and egress with the uplink
+    /// programs: packets delivered into pods past their interface's egress hook, hostNetwork
+    /// and external traffic.
+    pub uplinks: Vec<String>,
     /// TCX when the kernel has it (6.6+), else clsact; or force one of them.
     pub mode: AttachMode,
 }
@@ -43,11 +53,21 @@ impl Default for AttachConfig {
     fn default() -> Self {
         Self {
             interfaces: ["cali*", "lxc*", "veth*"].map(String::from).to_vec(),
-            uplink: None,
+            uplinks: Vec::new(),
             mode: AttachMode::Auto,
         }
     }
 }
+
+/// The entry of [`AttachConfig::uplinks`] that names the device(s) of the namespace's default
+/// routes rather than a name: `:` is not allowed in interface names, so no interface is called
+/// this.
+pub const DEFAULT_ROUTE: &str = ":default-route";
+
+/// The uplinks of Cilium (its tunnel devices, and the default route's device, where its BPF host
+/// routing delivers packets from other nodes and the world).
+pub const CILIUM_UPLINKS: [&str; 4] =
+    ["cilium_vxlan", "cilium_geneve", "cilium_wg0", DEFAULT_ROUTE];
 
 /// How to hook the program in, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -100,6 +120,17 @@ pub struct AttachedInterface {
     pub name: String,
     pub ifindex: u32,
     pub mode: HookMode,
+    pub role: Role,
+}
+
+/// What an interface is to the auditor, which decides the programs it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A pod's host-side interface.
+    Pod,
+    /// A native or tunnel device of the node.
+    Uplink,
 }
 
 /// Errors of the attach manager.
@@ -149,16 +180,30 @@ pub enum Attached {
 struct Attachment {
     name: String,
     mode: HookMode,
+    role: Role,
     // Dropping a link detaches it (TCX: closes the link fd; clsact: deletes the filter).
     ingress: SchedClassifierLink,
     egress: SchedClassifierLink,
 }
 
-/// The loaded TC programs, one per hook (see `auditor_ebpf::PROGRAM_INGRESS`).
+/// The loaded TC programs, one per hook and kind of interface (see
+/// `auditor_ebpf::PROGRAM_INGRESS`, `auditor_ebpf::PROGRAM_UPLINK_INGRESS`).
 #[derive(Debug)]
 pub struct TcPrograms<'a> {
     pub ingress: &'a mut SchedClassifier,
     pub egress: &'a mut SchedClassifier,
+    pub uplink_ingress: &'a mut SchedClassifier,
+    pub uplink_egress: &'a mut SchedClassifier,
+}
+
+impl TcPrograms<'_> {
+    /// The (ingress, egress) programs of interfaces of `role`.
+    fn of(&mut self, role: Role) -> (&mut SchedClassifier, &mut SchedClassifier) {
+        match role {
+            Role::Pod => (self.ingress, self.egress),
+            Role::Uplink => (self.uplink_ingress, self.uplink_egress),
+        }
+    }
 }
 
 /// Attaches the TC programs to matching interfaces and detaches them again.
@@ -168,6 +213,9 @@ pub struct Attacher {
     attached: BTreeMap<u32, Attachment>,
     /// Set after TCX failed once in `Auto` mode, so we stop trying it on every new interface.
     tcx_unavailable: bool,
+    /// The interfaces of the default routes, when [`DEFAULT_ROUTE`] is an uplink: looked up
+    /// again on every resync and whenever an interface matches nothing else.
+    default_route: Vec<u32>,
 }
 
 impl fmt::Debug for Attacher {
@@ -185,14 +233,13 @@ impl Attacher {
     /// # Errors
     /// When a glob is invalid or the namespace cannot be identified.
     pub fn new(config: AttachConfig) -> Result<Self, AttachError> {
-        for glob in &config.interfaces {
-            validate_glob(glob)?;
-        }
+        validate(&config)?;
         Ok(Self {
             config,
             netns: current_netns()?,
             attached: BTreeMap::new(),
             tcx_unavailable: false,
+            default_route: Vec::new(),
         })
     }
 
@@ -202,15 +249,48 @@ impl Attacher {
         self.netns
     }
 
-    /// Whether an interface of this name is one we attach to.
+    /// Whether an interface of this name is one we attach to (by name only: the default
+    /// route's device is known by [`Attacher::role`]).
     #[must_use]
     pub fn matches(&self, name: &str) -> bool {
-        self.config.uplink.as_deref() == Some(name)
-            || self
-                .config
-                .interfaces
+        self.role_by_name(name).is_some()
+    }
+
+    /// What `link` is to us, if we attach to it: an uplink by name first (an uplink glob is the
+    /// more specific configuration), else a pod interface, else the default route's device.
+    #[must_use]
+    pub fn role(&self, link: &Link) -> Option<Role> {
+        self.role_by_name(&link.name).or_else(|| {
+            self.default_route
+                .contains(&link.ifindex)
+                .then_some(Role::Uplink)
+        })
+    }
+
+    fn role_by_name(&self, name: &str) -> Option<Role> {
+        let any = |globs: &[String]| {
+            globs
                 .iter()
-                .any(|g| glob_match(g.as_bytes(), name.as_bytes()))
+                .any(|g| g != DEFAULT_ROUTE && glob_match(g.as_bytes(), name.as_bytes()))
+        };
+        if any(&self.config.uplinks) {
+            Some(Role::Uplink)
+        } else if any(&self.config.interfaces) {
+            Some(Role::Pod)
+        } else {
+            None
+        }
+    }
+
+    /// Looks the default routes' devices up again, when they are uplinks.
+    fn refresh_default_route(&mut self) {
+        if !self.config.uplinks.iter().any(|u| u == DEFAULT_ROUTE) {
+            return;
+        }
+        match super::netlink::default_route_ifindexes() {
+            Ok(ifindexes) => self.default_route = ifindexes,
+            Err(e) => tracing::warn!(error = %e, "could not read the default routes"),
+        }
     }
 
     /// The name of an attached interface (looked up once per flow record).
@@ -228,6 +308,7 @@ impl Attacher {
                 name: a.name.clone(),
                 ifindex: *ifindex,
                 mode: a.mode,
+                role: a.role,
             })
             .collect()
     }
@@ -238,14 +319,17 @@ impl Attacher {
     ///
     /// # Errors
     /// Only when called from another namespace than the attacher's.
-    pub fn remove_stale(&self, links: &[Link]) -> Result<usize, AttachError> {
+    pub fn remove_stale(&mut self, links: &[Link]) -> Result<usize, AttachError> {
         self.check_netns()?;
+        self.refresh_default_route();
         let mut cleaned = 0;
-        for link in links.iter().filter(|l| self.matches(&l.name)) {
+        for link in links.iter().filter(|l| self.role(l).is_some()) {
             let mut found = false;
             for (attach_type, name) in [
                 (TcAttachType::Ingress, auditor_ebpf::PROGRAM_INGRESS),
                 (TcAttachType::Egress, auditor_ebpf::PROGRAM_EGRESS),
+                (TcAttachType::Ingress, auditor_ebpf::PROGRAM_UPLINK_INGRESS),
+                (TcAttachType::Egress, auditor_ebpf::PROGRAM_UPLINK_EGRESS),
             ] {
                 match tc::qdisc_detach_program(link.ifindex, attach_type.into(), name) {
                     Ok(()) => found = true,
@@ -301,6 +385,7 @@ impl Attacher {
         links: &[Link],
     ) -> Result<(), AttachError> {
         self.check_netns()?;
+        self.refresh_default_route();
         let gone: Vec<u32> = self
             .attached
             .keys()
@@ -330,13 +415,21 @@ impl Attacher {
         link: &Link,
     ) -> Result<Attached, AttachError> {
         self.check_netns()?;
-        if !self.matches(&link.name) {
+        if self.role_by_name(&link.name).is_none() && !self.attached.contains_key(&link.ifindex) {
+            // Perhaps the default route's device (or it moved to this one).
+            self.refresh_default_route();
+        }
+        let Some(role) = self.role(link) else {
             self.detach(link.ifindex);
             return Ok(Attached::NotMatching);
-        }
+        };
         if let Some(existing) = self.attached.get_mut(&link.ifindex) {
-            existing.name.clone_from(&link.name);
-            return Ok(Attached::Yes);
+            if existing.role == role {
+                existing.name.clone_from(&link.name);
+                return Ok(Attached::Yes);
+            }
+            // Renamed into the other kind: its programs change.
+            self.detach(link.ifindex);
         }
         let use_tcx = match self.config.mode {
             AttachMode::Tcx => true,
@@ -344,23 +437,28 @@ impl Attacher {
             AttachMode::Auto => !self.tcx_unavailable,
         };
         let result = if use_tcx {
-            match attach_tcx(programs, link) {
+            match attach_tcx(programs, link, role) {
                 Err(e) if self.config.mode == AttachMode::Auto && !vanished(&e) => {
                     tracing::warn!(
                         error = %e,
                         "TCX attach failed; using clsact filters from now on (kernel before 6.6?)"
                     );
                     self.tcx_unavailable = true;
-                    attach_clsact(programs, link)
+                    attach_clsact(programs, link, role)
                 }
                 other => other,
             }
         } else {
-            attach_clsact(programs, link)
+            attach_clsact(programs, link, role)
         };
         match result {
             Ok(attachment) => {
-                tracing::debug!(interface = %link.name, ifindex = link.ifindex, mode = %attachment.mode, "attached");
+                if role == Role::Uplink {
+                    // Few, and what decides whether a CNI's redirected packets are seen.
+                    tracing::info!(interface = %link.name, ifindex = link.ifindex, mode = %attachment.mode, "uplink attached");
+                } else {
+                    tracing::debug!(interface = %link.name, ifindex = link.ifindex, mode = %attachment.mode, "attached");
+                }
                 self.attached.insert(link.ifindex, attachment);
                 Ok(Attached::Yes)
             }
@@ -415,6 +513,7 @@ impl Drop for Attacher {
                     mode,
                     ingress,
                     egress,
+                    ..
                 } = a;
                 if mode == HookMode::Clsact {
                     tracing::error!(interface = %name, ifindex, "dropped outside its namespace; clsact filter left");
@@ -435,6 +534,7 @@ fn release(ifindex: u32, attachment: Attachment) {
         mode,
         ingress,
         egress,
+        ..
     } = attachment;
     for (direction, link) in [("ingress", ingress), ("egress", egress)] {
         if let Err(e) = link.detach()
@@ -460,7 +560,11 @@ fn release_all(attached: BTreeMap<u32, Attachment>) {
     }
 }
 
-fn attach_tcx(programs: &mut TcPrograms<'_>, link: &Link) -> Result<Attachment, AttachError> {
+fn attach_tcx(
+    programs: &mut TcPrograms<'_>,
+    link: &Link,
+    role: Role,
+) -> Result<Attachment, AttachError> {
     let attach = |program: &mut SchedClassifier, attach_type| {
         let id = program
             .attach(
@@ -475,17 +579,23 @@ fn attach_tcx(programs: &mut TcPrograms<'_>, link: &Link) -> Result<Attachment, 
             .map_err(|source| attach_error(link, attach_type, HookMode::Tcx, source))?;
         Ok::<_, AttachError>(id)
     };
-    let ingress = attach(programs.ingress, TcAttachType::Ingress)?;
-    let egress = attach(programs.egress, TcAttachType::Egress)?;
+    let (ingress_program, egress_program) = programs.of(role);
+    let ingress = attach(ingress_program, TcAttachType::Ingress)?;
+    let egress = attach(egress_program, TcAttachType::Egress)?;
     Ok(Attachment {
         name: link.name.clone(),
         mode: HookMode::Tcx,
+        role,
         ingress,
         egress,
     })
 }
 
-fn attach_clsact(programs: &mut TcPrograms<'_>, link: &Link) -> Result<Attachment, AttachError> {
+fn attach_clsact(
+    programs: &mut TcPrograms<'_>,
+    link: &Link,
+    role: Role,
+) -> Result<Attachment, AttachError> {
     match tc::qdisc_add_clsact(link.ifindex) {
         // The qdisc was already there: ours from before, or the CNI's.
         Ok(()) | Err(TcError::AlreadyAttached) => {}
@@ -511,11 +621,13 @@ fn attach_clsact(programs: &mut TcPrograms<'_>, link: &Link) -> Result<Attachmen
             .and_then(|id| program.take_link(id))
             .map_err(|source| attach_error(link, attach_type, HookMode::Clsact, source))
     };
-    let ingress = attach(programs.ingress, TcAttachType::Ingress)?;
-    let egress = attach(programs.egress, TcAttachType::Egress)?;
+    let (ingress_program, egress_program) = programs.of(role);
+    let ingress = attach(ingress_program, TcAttachType::Ingress)?;
+    let egress = attach(egress_program, TcAttachType::Egress)?;
     Ok(Attachment {
         name: link.name.clone(),
         mode: HookMode::Clsact,
+        role,
         ingress,
         egress,
     })
@@ -583,13 +695,30 @@ fn current_netns() -> Result<u64, AttachError> {
         .map_err(|source| AttachError::Namespace { source })
 }
 
+/// Checks every glob of `config` (the [`DEFAULT_ROUTE`] entry is no glob).
+///
+/// # Errors
+/// The first invalid glob.
+pub fn validate(config: &AttachConfig) -> Result<(), AttachError> {
+    for glob in config
+        .interfaces
+        .iter()
+        .chain(config.uplinks.iter().filter(|u| *u != DEFAULT_ROUTE))
+    {
+        validate_glob(glob)?;
+    }
+    Ok(())
+}
+
 fn validate_glob(glob: &str) -> Result<(), AttachError> {
     let reason = if glob.is_empty() {
         Some("empty")
     } else if glob.len() > 64 {
         Some("longer than 64 bytes")
-    } else if glob.contains(['/', ' ', '\0']) {
-        Some("interface names cannot contain '/', spaces or NUL")
+    } else if glob.contains(['/', ' ', '\0', ':']) {
+        Some(
+            "interface names cannot contain '/', ':', spaces or NUL (the default route's device is \":default-route\")",
+        )
     } else {
         None
     };
@@ -649,18 +778,42 @@ mod tests {
     }
 
     #[test]
-    fn matching_uses_globs_and_the_uplink() {
-        let a = Attacher::new(AttachConfig {
-            uplink: Some("eth0".into()),
+    fn matching_uses_globs_and_the_uplinks() {
+        let mut a = Attacher::new(AttachConfig {
+            uplinks: vec!["eth0".into(), "cilium_*".into(), DEFAULT_ROUTE.into()],
             ..AttachConfig::default()
         })
         .unwrap();
-        for name in ["cali0", "lxc12", "veth9", "eth0"] {
+        for name in ["cali0", "lxc12", "veth9", "eth0", "cilium_vxlan"] {
             assert!(a.matches(name), "{name} should match");
         }
         for name in ["eth1", "lo", "tunl0", "wg0"] {
             assert!(!a.matches(name), "{name} should not match");
         }
+        let link = |ifindex, name: &str| Link {
+            ifindex,
+            name: name.into(),
+        };
+        assert_eq!(a.role(&link(5, "lxc12")), Some(Role::Pod));
+        assert_eq!(a.role(&link(6, "cilium_geneve")), Some(Role::Uplink));
+        assert_eq!(a.role(&link(7, "enp1s0")), None);
+        // The default route's device is an uplink whatever its name.
+        a.default_route = vec![7];
+        assert_eq!(a.role(&link(7, "enp1s0")), Some(Role::Uplink));
+        assert_eq!(a.role(&link(8, "enp2s0")), None);
+    }
+
+    #[test]
+    fn the_default_route_entry_is_no_glob_and_no_interface_name() {
+        // `:` is not allowed in interface names, so the entry can never name one by accident.
+        assert!(DEFAULT_ROUTE.contains(':'));
+        let a = Attacher::new(AttachConfig {
+            uplinks: CILIUM_UPLINKS.map(String::from).to_vec(),
+            ..AttachConfig::default()
+        })
+        .unwrap();
+        assert!(!a.matches(DEFAULT_ROUTE));
+        assert!(a.matches("cilium_wg0"));
     }
 
     #[test]

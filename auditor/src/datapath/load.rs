@@ -11,9 +11,10 @@ use std::{
 };
 
 use auditor_ebpf::{
-    COUNTERS_MAP, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES, EVENTS_MAP, FLOWS_MAP,
-    FLOWS4_MAP, FLOWS4_TCP_MAP, KERNEL_LOG_MAP, PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_NOOP,
-    SAMPLE_EVERY_GLOBAL,
+    COUNTERS_MAP, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES, DEFAULT_WIREGUARD_PORT,
+    EVENTS_MAP, FLOWS_MAP, FLOWS4_MAP, FLOWS4_TCP_MAP, KERNEL_LOG_MAP, PROGRAM_EGRESS,
+    PROGRAM_INGRESS, PROGRAM_NOOP, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS,
+    SAMPLE_EVERY_GLOBAL, WIREGUARD_PORT_GLOBAL,
     flow::{Counter, FLOW_LAYOUT, FlowKey, FlowKey4, FlowKeyTcp4, FlowState},
 };
 use aya::{
@@ -46,6 +47,9 @@ pub struct DatapathConfig {
     /// program runs as if they did not exist. [`Datapath::take_kernel_log`] hands out the reader
     /// that turns them into `tracing` events.
     pub kernel_log: bool,
+    /// The UDP port WireGuard uses on this node's uplinks: packets to or from it there are
+    /// encapsulation, not flows (counted as `encapsulated`). 0 turns the check off.
+    pub wireguard_port: u16,
 }
 
 impl Default for DatapathConfig {
@@ -55,9 +59,18 @@ impl Default for DatapathConfig {
             events_bytes: DEFAULT_EVENTS_BYTES,
             sample_every: 1,
             kernel_log: false,
+            wireguard_port: DEFAULT_WIREGUARD_PORT,
         }
     }
 }
+
+/// The TC programs of the object, by the hook each serves: the agent attaches all four.
+pub const HOOK_PROGRAMS: [&str; 4] = [
+    PROGRAM_INGRESS,
+    PROGRAM_EGRESS,
+    PROGRAM_UPLINK_INGRESS,
+    PROGRAM_UPLINK_EGRESS,
+];
 
 /// Failures of loading the datapath, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -398,6 +411,7 @@ impl Datapath {
             events_bytes,
             sample_every,
             kernel_log,
+            wireguard_port,
         } = effective;
         let log_level = kernel_log_level(kernel_log);
         let mut loader = EbpfLoader::new();
@@ -407,6 +421,7 @@ impl Datapath {
             .map_max_entries(FLOWS4_TCP_MAP, flow_table_entries)
             .map_max_entries(EVENTS_MAP, events_bytes)
             .override_global(SAMPLE_EVERY_GLOBAL, &sample_every, true)
+            .override_global(WIREGUARD_PORT_GLOBAL, &wireguard_port, true)
             // aya-log's level global: every record's level is compared with it, and, in
             // `.rodata`, it is a constant to the verifier, which prunes the records it disables.
             .override_global(aya_log::LEVEL, &log_level, true);
@@ -420,7 +435,7 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
-        for name in [PROGRAM_INGRESS, PROGRAM_EGRESS] {
+        for name in HOOK_PROGRAMS {
             classifier_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| LoadError::Program {
@@ -500,39 +515,33 @@ impl Datapath {
         }
     }
 
-    /// Both hook programs, for the attach manager.
+    /// The hook programs ([`HOOK_PROGRAMS`]), for the attach manager.
     ///
     /// # Errors
     /// Only if the object lacks a program (a build problem).
     pub fn programs(&mut self) -> Result<TcPrograms<'_>, LoadError> {
-        let mut ingress = None;
-        let mut egress = None;
+        let mut slots: [Option<&mut SchedClassifier>; 4] = [None, None, None, None];
         for (name, program) in self.ebpf.programs_mut() {
-            let slot = match name {
-                PROGRAM_INGRESS => &mut ingress,
-                PROGRAM_EGRESS => &mut egress,
-                _ => continue,
+            let Some(i) = HOOK_PROGRAMS.iter().position(|p| *p == name) else {
+                continue;
             };
-            let name = if name == PROGRAM_INGRESS {
-                PROGRAM_INGRESS
-            } else {
-                PROGRAM_EGRESS
-            };
-            *slot = Some(<&mut SchedClassifier>::try_from(program).map_err(|source| {
+            slots[i] = Some(<&mut SchedClassifier>::try_from(program).map_err(|source| {
                 LoadError::Program {
-                    name,
+                    name: HOOK_PROGRAMS[i],
                     op: "is not a TC classifier",
                     source,
                 }
             })?);
         }
+        let [ingress, egress, uplink_ingress, uplink_egress] = slots;
+        let missing = |i: usize| LoadError::MissingProgram {
+            name: HOOK_PROGRAMS[i],
+        };
         Ok(TcPrograms {
-            ingress: ingress.ok_or(LoadError::MissingProgram {
-                name: PROGRAM_INGRESS,
-            })?,
-            egress: egress.ok_or(LoadError::MissingProgram {
-                name: PROGRAM_EGRESS,
-            })?,
+            ingress: ingress.ok_or_else(|| missing(0))?,
+            egress: egress.ok_or_else(|| missing(1))?,
+            uplink_ingress: uplink_ingress.ok_or_else(|| missing(2))?,
+            uplink_egress: uplink_egress.ok_or_else(|| missing(3))?,
         })
     }
 
@@ -796,6 +805,7 @@ fn effective_config(config: &DatapathConfig, page: u32) -> Result<DatapathConfig
         events_bytes,
         sample_every,
         kernel_log,
+        wireguard_port,
     } = *config;
     if flow_table_entries == 0 {
         return Err(LoadError::InvalidConfig {
@@ -809,6 +819,7 @@ fn effective_config(config: &DatapathConfig, page: u32) -> Result<DatapathConfig
         events_bytes: ring_buffer_bytes(events_bytes, page)?,
         sample_every: sample_every.max(1),
         kernel_log,
+        wireguard_port,
     })
 }
 

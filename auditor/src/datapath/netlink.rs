@@ -29,6 +29,13 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const IFLA_IFNAME: u16 = 3;
+const RTMSG_LEN: usize = 12;
+const RTA_OIF: u16 = 4;
+const RTA_MULTIPATH: u16 = 9;
+const RTA_TABLE: u16 = 15;
+const RTNEXTHOP_LEN: usize = 8;
+const RT_TABLE_MAIN: u32 = 254;
+const RTN_UNICAST: u8 = 1;
 /// Large enough for a burst of a few thousand link notifications; an overrun is still handled
 /// (ENOBUFS -> full resync), this only makes it rare.
 const RECV_BUFFER_BYTES: libc::c_int = 4 << 20;
@@ -75,29 +82,67 @@ pub enum LinkChange {
 /// # Errors
 /// When the socket cannot be opened or the kernel's answer cannot be read.
 pub fn dump_links() -> Result<Vec<Link>, NetlinkError> {
+    let mut links = Vec::new();
+    // ifinfomsg: all zero = every family, every interface.
+    dump(libc::RTM_GETLINK, &[0u8; IFINFOMSG_LEN], |kind, payload| {
+        if kind == libc::RTM_NEWLINK
+            && let Some(link) = parse_link(payload)?
+        {
+            links.push(link);
+        }
+        Ok(())
+    })?;
+    Ok(links)
+}
+
+/// The interfaces the calling thread's namespace routes its default routes through (IPv4 and
+/// IPv6, main table, multipath next hops included), sorted, without repeats: the node's native
+/// device(s), however they are named.
+///
+/// # Errors
+/// When the socket cannot be opened or the kernel's answer cannot be read.
+pub fn default_route_ifindexes() -> Result<Vec<u32>, NetlinkError> {
+    let mut out = Vec::new();
+    // rtmsg: all zero = every family, every table.
+    dump(libc::RTM_GETROUTE, &[0u8; RTMSG_LEN], |kind, payload| {
+        if kind == libc::RTM_NEWROUTE {
+            out.extend(parse_default_route(payload)?);
+        }
+        Ok(())
+    })?;
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Sends a dump request of `kind` with `body` and hands every answer's kind and payload to
+/// `each` until the kernel says it is done.
+fn dump(
+    kind: u16,
+    body: &[u8],
+    mut each: impl FnMut(u16, &[u8]) -> Result<(), NetlinkError>,
+) -> Result<(), NetlinkError> {
     let fd = open_socket(0)?;
     let seq: u32 = 1;
-    let mut request = [0u8; NLMSG_HDR_LEN + IFINFOMSG_LEN];
+    let mut request = vec![0u8; NLMSG_HDR_LEN + body.len()];
     let len = u32::try_from(request.len()).map_err(|_| NetlinkError::Malformed {
         reason: "request length",
     })?;
     request[0..4].copy_from_slice(&len.to_ne_bytes());
-    request[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
+    request[4..6].copy_from_slice(&kind.to_ne_bytes());
     request[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     request[8..12].copy_from_slice(&seq.to_ne_bytes());
-    // ifinfomsg: all zero = every family, every interface.
+    request[NLMSG_HDR_LEN..].copy_from_slice(body);
     // SAFETY: the buffer is valid for its length; the fd is an open netlink socket.
     let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
     if sent < 0 {
         return Err(NetlinkError::Io {
-            op: "send RTM_GETLINK",
+            op: "send dump request",
             source: io::Error::last_os_error(),
         });
     }
-
-    let mut links = Vec::new();
     let mut buf = vec![0u8; DATAGRAM_BYTES];
-    // A dump of N interfaces takes at most N datagrams; the bound guards against a kernel that
+    // A dump of N objects takes at most N datagrams; the bound guards against a kernel that
     // never sends NLMSG_DONE.
     for _ in 0..1_000_000 {
         let n = recv_blocking(&fd, &mut buf)?;
@@ -107,24 +152,19 @@ pub fn dump_links() -> Result<Vec<Link>, NetlinkError> {
                 continue;
             }
             match msg.kind {
-                NLMSG_DONE => return Ok(links),
+                NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => {
                     let errno = error_code(msg.payload)?;
                     if errno != 0 {
                         return Err(NetlinkError::Nack { errno });
                     }
                 }
-                libc::RTM_NEWLINK => {
-                    if let Some(link) = parse_link(msg.payload)? {
-                        links.push(link);
-                    }
-                }
-                _ => {}
+                other => each(other, msg.payload)?,
             }
         }
     }
     Err(NetlinkError::Malformed {
-        reason: "link dump never ended",
+        reason: "dump never ended",
     })
 }
 
@@ -352,6 +392,69 @@ fn parse_link(payload: &[u8]) -> Result<Option<Link>, NetlinkError> {
     Ok(None)
 }
 
+/// The attributes of a netlink payload after its fixed header of `skip` bytes, as (kind,
+/// value), each checked against the payload's bounds.
+fn attributes(payload: &[u8], skip: usize) -> Result<Vec<(u16, &[u8])>, NetlinkError> {
+    let mut attrs = payload.get(skip..).ok_or(NetlinkError::Malformed {
+        reason: "short fixed header",
+    })?;
+    let mut out = Vec::new();
+    while attrs.len() >= RTA_HDR_LEN {
+        let len = usize::from(read_u16(attrs, 0));
+        let kind = read_u16(attrs, 2) & 0x3fff;
+        if len < RTA_HDR_LEN || len > attrs.len() {
+            return Err(NetlinkError::Malformed {
+                reason: "attribute length out of bounds",
+            });
+        }
+        out.push((kind, &attrs[RTA_HDR_LEN..len]));
+        attrs = attrs.get(align4(len)..).unwrap_or(&[]);
+    }
+    Ok(out)
+}
+
+/// The output interfaces of an `RTM_NEWROUTE` payload if it is a default route of the main
+/// table (destination length 0, unicast), else none.
+fn parse_default_route(payload: &[u8]) -> Result<Vec<u32>, NetlinkError> {
+    let header = payload.get(..RTMSG_LEN).ok_or(NetlinkError::Malformed {
+        reason: "short rtmsg",
+    })?;
+    let (dst_len, header_table, kind) = (header[1], u32::from(header[4]), header[7]);
+    if dst_len != 0 || kind != RTN_UNICAST {
+        return Ok(Vec::new());
+    }
+    let attrs = attributes(payload, RTMSG_LEN)?;
+    let table = attrs
+        .iter()
+        .find(|(k, v)| *k == RTA_TABLE && v.len() >= 4)
+        .map_or(header_table, |(_, v)| read_u32(v, 0));
+    if table != RT_TABLE_MAIN {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for (k, v) in attrs {
+        match k {
+            RTA_OIF if v.len() >= 4 => out.push(read_u32(v, 0)),
+            RTA_MULTIPATH => {
+                // struct rtnexthop { u16 len; u8 flags; u8 hops; i32 ifindex; } then attributes.
+                let mut rest = v;
+                while rest.len() >= RTNEXTHOP_LEN {
+                    let len = usize::from(read_u16(rest, 0));
+                    if len < RTNEXTHOP_LEN || len > rest.len() {
+                        return Err(NetlinkError::Malformed {
+                            reason: "next hop length out of bounds",
+                        });
+                    }
+                    out.push(read_u32(rest, 4));
+                    rest = rest.get(align4(len)..).unwrap_or(&[]);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 /// The (negative) errno of an `NLMSG_ERROR` payload, as a positive number; 0 is an ACK.
 fn error_code(payload: &[u8]) -> Result<i32, NetlinkError> {
     let bytes = payload.get(0..4).ok_or(NetlinkError::Malformed {
@@ -440,6 +543,70 @@ mod tests {
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[1].kind, libc::RTM_DELLINK);
         assert_eq!(ifindex_of(msgs[1].payload).unwrap(), 3);
+    }
+
+    fn route_payload(dst_len: u8, table: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut p = vec![0u8; RTMSG_LEN];
+        p[0] = 2;
+        p[1] = dst_len;
+        p[4] = table;
+        p[7] = RTN_UNICAST;
+        for (kind, value) in attrs {
+            let len = u16::try_from(RTA_HDR_LEN + value.len()).unwrap();
+            p.extend_from_slice(&len.to_ne_bytes());
+            p.extend_from_slice(&kind.to_ne_bytes());
+            p.extend_from_slice(value);
+            while !p.len().is_multiple_of(4) {
+                p.push(0);
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn default_routes_of_the_main_table_name_their_devices() {
+        let oif = 7u32.to_ne_bytes();
+        let main = 254u32.to_ne_bytes();
+        let local = 255u32.to_ne_bytes();
+        assert_eq!(
+            parse_default_route(&route_payload(0, 254, &[(RTA_OIF, &oif)])).unwrap(),
+            vec![7]
+        );
+        // The table attribute wins over the header's byte (tables above 255 exist).
+        assert_eq!(
+            parse_default_route(&route_payload(0, 0, &[(RTA_TABLE, &main), (RTA_OIF, &oif)]))
+                .unwrap(),
+            vec![7]
+        );
+        assert!(
+            parse_default_route(&route_payload(
+                0,
+                0,
+                &[(RTA_TABLE, &local), (RTA_OIF, &oif)]
+            ))
+            .unwrap()
+            .is_empty()
+        );
+        assert!(
+            parse_default_route(&route_payload(24, 254, &[(RTA_OIF, &oif)]))
+                .unwrap()
+                .is_empty(),
+            "a /24 is not a default route"
+        );
+        // Two next hops: struct rtnexthop is 8 bytes each, with no attributes of their own.
+        let mut hops = Vec::new();
+        for ifindex in [3u32, 9] {
+            hops.extend_from_slice(&8u16.to_ne_bytes());
+            hops.extend_from_slice(&[0, 0]);
+            hops.extend_from_slice(&ifindex.to_ne_bytes());
+        }
+        assert_eq!(
+            parse_default_route(&route_payload(0, 254, &[(RTA_MULTIPATH, &hops)])).unwrap(),
+            vec![3, 9]
+        );
+        let mut bad = hops.clone();
+        bad[0] = 64;
+        assert!(parse_default_route(&route_payload(0, 254, &[(RTA_MULTIPATH, &bad)])).is_err());
     }
 
     #[test]

@@ -50,7 +50,7 @@ use tokio::sync::Notify;
 
 use super::{FlowSource, Now};
 use crate::datapath::{
-    attach::{AttachedInterface, HookMode},
+    attach::{AttachedInterface, HookMode, Role},
     manager::DatapathHealth,
 };
 
@@ -215,7 +215,7 @@ impl FakeDatapath {
             hook: Hook::Ingress as u8,
             mid_stream: 0,
             answered: 0,
-            _pad: 0,
+            owners: 0,
             tick: 0,
             reported: 0,
             _reserved: [0; 7],
@@ -508,6 +508,7 @@ impl FlowSource for FakeDatapath {
                     name: name.clone(),
                     ifindex: *ifindex,
                     mode: HookMode::Tcx,
+                    role: Role::Pod,
                 })
                 .collect(),
             flow_table_entries: state.walked_entries,

@@ -121,6 +121,8 @@ fn hook_name<S: serde::Serializer>(d: &Hook, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(match d {
         Hook::Ingress => "ingress",
         Hook::Egress => "egress",
+        Hook::UplinkIngress => "uplink_ingress",
+        Hook::UplinkEgress => "uplink_egress",
     })
 }
 

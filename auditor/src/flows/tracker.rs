@@ -743,7 +743,7 @@ mod tests {
             hook: Hook::Egress as u8,
             mid_stream: 0,
             answered: u8::from(answered),
-            _pad: 0,
+            owners: 0,
             tick: 0,
             reported: 0,
             _reserved: [0; 7],

@@ -10,7 +10,7 @@
 
 use auditor::datapath::load::{CounterTotals, Datapath, DatapathConfig};
 use auditor_ebpf::{
-    PROGRAM_EGRESS, PROGRAM_INGRESS,
+    PROGRAM_EGRESS, PROGRAM_INGRESS, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS,
     flow::{FlowEvent, FlowKey, FlowState, Hook},
 };
 use aya::programs::{TestRun as _, TestRunOptions};
@@ -30,6 +30,7 @@ impl Harness {
             events_bytes: 256 * 1024,
             sample_every: 1,
             kernel_log: false,
+            ..DatapathConfig::default()
         })
     }
 
@@ -50,6 +51,8 @@ impl Harness {
         let name = match hook {
             Hook::Ingress => PROGRAM_INGRESS,
             Hook::Egress => PROGRAM_EGRESS,
+            Hook::UplinkIngress => PROGRAM_UPLINK_INGRESS,
+            Hook::UplinkEgress => PROGRAM_UPLINK_EGRESS,
         };
         run_program(&mut self.datapath, name, frame, repeat)
     }

@@ -31,7 +31,7 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `program args` in `ns`, stderr to `log`; stdout piped when `pipe_stdout`.
-    fn spawn(
+    pub fn spawn(
         what: &'static str,
         ns: &str,
         program: &Path,
@@ -166,7 +166,7 @@ impl Daemon {
         answer_timeout: &str,
         dir: &Path,
     ) -> Result<Self> {
-        let args = vec![
+        let args = [
             "run".to_owned(),
             "--cluster".to_owned(),
             cluster_dir.display().to_string(),
@@ -183,18 +183,36 @@ impl Daemon {
             "--node".to_owned(),
             super::cluster::NODE_NAME.to_owned(),
         ];
+        Self::start_with(binary, ns, &args, metrics, dir, "auditor")
+    }
+
+    /// Starts `binary` with `args` (which must serve `/metrics` on `metrics`) in `ns`, its log in
+    /// `dir/{tag}.log` and its stdout in `dir/{tag}-unexpected.jsonl` (`unexpected.jsonl` for
+    /// the tag `auditor`).
+    pub fn start_with(
+        binary: &Path,
+        ns: &str,
+        args: &[String],
+        metrics: SocketAddr,
+        dir: &Path,
+        tag: &str,
+    ) -> Result<Self> {
         let (proc, stdout) = Proc::spawn(
             "auditor run",
             ns,
             binary,
-            &args,
-            dir.join("auditor.log"),
+            args,
+            dir.join(format!("{tag}.log")),
             true,
         )?;
         let stdout = stdout.context("daemon stdout was not piped")?;
         let unexpected = Arc::new(Mutex::new(Unexpected::default()));
         let sink = Arc::clone(&unexpected);
-        let copy = dir.join("unexpected.jsonl");
+        let copy = if tag == "auditor" {
+            dir.join("unexpected.jsonl")
+        } else {
+            dir.join(format!("{tag}-unexpected.jsonl"))
+        };
         let reader = std::thread::spawn(move || read_stdout(stdout, &sink, &copy));
         Ok(Self {
             proc,
@@ -286,13 +304,25 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(ns: &str, target: SocketAddr, addr: SocketAddr, dir: &Path) -> Result<Self> {
+        Self::start_targets(ns, &[target], addr, dir)
+    }
+
+    /// [`Prometheus::start`] scraping every one of `targets` (one agent per node).
+    pub fn start_targets(
+        ns: &str,
+        targets: &[SocketAddr],
+        addr: SocketAddr,
+        dir: &Path,
+    ) -> Result<Self> {
         let config = dir.join("prometheus.yml");
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
                  scrape_configs:\n  - job_name: flow-auditor\n    static_configs:\n      \
-                 - targets: ['{target}']\n"
+                 - targets: [{}]\n",
+                targets.join(", ")
             ),
         )
         .with_context(|| format!("write {}", config.display()))?;

@@ -554,7 +554,7 @@ fn diff(
 }
 
 /// Retries `f` every second until it succeeds or `limit` passes; the last error otherwise.
-fn wait_for(limit: Duration, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+pub(super) fn wait_for(limit: Duration, mut f: impl FnMut() -> Result<()>) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
         match f() {

@@ -2,6 +2,7 @@
 //! it (the node included) in network namespaces of its own, with the auditor daemon watching the
 //! node's `cali*` interfaces and a live summary of its verdicts. Ctrl-C removes it all.
 
+pub mod cilium;
 mod cluster;
 mod daemon;
 pub mod e2e;
@@ -170,8 +171,17 @@ pub fn binary(root: &Path) -> Result<PathBuf> {
     }
 }
 
-/// `cargo xtask demo [--duration SECS]`.
-pub fn demo(root: &Path, duration: Option<u64>) -> Result<()> {
+/// Which CNI a lab plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Cni {
+    /// The Calico homelab of seed 004: one node, `cali*` veths, host routing, nftables.
+    Calico,
+    /// The Cilium homelab of seed 000: two nodes, `lxc*` veths, `bpf_redirect_peer` delivery.
+    Cilium,
+}
+
+/// `cargo xtask demo [--cni calico|cilium] [--routing native|vxlan] [--duration SECS]`.
+pub fn demo(root: &Path, duration: Option<u64>, cni: Cni, routing: cilium::Routing) -> Result<()> {
     if !crate::is_root() {
         bail!(
             "the lab creates network namespaces and loads eBPF programs: run `sudo cargo xtask demo`"
@@ -179,6 +189,9 @@ pub fn demo(root: &Path, duration: Option<u64>) -> Result<()> {
     }
     let binary = binary(root)?;
     catch_signals();
+    if cni == Cni::Cilium {
+        return cilium::demo(root, &binary, duration, routing);
+    }
     let answer_timeout = format!("{}s", DEMO_ANSWER_TIMEOUT.as_secs());
     let mut lab = Lab::up(&binary, &answer_timeout, "lab")?;
     let result = demo_loop(&mut lab, duration);

@@ -28,7 +28,7 @@ pub struct Netns {
 }
 
 impl Netns {
-    fn create(name: String) -> Result<Self> {
+    pub fn create(name: String) -> Result<Self> {
         cmd("ip", &["netns", "add", &name])?;
         let ns = Self { name };
         // IPv6 off before any interface exists: link-local autoconfiguration and router
@@ -232,7 +232,7 @@ impl Topology {
 }
 
 /// Creates veth `a` in `ns_a` with peer `b` in `ns_b`, both up.
-fn veth(ns_a: &Netns, a: &str, ns_b: &Netns, b: &str) -> Result<()> {
+pub fn veth(ns_a: &Netns, a: &str, ns_b: &Netns, b: &str) -> Result<()> {
     ns_a.ip(&[
         "link",
         "add",

@@ -17,7 +17,7 @@ use super::net::{Topology, in_netns, served};
 /// How long a client waits for a connection or an answer before calling it silent.
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How often an idle server looks at the stop flag.
-const SERVER_POLL: Duration = Duration::from_millis(20);
+pub const SERVER_POLL: Duration = Duration::from_millis(20);
 
 /// One conversation of the script: `from` (a pod key) talks to `to` (a pod or external key).
 #[derive(Clone, Copy, Debug)]
@@ -164,7 +164,7 @@ impl Drop for Servers {
     }
 }
 
-fn serve_tcp(listener: &TcpListener, stop: &AtomicBool) {
+pub fn serve_tcp(listener: &TcpListener, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((mut stream, _)) => {
@@ -181,7 +181,7 @@ fn serve_tcp(listener: &TcpListener, stop: &AtomicBool) {
     }
 }
 
-fn serve_udp(socket: &UdpSocket, stop: &AtomicBool) {
+pub fn serve_udp(socket: &UdpSocket, stop: &AtomicBool) {
     let mut buf = [0_u8; 1500];
     while !stop.load(Ordering::Relaxed) {
         if let Ok((n, peer)) = socket.recv_from(&mut buf) {
@@ -228,7 +228,7 @@ pub fn play_all(topo: &Topology, script: &[Conversation]) -> Vec<Result<Seen>> {
     })
 }
 
-fn tcp_client(addr: SocketAddr) -> std::io::Result<Seen> {
+pub fn tcp_client(addr: SocketAddr) -> std::io::Result<Seen> {
     let mut stream = match TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT) {
         Ok(s) => s,
         Err(e) => return refusal(&e),
@@ -241,7 +241,7 @@ fn tcp_client(addr: SocketAddr) -> std::io::Result<Seen> {
     Ok(Seen::Answered)
 }
 
-fn udp_client(addr: SocketAddr) -> std::io::Result<Seen> {
+pub fn udp_client(addr: SocketAddr) -> std::io::Result<Seen> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     socket.connect(addr)?;
     socket.set_read_timeout(Some(CLIENT_TIMEOUT))?;

@@ -15,6 +15,8 @@
 //!   could not take), `sampled_out_packets_total` (packets skipped on purpose),
 //!   `flow_table_evictions_total{decided=true|false}` (flows the kernel's LRU evicted, before or
 //!   after their outcome was decided);
+//!   `encapsulated_packets_total` (tunnels' outer packets on the uplinks, not flows) and
+//!   `duplicate_packets_total` (packets a second hook on the node saw, counted once);
 //! - `flow_table_entries`, `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`,
 //!   `policies{kind}`,
 //!   `policy_errors`, `model_generation`, `model_last_update_timestamp_seconds`,
@@ -144,6 +146,16 @@ const SAMPLED_OUT: Family = counter(
     "Packets of established flows skipped by sampling: in no flow's packet and byte counts, \
      by design.",
 );
+const ENCAPSULATED: Family = counter(
+    "flow_auditor_encapsulated_packets",
+    "Outer packets of VXLAN, Geneve and WireGuard seen on the uplinks: their inner packets are \
+     the flows, seen on the tunnel device.",
+);
+const DUPLICATES: Family = counter(
+    "flow_auditor_duplicate_packets",
+    "Packets seen by a second hook on this node (an uplink, then a pod interface; two pod \
+     interfaces): counted in their flow once, by the first.",
+);
 const FLOW_TABLE_ENTRIES: Family = gauge(
     "flow_auditor_flow_table_entries",
     "Entries in the kernel flow table.",
@@ -211,6 +223,8 @@ pub struct Metrics {
     /// Evictions of flows `[decided, undecided]`.
     evictions: [AtomicU64; 2],
     sampled_out: AtomicU64,
+    encapsulated: AtomicU64,
+    duplicates: AtomicU64,
     flow_table_entries: AtomicI64,
     flow_table_capacity: AtomicI64,
     attached: [AtomicI64; HookMode::ALL.len()],
@@ -249,6 +263,8 @@ impl Metrics {
             insert_failures: AtomicU64::new(0),
             evictions: Default::default(),
             sampled_out: AtomicU64::new(0),
+            encapsulated: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             flow_table_entries: AtomicI64::new(0),
             flow_table_capacity: AtomicI64::new(0),
             attached: Default::default(),
@@ -394,6 +410,13 @@ impl Metrics {
         self.sampled_out.fetch_max(total, Ordering::Relaxed);
     }
 
+    /// Brings the uplinks' encapsulation packets and the packets seen twice on the node up to
+    /// the datapath's totals (as [`Metrics::set_lost_events`]).
+    pub fn set_not_flow_packets(&self, encapsulated: u64, duplicates: u64) {
+        self.encapsulated.fetch_max(encapsulated, Ordering::Relaxed);
+        self.duplicates.fetch_max(duplicates, Ordering::Relaxed);
+    }
+
     pub fn set_flow_table(&self, entries: u64, capacity: u64) {
         self.flow_table_entries
             .store(saturating_i64(entries), Ordering::Relaxed);
@@ -478,6 +501,10 @@ impl Metrics {
         }
         sink.family(&SAMPLED_OUT);
         sink.sample(&[], Value::Count(self.sampled_out.load(Ordering::Relaxed)));
+        sink.family(&ENCAPSULATED);
+        sink.sample(&[], Value::Count(self.encapsulated.load(Ordering::Relaxed)));
+        sink.family(&DUPLICATES);
+        sink.sample(&[], Value::Count(self.duplicates.load(Ordering::Relaxed)));
         sink.family(&FLOW_TABLE_ENTRIES);
         sink.sample(&[], relaxed(&self.flow_table_entries));
         sink.family(&FLOW_TABLE_CAPACITY);

@@ -313,8 +313,12 @@ fn lost_events_follow_the_kernel_total() {
     m.set_sampled_out_packets(9);
     m.set_flow_table_evictions(3, 1);
     m.set_flow_table_evictions(2, 5);
+    m.set_not_flow_packets(7, 5);
+    m.set_not_flow_packets(6, 2);
     let text = m.encode(SystemTime::now(), Format::Text);
     for line in [
+        "flow_auditor_encapsulated_packets_total 7\n",
+        "flow_auditor_duplicate_packets_total 5\n",
         "flow_auditor_lost_events_total{source=\"ring_buffer\"} 25\n",
         "flow_auditor_flow_table_insert_failures_total 4\n",
         "flow_auditor_flow_table_evictions_total{decided=\"true\"} 3\n",
