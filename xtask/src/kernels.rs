@@ -10,8 +10,9 @@
 //!   busybox-static:arm64, the kernel package's own veth, `sch_ingress` and `cls_bpf` modules and
 //!   the static arm64 binary the image ships.
 //!
-//! On every kernel the shipped binary runs `auditor run --cluster` on a snapshot and audits real
-//! TCP flows between two pod namespaces (busybox `httpd` and `wget`), which yields the attach
+//! On every kernel the daemon runs `auditor run --cluster` on a snapshot and audits real TCP flows
+//! between two pod namespaces (busybox `httpd` and `nc`): on x86_64 the `auditor` binary the test
+//! build made (the same eBPF object, embedded), on arm64 the shipped one. That yields the attach
 //! mode, the verifier's processed-instruction count of each program (the loader logs
 //! `verified_insns`) and exact counts by verdict and outcome. Everything is bounded: each test has
 //! a time limit inside the guest and each VM one outside it.
@@ -33,7 +34,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 
-use crate::{AARCH64_TARGET, X86_64_TARGET, display, run};
+use crate::{AARCH64_TARGET, display, run};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Arch {
@@ -77,14 +78,15 @@ const KERNELS: [Spec; 3] = [
 
 /// The kernel tests run inside the x86_64 guests (test targets of the `auditor` package), each
 /// with its time limit there. Under emulation they take 1-2 minutes each.
-const X86_TESTS: [(&str, u64); 5] = [
+const X86_TESTS: [(&str, u64); 6] = [
     ("ebpf_testrun", 600),
     ("ebpf_robustness", 600),
     ("netns_flows", 600),
     ("attach_churn", 600),
     ("capabilities", 600),
+    ("daemon", 600),
 ];
-/// The daemon on real flows with the shipped binary, in every guest.
+/// The daemon on real flows, in every guest.
 const FLOWS: &str = "daemon flows";
 /// Time limit of the flow scenario inside a guest (an emulated start takes tens of seconds).
 const FLOWS_LIMIT: u64 = 300;
@@ -136,6 +138,7 @@ struct Row {
     tests: BTreeMap<&'static str, Outcome>,
     /// The verifier's processed-instruction count: ingress, egress.
     verified: [Option<u32>; 2],
+    /// The guest's time, from starting the VM until it powered off.
     secs: u64,
     problems: Vec<String>,
 }
@@ -174,7 +177,7 @@ pub struct Kernels<'a> {
     root: &'a Path,
     dir: PathBuf,
     index: RefCell<Option<std::result::Result<(), String>>>,
-    x86_tests: RefCell<Option<std::result::Result<Vec<(&'static str, PathBuf)>, String>>>,
+    x86_tests: RefCell<Option<std::result::Result<TestBuild, String>>>,
     shipped: RefCell<BTreeMap<&'static str, std::result::Result<PathBuf, String>>>,
     rows: RefCell<Vec<Row>>,
 }
@@ -191,11 +194,16 @@ impl<'a> Kernels<'a> {
         }
     }
 
-    /// One step per kernel; the last also prints the table of every kernel's results.
-    pub fn steps<'s>(&'s self) -> Vec<(&'static str, crate::Step<'s>)> {
-        let last = KERNELS.len() - 1;
-        KERNELS
+    /// One step per kernel (those whose name contains `only`, if given); the last also prints
+    /// the table of every kernel's results.
+    pub fn steps<'s>(&'s self, only: Option<&str>) -> Vec<(&'static str, crate::Step<'s>)> {
+        let chosen: Vec<&Spec> = KERNELS
             .iter()
+            .filter(|spec| only.is_none_or(|only| spec.name.contains(only)))
+            .collect();
+        let last = chosen.len().saturating_sub(1);
+        chosen
+            .into_iter()
             .enumerate()
             .map(|(i, spec)| {
                 let step: crate::Step<'s> = Box::new(move || {
@@ -215,20 +223,20 @@ impl<'a> Kernels<'a> {
         let started = Instant::now();
         let mut row = Row::new(spec.name);
         let result = self.try_kernel(spec, &mut row);
-        row.secs = started.elapsed().as_secs();
+        let total = started.elapsed().as_secs();
         if let Err(e) = &result {
             row.problems.push(format!("{e:#}"));
         }
         let passed = row.passed();
+        let took = format!(
+            "{} in the VM, {} with downloads and builds",
+            minutes(row.secs),
+            minutes(total)
+        );
         let summary = if passed {
-            format!("kernel {}: passed in {}", spec.name, minutes(row.secs))
+            format!("kernel {}: passed, {took}", spec.name)
         } else {
-            format!(
-                "kernel {}: FAILED in {}: {}",
-                spec.name,
-                minutes(row.secs),
-                failures(&row)
-            )
+            format!("kernel {}: FAILED, {took}: {}", spec.name, failures(&row))
         };
         eprintln!("{summary}");
         self.rows.borrow_mut().push(row);
@@ -262,7 +270,7 @@ impl<'a> Kernels<'a> {
         std::fs::write(run_dir.join("flows.sh"), FLOWS_SCRIPT)?;
         let console = match spec.arch {
             Arch::X86_64 => self.run_x86(&unpacked, &release, &run_dir, row)?,
-            Arch::Arm64 => self.run_arm64(&unpacked, &release, &run_dir)?,
+            Arch::Arm64 => self.run_arm64(&unpacked, &release, &run_dir, row)?,
         };
         read_report(&console, &run_dir, spec.arch, row);
         Ok(())
@@ -388,9 +396,9 @@ impl<'a> Kernels<'a> {
         Ok(unpacked)
     }
 
-    /// The test binaries of [`X86_TESTS`], as `cargo test --no-run` builds them here (already
-    /// built by the `cargo test` step of `cargo xtask test`).
-    fn x86_tests(&self) -> Result<Vec<(&'static str, PathBuf)>> {
+    /// The test binaries of [`X86_TESTS`] and the `auditor` binary, as `cargo test --no-run`
+    /// builds them here (already built by the `cargo test` step of `cargo xtask test`).
+    fn x86_tests(&self) -> Result<TestBuild> {
         let mut cache = self.x86_tests.borrow_mut();
         if cache.is_none() {
             *cache = Some(test_binaries(self.root).map_err(|e| format!("{e:#}")));
@@ -422,8 +430,10 @@ impl<'a> Kernels<'a> {
         run_dir: &Path,
         row: &mut Row,
     ) -> Result<String> {
-        let tests = self.x86_tests()?;
-        let binary = self.shipped(X86_64_TARGET)?;
+        let TestBuild {
+            tests,
+            auditor: binary,
+        } = self.x86_tests()?;
         let mut script = format!("flows_limit={FLOWS_LIMIT}\n");
         script.push_str(GUEST_PREAMBLE);
         writeln!(
@@ -476,7 +486,10 @@ impl<'a> Kernels<'a> {
                 shell_quote(&console)
             ));
         let vm_log = run_dir.join("vm.log");
-        let status = bounded(&mut vng, Duration::from_secs(limit), &vm_log)?;
+        let booted = Instant::now();
+        let status = bounded(&mut vng, Duration::from_secs(limit), &vm_log);
+        row.secs = booted.elapsed().as_secs();
+        let status = status?;
         let report = std::fs::read_to_string(&console).unwrap_or_default();
         if !report.contains(&format!("{MARK}done")) {
             bail!(
@@ -490,7 +503,13 @@ impl<'a> Kernels<'a> {
 
     /// Boots the arm64 kernel with qemu-system-aarch64 and an initramfs of our own, runs the
     /// flows there; returns the console's output.
-    fn run_arm64(&self, unpacked: &Path, release: &str, run_dir: &Path) -> Result<String> {
+    fn run_arm64(
+        &self,
+        unpacked: &Path,
+        release: &str,
+        run_dir: &Path,
+        row: &mut Row,
+    ) -> Result<String> {
         let binary = self.shipped(AARCH64_TARGET)?;
         let busybox = self
             .fetch("busybox-static", Arch::Arm64)?
@@ -550,11 +569,14 @@ impl<'a> Kernels<'a> {
             "-append",
             "console=ttyAMA0 rdinit=/init panic=-1 quiet loglevel=3",
         ]);
+        let booted = Instant::now();
         let status = bounded(
             &mut qemu,
             Duration::from_secs(FLOWS_LIMIT + BOOT_ALLOWANCE),
             &console,
-        )?;
+        );
+        row.secs = booted.elapsed().as_secs();
+        let status = status?;
         let report = std::fs::read_to_string(&console).unwrap_or_default();
         if !report.contains(&format!("{MARK}done")) {
             bail!(
@@ -566,10 +588,17 @@ impl<'a> Kernels<'a> {
     }
 }
 
-/// `cargo xtask test-kernels`: only the kernel steps, with their table and a summary line.
-pub fn run_alone(root: &Path) -> Result<()> {
+/// `cargo xtask test-kernels [--only NAME]`: only the kernel steps, with their table and a
+/// summary line.
+pub fn run_alone(root: &Path, only: Option<&str>) -> Result<()> {
     let kernels = Kernels::new(root);
-    crate::run_steps(kernels.steps())
+    let steps = kernels.steps(only);
+    ensure!(
+        !steps.is_empty(),
+        "no kernel's name contains {only:?}: the kernels are {}",
+        KERNELS.map(|k| k.name).join(", ")
+    );
+    crate::run_steps(steps)
 }
 
 /// virtme-ng's `vng`: on the PATH, or where pip put it for this Python.
@@ -791,14 +820,23 @@ fn minutes(secs: u64) -> String {
     }
 }
 
+/// What `cargo test --no-run` built for the x86_64 guests.
+#[derive(Clone)]
+struct TestBuild {
+    /// The executables of [`X86_TESTS`], in that order.
+    tests: Vec<(&'static str, PathBuf)>,
+    /// The `auditor` binary the tests run (`CARGO_BIN_EXE_auditor`).
+    auditor: PathBuf,
+}
+
 /// `cargo test --no-run` of the kernel tests; their executables by test name.
-fn test_binaries(root: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
+fn test_binaries(root: &Path) -> Result<TestBuild> {
     let mut cmd = crate::cargo(root);
-    // As the `cargo test` step builds them, so nothing is rebuilt.
+    // As the `cargo test` step builds them (the whole workspace, so the same features): nothing
+    // is rebuilt.
     cmd.env("CARGO_INCREMENTAL", "0").args([
         "test",
-        "--package",
-        "auditor",
+        "--workspace",
         "--no-run",
         "--message-format=json",
     ]);
@@ -817,6 +855,7 @@ fn test_binaries(root: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
         out.status
     );
     let mut found = Vec::new();
+    let mut auditor = None;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -825,6 +864,12 @@ fn test_binaries(root: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
             continue;
         };
         let target = message["target"]["name"].as_str().unwrap_or_default();
+        let bin = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "bin"));
+        if bin && target == "auditor" {
+            auditor = Some(PathBuf::from(executable));
+        }
         if let Some((name, _)) = X86_TESTS.iter().find(|(n, _)| *n == target) {
             found.push((*name, PathBuf::from(executable)));
         }
@@ -836,7 +881,10 @@ fn test_binaries(root: &Path) -> Result<Vec<(&'static str, PathBuf)>> {
         );
     }
     found.sort_by_key(|(name, _)| X86_TESTS.iter().position(|(n, _)| n == name));
-    Ok(found)
+    Ok(TestBuild {
+        tests: found,
+        auditor: auditor.ok_or_else(|| anyhow!("cargo built no auditor binary"))?,
+    })
 }
 
 /// What a guest reported (`@@fa ...` lines of its console), into `row`.
@@ -1034,7 +1082,7 @@ fn table(rows: &[Row]) -> String {
         .map(String::from)
         .to_vec();
     header.extend(X86_TESTS.iter().map(|(name, _)| (*name).to_owned()));
-    header.extend([FLOWS, "verified insns in/eg", "time", "result"].map(String::from));
+    header.extend([FLOWS, "verified insns in/eg", "VM time", "result"].map(String::from));
     let mut lines = vec![header];
     for row in rows {
         let mut cells = vec![
@@ -1094,6 +1142,7 @@ const ARM64_INIT: &str = r#"#!/bin/busybox sh
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mkdir -p /tmp/run
 cp /cluster.yaml /flows.sh /tmp/run/
@@ -1123,7 +1172,7 @@ run_flows() {
 
 /// The flow scenario, busybox only (the arm64 initramfs has nothing else): the guest's own
 /// network namespace is the node, two pods are namespaces held by a sleeping process each,
-/// wired as Calico does (a veth `caliX` on the node, a host route, proxy ARP). The shipped binary
+/// wired as Calico does (a veth `caliX` on the node, a host route, proxy ARP). The binary
 /// runs `auditor run --cluster` on [`SNAPSHOT`]; pod A opens three TCP connections to pod B
 /// (allowed; forbidden but unenforced; to a closed port), then the metrics are scraped and the
 /// daemon gets SIGTERM. `$1` the binary, `$2` a writable directory with `cluster.yaml`.
@@ -1131,9 +1180,11 @@ const FLOWS_SCRIPT: &str = r#"
 bin=$1; dir=$2
 bb=busybox
 report() { echo "@@fa $*"; }
-# HTTP by hand over nc: a static glibc busybox's wget crashes where /etc has an NSS setup.
+# HTTP by hand over nc: a static glibc busybox's wget crashes where /etc has an NSS setup. The
+# request side stays open a while: nc half-closes at the end of its input, and the server drops a
+# half-closed connection before a slow (emulated) response is written.
 get() {
-  printf 'GET %s HTTP/1.1\r\nHost: auditor\r\nConnection: close\r\n\r\n' "$1" |
+  { printf 'GET %s HTTP/1.1\r\nHost: auditor\r\nConnection: close\r\n\r\n' "$1"; $bb sleep 3; } |
     $bb nc -w 10 127.0.0.1 19925 2>/dev/null | $bb tr -d '\r'
 }
 echo 1 > /proc/sys/net/ipv4/ip_forward
@@ -1170,7 +1221,7 @@ daemon=$!
 i=0
 until get /readyz | $bb head -n 1 | $bb grep -q ' 200 '; do
   i=$((i+1))
-  if [ $i -gt 180 ] || ! kill -0 $daemon 2>/dev/null; then report error daemon-not-ready; break; fi
+  if [ $i -gt 60 ] || ! kill -0 $daemon 2>/dev/null; then report error daemon-not-ready; break; fi
   $bb sleep 1
 done
 $bb grep "program verified" $dir/daemon.log | while read -r l; do report log "$l"; done
@@ -1179,22 +1230,26 @@ for port in 8080 7070 9; do
     $bb nsenter -t $pid_A -n $bb nc -w 10 192.0.2.20 $port > /dev/null 2>&1
   report connect $port $?
 done
-# Until the three flows are counted (the answer timeout is 1 s), at most a minute.
+# Until the three flows are counted (the answer timeout is 1 s), at most 30 scrapes (3 s each).
 i=0
-while [ $i -lt 60 ]; do
+while [ $i -lt 30 ]; do
   get /metrics > $dir/metrics
   n=$($bb grep '^flow_auditor_flows_total{' $dir/metrics 2>/dev/null | $bb grep -vc ' 0$')
   [ "${n:-0}" -ge 3 ] && break
   i=$((i+1)); $bb sleep 1
 done
 $bb sleep 2
-get /metrics > $dir/metrics
+i=0
+until get /metrics > $dir/metrics && $bb grep -q '^flow_auditor_flows_total' $dir/metrics || [ $i -ge 10 ]; do
+  i=$((i+1))
+done
 $bb grep -E '^flow_auditor_(flows_total|attached_interfaces)' $dir/metrics | while read -r l; do report metric "$l"; done
 kill -TERM $daemon
 i=0; while kill -0 $daemon 2>/dev/null && [ $i -lt 100 ]; do $bb sleep 0.1; i=$((i+1)); done
 if kill -0 $daemon 2>/dev/null; then report error daemon-ignored-sigterm; kill -KILL $daemon; fi
 wait $daemon
 report daemon-exit $?
+$bb tail -n 15 $dir/daemon.log 2>/dev/null | while read -r l; do echo "daemon: $l"; done
 kill $web1 $web2 $pid_A $pid_B 2>/dev/null
 "#;
 

@@ -35,8 +35,12 @@ enum Verb {
     Test,
     /// Only the kernel step of `test` (root): Debian's 6.1 and 6.12 kernels (x86_64) and 6.12
     /// arm64 with 16 KiB pages, from Debian's archive, booted in emulated VMs that run the kernel
-    /// tests; prints a table per kernel.
-    TestKernels,
+    /// tests; prints a table of the results.
+    TestKernels {
+        /// Only the kernels whose name contains this (`6.1`, `6.12`, `x86_64`, `arm64`).
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Build everything, then run the Calico homelab in miniature (network namespaces on this
     /// machine) under the auditor, with a live summary; Ctrl-C removes it all.
     Demo {
@@ -106,7 +110,7 @@ fn main() -> Result<()> {
         Verb::Setup => Ok(()),
         Verb::Build { target } => build(&root, target).map(|_| ()),
         Verb::Test => test(&root),
-        Verb::TestKernels => kernels::run_alone(&root),
+        Verb::TestKernels { only } => kernels::run_alone(&root, only.as_deref()),
         Verb::Demo { duration } => lab::demo(&root, duration),
         Verb::LabTest => lab::e2e::run(&root, &lab::binary(&root)?),
         Verb::Bench { which } => bench(&root, which),
@@ -346,7 +350,7 @@ fn test(root: &Path) -> Result<()> {
             }),
         ));
         // Debian's kernels in emulated VMs, one step each, then their table.
-        steps.extend(kernels.steps());
+        steps.extend(kernels.steps(None));
     }
     steps.push((
         "cargo fmt --check",
