@@ -1,14 +1,17 @@
 //! Attach/detach churn and crash leftovers, against the real kernel in namespaces of our own:
 //! 200 veth pairs come and go while the loader runs; afterwards nothing of ours stays attached,
 //! no link of ours survives, and no file descriptor leaks. And what a killed instance leaves:
-//! TCX links die with the process, clsact filters do not and the next start removes them.
+//! TCX links die with the process, clsact filters do not and the next start removes them. Each
+//! test expects the hook the kernel offers: TCX on 6.6+, clsact filters before (Debian 12's 6.1),
+//! probed, not assumed.
 
+#[path = "common/hooks.rs"]
+mod hooks;
 #[path = "common/netns.rs"]
 mod netns;
 
 use std::{
     collections::BTreeSet,
-    ffi::CString,
     io::{BufRead as _, BufReader},
     process::{Command, Stdio},
     sync::{Mutex, mpsc},
@@ -16,11 +19,14 @@ use std::{
 };
 
 use auditor::datapath::{
-    attach::{AttachConfig, AttachMode, AttachedInterface, HookMode},
+    attach::{AttachConfig, AttachError, AttachMode, AttachedInterface, HookMode},
     load::{Datapath, DatapathConfig},
-    manager::DatapathManager,
+    manager::{DatapathManager, ManagerError},
 };
-use aya::programs::{SchedClassifier, TcAttachType, loaded_links};
+use aya::programs::{
+    TcAttachType, loaded_links,
+    tc::{self, NlOptions, TcAttach},
+};
 use netns::{Netns, open_fds, require_root};
 
 const PAIRS: usize = 200;
@@ -147,32 +153,21 @@ impl Drop for Loader {
     }
 }
 
-/// Our TC programs attached via TCX on `ifname` in `ns`: (ingress, egress) program ids.
-fn tcx_programs(ns: &Netns, ifname: &str) -> (Vec<u32>, Vec<u32>) {
-    let name = CString::new(ifname).unwrap_or_else(|e| panic!("{e}"));
-    ns.run(|| {
-        let query = |attach_type| {
-            let (_, programs) = SchedClassifier::query_tcx(&name, attach_type)
-                .unwrap_or_else(|e| panic!("query_tcx {ifname}: {e}"));
-            programs
-                .iter()
-                .filter(|p| {
-                    p.name_as_str()
-                        .is_some_and(|n| n.starts_with("flow_auditor"))
-                })
-                .map(aya::programs::ProgramInfo::id)
-                .collect::<Vec<_>>()
-        };
-        (query(TcAttachType::Ingress), query(TcAttachType::Egress))
-    })
-}
-
 /// Whether `tc` lists a filter of ours on `ifname` (either direction).
 fn has_clsact_filter(ns: &Netns, ifname: &str) -> bool {
-    ["ingress", "egress"].iter().any(|dir| {
-        ns.output(&["tc", "filter", "show", "dev", ifname, dir])
-            .contains("flow_auditor")
-    })
+    let (ingress, egress) = hooks::clsact_programs(ns, ifname);
+    !ingress.is_empty() || !egress.is_empty()
+}
+
+/// Our programs on `ifname` by `mode`: one per hook, or panics. Returns their ids.
+fn one_per_hook(ns: &Netns, ifname: &str, mode: HookMode) -> Vec<u32> {
+    let (ingress, egress) = hooks::programs(ns, ifname, mode);
+    assert_eq!(
+        (ingress.len(), egress.len()),
+        (1, 1),
+        "one program of ours per hook on {ifname} by {mode}: {ingress:?} {egress:?}"
+    );
+    ingress.into_iter().chain(egress).collect()
 }
 
 fn links_of(programs: &BTreeSet<u32>) -> usize {
@@ -231,27 +226,32 @@ fn churn_of_200_veth_pairs_leaves_nothing_behind() {
         "link", "add", "other0", "type", "veth", "peer", "name", "other1",
     ]);
 
+    let mode = hooks::expected_mode(&ns);
     let loader = Loader::start(&ns, AttachConfig::default());
     let attached = loader.wait_for(&survivors, Duration::from_secs(10));
     assert!(
-        attached.iter().all(|a| a.mode == HookMode::Tcx),
-        "kernel 6.6+ should get TCX everywhere: {attached:?}"
+        attached.iter().all(|a| a.mode == mode),
+        "this kernel offers {mode}, which every interface should get: {attached:?}"
     );
-    let (ingress, egress) = tcx_programs(&ns, "veths0a");
-    assert_eq!(
-        (ingress.len(), egress.len()),
-        (1, 1),
-        "one program of ours per hook on veths0a"
-    );
-    let ours: BTreeSet<u32> = ingress.iter().chain(&egress).copied().collect();
+    let ours: BTreeSet<u32> = one_per_hook(&ns, "veths0a", mode).into_iter().collect();
+    for name in &survivors {
+        assert_eq!(
+            one_per_hook(&ns, name, mode)
+                .into_iter()
+                .collect::<BTreeSet<_>>(),
+            ours,
+            "{name} runs other programs than veths0a"
+        );
+    }
+    // TCX attachments are kernel links; clsact filters are not links at all.
+    let links_per_interface = if mode == HookMode::Tcx { 2 } else { 0 };
     assert_eq!(
         links_of(&ours),
-        2 * survivors.len(),
-        "one TCX link per hook per interface"
+        links_per_interface * survivors.len(),
+        "{links_per_interface} {mode} link(s) per interface"
     );
-    assert_eq!(
-        tcx_programs(&ns, "other0"),
-        (vec![], vec![]),
+    assert!(
+        !hooks::anything_attached(&ns, "other0"),
         "other0 does not match the globs"
     );
 
@@ -275,13 +275,14 @@ fn churn_of_200_veth_pairs_leaves_nothing_behind() {
     let converged_add = started.elapsed();
     assert_eq!(
         links_of(&ours),
-        2 * expected.len(),
+        links_per_interface * expected.len(),
         "links of deleted interfaces were not closed"
     );
-    let (ingress, egress) = tcx_programs(&ns, &format!("vethc{}b", PAIRS - 1));
     assert_eq!(
-        (ingress.len(), egress.len()),
-        (1, 1),
+        one_per_hook(&ns, &format!("vethc{}b", PAIRS - 1), mode)
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        ours,
         "the newest interface has our programs"
     );
 
@@ -293,20 +294,15 @@ fn churn_of_200_veth_pairs_leaves_nothing_behind() {
     let churn = started.elapsed();
     assert_eq!(
         links_of(&ours),
-        2 * survivors.len(),
+        links_per_interface * survivors.len(),
         "links of deleted interfaces were not closed"
     );
 
     loader.stop();
     for name in &survivors {
-        assert_eq!(
-            tcx_programs(&ns, name),
-            (vec![], vec![]),
-            "{name} still has our program after shutdown"
-        );
         assert!(
-            !has_clsact_filter(&ns, name),
-            "{name} has a clsact filter of ours after shutdown"
+            !hooks::anything_attached(&ns, name),
+            "{name} still has our program (TCX or a clsact filter) after shutdown"
         );
     }
     assert_eq!(links_of(&ours), 0, "a link of ours survived the shutdown");
@@ -324,7 +320,7 @@ fn churn_of_200_veth_pairs_leaves_nothing_behind() {
         "file descriptors leaked: {fds_before:?} before, {fds_after:?} after"
     );
     println!(
-        "churn: {PAIRS} veth pairs ({} interfaces) added and deleted; attached state converged \
+        "churn ({mode}): {PAIRS} veth pairs ({} interfaces) added and deleted; attached state converged \
          {converged_add:?} after the start, all done in {churn:?}; open fds {} before, {} after",
         2 * PAIRS,
         fds_before.len(),
@@ -379,8 +375,9 @@ fn crash_child() {
     });
 }
 
-/// Starts `crash_child` in `ns` with `mode`, waits for READY, kills it with SIGKILL.
-fn crash_an_instance(ns: &Netns, mode: &str, check_while_running: impl FnOnce()) {
+/// Starts `crash_child` in `ns` with `mode`, waits for READY, runs `check_while_running`, kills
+/// the child with SIGKILL and returns what the check returned.
+fn crash_an_instance<T>(ns: &Netns, mode: &str, check_while_running: impl FnOnce() -> T) -> T {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     let mut child = Command::new(exe)
         .args([
@@ -412,13 +409,14 @@ fn crash_an_instance(ns: &Netns, mode: &str, check_while_running: impl FnOnce())
         let _ = child.wait();
         panic!("the child instance never became ready");
     }
-    check_while_running();
+    let checked = check_while_running();
     child
         .kill()
         .unwrap_or_else(|e| panic!("SIGKILL the child: {e}"));
     child
         .wait()
         .unwrap_or_else(|e| panic!("reaping the child: {e}"));
+    checked
 }
 
 #[test]
@@ -432,22 +430,58 @@ fn killed_instance_leaves_no_tcx_link() {
     ns.ip(&[
         "link", "add", "vethk0a", "type", "veth", "peer", "name", "vethk0b",
     ]);
+    if !hooks::tcx_supported(&ns) {
+        // No TCX here (before 6.6): `attachMode: tcx` must fail loudly and leave nothing, never
+        // fall back to clsact behind the operator's back.
+        forced_tcx_fails_without_tcx(&ns);
+        return;
+    }
     crash_an_instance(&ns, "tcx", || {
-        let (ingress, egress) = tcx_programs(&ns, "vethk0a");
-        assert_eq!(
-            (ingress.len(), egress.len()),
-            (1, 1),
-            "the child did not attach via TCX"
-        );
+        one_per_hook(&ns, "vethk0a", HookMode::Tcx);
     });
     // The kernel releases a dead process's files asynchronously: allow it a moment.
     let start = Instant::now();
-    while tcx_programs(&ns, "vethk0a") != (vec![], vec![]) {
+    while hooks::tcx_programs(&ns, "vethk0a") != (vec![], vec![]) {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "a killed instance's TCX links are still attached after 5 s"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// On a kernel without TCX: starting with the mode forced to TCX is an attach error naming TCX,
+/// and nothing of ours is left on the interface.
+fn forced_tcx_fails_without_tcx(ns: &Netns) {
+    let result = ns.run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
+        runtime.block_on(async {
+            let datapath = Datapath::load(&DatapathConfig::default())
+                .unwrap_or_else(|e| panic!("load: {e:?}"));
+            let config = AttachConfig {
+                mode: AttachMode::Tcx,
+                ..AttachConfig::default()
+            };
+            DatapathManager::start(datapath, config).map(|manager| manager.attached())
+        })
+    });
+    match result {
+        Err(ManagerError::Attach(AttachError::Attach {
+            mode, interface, ..
+        })) => {
+            assert_eq!(mode, HookMode::Tcx, "the failed attach names {mode}");
+            assert!(interface.starts_with("vethk0"), "failed on {interface}");
+        }
+        other => panic!("forcing TCX on a kernel without it must fail to attach: {other:?}"),
+    }
+    for name in ["vethk0a", "vethk0b"] {
+        assert!(
+            !hooks::anything_attached(ns, name),
+            "a failed TCX start left something of ours on {name}"
+        );
     }
 }
 
@@ -462,34 +496,54 @@ fn killed_instance_clsact_filters_are_removed_on_start() {
     ns.ip(&[
         "link", "add", "vethk0a", "type", "veth", "peer", "name", "vethk0b",
     ]);
-    crash_an_instance(&ns, "clsact", || {
-        assert!(
-            has_clsact_filter(&ns, "vethk0a"),
-            "the child did not attach a clsact filter"
-        );
+    let mode = hooks::expected_mode(&ns);
+    let leftovers: BTreeSet<u32> = crash_an_instance(&ns, "clsact", || {
+        one_per_hook(&ns, "vethk0a", HookMode::Clsact)
+            .into_iter()
+            .chain(one_per_hook(&ns, "vethk0b", HookMode::Clsact))
+            .collect()
     });
     assert!(
         has_clsact_filter(&ns, "vethk0a") && has_clsact_filter(&ns, "vethk0b"),
         "clsact filters are expected to outlive a killed instance"
     );
     let loader = Loader::start(&ns, AttachConfig::default());
-    assert!(
-        !has_clsact_filter(&ns, "vethk0a") && !has_clsact_filter(&ns, "vethk0b"),
-        "the new instance did not remove the leftover clsact filters"
-    );
-    let (ingress, egress) = tcx_programs(&ns, "vethk0a");
-    assert_eq!(
-        (ingress.len(), egress.len()),
-        (1, 1),
-        "the new instance attached via TCX"
-    );
+    for name in ["vethk0a", "vethk0b"] {
+        let (ingress, egress) = hooks::clsact_programs(&ns, name);
+        assert!(
+            !ingress
+                .iter()
+                .chain(&egress)
+                .any(|id| leftovers.contains(id)),
+            "the new instance did not remove the leftover clsact filters on {name} \
+             (programs {leftovers:?}): ingress {ingress:?}, egress {egress:?}"
+        );
+        // Its own programs, once per hook, by what this kernel offers (on a clsact kernel they
+        // are filters of the same names as the leftovers, so only the ids tell them apart).
+        let new = one_per_hook(&ns, name, mode);
+        assert!(
+            !new.iter().any(|id| leftovers.contains(id)),
+            "{name} runs a leftover program: {new:?}"
+        );
+        if mode == HookMode::Tcx {
+            assert!(
+                !has_clsact_filter(&ns, name),
+                "a clsact filter of ours beside TCX on {name}"
+            );
+        }
+    }
     loader.stop();
-    assert_eq!(tcx_programs(&ns, "vethk0a"), (vec![], vec![]));
+    for name in ["vethk0a", "vethk0b"] {
+        assert!(
+            !hooks::anything_attached(&ns, name),
+            "{name} still has our program after shutdown"
+        );
+    }
 }
 
 #[test]
 #[ignore = "needs root and the kernel; run by cargo xtask test"]
-fn attaches_first_in_the_tcx_chain() {
+fn attaches_first_in_the_chain() {
     require_root();
     let _serial = SERIAL
         .lock()
@@ -498,29 +552,64 @@ fn attaches_first_in_the_tcx_chain() {
     ns.ip(&[
         "link", "add", "vethf0a", "type", "veth", "peer", "name", "vethf0b",
     ]);
-    // Stands in for a CNI's program, attached before we start.
+    let mode = hooks::expected_mode(&ns);
+    // Stands in for a CNI's program, attached before we start, by the hook this kernel offers.
     let foreign = ns.run(|| {
         let mut datapath =
             Datapath::load(&DatapathConfig::default()).unwrap_or_else(|e| panic!("load: {e:?}"));
         let noop = datapath
             .program(auditor_ebpf::PROGRAM_NOOP)
             .unwrap_or_else(|e| panic!("no-op program: {e:?}"));
-        noop.attach(c"vethf0a", TcAttachType::Ingress)
-            .unwrap_or_else(|e| panic!("attaching the stand-in CNI program: {e}"));
+        let attach = match mode {
+            HookMode::Tcx => TcAttach::Tcx {
+                attach_type: TcAttachType::Ingress,
+                order: aya::programs::LinkOrder::default(),
+            },
+            HookMode::Clsact => {
+                match tc::qdisc_add_clsact(c"vethf0a") {
+                    Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+                    Err(e) => panic!("adding clsact to vethf0a: {e}"),
+                }
+                TcAttach::Netlink {
+                    parent: TcAttachType::Ingress.into(),
+                    options: NlOptions::default(),
+                }
+            }
+        };
+        noop.attach(c"vethf0a", attach)
+            .unwrap_or_else(|e| panic!("attaching the stand-in CNI program by {mode}: {e}"));
         let id = noop.info().unwrap_or_else(|e| panic!("{e}")).id();
         (datapath, id)
     });
     let loader = Loader::start(&ns, AttachConfig::default());
-    let name = CString::new("vethf0a").unwrap_or_else(|e| panic!("{e}"));
-    let chain: Vec<(u32, String)> = ns.run(|| {
-        let (_, programs) = SchedClassifier::query_tcx(&name, TcAttachType::Ingress)
-            .unwrap_or_else(|e| panic!("query_tcx: {e}"));
-        programs
-            .iter()
-            .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_owned()))
-            .collect()
-    });
-    assert_eq!(chain.len(), 2, "chain on vethf0a ingress: {chain:?}");
+    // The ingress chain in the order it runs: (program id, name).
+    let chain: Vec<(u32, String)> = match mode {
+        HookMode::Tcx => ns.run(|| {
+            let (_, programs) =
+                aya::programs::SchedClassifier::query_tcx(c"vethf0a", TcAttachType::Ingress)
+                    .unwrap_or_else(|e| panic!("query_tcx: {e}"));
+            programs
+                .iter()
+                .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_owned()))
+                .collect()
+        }),
+        HookMode::Clsact => {
+            let filters = hooks::clsact_filters(&ns, "vethf0a", "ingress");
+            assert!(
+                filters.windows(2).all(|w| w[0].pref <= w[1].pref),
+                "tc lists filters by priority: {filters:?}"
+            );
+            assert!(
+                filters.first().map(|f| f.pref) < filters.last().map(|f| f.pref),
+                "ours needs a priority of its own ahead of the CNI's: {filters:?}"
+            );
+            filters
+                .into_iter()
+                .map(|f| (f.program_id, f.name))
+                .collect()
+        }
+    };
+    assert_eq!(chain.len(), 2, "{mode} chain on vethf0a ingress: {chain:?}");
     assert_ne!(
         chain[0].0, foreign.1,
         "ours must run before the CNI's: {chain:?}"

@@ -2,7 +2,9 @@
 //! a node namespace of its own as the kubelet would start it: uid 0 with exactly the capabilities
 //! `deploy/base/daemonset.yaml` adds (bounding, permitted and effective sets; nothing inheritable
 //! or ambient), `no_new_privs` and a read-only root filesystem. With the list it becomes ready,
-//! attaches and counts a flow; without any one entry of the list it must fail to start.
+//! attaches (TCX where the kernel has it, clsact filters where it does not, as on Debian 12's
+//! 6.1), removes the clsact filters a crashed agent left and counts a flow; without any one entry of
+//! the list it must fail to start.
 #![expect(
     clippy::float_cmp,
     reason = "metric samples compared here are whole counts, which an f64 holds exactly"
@@ -10,13 +12,14 @@
 
 #[path = "common/bpffs.rs"]
 mod bpffs;
+#[path = "common/hooks.rs"]
+mod hooks;
 #[path = "common/netns.rs"]
 mod netns;
 #[path = "common/tempdir.rs"]
 mod tempdir;
 
 use std::{
-    ffi::CString,
     net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -24,7 +27,14 @@ use std::{
 };
 use tempdir::TempDir;
 
-use aya::programs::{SchedClassifier, TcAttachType};
+use auditor::datapath::{
+    attach::HookMode,
+    load::{Datapath, DatapathConfig},
+};
+use aya::programs::{
+    TcAttachType,
+    tc::{self, NlOptions, TcAttach},
+};
 use netns::{Netns, flows_total, require_root, sample};
 use serde_yaml_ng::Value;
 
@@ -332,24 +342,49 @@ fn get(node: &Netns, path: &str) -> Option<(u16, String)> {
     node.http_get(METRICS, path)
 }
 
-/// Programs of ours attached by TCX to `ifname` in `ns`, both directions.
-fn tcx_programs(ns: &Netns, ifname: &str) -> usize {
-    let name = CString::new(ifname).unwrap_or_else(|e| panic!("{e}"));
+/// Programs of ours attached to `ifname` in `ns` by `mode`, both directions.
+fn attached_programs(ns: &Netns, ifname: &str, mode: HookMode) -> usize {
+    let (ingress, egress) = hooks::programs(ns, ifname, mode);
+    ingress.len() + egress.len()
+}
+
+/// What an agent killed in clsact mode leaves on `ifname`: our two filters, running programs this
+/// process loaded and then lets go of, as a dead process would. Returns their program ids.
+fn leave_clsact_filters(ns: &Netns, ifname: &str) -> Vec<u32> {
     ns.run(|| {
-        [TcAttachType::Ingress, TcAttachType::Egress]
-            .into_iter()
-            .map(|attach_type| {
-                let (_, programs) = SchedClassifier::query_tcx(&name, attach_type)
-                    .unwrap_or_else(|e| panic!("query_tcx {ifname}: {e}"));
-                programs
-                    .iter()
-                    .filter(|p| {
-                        p.name_as_str()
-                            .is_some_and(|n| n.starts_with("flow_auditor"))
-                    })
-                    .count()
-            })
-            .sum()
+        let mut datapath =
+            Datapath::load(&DatapathConfig::default()).unwrap_or_else(|e| panic!("load: {e:?}"));
+        let programs = datapath.programs().unwrap_or_else(|e| panic!("{e}"));
+        let name = std::ffi::CString::new(ifname).unwrap_or_else(|e| panic!("{e}"));
+        match tc::qdisc_add_clsact(name.as_c_str()) {
+            Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+            Err(e) => panic!("adding clsact to {ifname}: {e}"),
+        }
+        let mut ids = Vec::new();
+        for (program, attach_type) in [
+            (programs.ingress, TcAttachType::Ingress),
+            (programs.egress, TcAttachType::Egress),
+        ] {
+            let link = program
+                .attach(
+                    name.as_c_str(),
+                    TcAttach::Netlink {
+                        parent: attach_type.into(),
+                        options: NlOptions::default(),
+                    },
+                )
+                .and_then(|id| program.take_link(id))
+                .unwrap_or_else(|e| panic!("clsact filter on {ifname}: {e}"));
+            // The filter keeps its program; forgetting the link keeps the filter, as a crash does.
+            std::mem::forget(link);
+            ids.push(
+                program
+                    .info()
+                    .unwrap_or_else(|e| panic!("program info: {e}"))
+                    .id(),
+            );
+        }
+        ids
     })
 }
 
@@ -388,6 +423,10 @@ fn the_daemonsets_capabilities_are_enough_to_attach_and_count() {
     require_root();
     let caps = capabilities_to_add();
     let cluster = Cluster::new();
+    let mode = hooks::expected_mode(&cluster.node);
+    // A crashed clsact agent's filters on caliA: the daemon must remove them at start-up with
+    // no more than the list (TCX kernels run the same clean-up, for nodes that changed kernel).
+    let leftovers = leave_clsact_filters(&cluster.node, "caliA");
     let dir = TempDir::new("enough");
     let mut daemon = Daemon::start(&cluster, &dir, &caps, "enough");
     if let Err(status) = daemon.wait_ready(&cluster.node) {
@@ -420,10 +459,27 @@ fn the_daemonsets_capabilities_are_enough_to_attach_and_count() {
     );
 
     assert!(
-        tcx_programs(&cluster.node, "caliA") == 2 && tcx_programs(&cluster.node, "caliB") == 2,
-        "not attached by TCX in both directions:\n{}",
+        attached_programs(&cluster.node, "caliA", mode) == 2
+            && attached_programs(&cluster.node, "caliB", mode) == 2,
+        "not attached by {mode} (what this kernel offers) in both directions:\n{}",
         daemon.log()
     );
+    let (ingress, egress) = hooks::clsact_programs(&cluster.node, "caliA");
+    assert!(
+        !ingress
+            .iter()
+            .chain(&egress)
+            .any(|id| leftovers.contains(id)),
+        "the leftover clsact filters (programs {leftovers:?}) are still on caliA: \
+         ingress {ingress:?}, egress {egress:?}\n{}",
+        daemon.log()
+    );
+    if mode == HookMode::Tcx {
+        assert!(
+            ingress.is_empty() && egress.is_empty(),
+            "a clsact filter of ours beside TCX on caliA: {ingress:?} {egress:?}"
+        );
+    }
     udp_exchange(&cluster);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -431,11 +487,14 @@ fn the_daemonsets_capabilities_are_enough_to_attach_and_count() {
             Some((200, body)) => body,
             other => panic!("scrape failed: {other:?}"),
         };
-        let attached = sample(&metrics, "flow_auditor_attached_interfaces{mode=\"tcx\"}");
+        let attached = sample(
+            &metrics,
+            &format!("flow_auditor_attached_interfaces{{mode=\"{mode}\"}}"),
+        );
         if flows_total(&metrics) >= 1.0 && attached == 2.0 {
             println!(
-                "capabilities {caps:?} (CapEff {want:#x}): ready, {attached} interfaces attached by \
-                 TCX, {} flow(s) counted",
+                "capabilities {caps:?} (CapEff {want:#x}): ready, leftover clsact filters removed, \
+                 {attached} interfaces attached by {mode}, {} flow(s) counted",
                 flows_total(&metrics)
             );
             break;
@@ -500,9 +559,9 @@ fn the_daemon_fails_without_any_one_of_the_daemonsets_capabilities() {
             }
         }
         drop(daemon);
-        // Nothing of a failed start stays attached.
+        // Nothing of a failed start stays attached, by either hook.
         assert!(
-            tcx_programs(&cluster.node, "caliA") == 0,
+            !hooks::anything_attached(&cluster.node, "caliA"),
             "a program stayed attached after the run without {missing}"
         );
     }

@@ -10,13 +10,14 @@
 
 #[path = "common/apiserver.rs"]
 mod apiserver;
+#[path = "common/hooks.rs"]
+mod hooks;
 #[path = "common/netns.rs"]
 mod netns;
 #[path = "common/tempdir.rs"]
 mod tempdir;
 
 use std::{
-    ffi::CString,
     io::{ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
@@ -26,7 +27,6 @@ use std::{
 use tempdir::TempDir;
 
 use apiserver::ApiServer;
-use aya::programs::{SchedClassifier, TcAttachType};
 use netns::{Netns, flows_total, require_root, sample};
 use serde_json::{Value, json};
 
@@ -343,31 +343,15 @@ fn tcp_refused(cluster: &Cluster) {
     });
 }
 
-/// Our programs on `ifname` in `ns`: TCX program ids (both directions) and whether a clsact
-/// filter of ours is listed.
+/// Our programs on `ifname` in `ns`: how many are attached by TCX (both directions; none on a
+/// kernel without TCX) and whether a clsact filter of ours is listed.
 fn attached(ns: &Netns, ifname: &str) -> (usize, bool) {
-    let name = CString::new(ifname).unwrap_or_else(|e| panic!("{e}"));
-    let tcx = ns.run(|| {
-        [TcAttachType::Ingress, TcAttachType::Egress]
-            .into_iter()
-            .map(|attach_type| {
-                let (_, programs) = SchedClassifier::query_tcx(&name, attach_type)
-                    .unwrap_or_else(|e| panic!("query_tcx {ifname}: {e}"));
-                programs
-                    .iter()
-                    .filter(|p| {
-                        p.name_as_str()
-                            .is_some_and(|n| n.starts_with("flow_auditor"))
-                    })
-                    .count()
-            })
-            .sum()
-    });
-    let clsact = ["ingress", "egress"].iter().any(|dir| {
-        ns.output(&["tc", "filter", "show", "dev", ifname, dir])
-            .contains("flow_auditor")
-    });
-    (tcx, clsact)
+    let (tcx_in, tcx_out) = hooks::tcx_programs(ns, ifname);
+    let (cls_in, cls_out) = hooks::clsact_programs(ns, ifname);
+    (
+        tcx_in.len() + tcx_out.len(),
+        !cls_in.is_empty() || !cls_out.is_empty(),
+    )
 }
 
 #[test]
@@ -409,7 +393,13 @@ fn daemon_counts_flows_exactly_and_follows_policy_changes() {
         1.0
     );
     assert_eq!(
-        sample(&first, "flow_auditor_attached_interfaces{mode=\"tcx\"}"),
+        sample(
+            &first,
+            &format!(
+                "flow_auditor_attached_interfaces{{mode=\"{}\"}}",
+                hooks::expected_mode(&cluster.node)
+            )
+        ),
         2.0
     );
     let generation = sample(&first, "flow_auditor_model_generation");

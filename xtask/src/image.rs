@@ -47,8 +47,8 @@ pub fn run(root: &Path) -> Result<PathBuf> {
     crate::check_static_aarch64(&arm64)?;
     let amd64 = build_static(root, X86_64_TARGET)?;
     let objcopy = Objcopy::find(root)?;
-    let arm64 = objcopy.strip(&arm64, &root.join("target/image/bin/arm64/auditor"))?;
-    let amd64 = objcopy.strip(&amd64, &root.join("target/image/bin/amd64/auditor"))?;
+    let arm64 = objcopy.strip(&arm64, &shipped_path(root, "arm64"))?;
+    let amd64 = objcopy.strip(&amd64, &shipped_path(root, "amd64"))?;
     let amd64_binary = amd64.clone();
     let tag = env!("CARGO_PKG_VERSION");
     let layout = root.join("target/image/flow-auditor");
@@ -81,6 +81,23 @@ pub fn run(root: &Path) -> Result<PathBuf> {
         layout.display()
     );
     Ok(amd64_binary)
+}
+
+/// Where the image's binary for the OCI architecture `oci` (`arm64`, `amd64`) is written.
+fn shipped_path(root: &Path, oci: &str) -> PathBuf {
+    root.join("target/image/bin").join(oci).join("auditor")
+}
+
+/// The stripped static binary the image ships for `target` (a musl target triple), built and
+/// stripped as [`run`] does (cargo makes that a no-op when it is up to date), without the image.
+pub fn shipped_binary(root: &Path, target: &str) -> Result<PathBuf> {
+    let oci = match target {
+        crate::AARCH64_TARGET => "arm64",
+        X86_64_TARGET => "amd64",
+        other => bail!("the image ships no binary for {other}"),
+    };
+    let binary = build_static(root, target)?;
+    Objcopy::find(root)?.strip(&binary, &shipped_path(root, oci))
 }
 
 /// A static musl release binary, linked by zig (ring, under kube's TLS, has C code). Honours

@@ -3,6 +3,7 @@
 
 mod deploy;
 mod image;
+mod kernels;
 mod lab;
 mod setup;
 
@@ -32,6 +33,14 @@ enum Verb {
     },
     /// Run the whole test suite, including the tests that need root and the kernel.
     Test,
+    /// Only the kernel step of `test` (root): Debian's 6.1 and 6.12 kernels (x86_64) and 6.12
+    /// arm64 with 16 KiB pages, from Debian's archive, booted in emulated VMs that run the kernel
+    /// tests; prints a table of the results.
+    TestKernels {
+        /// Only the kernels whose name contains this (`6.1`, `6.12`, `x86_64`, `arm64`).
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Build everything, then run the Calico (or Cilium) homelab in miniature (network
     /// namespaces on this machine) under the auditor, with a live summary; Ctrl-C removes it all.
     Demo {
@@ -120,6 +129,7 @@ fn main() -> Result<()> {
             lab::Cni::Calico => lab::e2e::run(&root, &lab::binary(&root)?),
             lab::Cni::Cilium => lab::cilium::run(&root, &lab::binary(&root)?),
         },
+        Verb::TestKernels { only } => kernels::run_alone(&root, only.as_deref()),
         Verb::Bench { which } => bench(&root, which),
         Verb::Deploy => deploy::run(&root),
         Verb::Image => image::run(&root).map(|_| ()),
@@ -293,6 +303,7 @@ fn test(root: &Path) -> Result<()> {
     warn_if_disk_short(root);
     // The image step's static amd64 binary, for the lab step after it.
     let image_amd64 = std::cell::RefCell::new(None);
+    let kernels = kernels::Kernels::new(root);
     // Every step runs even when an earlier one failed, so one run shows every failure.
     let mut steps: Vec<(&str, Step<'_>)> = vec![
         (
@@ -359,11 +370,23 @@ fn test(root: &Path) -> Result<()> {
             "cilium lab e2e",
             Box::new(|| lab::cilium::run(root, &lab_binary()?)),
         ));
+        // Debian's kernels in emulated VMs, one step each, then their table.
+        steps.extend(kernels.steps(None));
     }
     steps.push((
         "cargo fmt --check",
         Box::new(|| run(cargo(root).args(["fmt", "--all", "--", "--check"]))),
     ));
+    let result = run_steps(steps);
+    if !root_user {
+        loud_notice("Kernel tests were SKIPPED (not root): this run is incomplete.");
+    }
+    result
+}
+
+/// Runs every step, even after one failed, so one run shows every failure; closes with
+/// `steps: N passed, M failed`.
+fn run_steps(steps: Vec<(&str, Step<'_>)>) -> Result<()> {
     let total = steps.len();
     let mut failed = Vec::new();
     for (name, step) in steps {
@@ -372,9 +395,6 @@ fn test(root: &Path) -> Result<()> {
             eprintln!("=== xtask test: {name} FAILED: {e:#}");
             failed.push(name);
         }
-    }
-    if !root_user {
-        loud_notice("Kernel tests were SKIPPED (not root): this run is incomplete.");
     }
     println!(
         "steps: {} passed, {} failed",

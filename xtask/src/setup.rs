@@ -42,6 +42,22 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "prometheus",
         "promtool validates the /metrics exposition in export_http; the lab scrapes the daemon",
     ),
+    (
+        "qemu-system-x86",
+        "`cargo xtask test-kernels` boots Debian's x86_64 kernels in emulated VMs (virtme-ng)",
+    ),
+    (
+        "qemu-system-arm",
+        "`cargo xtask test-kernels` boots Debian's arm64 16 KiB-page kernel in an emulated VM",
+    ),
+    (
+        "kmod",
+        "virtme-ng indexes the kernel packages' modules (depmod), the guests load them (modprobe)",
+    ),
+    (
+        "busybox-static",
+        "virtme-ng's guests need busybox; the flow scenario in every guest uses its applets",
+    ),
 ];
 
 pub fn ensure(root: &Path) -> Result<()> {
@@ -52,6 +68,9 @@ pub fn ensure(root: &Path) -> Result<()> {
     toolchains()?;
     bpf_linker(root)?;
     if let Err(e) = zigbuild(root) {
+        missing.push(format!("{e:#}"));
+    }
+    if let Err(e) = virtme_ng() {
         missing.push(format!("{e:#}"));
     }
     if !missing.is_empty() {
@@ -222,6 +241,33 @@ fn bpf_linker(root: &Path) -> Result<()> {
         // bpf-linker's build script reads LLVM_PREFIX, llvm-sys reads LLVM_SYS_221_PREFIX.
         .env("LLVM_PREFIX", LLVM_PREFIX)
         .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
+}
+
+/// virtme-ng (`vng`, from `PyPI`) boots the x86_64 kernels of `cargo xtask test-kernels` over a
+/// read-only view of this machine's root filesystem.
+const VIRTME_NG_VERSION: &str = "1.42";
+
+fn virtme_ng() -> Result<()> {
+    let installed = Command::new("python3")
+        .args(["-m", "pip", "show", "virtme-ng"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l == format!("Version: {VIRTME_NG_VERSION}"))
+        });
+    if installed {
+        return Ok(());
+    }
+    run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        &format!("virtme-ng=={VIRTME_NG_VERSION}"),
+    ]))
+    .context("installing virtme-ng (PyPI) for the kernel VMs")
 }
 
 /// `ring` (kube's TLS) has C code, so the static arm64 build links with zig through

@@ -436,13 +436,23 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(LoadError::Object)?;
         for name in HOOK_PROGRAMS {
-            classifier_mut(&mut ebpf, name)?
-                .load()
-                .map_err(|source| LoadError::Program {
-                    name,
-                    op: "verify and load",
-                    source,
-                })?;
+            let program = classifier_mut(&mut ebpf, name)?;
+            program.load().map_err(|source| LoadError::Program {
+                name,
+                op: "verify and load",
+                source,
+            })?;
+            // What the verifier processed (`verified_insns`, kernel 5.16+): how close this
+            // kernel's verifier is to its limit; `cargo xtask test-kernels` reports it per kernel.
+            let info = program.info().ok();
+            tracing::info!(
+                program = name,
+                id = info.as_ref().map(aya::programs::ProgramInfo::id),
+                verified_instructions = info
+                    .as_ref()
+                    .and_then(aya::programs::ProgramInfo::verified_instruction_count),
+                "program verified and loaded"
+            );
         }
         // Taken with logging off too: an empty reader shows the records really are off.
         let kernel_log = Some(KernelLog::take(&mut ebpf).map_err(LoadError::KernelLog)?);
