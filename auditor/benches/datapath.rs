@@ -23,7 +23,11 @@
 //! the key), so the IPv4 TCP table's 12-byte key, jhash's shortest case, saves about 4 ns over
 //! a 16-byte one; the coarse clock helper costs about 12 ns, which is why a flow reads it once
 //! per tick rather than per packet. Kernel-side logging (`--kernel-log`) off compiles its calls
-//! away: the established path runs the same instructions with or without it.
+//! away: the established path runs the same instructions with or without it. The check of which
+//! hook counts a direction (`FlowState::owners`, one byte compared with a constant of each
+//! program) was timed the same way against the program without it, binaries run alternately
+//! (kernel 6.18, a busy 2-core VM): established 28/28/28 ns with it, 27/28/28 without, noop
+//! 15 throughout; a packet at an uplink's ingress costs what one at a pod interface does.
 #![expect(
     clippy::cast_precision_loss,
     reason = "figures printed for people: a float rounded in its 16th digit, or a count far below 2^52, does not change them"
