@@ -500,10 +500,19 @@ fn next_tcp_status(status: u8, from_initiator: bool, flags: u8, state: &mut Flow
         };
     }
     let mut next = status;
+    // Answered: the responder's SYN-ACK (or any packet of the responder's on a flow first seen
+    // mid-stream), or the initiator's first bare ACK after its SYN, which it only sends once a
+    // SYN-ACK reached it: where the reply path passes no hook of ours (a CNI delivering replies
+    // into the pod past its interface's egress), the ACK is the evidence that is left.
     if next == NEW
-        && !from_initiator
-        && (flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK
-            || state.mid_stream != 0)
+        && if from_initiator {
+            state.mid_stream == 0
+                && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::ACK
+                && state.tcp_flags[0] & tcp_flags::SYN != 0
+        } else {
+            flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK
+                || state.mid_stream != 0
+        }
     {
         next = ANSWERED;
         state.answered = 1;

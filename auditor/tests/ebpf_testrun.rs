@@ -316,6 +316,73 @@ fn udp_request_and_reply() {
     );
 }
 
+/// Where the reply path passes no hook of ours (Cilium hands replies to the pod past its
+/// interface's egress), the SYN-ACK is never seen: the initiator's first bare ACK after its SYN,
+/// which it sends only once a SYN-ACK reached it, answers the flow. A retransmitted SYN does not.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn the_initiators_bare_ack_answers_a_flow_whose_syn_ack_was_not_seen() {
+    let mut h = Harness::new();
+    let before = h.counters();
+    let (k, client_side) = key(TCP, (CLIENT4.into(), 41_003), (SERVER4.into(), 83));
+    let syn = eth_ip(&ipv4(CLIENT4, SERVER4, TCP, &tcp(41_003, 83, SYN, b"")));
+    let ack = eth_ip(&ipv4(CLIENT4, SERVER4, TCP, &tcp(41_003, 83, ACK, b"")));
+    let t0 = coarse_now_ns();
+    h.pass(Hook::Ingress, &syn);
+    // The SYN again (a retransmission): still no evidence of an answer.
+    h.pass(Hook::Ingress, &syn);
+    let retransmitted = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry for the connection"));
+    assert_eq!(
+        retransmitted.status,
+        FlowStatus::New as u8,
+        "a retransmitted SYN answered the flow"
+    );
+    h.pass(Hook::Ingress, &ack);
+    let t1 = coarse_now_ns();
+    let got = h
+        .flow(&k)
+        .unwrap_or_else(|| panic!("no flow entry for the connection"));
+    let expected = FlowState {
+        first_seen_ns: 0,
+        last_seen_ns: 0,
+        packets: [3, 0],
+        bytes: [2 * len(&syn) + len(&ack), 0],
+        ifindex: LOOPBACK_IFINDEX,
+        tcp_flags: [SYN | ACK, 0],
+        initiator: client_side as u8,
+        status: FlowStatus::Answered as u8,
+        hook: Hook::Ingress as u8,
+        mid_stream: 0,
+        answered: 1,
+        owners: owners(Some(Hook::Ingress), None),
+        tick: 0,
+        reported: 0,
+        _reserved: [0; 7],
+    };
+    assert_eq!(got, with_times(expected, &got, t0, t1));
+    assert_events(
+        &h.events(),
+        &[
+            event(EventKind::New, k, client_side, Hook::Ingress, 0),
+            event(EventKind::Answered, k, client_side, Hook::Ingress, 0),
+        ],
+        t0,
+        t1,
+    );
+    assert_counters(
+        &h,
+        &before,
+        &[
+            (Counter::PacketsSeen, 3),
+            (Counter::FlowCreated, 1),
+            (Counter::FlowUpdated, 2),
+            (Counter::EventsSent, 2),
+        ],
+    );
+}
+
 /// The program keeps each CPU's last coarse clock reading until jiffies moves: a flow's packets
 /// sent ticks apart must still carry their own times (IPv4 and IPv6 tables alike), and the first
 /// packet's time must stay.
