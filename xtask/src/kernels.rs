@@ -2,7 +2,7 @@
 //! in small emulated VMs, with the kernel tests run inside each (`cargo xtask test-kernels`, and
 //! a step per kernel of `cargo xtask test`).
 //!
-//! - x86_64 (bookworm's 6.1, the clsact path; bookworm-backports' 6.12, TCX on an older
+//! - `x86_64` (bookworm's 6.1, the clsact path; bookworm-backports' 6.12, TCX on an older
 //!   verifier): virtme-ng boots the kernel over a read-only view of this machine's root
 //!   filesystem, so the test binaries `cargo test --no-run` built here run inside unchanged.
 //! - arm64 with 16 KiB pages (bookworm-backports' 6.12 `arm64-16k`, the Raspberry Pi 5's
@@ -11,7 +11,7 @@
 //!   the static arm64 binary the image ships.
 //!
 //! On every kernel the daemon runs `auditor run --cluster` on a snapshot and audits real TCP flows
-//! between two pod namespaces (busybox `httpd` and `nc`): on x86_64 the `auditor` binary the test
+//! between two pod namespaces (busybox `httpd` and `nc`): on `x86_64` the `auditor` binary the test
 //! build made (the same eBPF object, embedded), on arm64 the shipped one. That yields the attach
 //! mode, the verifier's processed-instruction count of each program (the loader logs
 //! `verified_insns`) and exact counts by verdict and outcome. Everything is bounded: each test has
@@ -76,7 +76,7 @@ const KERNELS: [Spec; 3] = [
     },
 ];
 
-/// The kernel tests run inside the x86_64 guests (test targets of the `auditor` package), each
+/// The kernel tests run inside the `x86_64` guests (test targets of the `auditor` package), each
 /// with its time limit there. Under emulation they take 1-2 minutes each.
 const X86_TESTS: [(&str, u64); 6] = [
     ("ebpf_testrun", 600),
@@ -370,15 +370,14 @@ impl<'a> Kernels<'a> {
                         .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(&suffix))
                 }))
         };
-        let deb = match cached(&debs)? {
-            Some(deb) => deb,
-            None => {
-                run(self
-                    .apt("apt-get")
-                    .current_dir(&debs)
-                    .args(["download", &qualified(package, arch)]))?;
-                cached(&debs)?.ok_or_else(|| anyhow!("apt-get download {package} left no .deb"))?
-            }
+        let deb = if let Some(deb) = cached(&debs)? {
+            deb
+        } else {
+            run(self
+                .apt("apt-get")
+                .current_dir(&debs)
+                .args(["download", &qualified(package, arch)]))?;
+            cached(&debs)?.ok_or_else(|| anyhow!("apt-get download {package} left no .deb"))?
         };
         let unpacked = self.dir.join("unpacked").join(
             deb.file_stem()
@@ -421,7 +420,7 @@ impl<'a> Kernels<'a> {
             .map_err(|e| anyhow!("building the static {target} binary: {e}"))
     }
 
-    /// Boots an x86_64 kernel with virtme-ng and runs the kernel tests, then the flows; returns
+    /// Boots an `x86_64` kernel with virtme-ng and runs the kernel tests, then the flows; returns
     /// the guest's report.
     fn run_x86(
         &self,
@@ -794,7 +793,7 @@ fn cpio(files: &[(String, u32, Vec<u8>)]) -> Result<Vec<u8>> {
 }
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -820,7 +819,7 @@ fn minutes(secs: u64) -> String {
     }
 }
 
-/// What `cargo test --no-run` built for the x86_64 guests.
+/// What `cargo test --no-run` built for the `x86_64` guests.
 #[derive(Clone)]
 struct TestBuild {
     /// The executables of [`X86_TESTS`], in that order.
@@ -1049,15 +1048,13 @@ fn check_flows(metrics: &[String], console: &str) -> Result<()> {
         counted == expected,
         "flows counted {counted:?}, expected exactly {expected:?}"
     );
-    let attached: f64 = metrics
+    // A gauge of whole interfaces: read as an integer.
+    let attached: u64 = metrics
         .iter()
         .filter_map(|l| l.strip_prefix("flow_auditor_attached_interfaces{"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
         .sum();
-    ensure!(
-        attached == 2.0,
-        "{attached} interfaces attached, expected 2"
-    );
+    ensure!(attached == 2, "{attached} interfaces attached, expected 2");
     ensure!(
         console.contains(&format!("{MARK}daemon-exit 0")),
         "the daemon did not exit 0 on SIGTERM"
@@ -1123,21 +1120,21 @@ fn table(rows: &[Row]) -> String {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        out.push_str(&format!("| {} |\n", cells.join(" | ")));
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
         if n == 0 {
             let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-            out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
+            let _ = writeln!(out, "|-{}-|", rule.join("-|-"));
         }
     }
     for row in rows.iter().filter(|r| !r.problems.is_empty()) {
-        out.push_str(&format!("{}: {}\n", row.kernel, row.problems.join("; ")));
+        let _ = writeln!(out, "{}: {}", row.kernel, row.problems.join("; "));
     }
     out
 }
 
 /// The start of the arm64 initramfs's init: the file systems a kernel test needs, and busybox's
 /// applets on the PATH.
-const ARM64_INIT: &str = r#"#!/bin/busybox sh
+const ARM64_INIT: &str = r"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -1146,10 +1143,10 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mkdir -p /tmp/run
 cp /cluster.yaml /flows.sh /tmp/run/
-"#;
+";
 
 /// Shell functions both guests use: reporting, running one test with a time limit, running the
-/// flow scenario. `$1` of the guest script is its output directory (x86_64).
+/// flow scenario. `$1` of the guest script is its output directory (`x86_64`).
 const GUEST_PREAMBLE: &str = r#"
 report() { echo "@@fa $*"; }
 report release "$(uname -r)"

@@ -33,7 +33,7 @@ enum Verb {
     },
     /// Run the whole test suite, including the tests that need root and the kernel.
     Test,
-    /// Only the kernel step of `test` (root): Debian's 6.1 and 6.12 kernels (x86_64) and 6.12
+    /// Only the kernel step of `test` (root): Debian's 6.1 and 6.12 kernels (`x86_64`) and 6.12
     /// arm64 with 16 KiB pages, from Debian's archive, booted in emulated VMs that run the kernel
     /// tests; prints a table of the results.
     TestKernels {

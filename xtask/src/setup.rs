@@ -243,7 +243,7 @@ fn bpf_linker(root: &Path) -> Result<()> {
         .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
 }
 
-/// virtme-ng (`vng`, from `PyPI`) boots the x86_64 kernels of `cargo xtask test-kernels` over a
+/// virtme-ng (`vng`, from `PyPI`) boots the `x86_64` kernels of `cargo xtask test-kernels` over a
 /// read-only view of this machine's root filesystem.
 const VIRTME_NG_VERSION: &str = "1.42";
 
