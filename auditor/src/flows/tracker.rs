@@ -9,7 +9,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use auditor_ebpf::flow::{EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Hook, Side};
+use auditor_ebpf::flow::{
+    EventKind, FlowEvent, FlowKey, FlowState, FlowStatus, Hook, Side, first_seen,
+};
 
 use super::{FlowRecord, FlowsConfig, Outcome, PerDirection, Protocol};
 
@@ -313,7 +315,8 @@ impl FlowTracker {
             last_seen_ns: ts_ns,
             ifindex,
             hook,
-            mid_stream: mid_stream != 0,
+            // Seen at its answer, the initiator is known: not a flow first seen mid-stream.
+            mid_stream: mid_stream == first_seen::MID_STREAM,
             packets: [0; 2],
             bytes: [0; 2],
             walk_born: self.walk,
@@ -325,21 +328,27 @@ impl FlowTracker {
             if self.pending.contains_key(&key) {
                 return None;
             }
+            // A counted flow resuming after its entry went (idle expiry, eviction): TCP says so
+            // (not an opening packet); other protocols have no opening to tell, and the same
+            // 5-tuple again is the same conversation.
+            let resumable =
+                mid_stream == first_seen::MID_STREAM || key.proto != auditor_ebpf::flow::proto::TCP;
             if let Some(settled) = self.settled.get(&hash) {
                 // This flow's own `New`, read after a table walk adopted and decided it (the ring
                 // buffer lagging the walk): not a second flow.
                 if Ticks::of(ts_ns).since(settled.first_seen) <= 0 {
                     return None;
                 }
-                // A flow we already reported, resuming after its entry was deleted or evicted.
-                if mid_stream != 0 && !settled.finished {
+                // A flow we already reported, resuming after its entry was deleted or evicted
+                // before a walk noticed: the new entry is marked too, so an agent adopting the
+                // table after a restart does not count it again.
+                if resumable && !settled.finished {
+                    if state.is_some_and(|s| s.reported == 0) {
+                        self.marks.push(key);
+                    }
                     return None;
                 }
             }
-            // A counted flow resuming after its entry went (idle expiry, eviction): TCP says so
-            // (not an opening packet); other protocols have no opening to tell, and the same
-            // 5-tuple again is the same conversation.
-            let resumable = mid_stream != 0 || key.proto != auditor_ebpf::flow::proto::TCP;
             if resumable && self.gone.take(hash) {
                 self.settle_silently(key, hash, (ts_ns, ts_ns), false);
                 return None;
@@ -489,7 +498,7 @@ impl FlowTracker {
                         last_seen_ns: state.last_seen_ns,
                         ifindex: state.ifindex,
                         hook: state.hook().unwrap_or(Hook::Ingress),
-                        mid_stream: state.mid_stream != 0,
+                        mid_stream: state.mid_stream == first_seen::MID_STREAM,
                         packets: state.packets,
                         bytes: state.bytes,
                         walk_born: walk,
@@ -534,6 +543,13 @@ impl FlowTracker {
             self.config.idle_timeout
         };
         let remove = Ticks::of(now.mono_ns).passed(settled.last_seen, linger);
+        // Counted, but its entry not marked: a flow decided before this walk whose mark has not
+        // been written yet, or one that resumed in an entry of its own (after an eviction or
+        // expiry) before this walk. Marked (again): an agent adopting the table after a restart
+        // then does not count it a second time. Not an entry the walk removes.
+        if record.is_none() && state.reported == 0 && !remove {
+            self.marks.push(*key);
+        }
         if remove {
             let finished = settled.finished;
             self.settled.remove(&hash);
@@ -1087,6 +1103,76 @@ mod tests {
             0,
             "an evicted, counted flow resuming is not counted again"
         );
+    }
+
+    /// A counted conversation whose entry the LRU evicted and that resumed in a new entry before
+    /// any walk noticed (its settled record still there): UDP has no opening to tell, so the
+    /// same 5-tuple again is the same conversation, not a second one; and the new entry is
+    /// marked, so an agent adopting the table after a restart does not count it either.
+    #[test]
+    fn a_conversation_resuming_before_a_walk_is_not_counted_again_and_is_marked() {
+        for p in [proto::UDP, proto::TCP] {
+            let mut t = tracker();
+            t.on_event(&event(p, EventKind::New, 0), None, &now(0));
+            let answered = t.on_event(&event(p, EventKind::Answered, 0), None, &now(0));
+            assert!(answered.is_some(), "{p}: decided");
+            let _ = t.take_marks();
+            let mut resumed = event(p, EventKind::New, 10);
+            // TCP says it resumed (no SYN); UDP cannot.
+            resumed.mid_stream = u8::from(p == proto::TCP);
+            let mut entry = state(p, FlowStatus::New, false, 10, 10);
+            entry.mid_stream = resumed.mid_stream;
+            assert!(t.on_event(&resumed, Some(&entry), &now(10)).is_none());
+            assert_eq!(t.pending(), 0, "{p}: the resumed flow is counted again");
+            assert_eq!(t.take_marks().len(), 1, "{p}: the new entry is not marked");
+            // A walk that finds the entry unmarked still (the mark not yet written) marks it
+            // again rather than leave it unmarked.
+            t.begin_walk();
+            let verdict = t.on_table_entry(&key(p).0, &entry, &now(11));
+            t.end_walk();
+            assert!(verdict.record.is_none(), "{p}: counted by the walk");
+            assert_eq!(t.take_marks().len(), 1, "{p}: the walk left it unmarked");
+            entry.reported = 1;
+            t.begin_walk();
+            t.on_table_entry(&key(p).0, &entry, &now(12));
+            t.end_walk();
+            assert!(
+                t.take_marks().is_empty(),
+                "{p}: a marked entry marked again"
+            );
+        }
+    }
+
+    /// A flow first seen at its answer (a SYN-ACK: the agent started during the handshake, or
+    /// the SYN passed no hook of ours) has a known initiator, the answer's receiver: it is no
+    /// flow first seen mid-stream, so no evidence turns it round, and it is a new connection,
+    /// not a counted one resuming.
+    #[test]
+    fn a_flow_first_seen_at_its_answer_keeps_its_initiator() {
+        let mut t = tracker();
+        let mut new = event(proto::TCP, EventKind::New, 0);
+        new.mid_stream = first_seen::ANSWER;
+        t.on_event(&new, None, &now(0));
+        let mut answered = event(proto::TCP, EventKind::Answered, 0);
+        answered.mid_stream = first_seen::ANSWER;
+        let r = t
+            .on_event(&answered, None, &now(0))
+            .unwrap_or_else(|| panic!("not decided"));
+        assert_eq!(
+            (r.initiator, r.mid_stream, r.outcome),
+            (SocketAddr::from(client()), false, Outcome::Established)
+        );
+        // The same, but truly mid-stream: marked so, for evidence to orient.
+        let mut t = tracker();
+        let mut new = event(proto::TCP, EventKind::New, 0);
+        new.mid_stream = first_seen::MID_STREAM;
+        t.on_event(&new, None, &now(0));
+        let mut answered = event(proto::TCP, EventKind::Answered, 0);
+        answered.mid_stream = first_seen::MID_STREAM;
+        let r = t
+            .on_event(&answered, None, &now(0))
+            .unwrap_or_else(|| panic!("not decided"));
+        assert!(r.mid_stream);
     }
 
     /// A flow first seen mid-stream and closed (a RST on it) was established before we saw it.
