@@ -271,15 +271,32 @@ fn prepare_pins(base: &Path) -> Result<(PathBuf, Vec<PathBuf>), LoadError> {
     for entry in entries {
         let entry = entry.map_err(|e| pins_error(base, "list", e))?;
         let path = entry.path();
-        let is_layout = entry.file_name().to_string_lossy().starts_with('v')
+        let is_layout = is_layout_name(&entry.file_name().to_string_lossy())
             && entry.file_type().is_ok_and(|t| t.is_dir());
         if is_layout && path != dir {
             remove_pins(&path)?;
-            std::fs::remove_dir(&path).map_err(|e| pins_error(&path, "remove", e))?;
-            removed.push(path);
+            // Only the tables are ours: a directory holding anything else is left as it is.
+            match std::fs::remove_dir(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "another layout's pin directory holds more than its flow tables; left there"
+                ),
+            }
         }
     }
     Ok((dir, removed))
+}
+
+/// Whether `name` is a layout directory's name: `v` and the layout as 8 lower-case hex digits,
+/// as [`pin_dir`] writes it. Nothing else in the base directory is touched.
+fn is_layout_name(name: &str) -> bool {
+    name.len() == 9
+        && name.starts_with('v')
+        && name[1..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Whether `path` lies in a bpffs mount.
@@ -309,16 +326,21 @@ fn is_bpffs(path: &Path) -> Result<bool, LoadError> {
     Ok(kind == BPF_FS_MAGIC)
 }
 
-/// Unpins every map pinned in `dir` (the maps go once nothing else holds them).
+/// Unpins the flow tables pinned in `dir` (the maps go once nothing else holds them); nothing
+/// else in `dir` is touched.
 fn remove_pins(dir: &Path) -> Result<(), LoadError> {
     let pins_error = |op, source| LoadError::Pins {
         path: dir.to_path_buf(),
         op,
         source,
     };
-    for entry in std::fs::read_dir(dir).map_err(|e| pins_error("list", e))? {
-        let path = entry.map_err(|e| pins_error("list", e))?.path();
-        std::fs::remove_file(&path).map_err(|e| pins_error("unpin", e))?;
+    for name in TABLES {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(pins_error("unpin", e)),
+        }
     }
     Ok(())
 }
@@ -896,6 +918,25 @@ mod tests {
         }
         assert!(!base.exists(), "{} left behind", base.display());
         assert!(pin_dir(&base).ends_with(format!("v{FLOW_LAYOUT:08x}")));
+    }
+
+    /// Only `v` and 8 lower-case hex digits is a layout directory: other directories under the
+    /// pin base (another tool's, with `pinDir: /sys/fs/bpf`) are never emptied.
+    #[test]
+    fn only_layout_names_are_layout_directories() {
+        assert!(is_layout_name(&format!("v{FLOW_LAYOUT:08x}")));
+        assert!(is_layout_name("v0123abcd"));
+        for other in [
+            "v",
+            "vendor",
+            "v0123abcde",
+            "v0123ABCD",
+            "x0123abcd",
+            "v0123abcg",
+            "cilium",
+        ] {
+            assert!(!is_layout_name(other), "{other}");
+        }
     }
 
     #[test]
