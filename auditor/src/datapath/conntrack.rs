@@ -33,8 +33,8 @@ const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
-/// Answer timeout: conntrack answers in microseconds; a stuck kernel must not stall the audit.
-const RECV_TIMEOUT_MS: libc::suseconds_t = 200_000;
+/// Answer timeout in microseconds (200 ms): conntrack answers in microseconds; a stuck kernel must not stall the audit.
+const RECV_TIMEOUT_US: u32 = 200_000;
 
 /// Failures of asking conntrack (no entry is not one).
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +82,7 @@ impl Conntrack {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let timeout = libc::timeval {
             tv_sec: 0,
-            tv_usec: RECV_TIMEOUT_MS,
+            tv_usec: RECV_TIMEOUT_US.into(),
         };
         #[expect(clippy::cast_possible_truncation, reason = "a timeval is 16 bytes")]
         let len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
@@ -163,8 +163,15 @@ impl Conntrack {
     }
 }
 
-/// The `IPCTNL_MSG_CT_GET` request for the tuple `a -> b`; `None` for a mix of families.
+/// The `IPCTNL_MSG_CT_GET` request for the tuple `a -> b`; `None` for a mix of families, and
+/// for protocols without ports (ICMP's tuple is its type, code and identifier, and an ICMP flow
+/// is oriented by its message types anyway: a request or an echo reply says who asked).
 fn request(seq: u32, protocol: u8, a: SocketAddr, b: SocketAddr) -> Option<Vec<u8>> {
+    /// TCP, UDP, SCTP: the protocols whose conntrack tuples carry ports.
+    const WITH_PORTS: [u8; 3] = [6, 17, 132];
+    if !WITH_PORTS.contains(&protocol) {
+        return None;
+    }
     let (family, ip) = match (a.ip(), b.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let mut ip = attr(CTA_IP_V4_SRC, &s.octets());
@@ -393,6 +400,11 @@ mod tests {
         assert_eq!(read_u16(body, 2), CTA_TUPLE_ORIG | NLA_F_NESTED);
         assert_eq!(originator(body).unwrap(), sock("10.0.0.1:5353"));
         assert!(request(1, 6, sock("10.0.0.1:1"), sock("[::1]:2")).is_none());
+        // ICMP and ICMPv6 have no ports to ask by: not asked.
+        for icmp in [1, 58] {
+            assert!(request(1, icmp, sock("10.0.0.1:7"), sock("10.0.0.2:7")).is_none());
+        }
+        assert!(request(1, 132, sock("10.0.0.1:1"), sock("10.0.0.2:2")).is_some());
     }
 
     /// Conntrack has no entry for a made-up tuple (documentation addresses): "none", not an
