@@ -277,7 +277,16 @@ impl Auditor {
         };
         let src = cluster.peer(record.initiator.ip(), Some(record.initiator.port()));
         let dst = cluster.peer(record.responder.ip(), Some(record.responder.port()));
-        if !counts_here(self.config.local_node.as_deref(), &src, &dst) {
+        // Which agent counts it follows from the initiator; without evidence of the initiator,
+        // each agent's kernel took whoever it saw speak first, which two nodes can see
+        // differently (one restarted, the other not): the endpoints are then taken in an order
+        // every agent sees alike (the lower address and port first), so exactly one counts it.
+        let here = if orientation == Orientation::Unknown && record.responder < record.initiator {
+            counts_here(self.config.local_node.as_deref(), &dst, &src)
+        } else {
+            counts_here(self.config.local_node.as_deref(), &src, &dst)
+        };
+        if !here {
             self.stats.other_node += 1;
             return None;
         }

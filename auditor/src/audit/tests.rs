@@ -784,3 +784,31 @@ fn a_flow_without_evidence_denied_both_ways_is_unexpected() {
     assert_eq!(flow.orientation, Orientation::Unknown);
     assert_eq!(flow.verdict, AuditVerdict::Unexpected);
 }
+
+/// No evidence of who opened a cross-node flow: each node's kernel took whoever it saw speak
+/// first, and two nodes can see it differently (one agent restarted, the other not). Exactly one
+/// agent counts it whichever way each guessed: the endpoints are then taken in an order every
+/// agent sees alike.
+#[test]
+fn a_flow_without_evidence_is_counted_by_one_node_whatever_each_guessed() {
+    let fx = Fixture::new();
+    let one_way = || mid_stream(&format!("{PROMETHEUS}:9999"), &format!("{POSTGRES}:7000"));
+    let other_way = || mid_stream(&format!("{POSTGRES}:7000"), &format!("{PROMETHEUS}:9999"));
+    for (a_saw, b_saw) in [
+        (one_way(), one_way()),
+        (one_way(), other_way()),
+        (other_way(), one_way()),
+        (other_way(), other_way()),
+    ] {
+        let mut on_a = auditor(Some("node-a"));
+        let mut on_b = auditor(Some("node-b"));
+        let counted_on_a = on_a.push(a_saw, fx.ctx(), t(2)).is_some();
+        let counted_on_b = on_b.push(b_saw, fx.ctx(), t(2)).is_some();
+        assert!(
+            counted_on_a != counted_on_b,
+            "counted on node-a: {counted_on_a}, on node-b: {counted_on_b}"
+        );
+        // The lower address (prometheus, on node-a) goes first: node-a counts it.
+        assert!(counted_on_a, "node-b counted it");
+    }
+}
