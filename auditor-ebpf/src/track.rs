@@ -6,7 +6,7 @@ use auditor_ebpf::{
     MAX_HEADER_BYTES,
     flow::{
         Counter, ENCAPSULATION_PORTS, EventKind, FlowEvent, FlowKey, FlowKey4, FlowState,
-        FlowStatus, Hook, Side, proto, tcp_flags,
+        FlowStatus, Hook, Side, first_seen, proto, tcp_flags,
     },
 };
 use aya_ebpf::{
@@ -304,9 +304,9 @@ fn create<K: TableKey>(seen: &Seen<K>, meta: Meta) -> Option<Result<Counter, Cou
 #[inline(never)]
 fn fresh_state<K>(seen: &Seen<K>, meta: Meta) -> FlowState {
     let (initiator, mid_stream, status) = match seen.opening() {
-        Opening::Opening => (seen.sender, 0, FlowStatus::New),
-        Opening::Answer => (other(seen.sender), 1, FlowStatus::Answered),
-        Opening::MidStream => (seen.sender, 1, FlowStatus::New),
+        Opening::Opening => (seen.sender, first_seen::OPENING, FlowStatus::New),
+        Opening::Answer => (other(seen.sender), first_seen::ANSWER, FlowStatus::Answered),
+        Opening::MidStream => (seen.sender, first_seen::MID_STREAM, FlowStatus::New),
     };
     // The tick before the clock, as in `stamp`.
     let tick = tick();

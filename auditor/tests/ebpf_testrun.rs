@@ -930,7 +930,7 @@ fn mid_stream_flows_are_marked() {
         (Some(FlowStatus::Answered), 1)
     );
 
-    // First seen: a SYN-ACK. Its receiver sent the SYN, so it is the initiator.
+    // First seen: a SYN-ACK. Its receiver sent the SYN, so it is the initiator, known (2).
     let synack = eth_ip(&ipv4(
         SERVER4,
         CLIENT4,
@@ -944,7 +944,7 @@ fn mid_stream_flows_are_marked() {
         .unwrap_or_else(|| panic!("no flow from a SYN-ACK"));
     assert_eq!(
         (got.initiator(), got.mid_stream, got.status(), got.packets),
-        (Some(client_side), 1, Some(FlowStatus::Answered), [0, 1])
+        (Some(client_side), 2, Some(FlowStatus::Answered), [0, 1])
     );
     let kinds: Vec<_> = h.events().iter().map(FlowEvent::kind).collect();
     assert_eq!(

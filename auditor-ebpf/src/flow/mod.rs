@@ -101,6 +101,16 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
+/// The values of [`FlowState::mid_stream`] and [`FlowEvent::mid_stream`].
+pub mod first_seen {
+    /// The opening packet was seen (TCP SYN, the first packet of a conversation).
+    pub const OPENING: u8 = 0;
+    /// First seen mid-stream: the initiator is the first sender, a guess.
+    pub const MID_STREAM: u8 = 1;
+    /// First seen at its answer (SYN-ACK, ICMP echo reply): the initiator is known.
+    pub const ANSWER: u8 = 2;
+}
+
 /// TCP flag bits as they appear in [`FlowState::tcp_flags`] (the low byte of the TCP header's
 /// flags field).
 pub mod tcp_flags {
@@ -501,9 +511,10 @@ pub struct FlowState {
     pub status: u8,
     /// The [`Hook`] (as a byte) of the hook that saw the first packet.
     pub hook: u8,
-    /// 1 when the first packet seen was not an opening one (for TCP anything but a SYN without
-    /// ACK; for ICMP an echo reply), so the initiator is a guess (or, for a SYN-ACK or an echo
-    /// reply seen first, inferred from the answer). 0 otherwise.
+    /// How the flow was first seen, one of [`first_seen`]: its opening packet (0), mid-stream
+    /// (1: for TCP a segment without SYN, the initiator a guess user space replaces by evidence),
+    /// or its answer (2: a SYN-ACK, an ICMP echo reply; the initiator is the answer's receiver,
+    /// certain).
     pub mid_stream: u8,
     /// 1 once the responder has answered, kept when the flow later closes, so user space can tell
     /// a closed established flow from an abandoned attempt. 0 otherwise.
@@ -752,7 +763,7 @@ impl Counter {
 
 /// Bump when the meaning of a flow table byte changes without its offset or size changing (a
 /// field reused, a status added): [`FLOW_LAYOUT`] then changes too.
-pub const FLOW_LAYOUT_REVISION: u32 = 1;
+pub const FLOW_LAYOUT_REVISION: u32 = 2;
 
 /// The version of the flow tables' layout: keys, value and the meaning of their bytes. Derived
 /// from [`FLOW_LAYOUT_REVISION`] and the size and offset of every field of [`FlowKey`],
@@ -843,7 +854,7 @@ mod tests {
     fn layout_version_is_the_layout_s() {
         assert_eq!(
             format!("v{FLOW_LAYOUT:08x}"),
-            "veb417c62",
+            "v7b270121",
             "the flow table layout changed"
         );
         // Any size or offset moving changes it.
