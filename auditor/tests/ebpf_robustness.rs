@@ -10,7 +10,7 @@ mod testrun;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use auditor::datapath::load::{DatapathConfig, TABLES, table_index};
-use auditor_ebpf::flow::{Counter, EventKind, FlowStatus, Hook, Side};
+use auditor_ebpf::flow::{Counter, EventKind, FlowStatus, Hook, Side, first_seen};
 use packets::*;
 use testrun::{Harness, PASS};
 
@@ -204,7 +204,15 @@ fn random_and_mutated_packets_never_fail_and_counters_add_up() {
                     e.initiator().is_some() && e.hook().is_some(),
                     "bad event {e:?}"
                 );
-                assert!(e.mid_stream <= 1, "bad event {e:?}");
+                assert!(
+                    [
+                        first_seen::OPENING,
+                        first_seen::MID_STREAM,
+                        first_seen::ANSWER
+                    ]
+                    .contains(&e.mid_stream),
+                    "bad event {e:?}"
+                );
             }
         }
     }
@@ -285,8 +293,8 @@ fn random_and_mutated_packets_never_fail_and_counters_add_up() {
             "time runs forward: {state:?}"
         );
         assert!(
-            state.mid_stream <= 1 && state.answered <= 1,
-            "flags are 0 or 1: {state:?}"
+            state.mid_stream <= first_seen::ANSWER && state.answered <= 1,
+            "mid_stream is a first_seen value, answered 0 or 1: {state:?}"
         );
         for from_initiator in [true, false] {
             let nibble = if from_initiator {
