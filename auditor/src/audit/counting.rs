@@ -14,9 +14,10 @@
 //! CNI policy can drop it (TCX attaches first), so that agent sees every attempt, refused or
 //! unanswered ones included, while the responder's agent never sees a SYN the source node's egress
 //! policy dropped. Pods come before nodes because pod interfaces are always attached, whereas a
-//! node's own traffic is only seen when its uplink is. A flow first seen mid-stream carries a
-//! guessed initiator: two agents may guess differently and count it twice or not at all; such
-//! flows are marked (`mid_stream`) and rare (start-up, flow-table eviction).
+//! node's own traffic is only seen when its uplink is. A flow first seen mid-stream is oriented
+//! by evidence every agent reads alike (conntrack, declared ports, the ephemeral range); when
+//! there is none, the audit takes its endpoints in address order for this rule instead of the
+//! kernel's guess, which two agents can make differently.
 
 use super::Peer;
 
