@@ -687,19 +687,7 @@ impl Drop for Servers {
 
 /// Plays every conversation of [`SCRIPT`] at once; what each client saw, in script order.
 fn play_all(topo: &Topology) -> Vec<Result<Seen>> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = SCRIPT
-            .iter()
-            .map(|conv| s.spawn(move || play(topo, conv)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("traffic thread panicked")))
-            })
-            .collect()
-    })
+    super::traffic::in_parallel(SCRIPT, |conv| play(topo, conv))
 }
 
 fn play(topo: &Topology, conv: &Conversation) -> Result<Seen> {

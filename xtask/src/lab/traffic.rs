@@ -213,10 +213,19 @@ pub fn play(topo: &Topology, conv: &Conversation) -> Result<Seen> {
 
 /// Plays every conversation at once (each on its own thread) and returns what each saw.
 pub fn play_all(topo: &Topology, script: &[Conversation]) -> Vec<Result<Seen>> {
+    in_parallel(script, |conv| play(topo, conv))
+}
+
+/// Runs `play` on every conversation at once, each on its own thread; the results in order.
+pub fn in_parallel<C: Sync, T: Send>(
+    script: &[C],
+    play: impl Fn(&C) -> Result<T> + Sync,
+) -> Vec<Result<T>> {
+    let play = &play;
     std::thread::scope(|s| {
         let handles: Vec<_> = script
             .iter()
-            .map(|conv| s.spawn(move || play(topo, conv)))
+            .map(|conv| s.spawn(move || play(conv)))
             .collect();
         handles
             .into_iter()
