@@ -4,10 +4,11 @@
 //!
 //! Two kinds of interface: pod interfaces (`cali*`, `lxc*`, ...) get the pod programs, uplinks
 //! (the node's native and tunnel devices, by glob or as the default route's device, followed as
-//! the default route moves) the uplink programs, whose hook kind is a constant of their own. Where a CNI delivers packets into pods
-//! past the pod interface's egress hook (Cilium's BPF host routing and tunnels hand them over
-//! with `bpf_redirect_peer` from the uplink's TC ingress), the uplink's ingress is the only place
-//! such a packet is seen; where it does not, the program counts a packet seen at both once.
+//! the default route moves) the uplink programs, whose hook kind is a constant of their own.
+//! Where a CNI delivers packets into pods past the pod interface's egress hook (Cilium's BPF
+//! host routing and tunnels hand them over with `bpf_redirect_peer` from the uplink's TC
+//! ingress), the uplink's ingress is the only place such a packet is seen; where it does not,
+//! the program counts a packet seen at both once.
 //!
 //! What survives a crash: TCX links are held only by our file descriptors (we never pin them), so
 //! the kernel detaches them when the process dies, however it dies; `attach_churn` verifies it.
@@ -729,7 +730,6 @@ fn tc_errno(e: &TcError) -> Option<i32> {
     }
 }
 
-/// Inode of the calling thread's network namespace: unique per namespace while it exists.
 /// The name of interface `ifindex` in the calling thread's namespace; `None` when there is no
 /// such interface.
 fn interface_name(ifindex: u32) -> Option<String> {
@@ -744,6 +744,7 @@ fn interface_name(ifindex: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
+/// Inode of the calling thread's network namespace: unique per namespace while it exists.
 fn current_netns() -> Result<u64, AttachError> {
     std::fs::metadata("/proc/thread-self/ns/net")
         .map(|m| m.ino())

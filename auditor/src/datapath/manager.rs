@@ -1,8 +1,8 @@
 //! The running datapath: the loaded programs attached to the matching interfaces of one network
 //! namespace (kept in step with link notifications, and with default-route notifications when
-//! `:default-route` is an uplink), the event ring buffer (and the program's
-//! log records, when on) read asynchronously, and the flow table and counters read on demand. It hands out raw flow events and table
-//! entries; `flows` turns them into records.
+//! `:default-route` is an uplink), the event ring buffer (and the program's log records, when
+//! on) read asynchronously, and the flow table and counters read on demand. It hands out raw
+//! flow events and table entries; `flows` turns them into records.
 //!
 //! Run it on a thread of the namespace to watch, inside a tokio runtime (any flavour: the
 //! attacher refuses kernel calls from a thread in another namespace; see [`super::attach`]).

@@ -1,6 +1,7 @@
 //! Interface discovery over rtnetlink: a dump of the links that exist now, and a stream of link
-//! notifications afterwards (and, when asked, of default-route changes). Both sockets live in the network namespace of the thread that opens
-//! them, which is what keeps the attach manager inside its own namespace.
+//! notifications afterwards (and, when asked, of default-route changes). Both sockets live in
+//! the network namespace of the thread that opens them, which is what keeps the attach manager
+//! inside its own namespace.
 //!
 //! Raw netlink with `libc` rather than a crate: we need two message types and one attribute, and the
 //! parsing below is bounded and checked, so a dependency would bring more surface than it saves.
@@ -275,8 +276,10 @@ impl LinkWatcher {
                         let ifindex = ifindex_of(msg.payload)?;
                         changes.push(LinkChange::Removed { ifindex });
                     }
+                    // A route message that cannot be read might be a default route: looking
+                    // them up again costs a dump, missing one an uplink.
                     libc::RTM_NEWROUTE | libc::RTM_DELROUTE
-                        if !parse_default_route(msg.payload)?.is_empty()
+                        if parse_default_route(msg.payload).map_or(true, |d| !d.is_empty())
                             && !changes.contains(&LinkChange::DefaultRoutes) =>
                     {
                         changes.push(LinkChange::DefaultRoutes);
