@@ -725,3 +725,59 @@ fn the_default_route_s_device_is_followed_when_the_route_moves() {
     loader.wait_for(&BTreeSet::new(), Duration::from_secs(10));
     loader.stop();
 }
+
+/// A device that is an uplink by name as well stays attached when the default route leaves it.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn a_device_named_an_uplink_stays_attached_when_the_default_route_leaves_it() {
+    require_root();
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ns = Netns::new("orient-route2");
+    for (dev, peer, net) in [
+        ("upa", "upa-peer", "198.18.10"),
+        ("upb", "upb-peer", "198.18.11"),
+    ] {
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
+        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&["link", "set", peer, "up"]);
+        ns.ip(&["addr", "add", &format!("{net}.1/24"), "dev", dev]);
+    }
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.18.10.254",
+        "dev",
+        "upa",
+    ]);
+    let loader = Loader::start(
+        &ns,
+        AttachConfig {
+            interfaces: vec!["cali*".to_owned()],
+            uplinks: vec![":default-route".to_owned(), "upa".to_owned()],
+            ..AttachConfig::default()
+        },
+    );
+    loader.wait_for(&BTreeSet::from(["upa".to_owned()]), Duration::from_secs(10));
+    ns.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "198.18.11.254",
+        "dev",
+        "upb",
+    ]);
+    let attached = loader.wait_for(
+        &BTreeSet::from(["upa".to_owned(), "upb".to_owned()]),
+        Duration::from_secs(10),
+    );
+    assert!(
+        attached.iter().all(|a| a.role == Role::Uplink),
+        "{attached:?}"
+    );
+    loader.stop();
+}

@@ -16,7 +16,9 @@
 //! as translated (SNAT seen after it: the node's address and the port it chose).
 //!
 //! At most two requests and answers per flow asked about, and only flows first seen mid-stream
-//! are asked about: rare. Raw netlink with `libc`, as the link watcher in [`super::netlink`].
+//! are asked about: rare, but for the UDP and SCTP flows of an agent's join window (the idle
+//! timeout after a start without adopted tables, see `FlowTracker::open_join_window`), each of
+//! which is asked about once. Raw netlink with `libc`, as the link watcher in [`super::netlink`].
 
 use std::{
     io,
