@@ -203,7 +203,10 @@ pub struct FlowTracker {
     marks: Vec<FlowKey>,
     evictions: Evictions,
     /// The end of the join window, on the kernel clock (see [`FlowTracker::open_join_window`]):
-    /// UDP and SCTP flows first seen before it may have been joined mid-way.
+    /// UDP and SCTP flows first seen before it may have been joined mid-way. It lives here
+    /// rather than in the audit because this is where a flow's first-packet time (on the same
+    /// clock) and its record's `mid_stream` meet: the audit, the conntrack lookup and the log
+    /// then treat such a flow as any other first seen mid-stream.
     join_window_until_ns: Option<u64>,
 }
 
