@@ -11,7 +11,9 @@
 //!   refused, and oriented by the port the server declares;
 //! - a UDP conversation going on when an agent starts without adopting tables (`--pin-dir
 //!   none`), the server speaking first: oriented by the port the server declares, not by who
-//!   spoke first.
+//!   spoke first;
+//! - connections opened before the agent started, between ports that give no evidence, oriented
+//!   by the node's conntrack, a DNAT'd one (to a virtual address) included.
 //!
 //! Each test pins the flow tables in a bpffs directory of its own, removed at the end.
 #![expect(
@@ -765,6 +767,78 @@ fn a_udp_conversation_joined_without_adopted_tables_keeps_its_initiator() {
             &serde_json::json!("declared_port"),
             &serde_json::json!(false),
             &serde_json::json!(ROGUE)
+        ),
+        "{line}"
+    );
+}
+
+/// Conntrack for a translated connection: the node DNATs a virtual address (a Service's
+/// `ClusterIP`, as kube-proxy and Calico do) to web, between ports that give no evidence. Opened
+/// before the agent started; afterwards the client (rogue) speaks first. At web's interface the
+/// agent sees rogue -> web, the inverse of the entry's REPLY tuple, and conntrack still names
+/// rogue: a true `unexpected`. (Without that evidence it would be judged both ways and pass as
+/// allowed, web -> rogue.)
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn a_mid_stream_dnat_flow_is_oriented_by_the_node_s_conntrack() {
+    require_root();
+    let lab = Lab::new("orient-dnat");
+    const VIP: &str = "203.0.113.100";
+    lab.node.output(&[
+        "nft",
+        &format!(
+            "add table ip orient; \
+             add chain ip orient pre {{ type nat hook prerouting priority -100; policy accept; }}; \
+             add rule ip orient pre ip daddr {VIP} tcp dport 40000 dnat to {WEB}:40000"
+        ),
+    ]);
+    // 40000: in the ephemeral range, declared by no pod and named by no policy.
+    let listener = lab
+        .web
+        .run(|| TcpListener::bind(addr(WEB, 40_000)).unwrap_or_else(|e| panic!("bind: {e}")));
+    let mut rogue = lab.rogue.run(|| {
+        TcpStream::connect_timeout(&addr(VIP, 40_000), Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect -> {VIP}:40000: {e}"))
+    });
+    let (mut web, seen_from) = listener.accept().unwrap_or_else(|e| panic!("accept: {e}"));
+    assert_eq!(
+        seen_from,
+        rogue.local_addr().unwrap_or_else(|e| panic!("{e}")),
+        "web sees rogue itself (DNAT only)"
+    );
+    for s in [&rogue, &web] {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    exchange(&mut rogue, &mut web);
+    let daemon = lab.start("dnat", &[]);
+    // The client speaks first: the first packet seen at web's interface is rogue -> web.
+    exchange(&mut rogue, &mut web);
+    let unexpected = series(
+        "unexpected",
+        "established",
+        ("other", "rogue"),
+        ("shop", "web"),
+        "tcp",
+        "other",
+    );
+    lab.wait_metrics(&daemon, "the rogue connection", |m| {
+        sample(m, &unexpected) == 1.0
+    });
+    let lines = daemon.unexpected_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line: serde_json::Value =
+        serde_json::from_str(&lines[0]).unwrap_or_else(|e| panic!("{e}: {}", lines[0]));
+    assert_eq!(
+        (
+            &line["orientation"],
+            &line["seen_from_opening"],
+            &line["dst"]["address"]
+        ),
+        (
+            &serde_json::json!("conntrack"),
+            &serde_json::json!(false),
+            &serde_json::json!(WEB)
         ),
         "{line}"
     );
