@@ -44,6 +44,8 @@ const CLIENT: &str = "192.0.2.10";
 const WEB: &str = "192.0.2.20";
 const ROGUE: &str = "192.0.2.30";
 const METRICS: &str = "127.0.0.1:19925";
+/// A virtual address the node DNATs to web (as kube-proxy does a Service's `ClusterIP`).
+const VIP: &str = "203.0.113.100";
 
 const CLUSTER_YAML: &str = r"
 apiVersion: v1
@@ -783,7 +785,6 @@ fn a_udp_conversation_joined_without_adopted_tables_keeps_its_initiator() {
 fn a_mid_stream_dnat_flow_is_oriented_by_the_node_s_conntrack() {
     require_root();
     let lab = Lab::new("orient-dnat");
-    const VIP: &str = "203.0.113.100";
     lab.node.output(&[
         "nft",
         &format!(
