@@ -3,7 +3,7 @@
 //! no link of ours survives, and no file descriptor leaks. And what a killed instance leaves:
 //! TCX links die with the process, clsact filters do not and the next start removes them. Each
 //! test expects the hook the kernel offers: TCX on 6.6+, clsact filters before (Debian 12's 6.1),
-//! probed, not assumed.
+//! probed, not assumed. And `:default-route` following the default route to another device.
 
 #[path = "common/hooks.rs"]
 mod hooks;
@@ -19,7 +19,7 @@ use std::{
 };
 
 use auditor::datapath::{
-    attach::{AttachConfig, AttachError, AttachMode, AttachedInterface, HookMode},
+    attach::{AttachConfig, AttachError, AttachMode, AttachedInterface, HookMode, Role},
     load::{Datapath, DatapathConfig},
     manager::{DatapathManager, ManagerError},
 };
@@ -662,4 +662,122 @@ fn refuses_to_act_from_another_namespace() {
         "shutdown from another namespace must be refused"
     );
     assert!(attacher.attached().is_empty());
+}
+
+/// `:default-route` follows the route: two devices, the default route via A, then replaced by
+/// one via B. B becomes the uplink and A is detached (nothing else makes it one of ours), at
+/// once rather than at the next resync; with the default route gone, neither is attached.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn the_default_route_s_device_is_followed_when_the_route_moves() {
+    require_root();
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ns = Netns::new("orient-route");
+    for (dev, peer, net) in [
+        ("upa", "upa-peer", "198.18.10"),
+        ("upb", "upb-peer", "198.18.11"),
+    ] {
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
+        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&["link", "set", peer, "up"]);
+        ns.ip(&["addr", "add", &format!("{net}.1/24"), "dev", dev]);
+    }
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.18.10.254",
+        "dev",
+        "upa",
+    ]);
+    let loader = Loader::start(
+        &ns,
+        AttachConfig {
+            interfaces: vec!["cali*".to_owned()],
+            uplinks: vec![":default-route".to_owned()],
+            ..AttachConfig::default()
+        },
+    );
+    let only = |name: &str| BTreeSet::from([name.to_owned()]);
+    let attached = loader.wait_for(&only("upa"), Duration::from_secs(10));
+    assert!(
+        attached.iter().all(|a| a.role == Role::Uplink),
+        "{attached:?}"
+    );
+    ns.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "198.18.11.254",
+        "dev",
+        "upb",
+    ]);
+    let attached = loader.wait_for(&only("upb"), Duration::from_secs(10));
+    assert!(
+        attached.iter().all(|a| a.role == Role::Uplink),
+        "{attached:?}"
+    );
+    ns.ip(&["route", "del", "default"]);
+    loader.wait_for(&BTreeSet::new(), Duration::from_secs(10));
+    loader.stop();
+}
+
+/// A device that is an uplink by name as well stays attached when the default route leaves it.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn a_device_named_an_uplink_stays_attached_when_the_default_route_leaves_it() {
+    require_root();
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ns = Netns::new("orient-route2");
+    for (dev, peer, net) in [
+        ("upa", "upa-peer", "198.18.10"),
+        ("upb", "upb-peer", "198.18.11"),
+    ] {
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
+        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&["link", "set", peer, "up"]);
+        ns.ip(&["addr", "add", &format!("{net}.1/24"), "dev", dev]);
+    }
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.18.10.254",
+        "dev",
+        "upa",
+    ]);
+    let loader = Loader::start(
+        &ns,
+        AttachConfig {
+            interfaces: vec!["cali*".to_owned()],
+            uplinks: vec![":default-route".to_owned(), "upa".to_owned()],
+            ..AttachConfig::default()
+        },
+    );
+    loader.wait_for(&BTreeSet::from(["upa".to_owned()]), Duration::from_secs(10));
+    ns.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "198.18.11.254",
+        "dev",
+        "upb",
+    ]);
+    let attached = loader.wait_for(
+        &BTreeSet::from(["upa".to_owned(), "upb".to_owned()]),
+        Duration::from_secs(10),
+    );
+    assert!(
+        attached.iter().all(|a| a.role == Role::Uplink),
+        "{attached:?}"
+    );
+    loader.stop();
 }

@@ -1,7 +1,9 @@
 //! The daemon's event loop without a kernel: the real daemon (snapshot files watched, the audit,
 //! the metrics endpoint) driven by the fake datapath, as an ordinary unprivileged test. Flows are
 //! opened, answered or left unanswered on the fake, and counted through `/metrics`; a policy
-//! edited on disk changes the next verdict while flows keep being read.
+//! edited on disk changes the next verdict while flows keep being read. And the join window: a
+//! UDP conversation whose server speaks first, oriented by evidence when no tables were adopted
+//! and the window is open, by its first packet otherwise.
 #![expect(
     clippy::float_cmp,
     reason = "metric samples compared here are whole counts, which an f64 holds exactly"
@@ -221,4 +223,124 @@ async fn the_daemon_audits_a_fake_datapath_and_follows_policy_edits() {
     };
     assert_eq!(stopped.counted, 4, "every flow counted once");
     assert!(stopped.source.is_shut_down(), "the datapath was detached");
+}
+
+/// A DNS server declaring UDP 53, and a policy isolating the frontend's ingress: a conversation
+/// frontend -> dns:53 is allowed, the same seen the wrong way round (dns -> frontend) denied.
+const DNS: &str = r"
+apiVersion: v1
+kind: Pod
+metadata: {name: dns, namespace: tools, labels: {app: dns}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{containerPort: 53, protocol: UDP}]}]}
+status: {podIP: 10.244.0.53}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: frontend-no-ingress, namespace: web}
+spec:
+  podSelector: {matchLabels: {app: frontend}}
+  policyTypes: [Ingress]
+";
+
+/// The `flow_auditor_flows_total` series of UDP flows `src` -> `dst` with `verdict`.
+fn udp_count(text: &str, verdict: &str, src: &str, dst: &str) -> f64 {
+    let wanted = [
+        format!("verdict=\"{verdict}\""),
+        format!("src_workload=\"{src}\""),
+        format!("dst_workload=\"{dst}\""),
+        "protocol=\"udp\"".to_owned(),
+    ];
+    text.lines()
+        .filter(|l| l.starts_with("flow_auditor_flows_total{"))
+        .filter(|l| wanted.iter().all(|w| l.contains(w.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs the daemon on a fake whose tables pass for adopted (or not), with a 10 s idle timeout;
+/// the server dns:53 speaks first to the frontend, which answers; then, past the window, the
+/// same again from another frontend port. Returns the metrics after each.
+async fn server_speaks_first(adopted: bool) -> (String, String) {
+    let dir = TempDir::new(if adopted {
+        "join-adopted"
+    } else {
+        "join-fresh"
+    });
+    dir.write("cluster.yaml", CLUSTER);
+    dir.write("dns.yaml", DNS);
+    let mut args = args(&dir.0);
+    args.idle_timeout = Some(Duration::from_secs(10));
+    let daemon = Daemon::start(&args)
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    let addr = daemon.metrics_addr();
+    let fake = FakeDatapath::with_interfaces(&[(7, "cali0")]);
+    fake.set_tables_adopted(adopted);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(daemon.run(fake.clone(), async move {
+        let _ = stopped.await;
+        "test over"
+    }));
+    let socket = |text: &str| -> SocketAddr {
+        text.parse()
+            .unwrap_or_else(|e| panic!("socket {text}: {e}"))
+    };
+    let dns = socket("10.244.0.53:53");
+    let counted = |t: &str| {
+        udp_count(t, "allowed", "frontend", "dns") + udp_count(t, "unexpected", "dns", "frontend")
+    };
+    // The fake's first packet is the server's: it is what the datapath takes for the initiator.
+    let joined = fake.open(proto::UDP, dns, socket("10.244.0.10:41000"), 7);
+    fake.send(&joined, Peer::Responder);
+    let in_window = until(addr, "the joined conversation", |t| counted(t) == 1.0).await;
+    fake.advance(Duration::from_secs(11));
+    let later = fake.open(proto::UDP, dns, socket("10.244.0.10:41001"), 7);
+    fake.send(&later, Peer::Responder);
+    let after_window = until(addr, "the later conversation", |t| counted(t) == 2.0).await;
+    let _ = stop.send(());
+    match tokio::time::timeout(WAIT, running).await {
+        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Err(e))) => panic!("daemon: {e}"),
+        Ok(Err(e)) => panic!("daemon task: {e}"),
+        Err(tokio::time::error::Elapsed { .. }) => {
+            panic!("the daemon did not stop within {WAIT:?}")
+        }
+    }
+    (in_window, after_window)
+}
+
+/// No tables adopted: in the window the conversation is oriented by the port dns declares
+/// (frontend -> dns, allowed); past it, by its first packet (dns -> frontend, unexpected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_adopted_tables_udp_is_oriented_by_evidence_in_the_join_window() {
+    let (in_window, after_window) = server_speaks_first(false).await;
+    assert_eq!(
+        (
+            udp_count(&in_window, "allowed", "frontend", "dns"),
+            udp_count(&in_window, "unexpected", "dns", "frontend")
+        ),
+        (1.0, 0.0),
+        "{in_window}"
+    );
+    assert_eq!(
+        udp_count(&after_window, "unexpected", "dns", "frontend"),
+        1.0,
+        "{after_window}"
+    );
+}
+
+/// Tables adopted: there is no join window, the first packet's sender is the initiator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_adopted_tables_udp_keeps_the_first_packet_rule() {
+    let (in_window, after_window) = server_speaks_first(true).await;
+    assert_eq!(
+        udp_count(&in_window, "unexpected", "dns", "frontend"),
+        1.0,
+        "{in_window}"
+    );
+    assert_eq!(
+        udp_count(&after_window, "unexpected", "dns", "frontend"),
+        2.0,
+        "{after_window}"
+    );
 }

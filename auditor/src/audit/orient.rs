@@ -1,6 +1,8 @@
 //! Orienting a flow first seen mid-stream (SPEC 3): the datapath takes the sender of the first
 //! packet it saw for the initiator, which after an agent restart, an eviction or an idle expiry
-//! is often the server (a keepalive, a streaming response). Evidence decides instead, in this
+//! is often the server (a keepalive, a streaming response). UDP and SCTP flows first seen in the
+//! join window of an agent that adopted no tables come here too (see
+//! [`crate::flows::FlowTracker::open_join_window`]). Evidence decides instead, in this
 //! order: the node's conntrack (the ORIGINAL tuple: who really opened it), the ports the
 //! responder declares (container ports, Service ports, ports a policy names), the ephemeral
 //! port range (the initiator's port is in it, the responder's is not). Without evidence the

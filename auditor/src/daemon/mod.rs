@@ -684,6 +684,16 @@ impl Daemon {
         intended.publish(&metrics);
         metrics.set_inventory_synced(true, SystemTime::now());
         let mut stream = FlowStream::new(source, settings.flows);
+        // Without a predecessor's tables the agent joins conversations already going on: for
+        // the idle timeout, UDP and SCTP flows are oriented by evidence (the tracker marks them
+        // mid-stream), not by who happened to speak first.
+        if !stream.source().tables_adopted() {
+            let window = stream.open_join_window();
+            tracing::info!(
+                ?window,
+                "no flow tables adopted: UDP and SCTP flows first seen in this window are oriented by evidence"
+            );
+        }
         readiness.set_attached(true);
         publish_health(&stream, &metrics);
         let (updates_tx, mut updates) = mpsc::channel::<Update>(4096);

@@ -3,11 +3,12 @@
 //! off when the interface goes, and on start-up removes clsact filters a crashed instance left.
 //!
 //! Two kinds of interface: pod interfaces (`cali*`, `lxc*`, ...) get the pod programs, uplinks
-//! (the node's native and tunnel devices, by glob or as the default route's device) the uplink
-//! programs, whose hook kind is a constant of their own. Where a CNI delivers packets into pods
-//! past the pod interface's egress hook (Cilium's BPF host routing and tunnels hand them over
-//! with `bpf_redirect_peer` from the uplink's TC ingress), the uplink's ingress is the only place
-//! such a packet is seen; where it does not, the program counts a packet seen at both once.
+//! (the node's native and tunnel devices, by glob or as the default route's device, followed as
+//! the default route moves) the uplink programs, whose hook kind is a constant of their own.
+//! Where a CNI delivers packets into pods past the pod interface's egress hook (Cilium's BPF
+//! host routing and tunnels hand them over with `bpf_redirect_peer` from the uplink's TC
+//! ingress), the uplink's ingress is the only place such a packet is seen; where it does not,
+//! the program counts a packet seen at both once.
 //!
 //! What survives a crash: TCX links are held only by our file descriptors (we never pin them), so
 //! the kernel detaches them when the process dies, however it dies; `attach_churn` verifies it.
@@ -214,7 +215,8 @@ pub struct Attacher {
     /// Set after TCX failed once in `Auto` mode, so we stop trying it on every new interface.
     tcx_unavailable: bool,
     /// The interfaces of the default routes, when [`DEFAULT_ROUTE`] is an uplink: looked up
-    /// again on every resync and whenever an interface matches nothing else.
+    /// again when a default route changes ([`LinkChange::DefaultRoutes`]), on every resync and
+    /// whenever an interface matches nothing else.
     default_route: Vec<u32>,
 }
 
@@ -370,7 +372,47 @@ impl Attacher {
                 Ok(())
             }
             LinkChange::Resync(links) => self.sync(programs, links),
+            LinkChange::DefaultRoutes => self.follow_default_route(programs),
         }
+    }
+
+    /// After a default route changed: looks its devices up again and attaches a new one as an
+    /// uplink, and detaches one it no longer uses unless something else makes it an
+    /// interface of ours (an uplink or pod glob). Keeps going past a failing interface and
+    /// returns the first error.
+    ///
+    /// # Errors
+    /// The first attach failure.
+    fn follow_default_route(&mut self, programs: &mut TcPrograms<'_>) -> Result<(), AttachError> {
+        self.check_netns()?;
+        let before = self.default_route.clone();
+        self.refresh_default_route();
+        if self.default_route == before {
+            return Ok(());
+        }
+        tracing::info!(before = ?before, now = ?self.default_route, "the default routes' devices changed");
+        let mut changed: Vec<u32> = before
+            .iter()
+            .chain(&self.default_route)
+            .copied()
+            .filter(|i| before.contains(i) != self.default_route.contains(i))
+            .collect();
+        changed.sort_unstable();
+        changed.dedup();
+        let mut first_error = None;
+        for ifindex in changed {
+            let name = match self.attached.get(&ifindex) {
+                Some(a) => Some(a.name.clone()),
+                None => interface_name(ifindex),
+            };
+            // Gone meanwhile: its removal notification follows.
+            let Some(name) = name else { continue };
+            if let Err(e) = self.attach(programs, &Link { ifindex, name }) {
+                tracing::error!(error = %e, "attach failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Makes the attachments match `links`, the complete list of interfaces: attaches to new
@@ -686,6 +728,20 @@ fn tc_errno(e: &TcError) -> Option<i32> {
         TcError::IoError(e) => e.raw_os_error(),
         _ => None,
     }
+}
+
+/// The name of interface `ifindex` in the calling thread's namespace; `None` when there is no
+/// such interface.
+fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// Inode of the calling thread's network namespace: unique per namespace while it exists.

@@ -4,8 +4,21 @@
 //! dataplane does not (the answer is then "no entry"), which is fine: it is one piece of
 //! evidence among several for flows first seen mid-stream.
 //!
-//! One request and one answer per flow asked about, and only flows first seen mid-stream are
-//! asked about: rare. Raw netlink with `libc`, as the link watcher in [`super::netlink`].
+//! Address translation makes the tuple seen at an interface differ from the entry's ORIGINAL
+//! one. A connection to a Service (DNAT, `ClusterIP` -> backend) is seen at the backend as
+//! client -> backend, the inverse of the entry's REPLY tuple (backend -> client); one leaving
+//! through a masquerade (SNAT) is seen after it as node -> server, again the inverse of the
+//! REPLY (server -> node). So both orientations of the observed pair are asked, once by
+//! ORIGINAL and once by REPLY tuple (the kernel finds an entry by either of its tuples,
+//! whichever attribute carries it). The answer is mapped back onto the observed pair: the
+//! ORIGINAL source when it is one of the pair (no translation of the originator: plain, DNAT,
+//! or SNAT seen before the translation), else the REPLY destination, which is the originator
+//! as translated (SNAT seen after it: the node's address and the port it chose).
+//!
+//! At most two requests and answers per flow asked about, and only flows first seen mid-stream
+//! are asked about: rare, but for the UDP and SCTP flows of an agent's join window (the idle
+//! timeout after a start without adopted tables, see `FlowTracker::open_join_window`), each of
+//! which is asked about once. Raw netlink with `libc`, as the link watcher in [`super::netlink`].
 
 use std::{
     io,
@@ -24,6 +37,7 @@ const NLMSG_ERROR: u16 = 2;
 const CT_GET: u16 = 1 << 8 | 1;
 const CT_NEW: u16 = 1 << 8;
 const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -105,9 +119,10 @@ impl Conntrack {
         Ok(Self { fd, seq: 0 })
     }
 
-    /// Who opened the connection between `a` and `b` (either way round) over `protocol` (an IP
-    /// protocol number), by the node's conntrack entry: the source of its ORIGINAL direction.
-    /// `None` when conntrack has no such entry.
+    /// Who opened the connection between `a` and `b` (either way round, as observed at an
+    /// interface) over `protocol` (an IP protocol number), by the node's conntrack entry, as one
+    /// of `a` and `b`: see the [module docs](self) for translated connections. `None` when
+    /// conntrack has no such entry.
     ///
     /// # Errors
     /// When the socket fails or the answer cannot be read.
@@ -117,8 +132,27 @@ impl Conntrack {
         a: SocketAddr,
         b: SocketAddr,
     ) -> Result<Option<SocketAddr>, ConntrackError> {
+        // a -> b is the ORIGINAL tuple of an untranslated connection a opened, or the REPLY
+        // tuple of one b opened (a DNAT'd one seen at its backend a, a masqueraded one seen
+        // after the translation to b). b -> a covers the other two.
+        for (kind, src, dst) in [(CTA_TUPLE_ORIG, a, b), (CTA_TUPLE_REPLY, b, a)] {
+            if let Some(entry) = self.get(kind, protocol, src, dst)? {
+                return Ok(entry.originator_among(a, b));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The entry whose tuple `kind` is `src -> dst`, if any.
+    fn get(
+        &mut self,
+        kind: u16,
+        protocol: u8,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<Option<Entry>, ConntrackError> {
         self.seq = self.seq.wrapping_add(1);
-        let Some(request) = request(self.seq, protocol, a, b) else {
+        let Some(request) = request(self.seq, kind, protocol, src, dst) else {
             return Ok(None);
         };
         // SAFETY: the buffer is valid for its length; the fd is an open netlink socket (to the
@@ -156,17 +190,38 @@ impl Conntrack {
             match answer(&buf[..n], self.seq)? {
                 Reply::NotOurs => {}
                 Reply::NoEntry => return Ok(None),
-                Reply::Entry(originator) => return Ok(Some(originator)),
+                Reply::Entry(entry) => return Ok(Some(entry)),
             }
         }
         Err(ConntrackError::Malformed("no answer to our request"))
     }
 }
 
-/// The `IPCTNL_MSG_CT_GET` request for the tuple `a -> b`; `None` for a mix of families, and
-/// for protocols without ports (ICMP's tuple is its type, code and identifier, and an ICMP flow
-/// is oriented by its message types anyway: a request or an echo reply says who asked).
-fn request(seq: u32, protocol: u8, a: SocketAddr, b: SocketAddr) -> Option<Vec<u8>> {
+/// What an entry says about who opened it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    /// The ORIGINAL tuple's source: the originator before any translation.
+    original_src: SocketAddr,
+    /// The REPLY tuple's destination: the originator after source translation (the same as
+    /// `original_src` without SNAT).
+    reply_dst: SocketAddr,
+}
+
+impl Entry {
+    /// The originator as one of the observed endpoints `a` and `b`; `None` when neither is
+    /// (not an entry of this pair).
+    fn originator_among(self, a: SocketAddr, b: SocketAddr) -> Option<SocketAddr> {
+        [self.original_src, self.reply_dst]
+            .into_iter()
+            .find(|end| *end == a || *end == b)
+    }
+}
+
+/// The `IPCTNL_MSG_CT_GET` request for the tuple `a -> b`, carried as the tuple `kind`
+/// (ORIGINAL or REPLY); `None` for a mix of families, and for protocols without ports (ICMP's
+/// tuple is its type, code and identifier, and an ICMP flow is oriented by its message types
+/// anyway: a request or an echo reply says who asked).
+fn request(seq: u32, kind: u16, protocol: u8, a: SocketAddr, b: SocketAddr) -> Option<Vec<u8>> {
     /// TCP, UDP, SCTP: the protocols whose conntrack tuples carry ports.
     const WITH_PORTS: [u8; 3] = [6, 17, 132];
     if !WITH_PORTS.contains(&protocol) {
@@ -190,7 +245,7 @@ fn request(seq: u32, protocol: u8, a: SocketAddr, b: SocketAddr) -> Option<Vec<u
     proto.extend(attr(CTA_PROTO_DST_PORT, &b.port().to_be_bytes()));
     let mut tuple = attr(CTA_TUPLE_IP | NLA_F_NESTED, &ip);
     tuple.extend(attr(CTA_TUPLE_PROTO | NLA_F_NESTED, &proto));
-    let body = attr(CTA_TUPLE_ORIG | NLA_F_NESTED, &tuple);
+    let body = attr(kind | NLA_F_NESTED, &tuple);
     let len = NLMSG_HDR_LEN + NFGENMSG_LEN + body.len();
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(&u32::try_from(len).ok()?.to_ne_bytes());
@@ -227,8 +282,8 @@ enum Reply {
     NotOurs,
     /// Conntrack has no such entry.
     NoEntry,
-    /// The entry's ORIGINAL source.
-    Entry(SocketAddr),
+    /// The entry.
+    Entry(Entry),
 }
 
 /// The answer to request `seq` in one datagram.
@@ -261,7 +316,10 @@ fn answer(datagram: &[u8], seq: u32) -> Result<Reply, ConntrackError> {
                 let attrs = payload
                     .get(NFGENMSG_LEN..)
                     .ok_or(ConntrackError::Malformed("short nfgenmsg"))?;
-                return Ok(Reply::Entry(originator(attrs)?));
+                return Ok(Reply::Entry(Entry {
+                    original_src: endpoint(attrs, CTA_TUPLE_ORIG, End::Source)?,
+                    reply_dst: endpoint(attrs, CTA_TUPLE_REPLY, End::Destination)?,
+                }));
             }
             _ => {}
         }
@@ -269,27 +327,37 @@ fn answer(datagram: &[u8], seq: u32) -> Result<Reply, ConntrackError> {
     Ok(Reply::NotOurs)
 }
 
-/// The source of `CTA_TUPLE_ORIG` in a conntrack entry's attributes.
-fn originator(attrs: &[u8]) -> Result<SocketAddr, ConntrackError> {
-    let tuple =
-        find(attrs, CTA_TUPLE_ORIG)?.ok_or(ConntrackError::Malformed("no ORIGINAL tuple"))?;
+/// One end of a tuple.
+#[derive(Clone, Copy)]
+enum End {
+    Source,
+    Destination,
+}
+
+/// The `end` of the tuple `kind` (ORIGINAL or REPLY) in a conntrack entry's attributes.
+fn endpoint(attrs: &[u8], kind: u16, end: End) -> Result<SocketAddr, ConntrackError> {
+    let (v4, v6, port) = match end {
+        End::Source => (CTA_IP_V4_SRC, CTA_IP_V6_SRC, CTA_PROTO_SRC_PORT),
+        End::Destination => (CTA_IP_V4_DST, CTA_IP_V6_DST, CTA_PROTO_DST_PORT),
+    };
+    let tuple = find(attrs, kind)?.ok_or(ConntrackError::Malformed("no tuple"))?;
     let ip = find(tuple, CTA_TUPLE_IP)?.ok_or(ConntrackError::Malformed("no tuple address"))?;
     let proto = find(tuple, CTA_TUPLE_PROTO)?.ok_or(ConntrackError::Malformed("no tuple ports"))?;
-    let addr = if let Some(v4) = find(ip, CTA_IP_V4_SRC)? {
+    let addr = if let Some(v4) = find(ip, v4)? {
         let octets: [u8; 4] = v4
             .try_into()
             .map_err(|_| ConntrackError::Malformed("IPv4 address length"))?;
         IpAddr::from(octets)
-    } else if let Some(v6) = find(ip, CTA_IP_V6_SRC)? {
+    } else if let Some(v6) = find(ip, v6)? {
         let octets: [u8; 16] = v6
             .try_into()
             .map_err(|_| ConntrackError::Malformed("IPv6 address length"))?;
         IpAddr::from(octets)
     } else {
-        return Err(ConntrackError::Malformed("no source address"));
+        return Err(ConntrackError::Malformed("no tuple address"));
     };
     // ICMP tuples carry an identifier instead of ports; the flow's "ports" are that identifier.
-    let port = match find(proto, CTA_PROTO_SRC_PORT)? {
+    let port = match find(proto, port)? {
         Some(p) if p.len() == 2 => u16::from_be_bytes([p[0], p[1]]),
         Some(_) => return Err(ConntrackError::Malformed("port length")),
         None => 0,
@@ -329,18 +397,21 @@ mod tests {
         text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
     }
 
-    /// A `CT_NEW` answer whose ORIGINAL tuple is `src -> dst`, as the kernel writes it (with a
-    /// REPLY tuple and a status attribute around it).
-    fn entry(seq: u32, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-        let original = request(seq, 6, src, dst).unwrap_or_else(|| panic!("same family"));
-        // The request's body is exactly an ORIGINAL tuple; put a REPLY tuple (type 2) before it
-        // and a status (type 3) after it.
-        let body = &original[NLMSG_HDR_LEN + NFGENMSG_LEN..];
-        let reply = request(seq, 6, dst, src).unwrap_or_else(|| panic!("same family"));
-        let mut reply_tuple = reply[NLMSG_HDR_LEN + NFGENMSG_LEN..].to_vec();
-        reply_tuple[2..4].copy_from_slice(&(2 | NLA_F_NESTED).to_ne_bytes());
-        let mut attrs = reply_tuple;
-        attrs.extend_from_slice(body);
+    /// The body of a request: exactly one nested tuple of `kind`.
+    fn tuple(kind: u16, (src, dst): (SocketAddr, SocketAddr)) -> Vec<u8> {
+        let r = request(0, kind, 6, src, dst).unwrap_or_else(|| panic!("same family"));
+        r[NLMSG_HDR_LEN + NFGENMSG_LEN..].to_vec()
+    }
+
+    /// A `CT_NEW` answer with these ORIGINAL and REPLY tuples, as the kernel writes it (REPLY
+    /// after ORIGINAL, a status attribute after both).
+    fn entry_of(
+        seq: u32,
+        original: (SocketAddr, SocketAddr),
+        reply: (SocketAddr, SocketAddr),
+    ) -> Vec<u8> {
+        let mut attrs = tuple(CTA_TUPLE_ORIG, original);
+        attrs.extend(tuple(CTA_TUPLE_REPLY, reply));
         attrs.extend(attr(3, &8u32.to_be_bytes()));
         let len = NLMSG_HDR_LEN + NFGENMSG_LEN + attrs.len();
         let mut out = Vec::new();
@@ -352,6 +423,11 @@ mod tests {
         out.extend_from_slice(&[2, 0, 0, 0]);
         out.extend_from_slice(&attrs);
         out
+    }
+
+    /// The entry of an untranslated connection `src -> dst`.
+    fn entry(seq: u32, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+        entry_of(seq, (src, dst), (dst, src))
     }
 
     fn error(seq: u32, errno: i32) -> Vec<u8> {
@@ -366,15 +442,29 @@ mod tests {
         out
     }
 
+    fn parsed(datagram: &[u8], seq: u32) -> Entry {
+        match answer(datagram, seq) {
+            Ok(Reply::Entry(entry)) => entry,
+            other => panic!("not an entry: {other:?}"),
+        }
+    }
+
     #[test]
     fn the_originator_is_the_original_tuple_s_source() {
         let (client, server) = (sock("192.0.2.10:41000"), sock("192.0.2.20:8080"));
+        let e = parsed(&entry(7, client, server), 7);
         assert_eq!(
-            answer(&entry(7, client, server), 7).unwrap(),
-            Reply::Entry(client)
+            e,
+            Entry {
+                original_src: client,
+                reply_dst: client
+            }
         );
+        assert_eq!(e.originator_among(client, server), Some(client));
+        assert_eq!(e.originator_among(server, client), Some(client));
         let (c6, s6) = (sock("[2001:db8::10]:41000"), sock("[2001:db8::20]:443"));
-        assert_eq!(answer(&entry(8, c6, s6), 8).unwrap(), Reply::Entry(c6));
+        let e6 = parsed(&entry(8, c6, s6), 8);
+        assert_eq!(e6.originator_among(s6, c6), Some(c6));
         // Another request's answer is skipped.
         assert_eq!(
             answer(&entry(6, client, server), 7).unwrap(),
@@ -390,21 +480,90 @@ mod tests {
         assert!(answer(&cut, 7).is_err(), "a truncated answer is an error");
     }
 
+    /// Translated connections, mapped back onto the pair an interface saw.
     #[test]
-    fn the_request_is_a_nested_original_tuple() {
-        let r = request(3, 17, sock("10.0.0.1:5353"), sock("10.0.0.2:53")).unwrap();
+    fn the_originator_of_a_translated_connection_is_one_of_the_observed_pair() {
+        let client = sock("10.0.1.2:41000");
+        let (vip, backend) = (sock("10.96.0.10:80"), sock("10.0.2.2:8080"));
+        // DNAT: ORIGINAL client -> ClusterIP, REPLY backend -> client. Seen at the backend.
+        let dnat = parsed(&entry_of(1, (client, vip), (backend, client)), 1);
+        assert_eq!(dnat.originator_among(backend, client), Some(client));
+        assert_eq!(dnat.originator_among(client, backend), Some(client));
+        // SNAT (masquerade to the node's 10.0.2.1:61000): ORIGINAL client -> server, REPLY
+        // server -> node. Seen before the translation, the client; after it, the node's port.
+        let (server, node) = (sock("10.0.2.2:9090"), sock("10.0.2.1:61000"));
+        let snat = parsed(&entry_of(2, (client, server), (server, node)), 2);
+        assert_eq!(snat.originator_among(server, client), Some(client));
+        assert_eq!(snat.originator_among(server, node), Some(node));
+        assert_eq!(snat.originator_among(node, server), Some(node));
+        // Not this pair's entry at all.
+        assert_eq!(
+            snat.originator_among(sock("10.0.9.9:1"), sock("10.0.9.8:2")),
+            None
+        );
+    }
+
+    #[test]
+    fn the_request_is_a_nested_tuple_of_the_asked_kind() {
+        let r = request(
+            3,
+            CTA_TUPLE_ORIG,
+            17,
+            sock("10.0.0.1:5353"),
+            sock("10.0.0.2:53"),
+        )
+        .unwrap();
         assert_eq!(read_u32(&r, 0) as usize, r.len());
         assert_eq!(read_u16(&r, 4), CT_GET);
         assert_eq!(r[NLMSG_HDR_LEN], u8::try_from(libc::AF_INET).unwrap());
         let body = &r[NLMSG_HDR_LEN + NFGENMSG_LEN..];
         assert_eq!(read_u16(body, 2), CTA_TUPLE_ORIG | NLA_F_NESTED);
-        assert_eq!(originator(body).unwrap(), sock("10.0.0.1:5353"));
-        assert!(request(1, 6, sock("10.0.0.1:1"), sock("[::1]:2")).is_none());
+        assert_eq!(
+            endpoint(body, CTA_TUPLE_ORIG, End::Source).unwrap(),
+            sock("10.0.0.1:5353")
+        );
+        assert_eq!(
+            endpoint(body, CTA_TUPLE_ORIG, End::Destination).unwrap(),
+            sock("10.0.0.2:53")
+        );
+        let r = request(
+            4,
+            CTA_TUPLE_REPLY,
+            6,
+            sock("10.0.0.2:80"),
+            sock("10.0.0.1:40000"),
+        )
+        .unwrap();
+        let body = &r[NLMSG_HDR_LEN + NFGENMSG_LEN..];
+        assert_eq!(read_u16(body, 2), CTA_TUPLE_REPLY | NLA_F_NESTED);
+        assert_eq!(
+            endpoint(body, CTA_TUPLE_REPLY, End::Destination).unwrap(),
+            sock("10.0.0.1:40000")
+        );
+        assert!(request(1, CTA_TUPLE_ORIG, 6, sock("10.0.0.1:1"), sock("[::1]:2")).is_none());
         // ICMP and ICMPv6 have no ports to ask by: not asked.
         for icmp in [1, 58] {
-            assert!(request(1, icmp, sock("10.0.0.1:7"), sock("10.0.0.2:7")).is_none());
+            assert!(
+                request(
+                    1,
+                    CTA_TUPLE_ORIG,
+                    icmp,
+                    sock("10.0.0.1:7"),
+                    sock("10.0.0.2:7")
+                )
+                .is_none()
+            );
         }
-        assert!(request(1, 132, sock("10.0.0.1:1"), sock("10.0.0.2:2")).is_some());
+        assert!(
+            request(
+                1,
+                CTA_TUPLE_ORIG,
+                132,
+                sock("10.0.0.1:1"),
+                sock("10.0.0.2:2")
+            )
+            .is_some()
+        );
     }
 
     /// Conntrack has no entry for a made-up tuple (documentation addresses): "none", not an

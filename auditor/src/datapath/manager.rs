@@ -1,7 +1,8 @@
 //! The running datapath: the loaded programs attached to the matching interfaces of one network
-//! namespace (kept in step with link notifications), the event ring buffer (and the program's
-//! log records, when on) read asynchronously, and the flow table and counters read on demand. It hands out raw flow events and table
-//! entries; `flows` turns them into records.
+//! namespace (kept in step with link notifications, and with default-route notifications when
+//! `:default-route` is an uplink), the event ring buffer (and the program's log records, when
+//! on) read asynchronously, and the flow table and counters read on demand. It hands out raw
+//! flow events and table entries; `flows` turns them into records.
 //!
 //! Run it on a thread of the namespace to watch, inside a tokio runtime (any flavour: the
 //! attacher refuses kernel calls from a thread in another namespace; see [`super::attach`]).
@@ -20,7 +21,7 @@ use tokio::io::{
 };
 
 use super::{
-    attach::{AttachConfig, AttachError, AttachedInterface, Attacher},
+    attach::{AttachConfig, AttachError, AttachedInterface, Attacher, DEFAULT_ROUTE},
     kernel_log::KernelLog,
     load::{CounterTotals, Datapath, LoadError},
     netlink::{self, LinkChange, LinkWatcher, NetlinkError},
@@ -114,9 +115,15 @@ impl DatapathManager {
     /// When the namespace's interfaces cannot be listed or watched, the ring buffer cannot be
     /// registered, or attaching to an interface fails (for another reason than it vanishing).
     pub fn start(mut datapath: Datapath, config: AttachConfig) -> Result<Self, ManagerError> {
+        // The default routes' devices are followed as routes change, when they are uplinks.
+        let follow_routes = config.uplinks.iter().any(|u| u == DEFAULT_ROUTE);
         let mut attacher = Attacher::new(config)?;
         // Subscribe before the dump: a link that appears in between is then reported, not missed.
-        let watcher = LinkWatcher::open()?;
+        let watcher = if follow_routes {
+            LinkWatcher::open_with_routes()?
+        } else {
+            LinkWatcher::open()?
+        };
         let links = netlink::dump_links()?;
         attacher.remove_stale(&links)?;
         let ring = datapath.take_events()?;
@@ -229,6 +236,15 @@ impl DatapathManager {
             }
         }
         Ok(())
+    }
+
+    /// Whether the flow tables are a predecessor's, adopted from their pins.
+    #[must_use]
+    pub const fn tables_adopted(&self) -> bool {
+        match self.datapath.pinned() {
+            Some(pinned) => pinned.adopted,
+            None => false,
+        }
     }
 
     /// Reads what the ring buffer holds now, without waiting for a wake-up.

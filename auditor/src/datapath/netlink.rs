@@ -1,6 +1,7 @@
 //! Interface discovery over rtnetlink: a dump of the links that exist now, and a stream of link
-//! notifications afterwards. Both sockets live in the network namespace of the thread that opens
-//! them, which is what keeps the attach manager inside its own namespace.
+//! notifications afterwards (and, when asked, of default-route changes). Both sockets live in
+//! the network namespace of the thread that opens them, which is what keeps the attach manager
+//! inside its own namespace.
 //!
 //! Raw netlink with `libc` rather than a crate: we need two message types and one attribute, and the
 //! parsing below is bounded and checked, so a dependency would bring more surface than it saves.
@@ -75,6 +76,10 @@ pub enum LinkChange {
     /// Notifications were lost (socket overrun): this is the complete list now, and anything not
     /// in it is gone.
     Resync(Vec<Link>),
+    /// A default route of the main table was added, replaced or removed: the devices the
+    /// default routes use may have changed (see [`default_route_ifindexes`]). Only from a
+    /// watcher opened with [`LinkWatcher::open_with_routes`].
+    DefaultRoutes,
 }
 
 /// Lists the interfaces of the calling thread's network namespace.
@@ -183,7 +188,23 @@ impl LinkWatcher {
     /// When the socket cannot be opened or registered with the tokio reactor (call it inside a
     /// runtime).
     pub fn open() -> Result<Self, NetlinkError> {
-        let fd = open_socket(libc::RTMGRP_LINK as u32)?;
+        Self::open_groups(libc::RTMGRP_LINK as u32)
+    }
+
+    /// [`LinkWatcher::open`], also subscribed to the IPv4 and IPv6 route notifications, of
+    /// which it reports default-route changes ([`LinkChange::DefaultRoutes`]; other routes, such
+    /// as a CNI's per-pod host routes, are read and ignored).
+    ///
+    /// # Errors
+    /// As [`LinkWatcher::open`].
+    pub fn open_with_routes() -> Result<Self, NetlinkError> {
+        Self::open_groups(
+            (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_ROUTE | libc::RTMGRP_IPV6_ROUTE) as u32,
+        )
+    }
+
+    fn open_groups(groups: u32) -> Result<Self, NetlinkError> {
+        let fd = open_socket(groups)?;
         // Best effort: FORCE needs CAP_NET_ADMIN, the plain option is capped by rmem_max.
         for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
             // SAFETY: a valid c_int option value on an open socket.
@@ -254,6 +275,14 @@ impl LinkWatcher {
                     libc::RTM_DELLINK => {
                         let ifindex = ifindex_of(msg.payload)?;
                         changes.push(LinkChange::Removed { ifindex });
+                    }
+                    // A route message that cannot be read might be a default route: looking
+                    // them up again costs a dump, missing one an uplink.
+                    libc::RTM_NEWROUTE | libc::RTM_DELROUTE
+                        if parse_default_route(msg.payload).map_or(true, |d| !d.is_empty())
+                            && !changes.contains(&LinkChange::DefaultRoutes) =>
+                    {
+                        changes.push(LinkChange::DefaultRoutes);
                     }
                     _ => {}
                 }

@@ -38,7 +38,10 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -89,6 +92,8 @@ pub struct FakeDatapath {
 struct Shared {
     /// Attached interfaces, fixed at creation.
     interfaces: Vec<(u32, String)>,
+    /// What [`FlowSource::tables_adopted`] says.
+    adopted: AtomicBool,
     state: Mutex<State>,
     /// Wakes a waiting [`FlowSource::next_events`] when events are queued.
     wake: Notify,
@@ -140,6 +145,7 @@ impl FakeDatapath {
                     .iter()
                     .map(|(ifindex, name)| (*ifindex, (*name).to_owned()))
                     .collect(),
+                adopted: AtomicBool::new(false),
                 state: Mutex::new(State {
                     now: Now {
                         mono_ns: Self::START_MONO_NS,
@@ -323,6 +329,12 @@ impl FakeDatapath {
         self.state().ring_full = full;
     }
 
+    /// Whether the fake's table is to pass for one adopted from a predecessor (default: no, a
+    /// fresh table, as on an agent's first start).
+    pub fn set_tables_adopted(&self, adopted: bool) {
+        self.shared.adopted.store(adopted, Ordering::Relaxed);
+    }
+
     /// Counts `n` events as lost without changing anything else.
     pub fn lose_events(&self, n: u64) {
         self.state().lost += n;
@@ -493,6 +505,10 @@ impl FlowSource for FakeDatapath {
 
     fn now(&self) -> Now {
         Self::now(self)
+    }
+
+    fn tables_adopted(&self) -> bool {
+        self.shared.adopted.load(Ordering::Relaxed)
     }
 
     /// Attached interfaces as given, table entries as of the last walk, capacity the real

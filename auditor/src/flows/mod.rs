@@ -18,6 +18,10 @@
 //!   tracker still remembers it ([`tracker::GONE_CAPACITY`] such flows), that is recognised as
 //!   the same flow and not reported again; after that it is reported again, with `mid_stream`
 //!   set for TCP, and the audit orients it by evidence.
+//! - An agent that adopted no predecessor's tables (first install, a new layout, `--pin-dir
+//!   none`) joins conversations already going on; for the idle timeout after it starts, UDP and
+//!   SCTP flows (which have no opening packet to tell) are recorded with `mid_stream` set, so the
+//!   audit orients them by evidence ([`FlowStream::open_join_window`]).
 //! - Every decided flow's table entry gets the reported mark ([`FlowSource::mark_reported`])
 //!   before its record is handed out: with the tables pinned, the next agent adopts the entries
 //!   and counts only the unmarked ones. Entries the tracker knew that a walk no longer finds were
@@ -105,7 +109,9 @@ pub struct FlowRecord {
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
     /// The first packet seen was not an opening one (the auditor started, or the table lost the
-    /// entry, in the middle of the flow), so `initiator` is a best guess.
+    /// entry, in the middle of the flow), so `initiator` is a best guess. Also set for UDP and
+    /// SCTP flows first seen in the join window of an agent that adopted no tables (see
+    /// [`FlowTracker::open_join_window`]): their first packet may have been either side's.
     pub mid_stream: bool,
     pub outcome: Outcome,
     /// The datapath's key, for correlating with the flow table.

@@ -68,6 +68,11 @@ pub trait FlowSource {
     /// expiry and walk of the stream is measured on it.
     fn now(&self) -> Now;
 
+    /// Whether the flow tables were adopted from a predecessor (pinned tables found at start):
+    /// then every flow in them was seen from its start by some agent. Otherwise the agent
+    /// joins conversations already going on (see [`super::FlowStream::open_join_window`]).
+    fn tables_adopted(&self) -> bool;
+
     /// The datapath's health, for whoever owns the stream.
     ///
     /// # Errors
@@ -119,6 +124,10 @@ impl FlowSource for DatapathManager {
     /// `CLOCK_MONOTONIC_COARSE`, what the program stamps packets with.
     fn now(&self) -> Now {
         Now::read()
+    }
+
+    fn tables_adopted(&self) -> bool {
+        Self::tables_adopted(self)
     }
 
     fn health(&self) -> Result<DatapathHealth, ManagerError> {

@@ -117,6 +117,23 @@ impl<S: FlowSource> FlowStream<S> {
         self.source.health()
     }
 
+    /// Opens the join window for the idle timeout from now (see
+    /// [`FlowTracker::open_join_window`]): for an agent that adopted no predecessor's tables,
+    /// UDP and SCTP flows first seen until then are oriented by evidence, not by who spoke
+    /// first. A conversation going on when the agent started has a packet within the idle
+    /// timeout (or it would have left a table anyway); later flows were seen from their start.
+    /// Returns the window's length.
+    pub fn open_join_window(&mut self) -> Duration {
+        let span = self.tracker.config().idle_timeout;
+        let until = self
+            .source
+            .now()
+            .mono_ns
+            .saturating_add(u64::try_from(span.as_nanos()).unwrap_or(u64::MAX));
+        self.tracker.open_join_window(until);
+        span
+    }
+
     /// Flows waiting for an answer now.
     #[must_use]
     pub fn pending(&self) -> usize {

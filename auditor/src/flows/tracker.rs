@@ -202,6 +202,12 @@ pub struct FlowTracker {
     /// reported mark.
     marks: Vec<FlowKey>,
     evictions: Evictions,
+    /// The end of the join window, on the kernel clock (see [`FlowTracker::open_join_window`]):
+    /// UDP and SCTP flows first seen before it may have been joined mid-way. It lives here
+    /// rather than in the audit because this is where a flow's first-packet time (on the same
+    /// clock) and its record's `mid_stream` meet: the audit, the conntrack lookup and the log
+    /// then treat such a flow as any other first seen mid-stream.
+    join_window_until_ns: Option<u64>,
 }
 
 impl FlowTracker {
@@ -217,7 +223,29 @@ impl FlowTracker {
             gone: Gone::default(),
             marks: Vec::new(),
             evictions: Evictions::default(),
+            join_window_until_ns: None,
         }
+    }
+
+    /// Opens the join window, until `until_ns` (kernel clock): an agent that started without
+    /// adopting a predecessor's tables joins conversations already going on, and for UDP and
+    /// SCTP (no opening packet the datapath could tell apart) the first packet it sees is often
+    /// the responder's. Flows of those protocols first seen before `until_ns` are recorded
+    /// `mid_stream`, so the audit orients them by evidence instead of by who spoke first. TCP
+    /// says itself whether a packet opens a flow, and an ICMP echo's request or reply says who
+    /// asked: neither is affected.
+    pub const fn open_join_window(&mut self, until_ns: u64) {
+        self.join_window_until_ns = Some(until_ns);
+    }
+
+    /// Whether a flow of `proto` first seen at `first_seen_ns` may have been joined mid-way
+    /// (see [`FlowTracker::open_join_window`]).
+    fn joined_mid_way(&self, proto: u8, first_seen_ns: u64) -> bool {
+        use auditor_ebpf::flow::proto::{ICMP, ICMPV6, TCP};
+        !matches!(proto, TCP | ICMP | ICMPV6)
+            && self
+                .join_window_until_ns
+                .is_some_and(|until| first_seen_ns < until)
     }
 
     /// Keys of the flows decided since the last call: set their entries' reported mark (see
@@ -615,7 +643,11 @@ impl FlowTracker {
             },
         );
         self.marks.push(key);
-        record(key, tracked, outcome, now)
+        let joined = self.joined_mid_way(key.proto, tracked.first_seen_ns);
+        record(key, tracked, outcome, now).map(|mut r| {
+            r.mid_stream |= joined;
+            r
+        })
     }
 }
 
@@ -1200,5 +1232,62 @@ mod tests {
             .on_event(&event(proto::TCP, EventKind::Closed, 1), Some(&s), &now(1))
             .unwrap();
         assert_eq!(r.outcome, Outcome::Unanswered);
+    }
+    /// New, then answered a second later: the flow's record.
+    fn decide(t: &mut FlowTracker, p: u8, at: u64) -> FlowRecord {
+        t.on_event(&event(p, EventKind::New, at), None, &now(at));
+        let s = state(p, FlowStatus::Answered, true, at, at + 1);
+        t.on_event(
+            &event(p, EventKind::Answered, at + 1),
+            Some(&s),
+            &now(at + 1),
+        )
+        .unwrap_or_else(|| panic!("protocol {p} at {at}s: not decided"))
+    }
+
+    /// An agent that adopted no table joins conversations already going on: UDP and SCTP flows
+    /// first seen in the join window are marked mid-stream (their first packet may be the
+    /// responder's); TCP keeps what its flags said and ICMP echo what its type said.
+    #[test]
+    fn flows_first_seen_in_the_join_window_may_be_mid_stream() {
+        let mut t = tracker();
+        t.open_join_window(now(10).mono_ns);
+        for (p, joined) in [
+            (proto::UDP, true),
+            (proto::SCTP, true),
+            (proto::TCP, false),
+            (proto::ICMP, false),
+            (proto::ICMPV6, false),
+        ] {
+            assert_eq!(decide(&mut t, p, 5).mid_stream, joined, "protocol {p}");
+        }
+        // Adopted by a table walk (its events lost), first seen in the window: the same.
+        let mut t = tracker();
+        t.open_join_window(now(10).mono_ns);
+        let (k, _) = key(proto::UDP);
+        t.begin_walk();
+        let v = t.on_table_entry(
+            &k,
+            &state(proto::UDP, FlowStatus::Answered, true, 9, 11),
+            &now(11),
+        );
+        t.end_walk();
+        assert!(v.record.is_some_and(|r| r.mid_stream));
+    }
+
+    /// After the join window, and without one (the tables were adopted), a UDP flow's first
+    /// packet's sender is its initiator, as always.
+    #[test]
+    fn a_udp_flow_first_seen_after_the_join_window_keeps_the_first_packet_rule() {
+        let mut t = tracker();
+        t.open_join_window(now(10).mono_ns);
+        let r = decide(&mut t, proto::UDP, 10);
+        assert!(!r.mid_stream, "first seen as the window closed");
+        assert_eq!(
+            (r.initiator, r.responder),
+            (SocketAddr::from(client()), SocketAddr::from(server()))
+        );
+        let mut t = tracker();
+        assert!(!decide(&mut t, proto::UDP, 5).mid_stream, "no window");
     }
 }
