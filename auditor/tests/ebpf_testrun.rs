@@ -158,7 +158,7 @@ fn tcp_handshake_and_teardown(client: IpAddr, server: IpAddr) {
         answered: 0,
         owners: owners(Some(Hook::Egress), None),
         tick: 0,
-        reported: 0,
+        nat: 0,
         _reserved: [0; 7],
     };
     assert_eq!(
@@ -291,7 +291,7 @@ fn udp_request_and_reply() {
         answered: 1,
         owners: owners(Some(Hook::Ingress), Some(Hook::Egress)),
         tick: 0,
-        reported: 0,
+        nat: 0,
         _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1));
@@ -358,7 +358,7 @@ fn the_initiators_bare_ack_answers_a_flow_whose_syn_ack_was_not_seen() {
         answered: 1,
         owners: owners(Some(Hook::Ingress), None),
         tick: 0,
-        reported: 0,
+        nat: 0,
         _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1));
@@ -471,7 +471,7 @@ fn tcp_rst_on_a_mid_stream_flow_closes_it() {
         answered: 0,
         owners: owners(Some(Hook::Ingress), Some(Hook::Egress)),
         tick: 0,
-        reported: 0,
+        nat: 0,
         _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1));
@@ -520,7 +520,7 @@ fn tcp_refused_by_rst() {
         answered: 0,
         owners: owners(Some(Hook::Egress), Some(Hook::Ingress)),
         tick: 0,
-        reported: 0,
+        nat: 0,
         _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1));
@@ -596,7 +596,7 @@ fn refused_by_icmp(client: IpAddr, server: IpAddr) {
         answered: 0,
         owners: owners(Some(Hook::Egress), None),
         tick: 0,
-        reported: 0,
+        nat: 0,
         _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1));
@@ -701,7 +701,7 @@ fn l3_device_packets_without_ethernet_header() {
         answered: 0,
         owners: owners(Some(Hook::Ingress), None),
         tick: 0,
-        reported: 0,
+        nat: 0,
         _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1));
@@ -1342,7 +1342,7 @@ fn a_packet_seen_at_two_hooks_is_counted_once() {
         answered: 1,
         owners: owners(Some(Hook::Ingress), Some(Hook::Ingress)),
         tick: 0,
-        reported: 0,
+        nat: 0,
         _reserved: [0; 7],
     };
     assert_eq!(got, with_times(expected, &got, t0, t1), "same node");

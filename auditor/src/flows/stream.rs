@@ -20,6 +20,8 @@ const DEADLINE_TICK: Duration = Duration::from_millis(100);
 const BATCH_RESOLVE_MIN: usize = 16_384;
 /// Records handed out between two reads of the ring buffer while decided flows queue up.
 const EVENTS_EVERY: usize = 256;
+/// At most one log line per this long about counted marks that could not be written.
+const MARK_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Flow records, one per flow, in the order their outcomes were decided, read from the datapath
 /// `S` (the real one unless a test says otherwise).
@@ -36,6 +38,20 @@ pub struct FlowStream<S = DatapathManager> {
     losses: Losses,
     /// Records handed out since events were last read (see [`EVENTS_EVERY`]).
     handed_out: usize,
+    /// The counted marks a predecessor left were read (before the first event).
+    inherited: bool,
+    marks: MarkFailures,
+}
+
+/// Counted marks that could not be written (the map full, or another error): counted, and
+/// logged at most once per [`MARK_FAILURE_LOG_EVERY`].
+#[derive(Debug, Default)]
+struct MarkFailures {
+    total: u64,
+    /// Failures since the last log line.
+    unlogged: u64,
+    /// Kernel time of the last log line; `None` before the first.
+    logged_at: Option<u64>,
 }
 
 /// Where the datapath's lost-event count stood, for knowing which flows may have missed one.
@@ -63,6 +79,8 @@ impl<S: FlowSource> FlowStream<S> {
                 since: u64::MAX,
             },
             handed_out: 0,
+            inherited: false,
+            marks: MarkFailures::default(),
         }
     }
 
@@ -80,7 +98,10 @@ impl<S: FlowSource> FlowStream<S> {
             next_walk_ns,
             losses,
             handed_out,
+            inherited,
+            marks,
         } = self;
+        inherit(source, tracker, inherited)?;
         let ticks = ticks.get_or_insert_with(|| {
             let mut ticks = interval_at(Instant::now() + DEADLINE_TICK, DEADLINE_TICK);
             ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -92,7 +113,7 @@ impl<S: FlowSource> FlowStream<S> {
             if *handed_out >= EVENTS_EVERY {
                 *handed_out = 0;
                 let events = source.read_events();
-                on_events(source, tracker, ready, &events, &source.now())?;
+                on_events(source, tracker, ready, marks, &events, &source.now())?;
             }
             if let Some(record) = ready.pop_front() {
                 *handed_out += 1;
@@ -102,9 +123,9 @@ impl<S: FlowSource> FlowStream<S> {
             tokio::select! {
                 events = source.next_events() => {
                     let events = events?;
-                    on_events(source, tracker, ready, &events, &source.now())?;
+                    on_events(source, tracker, ready, marks, &events, &source.now())?;
                 }
-                _ = ticks.tick() => tick(source, tracker, ready, next_walk_ns, losses)?,
+                _ = ticks.tick() => tick(source, tracker, ready, marks, next_walk_ns, losses)?,
             }
         }
     }
@@ -127,6 +148,14 @@ impl<S: FlowSource> FlowStream<S> {
     #[must_use]
     pub const fn evictions(&self) -> Evictions {
         self.tracker.evictions()
+    }
+
+    /// Writes of counted marks that failed so far (the map of counted flows full, or another
+    /// error): each such flow would be counted again by an agent adopting the tables after a
+    /// restart. A walk finding the flow's entry tries again.
+    #[must_use]
+    pub const fn mark_failures(&self) -> u64 {
+        self.marks.total
     }
 
     /// The datapath under the stream.
@@ -154,6 +183,28 @@ impl FlowStream<DatapathManager> {
     }
 }
 
+/// Reads the counted marks a predecessor left (the adopted map of counted flows), once, before
+/// any event: a flow the predecessor counted must be known as such when its first event
+/// arrives.
+fn inherit<S: FlowSource>(
+    source: &mut S,
+    tracker: &mut FlowTracker,
+    inherited: &mut bool,
+) -> Result<(), S::Error> {
+    if *inherited {
+        return Ok(());
+    }
+    let n = source.walk_reported(|key, first_seen_ns| tracker.inherit(&key, first_seen_ns))?;
+    if n > 0 {
+        tracing::info!(
+            flows = n,
+            "adopted the marks of the flows a predecessor counted"
+        );
+    }
+    *inherited = true;
+    Ok(())
+}
+
 /// One deadline tick: reads what the ring buffer holds, decides the pending flows whose answer
 /// timeout has passed (reading their entries when an event may have been lost) and walks the
 /// table when the walk is due.
@@ -161,6 +212,7 @@ fn tick<S: FlowSource>(
     source: &mut S,
     tracker: &mut FlowTracker,
     ready: &mut VecDeque<FlowRecord>,
+    marks: &mut MarkFailures,
     next_walk_ns: &mut u64,
     losses: &mut Losses,
 ) -> Result<(), S::Error> {
@@ -168,7 +220,7 @@ fn tick<S: FlowSource>(
     // against its flow's deadline.
     let events = source.read_events();
     let now = source.now();
-    on_events(source, tracker, ready, &events, &now)?;
+    on_events(source, tracker, ready, marks, &events, &now)?;
     let lost = source.events_lost()?;
     // A loss noticed now happened before now: flows first seen after the tick that noticed the
     // last loss have had every event read (no answer was missed, and their entries need not be
@@ -218,17 +270,37 @@ fn tick<S: FlowSource>(
             .mono_ns
             .saturating_add(u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX));
     }
-    mark(source, tracker)
+    mark(source, tracker, marks);
+    Ok(())
 }
 
-/// Sets the reported mark of the flows decided since the last call, before their records are
+/// Writes the counted marks of the flows decided since the last call, before their records are
 /// handed out (so an agent killed in between undercounts one flow rather than double counting
-/// it after a restart).
-fn mark<S: FlowSource>(source: &mut S, tracker: &mut FlowTracker) -> Result<(), S::Error> {
-    for key in tracker.take_marks() {
-        source.mark_reported(&key)?;
+/// it after a restart). A mark that cannot be written is counted and logged (rate-limited), and
+/// tried again by the next walk that finds the flow's entry.
+fn mark<S: FlowSource>(source: &mut S, tracker: &mut FlowTracker, failures: &mut MarkFailures) {
+    for (key, first_seen_ns) in tracker.take_marks() {
+        if let Err(error) = source.mark_reported(&key, first_seen_ns) {
+            tracker.mark_failed(&key, first_seen_ns);
+            failures.total += 1;
+            failures.unlogged += 1;
+            let now = source.now().mono_ns;
+            let every = u64::try_from(MARK_FAILURE_LOG_EVERY.as_nanos()).unwrap_or(u64::MAX);
+            if failures
+                .logged_at
+                .is_none_or(|at| now.saturating_sub(at) >= every)
+            {
+                tracing::warn!(
+                    %error,
+                    failed = failures.unlogged,
+                    total = failures.total,
+                    "cannot record counted flows in the map of counted flows (REPORTED); a restarted agent would count them again"
+                );
+                failures.logged_at = Some(now);
+                failures.unlogged = 0;
+            }
+        }
     }
-    Ok(())
 }
 
 /// Feeds events to the tracker; New carries no counters worth a system call, the others decide
@@ -237,6 +309,7 @@ fn on_events<S: FlowSource>(
     source: &mut S,
     tracker: &mut FlowTracker,
     ready: &mut VecDeque<FlowRecord>,
+    marks: &mut MarkFailures,
     events: &[auditor_ebpf::flow::FlowEvent],
     now: &Now,
 ) -> Result<(), S::Error> {
@@ -249,7 +322,8 @@ fn on_events<S: FlowSource>(
             push(source, ready, record);
         }
     }
-    mark(source, tracker)
+    mark(source, tracker, marks);
+    Ok(())
 }
 
 /// Walks the flow table through the tracker: adopts and decides flows whose events were lost,
@@ -277,6 +351,8 @@ fn walk<S: FlowSource>(
     }
     for key in &expired {
         source.remove(key)?;
+        // Forgotten for good: its counted mark goes with it.
+        source.forget_reported(key)?;
     }
     tracker.end_walk();
     tracing::debug!(
@@ -285,6 +361,26 @@ fn walk<S: FlowSource>(
         tracked = tracker.len(),
         "flow table walked"
     );
+    if tracker.take_sweep() {
+        sweep(source, tracker)?;
+    }
+    Ok(())
+}
+
+/// Deletes the counted marks of flows no longer tracked: marks a predecessor left that matched
+/// no entry of the adopted tables (or an entry recreated since, with another first packet), and
+/// marks of evicted flows. Runs after a walk, and only when one of those can exist.
+fn sweep<S: FlowSource>(source: &mut S, tracker: &FlowTracker) -> Result<(), S::Error> {
+    let mut stale = Vec::new();
+    let marks = source.walk_reported(|key, first_seen_ns| {
+        if !tracker.keeps_mark(&key, first_seen_ns) {
+            stale.push(key);
+        }
+    })?;
+    for key in &stale {
+        source.forget_reported(key)?;
+    }
+    tracing::debug!(marks, deleted = stale.len(), "stale counted marks deleted");
     Ok(())
 }
 
@@ -344,8 +440,11 @@ mod tests {
             next_walk_ns,
             losses,
             handed_out: _,
+            inherited,
+            marks,
         } = stream;
-        tick(source, tracker, ready, next_walk_ns, losses)
+        inherit(source, tracker, inherited).unwrap_or_else(|e| panic!("inherit failed: {e}"));
+        tick(source, tracker, ready, marks, next_walk_ns, losses)
             .unwrap_or_else(|e| panic!("tick failed: {e}"));
     }
 

@@ -62,12 +62,15 @@ pub struct WalkVerdict {
 }
 
 /// A flow whose outcome is known: all the tracker keeps of it until its table entry goes,
-/// in 12 bytes (with its key's hash, 24 per flow).
+/// in 16 bytes (with its key's hash, 24 per flow).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Settled {
-    /// Its first packet, in [`Ticks`]: a `New` event of this time or earlier is this flow's own,
-    /// read after a table walk had already adopted and decided it, not a new use of the key.
-    first_seen: Ticks,
+    /// Its table entry's first packet (kernel clock), the value its counted mark carries: a
+    /// `New` event of this time or earlier is this flow's own, read after a table walk had
+    /// already adopted and decided it, not a new use of the key; an entry of the key with
+    /// another first packet is a new entry (the flow resumed after an eviction), whose mark is
+    /// still to be written.
+    first_seen_ns: u64,
     /// Its last packet, in [`Ticks`].
     last_seen: Ticks,
     /// Walk generation that last saw the entry in the table (wrapping: only entries seen by
@@ -75,6 +78,9 @@ struct Settled {
     seen_in_walk: u16,
     /// TCP close seen (or the flow was refused): only lingers until deletion.
     finished: bool,
+    /// Its counted mark was written, or is queued ([`FlowTracker::take_marks`]); false after
+    /// the write failed ([`FlowTracker::mark_failed`]), so the next walk tries again.
+    marked: bool,
 }
 
 /// The kernel clock in units of 2^20 ns (about a millisecond), wrapping every 52 days: the
@@ -198,9 +204,16 @@ pub struct FlowTracker {
     walk: u16,
     /// Counted flows whose entries went, for recognising their resumption.
     gone: Gone,
-    /// Flows decided since the last [`FlowTracker::take_marks`], whose table entries get the
-    /// reported mark.
-    marks: Vec<FlowKey>,
+    /// Flows decided since the last [`FlowTracker::take_marks`], with their entries'
+    /// `first_seen_ns`: their counted marks to write.
+    marks: Vec<(FlowKey, u64)>,
+    /// The counted marks a predecessor left (the pinned map adopted), by key hash: the
+    /// `first_seen_ns` each was counted with. Emptied by the first walk's end: every entry they
+    /// matched is settled by then, the others are stale.
+    inherited: HashMap<u64, u64, rustc_hash::FxBuildHasher>,
+    /// The map of counted marks may hold marks of flows no longer tracked (inherited ones,
+    /// evicted flows', or room is short after a failed write): see [`FlowTracker::take_sweep`].
+    sweep_due: bool,
     evictions: Evictions,
 }
 
@@ -216,14 +229,63 @@ impl FlowTracker {
             walk: 0,
             gone: Gone::default(),
             marks: Vec::new(),
+            inherited: HashMap::default(),
+            sweep_due: false,
             evictions: Evictions::default(),
         }
     }
 
-    /// Keys of the flows decided since the last call: set their entries' reported mark (see
-    /// [`FlowState::reported`]) before their records are counted.
-    pub fn take_marks(&mut self) -> Vec<FlowKey> {
+    /// Keys of the flows decided since the last call, each with its table entry's
+    /// `first_seen_ns`: write their counted marks (the map `REPORTED`, see
+    /// [`super::FlowSource::mark_reported`]) before their records are counted.
+    pub fn take_marks(&mut self) -> Vec<(FlowKey, u64)> {
         std::mem::take(&mut self.marks)
+    }
+
+    /// A counted mark a predecessor left (read from the adopted map before anything else): the
+    /// flow of `key` whose entry was first seen at `first_seen_ns` was counted, so that entry is
+    /// tracked without a record. An entry of the key with another first packet is a new one,
+    /// counted as usual.
+    pub fn inherit(&mut self, key: &FlowKey, first_seen_ns: u64) {
+        let hash = self.hash(key);
+        self.inherited.insert(hash, first_seen_ns);
+        // After the first walk, marks that matched no entry are stale.
+        self.sweep_due = true;
+    }
+
+    /// Whether a predecessor counted the flow of `key` (hashed `hash`) in the entry `state`.
+    fn counted_before(&self, hash: u64, state: &FlowState) -> bool {
+        self.inherited.get(&hash) == Some(&state.first_seen_ns)
+    }
+
+    /// Writing the counted mark of `key` (first seen at `first_seen_ns`) failed: the next walk
+    /// that finds the entry tries again, after a sweep has made what room it can.
+    pub fn mark_failed(&mut self, key: &FlowKey, first_seen_ns: u64) {
+        let hash = self.hash(key);
+        if let Some(settled) = self.settled.get_mut(&hash)
+            && settled.first_seen_ns == first_seen_ns
+        {
+            settled.marked = false;
+        }
+        self.sweep_due = true;
+    }
+
+    /// Whether the map of counted marks should be swept now (once per call that says so):
+    /// after a walk that followed the adoption of a predecessor's marks, that noticed evictions
+    /// of counted flows, or after a mark could not be written. Delete every mark
+    /// [`FlowTracker::keeps_mark`] refuses.
+    pub fn take_sweep(&mut self) -> bool {
+        std::mem::take(&mut self.sweep_due)
+    }
+
+    /// Whether the counted mark of `key` with `first_seen_ns` belongs to a flow tracked now, in
+    /// the entry it was written for; any other mark is stale (its entry went, or was recreated)
+    /// and is deleted by the sweep.
+    #[must_use]
+    pub fn keeps_mark(&self, key: &FlowKey, first_seen_ns: u64) -> bool {
+        self.settled
+            .get(&self.hash(key))
+            .is_some_and(|s| s.first_seen_ns == first_seen_ns)
     }
 
     /// Evictions noticed so far.
@@ -240,7 +302,7 @@ impl FlowTracker {
 
     /// Records a decided flow that is not counted here (a predecessor counted it, or it resumes
     /// one counted before): it is tracked until its entry goes, and its entry marked unless it
-    /// already is (`marked`).
+    /// already is (`marked`: the predecessor's mark, which is then no longer inherited).
     fn settle_silently(
         &mut self,
         key: FlowKey,
@@ -252,14 +314,17 @@ impl FlowTracker {
         self.settled.insert(
             hash,
             Settled {
-                first_seen: Ticks::of(first_seen_ns),
+                first_seen_ns,
                 last_seen: Ticks::of(last_seen_ns),
                 seen_in_walk: self.walk,
                 finished: false,
+                marked: true,
             },
         );
-        if !marked {
-            self.marks.push(key);
+        if marked {
+            self.inherited.remove(&hash);
+        } else {
+            self.marks.push((key, first_seen_ns));
         }
     }
 
@@ -333,19 +398,19 @@ impl FlowTracker {
             // 5-tuple again is the same conversation.
             let resumable =
                 mid_stream == first_seen::MID_STREAM || key.proto != auditor_ebpf::flow::proto::TCP;
-            if let Some(settled) = self.settled.get(&hash) {
+            if let Some(settled) = self.settled.get_mut(&hash) {
                 // This flow's own `New`, read after a table walk adopted and decided it (the ring
                 // buffer lagging the walk): not a second flow.
-                if Ticks::of(ts_ns).since(settled.first_seen) <= 0 {
+                if ts_ns <= settled.first_seen_ns {
                     return None;
                 }
                 // A flow we already reported, resuming after its entry was deleted or evicted
-                // before a walk noticed: the new entry is marked too, so an agent adopting the
-                // table after a restart does not count it again.
+                // before a walk noticed: the new entry (first seen at this event) is marked too,
+                // so an agent adopting the table after a restart does not count it again.
                 if resumable && !settled.finished {
-                    if state.is_some_and(|s| s.reported == 0) {
-                        self.marks.push(key);
-                    }
+                    settled.first_seen_ns = ts_ns;
+                    settled.marked = true;
+                    self.marks.push((key, ts_ns));
                     return None;
                 }
             }
@@ -381,7 +446,7 @@ impl FlowTracker {
             return None;
         }
         // A flow a predecessor counted (adopted with the pinned table): tracked, not counted.
-        if let Some(state) = state.filter(|s| s.reported != 0) {
+        if let Some(state) = state.filter(|s| self.counted_before(hash, s)) {
             let times = (state.first_seen_ns, state.last_seen_ns.max(ts_ns));
             self.settle_silently(key, hash, times, true);
             return None;
@@ -448,7 +513,7 @@ impl FlowTracker {
     ) -> Option<FlowRecord> {
         let mut tracked = self.pending.remove(key)?;
         let hash = self.hash(key);
-        if let Some(s) = state.filter(|s| s.reported != 0) {
+        if let Some(s) = state.filter(|s| self.counted_before(hash, s)) {
             self.settle_silently(*key, hash, (s.first_seen_ns, s.last_seen_ns), true);
             return None;
         }
@@ -477,7 +542,7 @@ impl FlowTracker {
         );
         let hash = self.hash(key);
         let mut record = None;
-        if !self.settled.contains_key(&hash) && state.reported != 0 {
+        if !self.settled.contains_key(&hash) && self.counted_before(hash, state) {
             // Counted by a predecessor (the table is pinned and was adopted): tracked only.
             let times = (state.first_seen_ns, state.last_seen_ns);
             self.settle_silently(*key, hash, times, true);
@@ -543,12 +608,21 @@ impl FlowTracker {
             self.config.idle_timeout
         };
         let remove = Ticks::of(now.mono_ns).passed(settled.last_seen, linger);
-        // Counted, but its entry not marked: a flow decided before this walk whose mark has not
-        // been written yet, or one that resumed in an entry of its own (after an eviction or
-        // expiry) before this walk. Marked (again): an agent adopting the table after a restart
-        // then does not count it a second time. Not an entry the walk removes.
-        if record.is_none() && state.reported == 0 && !remove {
-            self.marks.push(*key);
+        // Counted, but this entry not marked: the flow resumed in an entry of its own (after an
+        // eviction) before this walk, or writing its mark failed. Marked (again): an agent
+        // adopting the table after a restart then does not count it a second time. Not an
+        // entry the walk removes.
+        // Another entry under the key while the flow was closed, or a TCP one opening (a
+        // SYN), is a new flow, not this one resuming: its `New` event splits it off.
+        let resumed = settled.first_seen_ns != state.first_seen_ns
+            && !settled.finished
+            && (state.mid_stream == first_seen::MID_STREAM
+                || key.proto != auditor_ebpf::flow::proto::TCP);
+        let unmarked = settled.first_seen_ns == state.first_seen_ns && !settled.marked;
+        if record.is_none() && !remove && (resumed || unmarked) {
+            settled.first_seen_ns = state.first_seen_ns;
+            settled.marked = true;
+            self.marks.push((*key, state.first_seen_ns));
         }
         if remove {
             let finished = settled.finished;
@@ -589,6 +663,14 @@ impl FlowTracker {
         }
         self.evictions.decided += decided;
         self.evictions.undecided += undecided;
+        // Evicted counted flows leave their marks behind; inherited marks no entry matched are
+        // stale: the sweep deletes them.
+        if decided > 0 {
+            self.sweep_due = true;
+        }
+        if !self.inherited.is_empty() {
+            self.inherited = HashMap::default();
+        }
         if decided + undecided > 0 {
             tracing::debug!(decided, undecided, "flows evicted from the flow table");
         }
@@ -608,13 +690,14 @@ impl FlowTracker {
         self.settled.insert(
             hash,
             Settled {
-                first_seen: Ticks::of(tracked.first_seen_ns),
+                first_seen_ns: tracked.first_seen_ns,
                 last_seen: Ticks::of(tracked.last_seen_ns),
                 seen_in_walk: self.walk,
                 finished,
+                marked: true,
             },
         );
-        self.marks.push(key);
+        self.marks.push((key, tracked.first_seen_ns));
         record(key, tracked, outcome, now)
     }
 }
@@ -761,7 +844,7 @@ mod tests {
             answered: u8::from(answered),
             owners: 0,
             tick: 0,
-            reported: 0,
+            nat: 0,
             _reserved: [0; 7],
         }
     }
@@ -939,7 +1022,7 @@ mod tests {
         t.end_walk();
         assert_eq!(
             t.take_marks(),
-            vec![k],
+            vec![(k, answered.first_seen_ns)],
             "the decided flow's entry is marked"
         );
         assert!(
@@ -965,15 +1048,16 @@ mod tests {
         );
     }
 
-    /// After a restart the pinned table is adopted: flows the predecessor counted (marked
-    /// reported) are tracked without a record, whatever reaches us first; unmarked ones are
-    /// counted, with the initiator the table recorded.
+    /// After a restart the pinned table is adopted: flows the predecessor counted (a mark in
+    /// the map of counted flows with their entry's first packet) are tracked without a record,
+    /// whatever reaches us first; unmarked ones are counted, with the initiator the table
+    /// recorded.
     #[test]
     fn flows_a_predecessor_counted_are_not_counted_again() {
         let mut t = tracker();
         let (tcp_key, _) = key(proto::TCP);
-        let mut counted = state(proto::TCP, FlowStatus::Answered, true, 0, 5);
-        counted.reported = 1;
+        let counted = state(proto::TCP, FlowStatus::Answered, true, 0, 5);
+        t.inherit(&tcp_key, counted.first_seen_ns);
         t.begin_walk();
         let verdict = t.on_table_entry(&tcp_key, &counted, &now(6));
         assert!(verdict.record.is_none() && !verdict.remove);
@@ -992,8 +1076,8 @@ mod tests {
         // An event before any walk, for a counted flow: no record.
         let mut t = tracker();
         let (udp_key, _) = key(proto::UDP);
-        let mut udp = state(proto::UDP, FlowStatus::Closed, true, 0, 5);
-        udp.reported = 1;
+        let udp = state(proto::UDP, FlowStatus::Closed, true, 0, 5);
+        t.inherit(&udp_key, udp.first_seen_ns);
         assert!(
             t.on_event(
                 &event(proto::UDP, EventKind::Closed, 6),
@@ -1124,22 +1208,30 @@ mod tests {
             entry.mid_stream = resumed.mid_stream;
             assert!(t.on_event(&resumed, Some(&entry), &now(10)).is_none());
             assert_eq!(t.pending(), 0, "{p}: the resumed flow is counted again");
-            assert_eq!(t.take_marks().len(), 1, "{p}: the new entry is not marked");
-            // A walk that finds the entry unmarked still (the mark not yet written) marks it
-            // again rather than leave it unmarked.
+            assert_eq!(
+                t.take_marks(),
+                vec![(key(p).0, entry.first_seen_ns)],
+                "{p}: the new entry is not marked, with its own first packet"
+            );
+            // A walk finds the entry whose mark is written (or queued): nothing to do.
             t.begin_walk();
             let verdict = t.on_table_entry(&key(p).0, &entry, &now(11));
             t.end_walk();
             assert!(verdict.record.is_none(), "{p}: counted by the walk");
-            assert_eq!(t.take_marks().len(), 1, "{p}: the walk left it unmarked");
-            entry.reported = 1;
-            t.begin_walk();
-            t.on_table_entry(&key(p).0, &entry, &now(12));
-            t.end_walk();
             assert!(
                 t.take_marks().is_empty(),
                 "{p}: a marked entry marked again"
             );
+            // Writing the mark failed: the next walk that finds the entry tries again, after a
+            // sweep has made room, and only that one.
+            t.mark_failed(&key(p).0, entry.first_seen_ns);
+            assert!(t.take_sweep(), "{p}: a failed mark asks for no sweep");
+            for (at, marks) in [(12, 1), (13, 0)] {
+                t.begin_walk();
+                t.on_table_entry(&key(p).0, &entry, &now(at));
+                t.end_walk();
+                assert_eq!(t.take_marks().len(), marks, "{p}: marks at {at} s");
+            }
         }
     }
 
