@@ -732,6 +732,170 @@ mod tests {
         assert_eq!(stream.pending(), 0);
     }
 
+    /// A walk every 2 s, the default timeouts otherwise.
+    fn walking() -> FlowsConfig {
+        FlowsConfig {
+            answer_timeout: TIMEOUT,
+            walk_interval: Duration::from_secs(2),
+            ..FlowsConfig::default()
+        }
+    }
+
+    /// Flows whose table entries are there but whose events were lost: what an agent finds in
+    /// the tables it adopts. Each answered.
+    fn adopted(fake: &FakeDatapath, ports: std::ops::RangeInclusive<u16>) -> Vec<FlowKey> {
+        fake.set_ring_full(true);
+        let keys = ports
+            .map(|port| {
+                let key = fake.open(proto::UDP, client(port), server(), 7);
+                fake.send(&key, Peer::Responder);
+                key
+            })
+            .collect();
+        fake.set_ring_full(false);
+        keys
+    }
+
+    fn first_seen(fake: &FakeDatapath, key: &FlowKey) -> u64 {
+        fake.entry(key)
+            .unwrap_or_else(|| panic!("no entry {key}"))
+            .first_seen_ns
+    }
+
+    /// A decided flow is marked with its entry's first packet before its record is handed out,
+    /// and its mark goes with its entry when it expires.
+    #[test]
+    fn decided_flows_are_marked_and_their_marks_go_with_their_entries() {
+        let fake = FakeDatapath::new();
+        let mut stream = FlowStream::new(fake.clone(), walking());
+        let key = fake.open(proto::TCP, client(1), server(), 7);
+        fake.send(&key, Peer::Responder);
+        let records = ticked(&mut stream);
+        assert_eq!(outcomes(&records), [(key, Outcome::Established)]);
+        assert_eq!(fake.reported(&key), Some(first_seen(&fake, &key)));
+        assert_eq!(fake.reported_len(), 1);
+        // Walks while it lives leave the mark as it is and write nothing more.
+        fake.advance(Duration::from_secs(2));
+        fake.send(&key, Peer::Initiator);
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(fake.reported(&key), Some(first_seen(&fake, &key)));
+        // Idle past the idle timeout: entry and mark deleted by the walk.
+        fake.advance(Duration::from_secs(301));
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(fake.entry(&key), None);
+        assert_eq!(
+            fake.reported(&key),
+            None,
+            "the mark of an expired flow stays"
+        );
+        assert_eq!(stream.mark_failures(), 0);
+    }
+
+    /// After a restart on adopted maps: flows whose mark matches their entry's first packet are
+    /// not counted again; an entry recreated under a counted key (another first packet) is
+    /// counted and marked anew; marks matching no entry are deleted after the first walk.
+    #[test]
+    fn a_predecessor_s_marks_count_only_the_entries_they_were_written_for() {
+        let fake = FakeDatapath::new();
+        let keys = adopted(&fake, 1..=3);
+        let [counted, recreated, unmarked] = keys[..] else {
+            unreachable!()
+        };
+        fake.set_reported(counted, first_seen(&fake, &counted));
+        fake.set_reported(recreated, first_seen(&fake, &recreated) - 1);
+        let (gone, _) = FlowKey::from_addrs(
+            proto::UDP,
+            (client(9).ip(), 9),
+            (server().ip(), server().port()),
+        );
+        fake.set_reported(gone, 12_345);
+        let mut stream = FlowStream::new(fake.clone(), walking());
+        let mut decided: Vec<FlowKey> = ticked(&mut stream).iter().map(|r| r.key).collect();
+        decided.sort_unstable_by_key(|k| k.lo_port.max(k.hi_port));
+        let mut expected = vec![recreated, unmarked];
+        expected.sort_unstable_by_key(|k| k.lo_port.max(k.hi_port));
+        assert_eq!(
+            decided, expected,
+            "counted again, or a new entry not counted"
+        );
+        for key in [counted, recreated, unmarked] {
+            assert_eq!(
+                fake.reported(&key),
+                Some(first_seen(&fake, &key)),
+                "{key}: marked with its entry's first packet"
+            );
+        }
+        assert_eq!(fake.reported(&gone), None, "a stale mark kept");
+        assert_eq!(fake.reported_len(), 3);
+        // Later walks count nothing again.
+        fake.advance(Duration::from_secs(2));
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(fake.reported_len(), 3);
+    }
+
+    /// A counted flow the LRU evicted leaves its mark behind until the walk notices the
+    /// eviction; the sweep after that walk deletes it, and only it.
+    #[test]
+    fn the_marks_of_evicted_flows_are_swept() {
+        let fake = FakeDatapath::new();
+        let mut stream = FlowStream::new(fake.clone(), walking());
+        let keys: Vec<FlowKey> = (1..=2)
+            .map(|port| {
+                let key = fake.open(proto::UDP, client(port), server(), 7);
+                fake.send(&key, Peer::Responder);
+                key
+            })
+            .collect();
+        assert_eq!(ticked(&mut stream).len(), 2);
+        assert_eq!(fake.reported_len(), 2);
+        fake.evict(&keys[0]);
+        fake.advance(Duration::from_secs(2));
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(stream.evictions().decided, 1);
+        assert_eq!(
+            fake.reported(&keys[0]),
+            None,
+            "the evicted flow's mark stays"
+        );
+        assert_eq!(fake.reported(&keys[1]), Some(first_seen(&fake, &keys[1])));
+        // Resuming in a new entry, it is not counted again, and the new entry is marked.
+        fake.advance(Duration::from_secs(1));
+        let resumed = fake.open(proto::UDP, client(1), server(), 7);
+        fake.send(&resumed, Peer::Responder);
+        assert!(ticked(&mut stream).is_empty(), "counted again");
+        assert_eq!(fake.reported(&resumed), Some(first_seen(&fake, &resumed)));
+    }
+
+    /// A mark the map of counted flows cannot take loses nothing silently: the record is still
+    /// handed out, the failure counted, and the next walk tries again.
+    #[test]
+    fn a_mark_the_map_refuses_is_counted_and_written_by_a_later_walk() {
+        let fake = FakeDatapath::new();
+        fake.set_reported_capacity(0);
+        let mut stream = FlowStream::new(fake.clone(), walking());
+        // The first walk, of an empty table: the next is 2 s away.
+        assert!(ticked(&mut stream).is_empty());
+        let key = fake.open(proto::UDP, client(1), server(), 7);
+        fake.send(&key, Peer::Responder);
+        assert_eq!(
+            outcomes(&ticked(&mut stream)),
+            [(key, Outcome::Established)]
+        );
+        assert_eq!((fake.reported(&key), stream.mark_failures()), (None, 1));
+        // Still full at the next walk: tried, counted again.
+        fake.advance(Duration::from_secs(2));
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!((fake.reported(&key), stream.mark_failures()), (None, 2));
+        // Room again: the walk after writes it, and the one after that has nothing to do.
+        fake.set_reported_capacity(10);
+        for _ in 0..2 {
+            fake.advance(Duration::from_secs(2));
+            assert!(ticked(&mut stream).is_empty(), "counted again");
+            assert_eq!(fake.reported(&key), Some(first_seen(&fake, &key)));
+            assert_eq!(stream.mark_failures(), 2);
+        }
+    }
+
     #[tokio::test]
     async fn next_waits_for_events_and_deadlines() {
         let fake = FakeDatapath::with_interfaces(&[(7, "caliA")]);
