@@ -78,7 +78,8 @@ pub struct FakeError {
 ///
 /// It follows the kernel's rules where the stream relies on them: a flow's first packet creates
 /// its entry and sends `New`, every status change sends an event, events sent while the ring
-/// buffer is full are counted as lost instead, entries stay until removed. It does not evict
+/// buffer is full are counted as lost instead, entries stay until removed, the map of counted
+/// marks refuses a new key once full. It does not evict
 /// by itself (use [`FakeDatapath::evict`]) and keeps no per-CPU or per-table detail.
 #[derive(Debug, Clone)]
 pub struct FakeDatapath {

@@ -1,6 +1,7 @@
 //! The seam under the flow stream: what [`FlowStream`](super::FlowStream) needs from a datapath
-//! (its events, its flow table, its map of counted flows, the clock its timestamps are on), as a trait, so the stream's
-//! decisions can be tested without a kernel ([`FakeDatapath`](super::fake::FakeDatapath)). The
+//! (its events, its flow table, its map of counted flows, the clock its timestamps are on), as a
+//! trait, so the stream's decisions can be tested without a kernel
+//! ([`FakeDatapath`](super::fake::FakeDatapath)). The
 //! real datapath, [`DatapathManager`], implements it here, since `datapath` knows nothing of
 //! `flows`.
 
