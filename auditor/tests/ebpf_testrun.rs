@@ -1689,8 +1689,7 @@ fn the_counted_marks_are_pinned_adopted_and_replaced_with_the_tables() {
         .unwrap_or_else(|e| panic!("mark: {}", testrun::error_chain(&e)));
     let dir = first
         .pinned()
-        .map(|p| p.dir.clone())
-        .unwrap_or_else(|| panic!("not pinned"));
+        .map_or_else(|| panic!("not pinned"), |p| p.dir.clone());
     drop(first);
     let layout = dir
         .file_name()
