@@ -1235,6 +1235,82 @@ mod tests {
         }
     }
 
+    /// A walk that finds a new TCP connection (a SYN) in the entry of a closed flow still
+    /// lingering under the same key does not take it for the old flow resuming: its `New`
+    /// splits it off and it is counted, and its mark is written when it is decided, with its own
+    /// first packet.
+    #[test]
+    fn a_new_connection_under_a_lingering_key_is_no_resumption() {
+        let mut t = tracker();
+        let (k, _) = key(proto::TCP);
+        t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
+        assert!(
+            t.on_event(&event(proto::TCP, EventKind::Answered, 0), None, &now(0))
+                .is_some()
+        );
+        t.on_event(&event(proto::TCP, EventKind::Closed, 1), None, &now(1));
+        assert_eq!(t.take_marks(), vec![(k, now(0).mono_ns)]);
+        // The walk sees the new SYN's entry before its event is read.
+        let reopened = state(proto::TCP, FlowStatus::New, false, 5, 5);
+        t.begin_walk();
+        let verdict = t.on_table_entry(&k, &reopened, &now(5));
+        t.end_walk();
+        assert!(verdict.record.is_none() && !verdict.remove);
+        assert!(
+            t.take_marks().is_empty(),
+            "the new connection marked as the old one"
+        );
+        assert!(!t.keeps_mark(&k, now(5).mono_ns));
+        t.on_event(&event(proto::TCP, EventKind::New, 5), None, &now(5));
+        let r = t.on_event(
+            &event(proto::TCP, EventKind::Answered, 5),
+            Some(&state(proto::TCP, FlowStatus::Answered, true, 5, 5)),
+            &now(5),
+        );
+        assert!(r.is_some(), "the new connection is not counted");
+        assert_eq!(t.take_marks(), vec![(k, now(5).mono_ns)]);
+        assert!(t.keeps_mark(&k, now(5).mono_ns) && !t.keeps_mark(&k, now(0).mono_ns));
+    }
+
+    /// The marks a predecessor left are honoured until the first walk has matched them; what it
+    /// did not match is stale (the sweep deletes it), and so are the marks of evicted flows.
+    #[test]
+    fn inherited_marks_last_one_walk_and_evictions_ask_for_a_sweep() {
+        let mut t = tracker();
+        let (tcp, _) = key(proto::TCP);
+        let (udp, _) = key(proto::UDP);
+        let counted = state(proto::TCP, FlowStatus::Answered, true, 0, 1);
+        t.inherit(&tcp, counted.first_seen_ns);
+        t.inherit(&udp, 7);
+        t.begin_walk();
+        assert!(t.on_table_entry(&tcp, &counted, &now(2)).record.is_none());
+        t.end_walk();
+        assert!(
+            t.take_sweep(),
+            "the first walk after adopting marks asks for no sweep"
+        );
+        assert!(t.keeps_mark(&tcp, counted.first_seen_ns));
+        assert!(!t.keeps_mark(&udp, 7), "a mark no entry matched is kept");
+        // After that walk an entry under the UDP key with the inherited time is a new flow.
+        let mut late = state(proto::UDP, FlowStatus::Answered, true, 0, 3);
+        late.first_seen_ns = 7;
+        t.begin_walk();
+        t.on_table_entry(&tcp, &counted, &now(3));
+        assert!(t.on_table_entry(&udp, &late, &now(3)).record.is_some());
+        t.end_walk();
+        assert!(
+            !t.take_sweep(),
+            "a walk that found every flow asks for a sweep"
+        );
+        // The TCP flow evicted: its mark is left behind, the sweep deletes it.
+        t.begin_walk();
+        t.on_table_entry(&udp, &late, &now(4));
+        t.end_walk();
+        assert!(t.take_sweep(), "evicted flows' marks left behind");
+        assert!(!t.keeps_mark(&tcp, counted.first_seen_ns));
+        assert!(t.keeps_mark(&udp, 7));
+    }
+
     /// A flow first seen at its answer (a SYN-ACK: the agent started during the handshake, or
     /// the SYN passed no hook of ours) has a known initiator, the answer's receiver: it is no
     /// flow first seen mid-stream, so no evidence turns it round, and it is a new connection,
