@@ -18,6 +18,15 @@ pub const FLOWS4_MAP: &str = "FLOWS4";
 /// Flow table of IPv4 TCP flows: LRU hash, [`flow::FlowKeyTcp4`] -> [`flow::FlowState`], sized
 /// like [`FLOWS_MAP`].
 pub const FLOWS4_TCP_MAP: &str = "FLOWS4_TCP";
+/// The flows an agent counted: plain hash (not LRU: nothing in it is evicted to make room),
+/// [`flow::FlowKey`] -> `u64`, the `first_seen_ns` of the flow's table entry when it was counted.
+/// A flow is counted iff its entry's `first_seen_ns` equals the value here, so an entry recreated
+/// under the same key (after an eviction, or a reused 5-tuple) is not taken for counted. Written
+/// by user space only (the program never touches it, so marking a flow neither rewrites its
+/// table entry nor races the program's updates of it); pinned beside the flow tables so an agent
+/// adopting them after a restart knows what its predecessor counted. Sized by the loader to the
+/// three tables' entries together; allocated as entries are written (`BPF_F_NO_PREALLOC`).
+pub const REPORTED_MAP: &str = "REPORTED";
 /// Ring buffer of [`flow::FlowEvent`]s. Its size must be a power-of-two multiple of the page size;
 /// the loader rounds the configured size up.
 pub const EVENTS_MAP: &str = "EVENTS";

@@ -21,7 +21,7 @@ mod program {
     use aya_ebpf::{
         bindings::TC_ACT_UNSPEC,
         macros::{classifier, map},
-        maps::{LruHashMap, PerCpuArray, RingBuf},
+        maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
         programs::TcContext,
     };
 
@@ -42,6 +42,17 @@ mod program {
     #[map]
     pub static FLOWS4_TCP: LruHashMap<FlowKeyTcp4, FlowState> =
         LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_ENTRIES, 0);
+
+    /// The flows user space counted ([`auditor_ebpf::REPORTED_MAP`]). No program reads or writes
+    /// it: it is declared here so the object carries it (an exported symbol, which the linker
+    /// keeps though no program refers to it) and the loader creates, sizes and pins it like
+    /// the tables. `BPF_F_NO_PREALLOC`: memory only for the flows counted, not for every
+    /// possible one.
+    #[map]
+    pub static REPORTED: HashMap<FlowKey, u64> = HashMap::with_max_entries(
+        3 * DEFAULT_FLOW_TABLE_ENTRIES,
+        aya_ebpf::bindings::BPF_F_NO_PREALLOC,
+    );
 
     /// Flow events ([`auditor_ebpf::EVENTS_MAP`]); the loader sets its real size.
     #[map]

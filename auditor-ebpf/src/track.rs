@@ -334,7 +334,7 @@ fn fresh_state<K>(seen: &Seen<K>, meta: Meta) -> FlowState {
         answered: u8::from(status == FlowStatus::Answered),
         owners,
         tick,
-        reported: 0,
+        nat: 0,
         _reserved: [0; 7],
     }
 }

@@ -20,6 +20,8 @@
     reason = "figures printed for people: a float rounded in its 16th digit, or a count far below 2^52, does not change them"
 )]
 
+#[path = "../tests/common/bpffs.rs"]
+mod bpffs;
 #[path = "../tests/common/netns.rs"]
 mod netns;
 
@@ -327,6 +329,10 @@ fn main() {
     ]);
 
     let log = dir.0.join("daemon.log");
+    // The shipped default, pinned maps, in a bpffs of the run's own (unmounted, pins and all,
+    // when it drops, after the daemon).
+    let pins = bpffs::PinDir::new("bench-daemon");
+    let pin_dir = pins.arg();
     let started = Instant::now();
     let child = Command::new("ip")
         .args([
@@ -343,9 +349,8 @@ fn main() {
             METRICS,
             "--answer-timeout",
             "1s",
-            // Measured without pinned tables: nothing to clean up after a run.
             "--pin-dir",
-            "none",
+            &pin_dir,
         ])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

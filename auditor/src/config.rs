@@ -33,9 +33,9 @@ pub struct Config {
     /// agent remembers it was counted, so a connection resuming later is not counted again.
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
-    /// Where the flow tables are pinned in bpffs, so they survive agent restarts (default
-    /// `/sys/fs/bpf/flow-auditor`; the tables go in a subdirectory named after their layout).
-    /// `none`: not pinned (a restart forgets every flow).
+    /// Where the flow tables and the map of counted flows are pinned in bpffs, so they survive
+    /// agent restarts (default `/sys/fs/bpf/flow-auditor`; the maps go in a subdirectory named
+    /// after their layout). `none`: not pinned (a restart forgets every flow).
     pub pin_dir: PinDir,
     /// The node's uplinks (native and tunnel devices; `":default-route"` for the default routes'
     /// devices), as `--uplink` takes them; `--uplink` replaces this list. Default none.

@@ -317,7 +317,18 @@ fn random_and_mutated_packets_never_fail_and_counters_add_up() {
                 "an answered flow has its answered flag: {state:?}"
             );
         }
+        assert_eq!(
+            (state.nat, state._reserved),
+            (0, [0; 7]),
+            "the program writes its reserved bytes as zero: {state:?}"
+        );
     }
+    // The map of counted flows is user space's alone: no packet wrote to it.
+    let marks = h
+        .datapath
+        .for_each_reported(|key, first_seen| panic!("a mark no one wrote: {key} {first_seen}"))
+        .unwrap_or_else(|e| panic!("reading the map of counted flows failed: {e}"));
+    assert_eq!(marks, 0);
     // Each table is bounded on its own.
     assert!(
         per_table.iter().all(|n| *n <= FLOW_TABLE),

@@ -453,6 +453,7 @@ async fn scrape_probes_and_series_lifecycle() {
         "flow_auditor_sampled_out_packets_total",
         "flow_auditor_encapsulated_packets_total",
         "flow_auditor_duplicate_packets_total",
+        "flow_auditor_reported_mark_failures_total",
     ] {
         let series = find(&samples, name, &[]);
         assert_eq!(series.len(), 1, "{name} must exist from the start");

@@ -14,6 +14,8 @@
 //!   spoke first;
 //! - connections opened before the agent started, between ports that give no evidence, oriented
 //!   by the node's conntrack, a DNAT'd one (to a virtual address) included.
+//! - an entry recreated under a counted flow's key (another first packet) while no agent ran:
+//!   counted by the next agent, which does not count the unchanged flows again.
 //!
 //! Each test pins the flow tables in a bpffs directory of its own, removed at the end.
 #![expect(
@@ -36,6 +38,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use auditor_ebpf::{
+    FLOWS4_MAP, REPORTED_MAP,
+    flow::{FlowKey, FlowKey4, FlowState},
+};
+use aya::maps::{Map, MapData};
 use bpffs::PinDir;
 use netns::{Netns, flows_total, require_root, sample};
 use tempdir::TempDir;
@@ -440,8 +447,8 @@ fn restart_counts_each_connection_once(signal: i32, tag: &str) {
     );
     assert_eq!(
         lab.pins.list(&layout[0]),
-        ["FLOWS", "FLOWS4", "FLOWS4_TCP"],
-        "the flow tables are pinned"
+        ["FLOWS", "FLOWS4", "FLOWS4_TCP", "REPORTED"],
+        "the flow tables and the map of counted flows are pinned"
     );
 
     let (mut client, mut web_client) = connect(&lab.client, &listener);
@@ -534,6 +541,128 @@ fn restart_after_sigterm_counts_each_connection_once() {
 #[ignore = "needs root and the kernel; run by cargo xtask test"]
 fn restart_after_sigkill_counts_each_connection_once() {
     restart_counts_each_connection_once(libc::SIGKILL, "rkill");
+}
+
+/// The layout directory of the pins (the one `v...` directory).
+fn layout_dir(pins: &PinDir) -> PathBuf {
+    let layouts: Vec<String> = pins
+        .list("")
+        .into_iter()
+        .filter(|n| n.starts_with('v'))
+        .collect();
+    assert_eq!(layouts.len(), 1, "one layout directory: {layouts:?}");
+    pins.path().join(&layouts[0])
+}
+
+/// The pinned map of counted flows: key -> the `first_seen_ns` each was counted with.
+fn pinned_marks(dir: &Path) -> std::collections::HashMap<FlowKey, u64> {
+    let data = MapData::from_pin(dir.join(REPORTED_MAP))
+        .unwrap_or_else(|e| panic!("open the pinned {REPORTED_MAP}: {e}"));
+    let map: aya::maps::HashMap<_, FlowKey, u64> = aya::maps::HashMap::try_from(Map::HashMap(data))
+        .unwrap_or_else(|e| panic!("{REPORTED_MAP} as a hash map: {e}"));
+    map.iter()
+        .map(|entry| entry.unwrap_or_else(|e| panic!("read {REPORTED_MAP}: {e}")))
+        .collect()
+}
+
+/// The pinned table of IPv4 flows other than TCP.
+fn pinned_flows4(dir: &Path) -> aya::maps::HashMap<MapData, FlowKey4, FlowState> {
+    let data = MapData::from_pin(dir.join(FLOWS4_MAP))
+        .unwrap_or_else(|e| panic!("open the pinned {FLOWS4_MAP}: {e}"));
+    aya::maps::HashMap::try_from(Map::LruHashMap(data))
+        .unwrap_or_else(|e| panic!("{FLOWS4_MAP} as a hash map: {e}"))
+}
+
+/// What the first agent counted is marked with each entry's own first packet, and the next
+/// agent counts none of it again, except a flow whose entry was recreated under the same key
+/// after it was counted (here the UDP conversation's, rewritten while no agent ran, as an
+/// eviction and the conversation's next datagram would recreate it): another first packet, so
+/// another flow, counted once by the next agent, which marks the new entry.
+#[test]
+#[ignore = "needs root and the kernel; run by cargo xtask test"]
+fn an_entry_recreated_under_a_counted_key_is_counted_by_the_next_agent() {
+    require_root();
+    let lab = Lab::new("rnew");
+    let listener = lab
+        .web
+        .run(|| TcpListener::bind(addr(WEB, 8080)).unwrap_or_else(|e| panic!("bind: {e}")));
+    let web_udp = udp(&lab.web, WEB, 5353);
+    let mut first = lab.start("first", &[]);
+    let (mut client, mut web_client) = connect(&lab.client, &listener);
+    exchange(&mut client, &mut web_client);
+    let client_udp = udp(&lab.client, CLIENT, 0);
+    datagrams(&client_udp, &web_udp);
+    lab.wait_metrics(&first, "both flows", |m| {
+        sample(m, &allowed_tcp()) == 1.0 && sample(m, &allowed_udp()) == 1.0
+    });
+    first.stop(libc::SIGTERM);
+
+    let dir = layout_dir(&lab.pins);
+    let local = |s: &UdpSocket| s.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (udp_key, _) = FlowKey::from_addrs(
+        auditor_ebpf::flow::proto::UDP,
+        (local(&client_udp).ip(), local(&client_udp).port()),
+        (local(&web_udp).ip(), local(&web_udp).port()),
+    );
+    let udp_key4 = udp_key
+        .narrow()
+        .unwrap_or_else(|| panic!("an IPv4 flow has a narrow key"));
+    let mut flows4 = pinned_flows4(&dir);
+    let entry = flows4
+        .get(&udp_key4, 0)
+        .unwrap_or_else(|e| panic!("the UDP conversation's entry: {e}"));
+    let marks = pinned_marks(&dir);
+    assert_eq!(
+        marks.len(),
+        2,
+        "one mark per counted flow, nothing else: {marks:?}"
+    );
+    assert_eq!(
+        marks.get(&udp_key),
+        Some(&entry.first_seen_ns),
+        "the conversation is marked with its entry's first packet"
+    );
+    // Recreated under the same key: a later first packet, the rest as a new conversation
+    // answered once.
+    let recreated = FlowState {
+        first_seen_ns: entry.last_seen_ns + 1,
+        last_seen_ns: entry.last_seen_ns + 1,
+        packets: [1, 1],
+        bytes: [100, 100],
+        ..entry
+    };
+    flows4
+        .insert(&udp_key4, &recreated, 0)
+        .unwrap_or_else(|e| panic!("rewrite the entry: {e}"));
+    drop(flows4);
+
+    let second = lab.start("second", &[]);
+    let counted = lab.wait_metrics(&second, "the recreated conversation", |m| {
+        sample(m, &allowed_udp()) == 1.0
+    });
+    // A walk later (2 s), the connection still not counted again, the conversation once.
+    std::thread::sleep(Duration::from_millis(2500));
+    let later = lab.scrape();
+    for metrics in [&counted, &later] {
+        assert_eq!(
+            flows_total(metrics),
+            1.0,
+            "only the recreated conversation:\n{}\ndaemon log:\n{}",
+            flow_lines(metrics),
+            second.log()
+        );
+    }
+    let marks = pinned_marks(&dir);
+    assert_eq!(
+        marks.get(&udp_key),
+        Some(&recreated.first_seen_ns),
+        "the recreated entry is marked with its own first packet: {marks:?}"
+    );
+    assert_eq!(marks.len(), 2, "{marks:?}");
+    assert_eq!(
+        sample(&later, "flow_auditor_reported_mark_failures_total"),
+        0.0
+    );
 }
 
 /// A connection and a conversation idle past the idle timeout (2 s here) leave the table; the

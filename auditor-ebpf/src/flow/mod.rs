@@ -533,10 +533,11 @@ pub struct FlowState {
     /// since (the coarse clock moves only then), so a busy flow pays for the clock once per timer
     /// tick, not per packet.
     pub tick: u32,
-    /// Written by user space only: 1 once an agent has counted this flow (its record went to
-    /// the metrics), so an agent that adopts the pinned table after a restart does not count it
-    /// again. The program writes 0 when it (re)creates the entry and never reads it.
-    pub reported: u8,
+    /// The program's own byte, reserved for address translation: no meaning yet, always 0 (the
+    /// program writes 0 when it creates the entry). Whether an agent counted the flow is not
+    /// here but in [`crate::REPORTED_MAP`], which user space alone writes, so marking a flow
+    /// never rewrites its table entry.
+    pub nat: u8,
     /// Always zero; room for later fields without another layout change of the first 64 bytes.
     pub _reserved: [u8; 7],
 }
@@ -762,8 +763,10 @@ impl Counter {
 }
 
 /// Bump when the meaning of a flow table byte changes without its offset or size changing (a
-/// field reused, a status added): [`FLOW_LAYOUT`] then changes too.
-pub const FLOW_LAYOUT_REVISION: u32 = 2;
+/// field reused, a status added): [`FLOW_LAYOUT`] then changes too. 2: `mid_stream` 2 (first
+/// seen at its answer); 3: the reported byte became [`FlowState::nat`], the counted flows went to
+/// [`crate::REPORTED_MAP`] (pinned beside the tables, so it changes directory with them).
+pub const FLOW_LAYOUT_REVISION: u32 = 3;
 
 /// The version of the flow tables' layout: keys, value and the meaning of their bytes. Derived
 /// from [`FLOW_LAYOUT_REVISION`] and the size and offset of every field of [`FlowKey`],
@@ -803,7 +806,7 @@ pub const FLOW_LAYOUT: u32 = layout_hash(&[
     core::mem::offset_of!(FlowState, answered),
     core::mem::offset_of!(FlowState, owners),
     core::mem::offset_of!(FlowState, tick),
-    core::mem::offset_of!(FlowState, reported),
+    core::mem::offset_of!(FlowState, nat),
     core::mem::offset_of!(FlowState, _reserved),
 ]);
 
@@ -837,7 +840,8 @@ const _: () = assert!(core::mem::offset_of!(FlowKey4, hi_addr) == 4);
 const _: () = assert!(core::mem::offset_of!(FlowKey4, hi_port) == 10);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 72);
 const _: () = assert!(core::mem::offset_of!(FlowState, tick) == 60);
-const _: () = assert!(core::mem::offset_of!(FlowState, reported) == 64);
+const _: () = assert!(core::mem::offset_of!(FlowState, nat) == 64);
+const _: () = assert!(core::mem::offset_of!(FlowState, _reserved) == 65);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
 const _: () = assert!(core::mem::offset_of!(FlowEvent, ts_ns) == 40);
 const _: () = assert!(Counter::ALL.len() == Counter::COUNT as usize);
@@ -854,7 +858,7 @@ mod tests {
     fn layout_version_is_the_layout_s() {
         assert_eq!(
             format!("v{FLOW_LAYOUT:08x}"),
-            "v7b270121",
+            "v0e83d2e0",
             "the flow table layout changed"
         );
         // Any size or offset moving changes it.

@@ -573,6 +573,7 @@ fn publish_health<S: FlowSource>(stream: &FlowStream<S>, metrics: &Metrics) {
     metrics.set_flow_table_insert_failures(health.inserts_failed);
     let evictions = stream.evictions();
     metrics.set_flow_table_evictions(evictions.decided, evictions.undecided);
+    metrics.set_reported_mark_failures(stream.mark_failures());
     metrics.set_sampled_out_packets(counter(Counter::SampledOut));
     metrics.set_not_flow_packets(counter(Counter::Encapsulated), counter(Counter::Duplicate));
 }

@@ -13,7 +13,7 @@ use std::{
 use auditor_ebpf::{
     COUNTERS_MAP, DEFAULT_EVENTS_BYTES, DEFAULT_FLOW_TABLE_ENTRIES, DEFAULT_WIREGUARD_PORT,
     EVENTS_MAP, FLOWS_MAP, FLOWS4_MAP, FLOWS4_TCP_MAP, KERNEL_LOG_MAP, PROGRAM_EGRESS,
-    PROGRAM_INGRESS, PROGRAM_NOOP, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS,
+    PROGRAM_INGRESS, PROGRAM_NOOP, PROGRAM_UPLINK_EGRESS, PROGRAM_UPLINK_INGRESS, REPORTED_MAP,
     SAMPLE_EVERY_GLOBAL, WIREGUARD_PORT_GLOBAL,
     flow::{Counter, FLOW_LAYOUT, FlowKey, FlowKey4, FlowKeyTcp4, FlowState},
 };
@@ -155,6 +155,10 @@ pub fn table_index(key: &FlowKey) -> usize {
 /// The flow tables' map names, in [`table_index`] order.
 pub const TABLES: [&str; 3] = [FLOWS4_TCP_MAP, FLOWS4_MAP, FLOWS_MAP];
 
+/// Every map pinned in the layout directory: the flow tables and the map of the flows counted
+/// ([`REPORTED_MAP`]), adopted, replaced and removed together.
+pub const PINNED: [&str; 4] = [FLOWS4_TCP_MAP, FLOWS4_MAP, FLOWS_MAP, REPORTED_MAP];
+
 impl<T> FlowTables<T> {
     /// The tables from their maps (owned, borrowed or mutably borrowed), in [`TABLES`] order.
     fn from_maps<M>([tcp4, v4, other]: [M; 3]) -> Result<Self, LoadError>
@@ -200,20 +204,6 @@ impl<T: Borrow<MapData>> FlowTables<T> {
 }
 
 impl<T: BorrowMut<MapData>> FlowTables<T> {
-    /// Writes the entry of an existing flow (`BPF_EXIST`: never creates one).
-    ///
-    /// # Errors
-    /// The write's failure (`ENOENT` in it when the flow is gone).
-    pub fn replace(&mut self, key: &FlowKey, state: &FlowState) -> Result<(), MapError> {
-        // `BPF_EXIST` from uapi/linux/bpf.h.
-        let exist = 2;
-        match slot(key) {
-            Slot::Tcp4(tcp) => self.tcp4.insert(&tcp, state, exist),
-            Slot::V4(key4) => self.v4.insert(&key4, state, exist),
-            Slot::Other => self.other.insert(key, state, exist),
-        }
-    }
-
     /// Deletes the entry of `key` from the table it belongs in.
     ///
     /// # Errors
@@ -326,15 +316,15 @@ fn is_bpffs(path: &Path) -> Result<bool, LoadError> {
     Ok(kind == BPF_FS_MAGIC)
 }
 
-/// Unpins the flow tables pinned in `dir` (the maps go once nothing else holds them); nothing
-/// else in `dir` is touched.
+/// Unpins the maps pinned in `dir` ([`PINNED`]: the flow tables and the counted flows; the maps
+/// go once nothing else holds them); nothing else in `dir` is touched.
 fn remove_pins(dir: &Path) -> Result<(), LoadError> {
     let pins_error = |op, source| LoadError::Pins {
         path: dir.to_path_buf(),
         op,
         source,
     };
-    for name in TABLES {
+    for name in PINNED {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -374,12 +364,13 @@ impl Datapath {
         Self::load_pinned(config, None)
     }
 
-    /// [`Datapath::load`] with the flow tables pinned under `pin_base` (a directory in a bpffs
-    /// mount, see [`pin_dir`]): tables already pinned there by a predecessor of the same layout
-    /// and size are adopted with their flows, so they survive agent restarts; otherwise new
-    /// ones are created and pinned. Pins of other layouts are removed, and so are this layout's
-    /// when their size no longer matches the configuration (the flows in them are lost, once).
-    /// The ring buffer and the counters are not pinned: they are per agent.
+    /// [`Datapath::load`] with the flow tables and the map of counted flows ([`PINNED`]) pinned
+    /// under `pin_base` (a directory in a bpffs mount, see [`pin_dir`]): maps already pinned
+    /// there by a predecessor of the same layout and size are adopted with their flows, so they
+    /// survive agent restarts; otherwise new ones are created and pinned. Pins of other layouts
+    /// are removed, and so are this layout's when the size of one of them no longer matches the
+    /// configuration (all four are replaced together: the flows in them are lost, once). The
+    /// ring buffer and the counters are not pinned: they are per agent.
     ///
     /// # Errors
     /// As [`Datapath::load`], and when the pin directory cannot be prepared.
@@ -410,7 +401,7 @@ impl Datapath {
                     expected,
                     actual,
                     dir = %pinned.dir.display(),
-                    "the pinned flow tables do not match the configuration; replacing them (their flows are counted again as they are seen)"
+                    "the pinned flow maps do not match the configuration; replacing them (their flows are counted again as they are seen)"
                 );
                 remove_pins(&pinned.dir)?;
                 Self::load_with(
@@ -441,6 +432,7 @@ impl Datapath {
             .map_max_entries(FLOWS_MAP, flow_table_entries)
             .map_max_entries(FLOWS4_MAP, flow_table_entries)
             .map_max_entries(FLOWS4_TCP_MAP, flow_table_entries)
+            .map_max_entries(REPORTED_MAP, reported_entries(flow_table_entries)?)
             .map_max_entries(EVENTS_MAP, events_bytes)
             .override_global(SAMPLE_EVERY_GLOBAL, &sample_every, true)
             .override_global(WIREGUARD_PORT_GLOBAL, &wireguard_port, true)
@@ -452,7 +444,7 @@ impl Datapath {
             loader.map_max_entries(KERNEL_LOG_MAP, page);
         }
         if let Some(pinned) = &pinned {
-            for name in TABLES {
+            for name in PINNED {
                 loader.map_pin_path(name, pinned.dir.join(name));
             }
         }
@@ -493,37 +485,94 @@ impl Datapath {
         self.pinned.as_ref()
     }
 
-    /// Sets the [`FlowState::reported`] mark of a flow's entry: this agent counted it, so a
-    /// successor adopting the pinned table must not. A flow gone from the table is fine.
-    ///
-    /// The kernel has no way to change one byte of a hash map value from user space: the entry is
-    /// read and written back whole, so a packet the program counts in between (microseconds) is
-    /// lost from the entry's counters; a status change in between is lost too, which at worst
-    /// keeps a closed flow until it idles out instead of lingering. Done once per flow.
+    /// The map of counted flows ([`REPORTED_MAP`]), borrowed.
     ///
     /// # Errors
-    /// When the read or the write fails for another reason than the entry being gone.
-    pub fn mark_reported(&mut self, key: &FlowKey) -> Result<(), LoadError> {
-        let mut tables = self.flows_mut()?;
-        let mut state = match tables.get(key) {
-            Ok(state) => state,
-            Err(MapError::KeyNotFound) => return Ok(()),
-            Err(source) => return Err(map_op_error(TABLES[table_index(key)], "read", source)),
-        };
-        if state.reported != 0 {
-            return Ok(());
-        }
-        state.reported = 1;
-        match tables.replace(key, &state) {
+    /// Only if the map was taken or has the wrong type.
+    pub fn reported(&self) -> Result<HashMap<&MapData, FlowKey, u64>, LoadError> {
+        let map = self
+            .ebpf
+            .map(REPORTED_MAP)
+            .ok_or(LoadError::MissingMap { name: REPORTED_MAP })?;
+        HashMap::try_from(map).map_err(|source| map_error(REPORTED_MAP, source))
+    }
+
+    fn reported_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, u64>, LoadError> {
+        let map = self
+            .ebpf
+            .map_mut(REPORTED_MAP)
+            .ok_or(LoadError::MissingMap { name: REPORTED_MAP })?;
+        HashMap::try_from(map).map_err(|source| map_error(REPORTED_MAP, source))
+    }
+
+    /// Records that this agent counted the flow of `key` whose table entry was first seen at
+    /// `first_seen_ns` ([`FlowState::first_seen_ns`]), in [`REPORTED_MAP`]: a successor adopting
+    /// the pinned maps does not count it again, and does count an entry recreated under the same
+    /// key later (another `first_seen_ns`). The table entry itself is not touched: no write to
+    /// the LRU table, which would allocate a node and so evict another flow when the table is
+    /// full, and no read-modify-write racing the program's counters.
+    ///
+    /// # Errors
+    /// When the map cannot take the entry: full (`E2BIG` in the source chain) or another error.
+    pub fn mark_reported(&mut self, key: &FlowKey, first_seen_ns: u64) -> Result<(), LoadError> {
+        self.reported_mut()?
+            .insert(key, &first_seen_ns, 0)
+            .map_err(|source| map_op_error(REPORTED_MAP, "insert", source))
+    }
+
+    /// Deletes the counted mark of `key` (its flow is forgotten for good); a missing one is fine.
+    ///
+    /// # Errors
+    /// When the deletion fails for another reason.
+    pub fn forget_reported(&mut self, key: &FlowKey) -> Result<(), LoadError> {
+        match self.reported_mut()?.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
             }
-            Err(source) => Err(map_op_error(
-                TABLES[table_index(key)],
-                "mark reported",
-                source,
-            )),
+            Err(source) => Err(map_op_error(REPORTED_MAP, "delete", source)),
+        }
+    }
+
+    /// Calls `each` with every counted flow's key and the `first_seen_ns` it was counted with,
+    /// reading many per system call where the kernel can; returns how many there were.
+    ///
+    /// # Errors
+    /// When the map is missing or reading it fails.
+    pub fn for_each_reported(
+        &self,
+        mut each: impl FnMut(FlowKey, u64),
+    ) -> Result<usize, LoadError> {
+        let fd = match self.ebpf.map(REPORTED_MAP) {
+            Some(Map::HashMap(data)) => data.fd().as_fd(),
+            Some(_) => {
+                return Err(map_error(
+                    REPORTED_MAP,
+                    MapError::InvalidMapType { map_type: 0 },
+                ));
+            }
+            None => return Err(LoadError::MissingMap { name: REPORTED_MAP }),
+        };
+        match super::batch::for_each::<FlowKey, u64>(fd, |key, first_seen| each(*key, *first_seen))
+        {
+            Ok(n) => Ok(n),
+            Err(super::batch::BatchError::Unsupported(_)) => {
+                // Only user space writes the map, and it is not writing now: no restarts.
+                let bound = reported_entries(self.effective.flow_table_entries)? as usize;
+                let mut n = 0;
+                for entry in self.reported()?.iter().take(bound) {
+                    match entry {
+                        Ok((key, first_seen)) => {
+                            each(key, first_seen);
+                            n += 1;
+                        }
+                        Err(MapError::KeyNotFound) => {}
+                        Err(source) => return Err(map_op_error(REPORTED_MAP, "read", source)),
+                    }
+                }
+                Ok(n)
+            }
+            Err(super::batch::BatchError::Failed(error)) => Err(LoadError::Walk(error)),
         }
     }
 
@@ -820,6 +869,17 @@ const fn map_error(name: &'static str, source: MapError) -> LoadError {
     }
 }
 
+/// The size of [`REPORTED_MAP`]: room for every entry of the three flow tables.
+fn reported_entries(flow_table_entries: u32) -> Result<u32, LoadError> {
+    flow_table_entries
+        .checked_mul(u32::try_from(TABLES.len()).unwrap_or(u32::MAX))
+        .ok_or(LoadError::InvalidConfig {
+            field: "flow_table_entries",
+            value: u64::from(flow_table_entries),
+            reason: "too large: the map of counted flows, three times its size, exceeds 2^32 entries",
+        })
+}
+
 /// The running kernel's page size (4 KiB on x86-64, 16 KiB on the Raspberry Pi 5 kernel).
 fn page_size() -> Result<u32, LoadError> {
     // SAFETY: sysconf has no memory-safety preconditions.
@@ -846,6 +906,7 @@ fn effective_config(config: &DatapathConfig, page: u32) -> Result<DatapathConfig
             reason: "must be at least 1",
         });
     }
+    reported_entries(flow_table_entries)?;
     Ok(DatapathConfig {
         flow_table_entries,
         events_bytes: ring_buffer_bytes(events_bytes, page)?,

@@ -306,12 +306,29 @@ impl DatapathManager {
         }
     }
 
-    /// Marks a flow's entry as counted (see [`Datapath::mark_reported`]); a missing key is fine.
+    /// Records that the flow of `key`, whose entry was first seen at `first_seen_ns`, was
+    /// counted (see [`Datapath::mark_reported`]).
     ///
     /// # Errors
-    /// When the read or write fails for another reason.
-    pub fn mark_reported(&mut self, key: &FlowKey) -> Result<(), ManagerError> {
-        Ok(self.datapath.mark_reported(key)?)
+    /// When the map of counted flows cannot take it (full, or another error).
+    pub fn mark_reported(&mut self, key: &FlowKey, first_seen_ns: u64) -> Result<(), ManagerError> {
+        Ok(self.datapath.mark_reported(key, first_seen_ns)?)
+    }
+
+    /// Deletes the counted mark of `key`; a missing one is fine.
+    ///
+    /// # Errors
+    /// When the deletion fails for another reason.
+    pub fn forget_reported(&mut self, key: &FlowKey) -> Result<(), ManagerError> {
+        Ok(self.datapath.forget_reported(key)?)
+    }
+
+    /// Calls `each` for every counted flow (key, `first_seen_ns` it was counted with).
+    ///
+    /// # Errors
+    /// When reading the map fails.
+    pub fn walk_reported(&mut self, each: impl FnMut(FlowKey, u64)) -> Result<usize, ManagerError> {
+        Ok(self.datapath.for_each_reported(each)?)
     }
 
     /// The name of an attached interface.

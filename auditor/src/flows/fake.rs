@@ -81,7 +81,8 @@ pub struct FakeError {
 ///
 /// It follows the kernel's rules where the stream relies on them: a flow's first packet creates
 /// its entry and sends `New`, every status change sends an event, events sent while the ring
-/// buffer is full are counted as lost instead, entries stay until removed. It does not evict
+/// buffer is full are counted as lost instead, entries stay until removed, the map of counted
+/// marks refuses a new key once full. It does not evict
 /// by itself (use [`FakeDatapath::evict`]) and keeps no per-CPU or per-table detail.
 #[derive(Debug, Clone)]
 pub struct FakeDatapath {
@@ -106,6 +107,10 @@ struct State {
     /// are repeatable.
     table: Vec<(FlowKey, FlowState)>,
     index: HashMap<FlowKey, usize>,
+    /// The map of counted flows (`REPORTED`): key -> the `first_seen_ns` it was counted with.
+    reported: HashMap<FlowKey, u64>,
+    /// Its capacity: a mark for a key not in it fails once it holds this many.
+    reported_capacity: usize,
     events: VecDeque<FlowEvent>,
     lost: u64,
     ring_full: bool,
@@ -153,6 +158,8 @@ impl FakeDatapath {
                     },
                     table: Vec::new(),
                     index: HashMap::new(),
+                    reported: HashMap::new(),
+                    reported_capacity: 3 * DEFAULT_FLOW_TABLE_ENTRIES as usize,
                     events: VecDeque::new(),
                     lost: 0,
                     ring_full: false,
@@ -223,7 +230,7 @@ impl FakeDatapath {
             answered: 0,
             owners: 0,
             tick: 0,
-            reported: 0,
+            nat: 0,
             _reserved: [0; 7],
         };
         state.put(key, entry);
@@ -310,6 +317,29 @@ impl FakeDatapath {
     pub fn entry(&self, key: &FlowKey) -> Option<FlowState> {
         let state = self.state();
         state.index.get(key).map(|&i| state.table[i].1)
+    }
+
+    /// The counted mark of `key` (the `first_seen_ns` it was counted with), if any.
+    #[must_use]
+    pub fn reported(&self, key: &FlowKey) -> Option<u64> {
+        self.state().reported.get(key).copied()
+    }
+
+    /// Counted marks held now.
+    #[must_use]
+    pub fn reported_len(&self) -> usize {
+        self.state().reported.len()
+    }
+
+    /// Sets a counted mark without the stream: one a predecessor left in the pinned map.
+    pub fn set_reported(&self, key: FlowKey, first_seen_ns: u64) {
+        self.state().reported.insert(key, first_seen_ns);
+    }
+
+    /// The map of counted flows' capacity (by default three times the real flow tables'):
+    /// marks of new keys fail while it is full.
+    pub fn set_reported_capacity(&self, capacity: usize) {
+        self.state().reported_capacity = capacity;
     }
 
     /// Drops a flow's entry the way the LRU evicts it: no event, nothing counted.
@@ -487,12 +517,33 @@ impl FlowSource for FakeDatapath {
         Ok(())
     }
 
-    fn mark_reported(&mut self, key: &FlowKey) -> Result<(), FakeError> {
+    /// As the kernel's hash map: an existing key is overwritten, a new one needs room.
+    fn mark_reported(&mut self, key: &FlowKey, first_seen_ns: u64) -> Result<(), FakeError> {
         let mut state = self.check("mark reported")?;
-        if let Some(&i) = state.index.get(key) {
-            state.table[i].1.reported = 1;
+        if !state.reported.contains_key(key) && state.reported.len() >= state.reported_capacity {
+            return Err(FakeError {
+                op: "mark reported (map full)",
+            });
         }
+        state.reported.insert(*key, first_seen_ns);
         Ok(())
+    }
+
+    fn forget_reported(&mut self, key: &FlowKey) -> Result<(), FakeError> {
+        self.check("forget reported")?.reported.remove(key);
+        Ok(())
+    }
+
+    fn walk_reported(&mut self, mut each: impl FnMut(FlowKey, u64)) -> Result<usize, FakeError> {
+        let state = self.check("walk reported")?;
+        let mut marks: Vec<(FlowKey, u64)> = state.reported.iter().map(|(k, v)| (*k, *v)).collect();
+        drop(state);
+        // A repeatable order.
+        marks.sort_unstable_by_key(|(k, _)| (k.lo_addr, k.hi_addr, k.lo_port, k.hi_port, k.proto));
+        for (key, first_seen_ns) in &marks {
+            each(*key, *first_seen_ns);
+        }
+        Ok(marks.len())
     }
 
     fn interface_name(&self, ifindex: u32) -> Option<&str> {

@@ -22,10 +22,14 @@
 //!   none`) joins conversations already going on; for the idle timeout after it starts, UDP and
 //!   SCTP flows (which have no opening packet to tell) are recorded with `mid_stream` set, so the
 //!   audit orients them by evidence ([`FlowStream::open_join_window`]).
-//! - Every decided flow's table entry gets the reported mark ([`FlowSource::mark_reported`])
-//!   before its record is handed out: with the tables pinned, the next agent adopts the entries
-//!   and counts only the unmarked ones. Entries the tracker knew that a walk no longer finds were
-//!   evicted by the LRU; they are counted ([`tracker::Evictions`]).
+//! - Every decided flow gets a counted mark ([`FlowSource::mark_reported`]: its key and its
+//!   entry's `first_seen_ns`, in a map of their own, never in the table entry) before its record
+//!   is handed out: with the maps pinned, the next agent adopts them and counts only the entries
+//!   no mark matches. Marks go when their flows are forgotten for good: with expired entries,
+//!   and, by a sweep after the walk, those of evicted flows and a predecessor's that match no
+//!   entry. A mark that cannot be written is counted and tried again at the next walk. Entries
+//!   the tracker knew that a walk no longer finds were evicted by the LRU; they are counted
+//!   ([`tracker::Evictions`]).
 
 pub mod fake;
 pub mod source;

@@ -1,6 +1,7 @@
 //! The seam under the flow stream: what [`FlowStream`](super::FlowStream) needs from a datapath
-//! (its events, its flow table, the clock its timestamps are on), as a trait, so the stream's
-//! decisions can be tested without a kernel ([`FakeDatapath`](super::fake::FakeDatapath)). The
+//! (its events, its flow table, its map of counted flows, the clock its timestamps are on), as a
+//! trait, so the stream's decisions can be tested without a kernel
+//! ([`FakeDatapath`](super::fake::FakeDatapath)). The
 //! real datapath, [`DatapathManager`], implements it here, since `datapath` knows nothing of
 //! `flows`.
 
@@ -53,13 +54,28 @@ pub trait FlowSource {
     /// When the deletion fails for another reason.
     fn remove(&mut self, key: &FlowKey) -> Result<(), Self::Error>;
 
-    /// Sets the flow's [`FlowState::reported`] mark: it was counted, so whoever adopts the table
-    /// after this agent (a restart with pinned tables) must not count it again. A missing key
-    /// is fine.
+    /// Records that the flow of `key`, whose table entry was first seen at `first_seen_ns`, was
+    /// counted (the map of counted flows, `REPORTED`, not the table entry): whoever adopts the
+    /// tables after this agent (a restart with pinned tables) must not count that entry again.
     ///
     /// # Errors
-    /// When the write fails for another reason.
-    fn mark_reported(&mut self, key: &FlowKey) -> Result<(), Self::Error>;
+    /// When the mark cannot be written (the map full, or another error): the stream counts the
+    /// failure and goes on, it is no reason to stop.
+    fn mark_reported(&mut self, key: &FlowKey, first_seen_ns: u64) -> Result<(), Self::Error>;
+
+    /// Deletes the counted mark of `key` (its flow is forgotten for good); a missing one is
+    /// fine.
+    ///
+    /// # Errors
+    /// When the deletion fails for another reason.
+    fn forget_reported(&mut self, key: &FlowKey) -> Result<(), Self::Error>;
+
+    /// Calls `each` for every counted mark: the key and the `first_seen_ns` it was counted
+    /// with. Returns how many there were.
+    ///
+    /// # Errors
+    /// When reading the map fails.
+    fn walk_reported(&mut self, each: impl FnMut(FlowKey, u64)) -> Result<usize, Self::Error>;
 
     /// The name of an attached interface.
     fn interface_name(&self, ifindex: u32) -> Option<&str>;
@@ -113,8 +129,16 @@ impl FlowSource for DatapathManager {
         Self::remove(self, key)
     }
 
-    fn mark_reported(&mut self, key: &FlowKey) -> Result<(), ManagerError> {
-        Self::mark_reported(self, key)
+    fn mark_reported(&mut self, key: &FlowKey, first_seen_ns: u64) -> Result<(), ManagerError> {
+        Self::mark_reported(self, key, first_seen_ns)
+    }
+
+    fn forget_reported(&mut self, key: &FlowKey) -> Result<(), ManagerError> {
+        Self::forget_reported(self, key)
+    }
+
+    fn walk_reported(&mut self, each: impl FnMut(FlowKey, u64)) -> Result<usize, ManagerError> {
+        Self::walk_reported(self, each)
     }
 
     fn interface_name(&self, ifindex: u32) -> Option<&str> {

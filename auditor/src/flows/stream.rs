@@ -20,6 +20,8 @@ const DEADLINE_TICK: Duration = Duration::from_millis(100);
 const BATCH_RESOLVE_MIN: usize = 16_384;
 /// Records handed out between two reads of the ring buffer while decided flows queue up.
 const EVENTS_EVERY: usize = 256;
+/// At most one log line per this long about counted marks that could not be written.
+const MARK_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Flow records, one per flow, in the order their outcomes were decided, read from the datapath
 /// `S` (the real one unless a test says otherwise).
@@ -36,6 +38,20 @@ pub struct FlowStream<S = DatapathManager> {
     losses: Losses,
     /// Records handed out since events were last read (see [`EVENTS_EVERY`]).
     handed_out: usize,
+    /// The counted marks a predecessor left were read (before the first event).
+    inherited: bool,
+    marks: MarkFailures,
+}
+
+/// Counted marks that could not be written (the map full, or another error): counted, and
+/// logged at most once per [`MARK_FAILURE_LOG_EVERY`].
+#[derive(Debug, Default)]
+struct MarkFailures {
+    total: u64,
+    /// Failures since the last log line.
+    unlogged: u64,
+    /// Kernel time of the last log line; `None` before the first.
+    logged_at: Option<u64>,
 }
 
 /// Where the datapath's lost-event count stood, for knowing which flows may have missed one.
@@ -63,6 +79,8 @@ impl<S: FlowSource> FlowStream<S> {
                 since: u64::MAX,
             },
             handed_out: 0,
+            inherited: false,
+            marks: MarkFailures::default(),
         }
     }
 
@@ -80,7 +98,10 @@ impl<S: FlowSource> FlowStream<S> {
             next_walk_ns,
             losses,
             handed_out,
+            inherited,
+            marks,
         } = self;
+        inherit(source, tracker, inherited)?;
         let ticks = ticks.get_or_insert_with(|| {
             let mut ticks = interval_at(Instant::now() + DEADLINE_TICK, DEADLINE_TICK);
             ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -92,7 +113,7 @@ impl<S: FlowSource> FlowStream<S> {
             if *handed_out >= EVENTS_EVERY {
                 *handed_out = 0;
                 let events = source.read_events();
-                on_events(source, tracker, ready, &events, &source.now())?;
+                on_events(source, tracker, ready, marks, &events, &source.now())?;
             }
             if let Some(record) = ready.pop_front() {
                 *handed_out += 1;
@@ -102,9 +123,9 @@ impl<S: FlowSource> FlowStream<S> {
             tokio::select! {
                 events = source.next_events() => {
                     let events = events?;
-                    on_events(source, tracker, ready, &events, &source.now())?;
+                    on_events(source, tracker, ready, marks, &events, &source.now())?;
                 }
-                _ = ticks.tick() => tick(source, tracker, ready, next_walk_ns, losses)?,
+                _ = ticks.tick() => tick(source, tracker, ready, marks, next_walk_ns, losses)?,
             }
         }
     }
@@ -146,6 +167,14 @@ impl<S: FlowSource> FlowStream<S> {
         self.tracker.evictions()
     }
 
+    /// Writes of counted marks that failed so far (the map of counted flows full, or another
+    /// error): each such flow would be counted again by an agent adopting the tables after a
+    /// restart. A walk finding the flow's entry tries again.
+    #[must_use]
+    pub const fn mark_failures(&self) -> u64 {
+        self.marks.total
+    }
+
     /// The datapath under the stream.
     #[must_use]
     pub const fn source(&self) -> &S {
@@ -171,6 +200,28 @@ impl FlowStream<DatapathManager> {
     }
 }
 
+/// Reads the counted marks a predecessor left (the adopted map of counted flows), once, before
+/// any event: a flow the predecessor counted must be known as such when its first event
+/// arrives.
+fn inherit<S: FlowSource>(
+    source: &mut S,
+    tracker: &mut FlowTracker,
+    inherited: &mut bool,
+) -> Result<(), S::Error> {
+    if *inherited {
+        return Ok(());
+    }
+    let n = source.walk_reported(|key, first_seen_ns| tracker.inherit(&key, first_seen_ns))?;
+    if n > 0 {
+        tracing::info!(
+            flows = n,
+            "adopted the marks of the flows a predecessor counted"
+        );
+    }
+    *inherited = true;
+    Ok(())
+}
+
 /// One deadline tick: reads what the ring buffer holds, decides the pending flows whose answer
 /// timeout has passed (reading their entries when an event may have been lost) and walks the
 /// table when the walk is due.
@@ -178,6 +229,7 @@ fn tick<S: FlowSource>(
     source: &mut S,
     tracker: &mut FlowTracker,
     ready: &mut VecDeque<FlowRecord>,
+    marks: &mut MarkFailures,
     next_walk_ns: &mut u64,
     losses: &mut Losses,
 ) -> Result<(), S::Error> {
@@ -185,7 +237,7 @@ fn tick<S: FlowSource>(
     // against its flow's deadline.
     let events = source.read_events();
     let now = source.now();
-    on_events(source, tracker, ready, &events, &now)?;
+    on_events(source, tracker, ready, marks, &events, &now)?;
     let lost = source.events_lost()?;
     // A loss noticed now happened before now: flows first seen after the tick that noticed the
     // last loss have had every event read (no answer was missed, and their entries need not be
@@ -235,17 +287,37 @@ fn tick<S: FlowSource>(
             .mono_ns
             .saturating_add(u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX));
     }
-    mark(source, tracker)
+    mark(source, tracker, marks);
+    Ok(())
 }
 
-/// Sets the reported mark of the flows decided since the last call, before their records are
+/// Writes the counted marks of the flows decided since the last call, before their records are
 /// handed out (so an agent killed in between undercounts one flow rather than double counting
-/// it after a restart).
-fn mark<S: FlowSource>(source: &mut S, tracker: &mut FlowTracker) -> Result<(), S::Error> {
-    for key in tracker.take_marks() {
-        source.mark_reported(&key)?;
+/// it after a restart). A mark that cannot be written is counted and logged (rate-limited), and
+/// tried again by the next walk that finds the flow's entry.
+fn mark<S: FlowSource>(source: &mut S, tracker: &mut FlowTracker, failures: &mut MarkFailures) {
+    for (key, first_seen_ns) in tracker.take_marks() {
+        if let Err(error) = source.mark_reported(&key, first_seen_ns) {
+            tracker.mark_failed(&key, first_seen_ns);
+            failures.total += 1;
+            failures.unlogged += 1;
+            let now = source.now().mono_ns;
+            let every = u64::try_from(MARK_FAILURE_LOG_EVERY.as_nanos()).unwrap_or(u64::MAX);
+            if failures
+                .logged_at
+                .is_none_or(|at| now.saturating_sub(at) >= every)
+            {
+                tracing::warn!(
+                    %error,
+                    failed = failures.unlogged,
+                    total = failures.total,
+                    "cannot record counted flows in the map of counted flows (REPORTED); a restarted agent would count them again"
+                );
+                failures.logged_at = Some(now);
+                failures.unlogged = 0;
+            }
+        }
     }
-    Ok(())
 }
 
 /// Feeds events to the tracker; New carries no counters worth a system call, the others decide
@@ -254,6 +326,7 @@ fn on_events<S: FlowSource>(
     source: &mut S,
     tracker: &mut FlowTracker,
     ready: &mut VecDeque<FlowRecord>,
+    marks: &mut MarkFailures,
     events: &[auditor_ebpf::flow::FlowEvent],
     now: &Now,
 ) -> Result<(), S::Error> {
@@ -266,7 +339,8 @@ fn on_events<S: FlowSource>(
             push(source, ready, record);
         }
     }
-    mark(source, tracker)
+    mark(source, tracker, marks);
+    Ok(())
 }
 
 /// Walks the flow table through the tracker: adopts and decides flows whose events were lost,
@@ -294,6 +368,8 @@ fn walk<S: FlowSource>(
     }
     for key in &expired {
         source.remove(key)?;
+        // Forgotten for good: its counted mark goes with it.
+        source.forget_reported(key)?;
     }
     tracker.end_walk();
     tracing::debug!(
@@ -302,6 +378,26 @@ fn walk<S: FlowSource>(
         tracked = tracker.len(),
         "flow table walked"
     );
+    if tracker.take_sweep() {
+        sweep(source, tracker)?;
+    }
+    Ok(())
+}
+
+/// Deletes the counted marks of flows no longer tracked: marks a predecessor left that matched
+/// no entry of the adopted tables (or an entry recreated since, with another first packet), and
+/// marks of evicted flows. Runs after a walk, and only when one of those can exist.
+fn sweep<S: FlowSource>(source: &mut S, tracker: &FlowTracker) -> Result<(), S::Error> {
+    let mut stale = Vec::new();
+    let marks = source.walk_reported(|key, first_seen_ns| {
+        if !tracker.keeps_mark(&key, first_seen_ns) {
+            stale.push(key);
+        }
+    })?;
+    for key in &stale {
+        source.forget_reported(key)?;
+    }
+    tracing::debug!(marks, deleted = stale.len(), "stale counted marks deleted");
     Ok(())
 }
 
@@ -361,8 +457,11 @@ mod tests {
             next_walk_ns,
             losses,
             handed_out: _,
+            inherited,
+            marks,
         } = stream;
-        tick(source, tracker, ready, next_walk_ns, losses)
+        inherit(source, tracker, inherited).unwrap_or_else(|e| panic!("inherit failed: {e}"));
+        tick(source, tracker, ready, marks, next_walk_ns, losses)
             .unwrap_or_else(|e| panic!("tick failed: {e}"));
     }
 
@@ -648,6 +747,170 @@ mod tests {
         assert_eq!(fake.walks(), walks + 1, "walked before the walk interval");
         assert_eq!(fake.table_len(), 1);
         assert_eq!(stream.pending(), 0);
+    }
+
+    /// A walk every 2 s, the default timeouts otherwise.
+    fn walking() -> FlowsConfig {
+        FlowsConfig {
+            answer_timeout: TIMEOUT,
+            walk_interval: Duration::from_secs(2),
+            ..FlowsConfig::default()
+        }
+    }
+
+    /// Flows whose table entries are there but whose events were lost: what an agent finds in
+    /// the tables it adopts. Each answered.
+    fn adopted(fake: &FakeDatapath, ports: std::ops::RangeInclusive<u16>) -> Vec<FlowKey> {
+        fake.set_ring_full(true);
+        let keys = ports
+            .map(|port| {
+                let key = fake.open(proto::UDP, client(port), server(), 7);
+                fake.send(&key, Peer::Responder);
+                key
+            })
+            .collect();
+        fake.set_ring_full(false);
+        keys
+    }
+
+    fn first_seen(fake: &FakeDatapath, key: &FlowKey) -> u64 {
+        fake.entry(key)
+            .unwrap_or_else(|| panic!("no entry {key}"))
+            .first_seen_ns
+    }
+
+    /// A decided flow is marked with its entry's first packet before its record is handed out,
+    /// and its mark goes with its entry when it expires.
+    #[test]
+    fn decided_flows_are_marked_and_their_marks_go_with_their_entries() {
+        let fake = FakeDatapath::new();
+        let mut stream = FlowStream::new(fake.clone(), walking());
+        let key = fake.open(proto::TCP, client(1), server(), 7);
+        fake.send(&key, Peer::Responder);
+        let records = ticked(&mut stream);
+        assert_eq!(outcomes(&records), [(key, Outcome::Established)]);
+        assert_eq!(fake.reported(&key), Some(first_seen(&fake, &key)));
+        assert_eq!(fake.reported_len(), 1);
+        // Walks while it lives leave the mark as it is and write nothing more.
+        fake.advance(Duration::from_secs(2));
+        fake.send(&key, Peer::Initiator);
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(fake.reported(&key), Some(first_seen(&fake, &key)));
+        // Idle past the idle timeout: entry and mark deleted by the walk.
+        fake.advance(Duration::from_secs(301));
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(fake.entry(&key), None);
+        assert_eq!(
+            fake.reported(&key),
+            None,
+            "the mark of an expired flow stays"
+        );
+        assert_eq!(stream.mark_failures(), 0);
+    }
+
+    /// After a restart on adopted maps: flows whose mark matches their entry's first packet are
+    /// not counted again; an entry recreated under a counted key (another first packet) is
+    /// counted and marked anew; marks matching no entry are deleted after the first walk.
+    #[test]
+    fn a_predecessor_s_marks_count_only_the_entries_they_were_written_for() {
+        let fake = FakeDatapath::new();
+        let keys = adopted(&fake, 1..=3);
+        let [counted, recreated, unmarked] = keys[..] else {
+            unreachable!()
+        };
+        fake.set_reported(counted, first_seen(&fake, &counted));
+        fake.set_reported(recreated, first_seen(&fake, &recreated) - 1);
+        let (gone, _) = FlowKey::from_addrs(
+            proto::UDP,
+            (client(9).ip(), 9),
+            (server().ip(), server().port()),
+        );
+        fake.set_reported(gone, 12_345);
+        let mut stream = FlowStream::new(fake.clone(), walking());
+        let mut decided: Vec<FlowKey> = ticked(&mut stream).iter().map(|r| r.key).collect();
+        decided.sort_unstable_by_key(|k| k.lo_port.max(k.hi_port));
+        let mut expected = vec![recreated, unmarked];
+        expected.sort_unstable_by_key(|k| k.lo_port.max(k.hi_port));
+        assert_eq!(
+            decided, expected,
+            "counted again, or a new entry not counted"
+        );
+        for key in [counted, recreated, unmarked] {
+            assert_eq!(
+                fake.reported(&key),
+                Some(first_seen(&fake, &key)),
+                "{key}: marked with its entry's first packet"
+            );
+        }
+        assert_eq!(fake.reported(&gone), None, "a stale mark kept");
+        assert_eq!(fake.reported_len(), 3);
+        // Later walks count nothing again.
+        fake.advance(Duration::from_secs(2));
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(fake.reported_len(), 3);
+    }
+
+    /// A counted flow the LRU evicted leaves its mark behind until the walk notices the
+    /// eviction; the sweep after that walk deletes it, and only it.
+    #[test]
+    fn the_marks_of_evicted_flows_are_swept() {
+        let fake = FakeDatapath::new();
+        let mut stream = FlowStream::new(fake.clone(), walking());
+        let keys: Vec<FlowKey> = (1..=2)
+            .map(|port| {
+                let key = fake.open(proto::UDP, client(port), server(), 7);
+                fake.send(&key, Peer::Responder);
+                key
+            })
+            .collect();
+        assert_eq!(ticked(&mut stream).len(), 2);
+        assert_eq!(fake.reported_len(), 2);
+        fake.evict(&keys[0]);
+        fake.advance(Duration::from_secs(2));
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!(stream.evictions().decided, 1);
+        assert_eq!(
+            fake.reported(&keys[0]),
+            None,
+            "the evicted flow's mark stays"
+        );
+        assert_eq!(fake.reported(&keys[1]), Some(first_seen(&fake, &keys[1])));
+        // Resuming in a new entry, it is not counted again, and the new entry is marked.
+        fake.advance(Duration::from_secs(1));
+        let resumed = fake.open(proto::UDP, client(1), server(), 7);
+        fake.send(&resumed, Peer::Responder);
+        assert!(ticked(&mut stream).is_empty(), "counted again");
+        assert_eq!(fake.reported(&resumed), Some(first_seen(&fake, &resumed)));
+    }
+
+    /// A mark the map of counted flows cannot take loses nothing silently: the record is still
+    /// handed out, the failure counted, and the next walk tries again.
+    #[test]
+    fn a_mark_the_map_refuses_is_counted_and_written_by_a_later_walk() {
+        let fake = FakeDatapath::new();
+        fake.set_reported_capacity(0);
+        let mut stream = FlowStream::new(fake.clone(), walking());
+        // The first walk, of an empty table: the next is 2 s away.
+        assert!(ticked(&mut stream).is_empty());
+        let key = fake.open(proto::UDP, client(1), server(), 7);
+        fake.send(&key, Peer::Responder);
+        assert_eq!(
+            outcomes(&ticked(&mut stream)),
+            [(key, Outcome::Established)]
+        );
+        assert_eq!((fake.reported(&key), stream.mark_failures()), (None, 1));
+        // Still full at the next walk: tried, counted again.
+        fake.advance(Duration::from_secs(2));
+        assert!(ticked(&mut stream).is_empty());
+        assert_eq!((fake.reported(&key), stream.mark_failures()), (None, 2));
+        // Room again: the walk after writes it, and the one after that has nothing to do.
+        fake.set_reported_capacity(10);
+        for _ in 0..2 {
+            fake.advance(Duration::from_secs(2));
+            assert!(ticked(&mut stream).is_empty(), "counted again");
+            assert_eq!(fake.reported(&key), Some(first_seen(&fake, &key)));
+            assert_eq!(stream.mark_failures(), 2);
+        }
     }
 
     #[tokio::test]

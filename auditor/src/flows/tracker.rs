@@ -62,12 +62,15 @@ pub struct WalkVerdict {
 }
 
 /// A flow whose outcome is known: all the tracker keeps of it until its table entry goes,
-/// in 12 bytes (with its key's hash, 24 per flow).
+/// in 16 bytes (with its key's hash, 24 per flow).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Settled {
-    /// Its first packet, in [`Ticks`]: a `New` event of this time or earlier is this flow's own,
-    /// read after a table walk had already adopted and decided it, not a new use of the key.
-    first_seen: Ticks,
+    /// Its table entry's first packet (kernel clock), the value its counted mark carries: a
+    /// `New` event of this time or earlier is this flow's own, read after a table walk had
+    /// already adopted and decided it, not a new use of the key; an entry of the key with
+    /// another first packet is a new entry (the flow resumed after an eviction), whose mark is
+    /// still to be written.
+    first_seen_ns: u64,
     /// Its last packet, in [`Ticks`].
     last_seen: Ticks,
     /// Walk generation that last saw the entry in the table (wrapping: only entries seen by
@@ -75,6 +78,9 @@ struct Settled {
     seen_in_walk: u16,
     /// TCP close seen (or the flow was refused): only lingers until deletion.
     finished: bool,
+    /// Its counted mark was written, or is queued ([`FlowTracker::take_marks`]); false after
+    /// the write failed ([`FlowTracker::mark_failed`]), so the next walk tries again.
+    marked: bool,
 }
 
 /// The kernel clock in units of 2^20 ns (about a millisecond), wrapping every 52 days: the
@@ -198,9 +204,16 @@ pub struct FlowTracker {
     walk: u16,
     /// Counted flows whose entries went, for recognising their resumption.
     gone: Gone,
-    /// Flows decided since the last [`FlowTracker::take_marks`], whose table entries get the
-    /// reported mark.
-    marks: Vec<FlowKey>,
+    /// Flows decided since the last [`FlowTracker::take_marks`], with their entries'
+    /// `first_seen_ns`: their counted marks to write.
+    marks: Vec<(FlowKey, u64)>,
+    /// The counted marks a predecessor left (the pinned map adopted), by key hash: the
+    /// `first_seen_ns` each was counted with. Emptied by the first walk's end: every entry they
+    /// matched is settled by then, the others are stale.
+    inherited: HashMap<u64, u64, rustc_hash::FxBuildHasher>,
+    /// The map of counted marks may hold marks of flows no longer tracked (inherited ones,
+    /// evicted flows', or room is short after a failed write): see [`FlowTracker::take_sweep`].
+    sweep_due: bool,
     evictions: Evictions,
     /// The end of the join window, on the kernel clock (see [`FlowTracker::open_join_window`]):
     /// UDP and SCTP flows first seen before it may have been joined mid-way. It lives here
@@ -222,6 +235,8 @@ impl FlowTracker {
             walk: 0,
             gone: Gone::default(),
             marks: Vec::new(),
+            inherited: HashMap::default(),
+            sweep_due: false,
             evictions: Evictions::default(),
             join_window_until_ns: None,
         }
@@ -248,10 +263,57 @@ impl FlowTracker {
                 .is_some_and(|until| first_seen_ns < until)
     }
 
-    /// Keys of the flows decided since the last call: set their entries' reported mark (see
-    /// [`FlowState::reported`]) before their records are counted.
-    pub fn take_marks(&mut self) -> Vec<FlowKey> {
+    /// Keys of the flows decided since the last call, each with its table entry's
+    /// `first_seen_ns`: write their counted marks (the map `REPORTED`, see
+    /// [`super::FlowSource::mark_reported`]) before their records are counted.
+    pub fn take_marks(&mut self) -> Vec<(FlowKey, u64)> {
         std::mem::take(&mut self.marks)
+    }
+
+    /// A counted mark a predecessor left (read from the adopted map before anything else): the
+    /// flow of `key` whose entry was first seen at `first_seen_ns` was counted, so that entry is
+    /// tracked without a record. An entry of the key with another first packet is a new one,
+    /// counted as usual.
+    pub fn inherit(&mut self, key: &FlowKey, first_seen_ns: u64) {
+        let hash = self.hash(key);
+        self.inherited.insert(hash, first_seen_ns);
+        // After the first walk, marks that matched no entry are stale.
+        self.sweep_due = true;
+    }
+
+    /// Whether a predecessor counted the flow of `key` (hashed `hash`) in the entry `state`.
+    fn counted_before(&self, hash: u64, state: &FlowState) -> bool {
+        self.inherited.get(&hash) == Some(&state.first_seen_ns)
+    }
+
+    /// Writing the counted mark of `key` (first seen at `first_seen_ns`) failed: the next walk
+    /// that finds the entry tries again, after a sweep has made what room it can.
+    pub fn mark_failed(&mut self, key: &FlowKey, first_seen_ns: u64) {
+        let hash = self.hash(key);
+        if let Some(settled) = self.settled.get_mut(&hash)
+            && settled.first_seen_ns == first_seen_ns
+        {
+            settled.marked = false;
+        }
+        self.sweep_due = true;
+    }
+
+    /// Whether the map of counted marks should be swept now (once per call that says so):
+    /// after a walk that followed the adoption of a predecessor's marks, that noticed evictions
+    /// of counted flows, or after a mark could not be written. Delete every mark
+    /// [`FlowTracker::keeps_mark`] refuses.
+    pub fn take_sweep(&mut self) -> bool {
+        std::mem::take(&mut self.sweep_due)
+    }
+
+    /// Whether the counted mark of `key` with `first_seen_ns` belongs to a flow tracked now, in
+    /// the entry it was written for; any other mark is stale (its entry went, or was recreated)
+    /// and is deleted by the sweep.
+    #[must_use]
+    pub fn keeps_mark(&self, key: &FlowKey, first_seen_ns: u64) -> bool {
+        self.settled
+            .get(&self.hash(key))
+            .is_some_and(|s| s.first_seen_ns == first_seen_ns)
     }
 
     /// Evictions noticed so far.
@@ -268,7 +330,7 @@ impl FlowTracker {
 
     /// Records a decided flow that is not counted here (a predecessor counted it, or it resumes
     /// one counted before): it is tracked until its entry goes, and its entry marked unless it
-    /// already is (`marked`).
+    /// already is (`marked`: the predecessor's mark, which is then no longer inherited).
     fn settle_silently(
         &mut self,
         key: FlowKey,
@@ -280,14 +342,17 @@ impl FlowTracker {
         self.settled.insert(
             hash,
             Settled {
-                first_seen: Ticks::of(first_seen_ns),
+                first_seen_ns,
                 last_seen: Ticks::of(last_seen_ns),
                 seen_in_walk: self.walk,
                 finished: false,
+                marked: true,
             },
         );
-        if !marked {
-            self.marks.push(key);
+        if marked {
+            self.inherited.remove(&hash);
+        } else {
+            self.marks.push((key, first_seen_ns));
         }
     }
 
@@ -361,19 +426,19 @@ impl FlowTracker {
             // 5-tuple again is the same conversation.
             let resumable =
                 mid_stream == first_seen::MID_STREAM || key.proto != auditor_ebpf::flow::proto::TCP;
-            if let Some(settled) = self.settled.get(&hash) {
+            if let Some(settled) = self.settled.get_mut(&hash) {
                 // This flow's own `New`, read after a table walk adopted and decided it (the ring
                 // buffer lagging the walk): not a second flow.
-                if Ticks::of(ts_ns).since(settled.first_seen) <= 0 {
+                if ts_ns <= settled.first_seen_ns {
                     return None;
                 }
                 // A flow we already reported, resuming after its entry was deleted or evicted
-                // before a walk noticed: the new entry is marked too, so an agent adopting the
-                // table after a restart does not count it again.
+                // before a walk noticed: the new entry (first seen at this event) is marked too,
+                // so an agent adopting the table after a restart does not count it again.
                 if resumable && !settled.finished {
-                    if state.is_some_and(|s| s.reported == 0) {
-                        self.marks.push(key);
-                    }
+                    settled.first_seen_ns = ts_ns;
+                    settled.marked = true;
+                    self.marks.push((key, ts_ns));
                     return None;
                 }
             }
@@ -409,7 +474,7 @@ impl FlowTracker {
             return None;
         }
         // A flow a predecessor counted (adopted with the pinned table): tracked, not counted.
-        if let Some(state) = state.filter(|s| s.reported != 0) {
+        if let Some(state) = state.filter(|s| self.counted_before(hash, s)) {
             let times = (state.first_seen_ns, state.last_seen_ns.max(ts_ns));
             self.settle_silently(key, hash, times, true);
             return None;
@@ -476,7 +541,7 @@ impl FlowTracker {
     ) -> Option<FlowRecord> {
         let mut tracked = self.pending.remove(key)?;
         let hash = self.hash(key);
-        if let Some(s) = state.filter(|s| s.reported != 0) {
+        if let Some(s) = state.filter(|s| self.counted_before(hash, s)) {
             self.settle_silently(*key, hash, (s.first_seen_ns, s.last_seen_ns), true);
             return None;
         }
@@ -505,7 +570,7 @@ impl FlowTracker {
         );
         let hash = self.hash(key);
         let mut record = None;
-        if !self.settled.contains_key(&hash) && state.reported != 0 {
+        if !self.settled.contains_key(&hash) && self.counted_before(hash, state) {
             // Counted by a predecessor (the table is pinned and was adopted): tracked only.
             let times = (state.first_seen_ns, state.last_seen_ns);
             self.settle_silently(*key, hash, times, true);
@@ -571,12 +636,21 @@ impl FlowTracker {
             self.config.idle_timeout
         };
         let remove = Ticks::of(now.mono_ns).passed(settled.last_seen, linger);
-        // Counted, but its entry not marked: a flow decided before this walk whose mark has not
-        // been written yet, or one that resumed in an entry of its own (after an eviction or
-        // expiry) before this walk. Marked (again): an agent adopting the table after a restart
-        // then does not count it a second time. Not an entry the walk removes.
-        if record.is_none() && state.reported == 0 && !remove {
-            self.marks.push(*key);
+        // Counted, but this entry not marked: the flow resumed in an entry of its own (after an
+        // eviction) before this walk, or writing its mark failed. Marked (again): an agent
+        // adopting the table after a restart then does not count it a second time. Not an
+        // entry the walk removes.
+        // Another entry under the key while the flow was closed, or a TCP one opening (a
+        // SYN), is a new flow, not this one resuming: its `New` event splits it off.
+        let resumed = settled.first_seen_ns != state.first_seen_ns
+            && !settled.finished
+            && (state.mid_stream == first_seen::MID_STREAM
+                || key.proto != auditor_ebpf::flow::proto::TCP);
+        let unmarked = settled.first_seen_ns == state.first_seen_ns && !settled.marked;
+        if record.is_none() && !remove && (resumed || unmarked) {
+            settled.first_seen_ns = state.first_seen_ns;
+            settled.marked = true;
+            self.marks.push((*key, state.first_seen_ns));
         }
         if remove {
             let finished = settled.finished;
@@ -617,6 +691,14 @@ impl FlowTracker {
         }
         self.evictions.decided += decided;
         self.evictions.undecided += undecided;
+        // Evicted counted flows leave their marks behind; inherited marks no entry matched are
+        // stale: the sweep deletes them.
+        if decided > 0 {
+            self.sweep_due = true;
+        }
+        if !self.inherited.is_empty() {
+            self.inherited = HashMap::default();
+        }
         if decided + undecided > 0 {
             tracing::debug!(decided, undecided, "flows evicted from the flow table");
         }
@@ -636,13 +718,14 @@ impl FlowTracker {
         self.settled.insert(
             hash,
             Settled {
-                first_seen: Ticks::of(tracked.first_seen_ns),
+                first_seen_ns: tracked.first_seen_ns,
                 last_seen: Ticks::of(tracked.last_seen_ns),
                 seen_in_walk: self.walk,
                 finished,
+                marked: true,
             },
         );
-        self.marks.push(key);
+        self.marks.push((key, tracked.first_seen_ns));
         let joined = self.joined_mid_way(key.proto, tracked.first_seen_ns);
         record(key, tracked, outcome, now).map(|mut r| {
             r.mid_stream |= joined;
@@ -793,7 +876,7 @@ mod tests {
             answered: u8::from(answered),
             owners: 0,
             tick: 0,
-            reported: 0,
+            nat: 0,
             _reserved: [0; 7],
         }
     }
@@ -971,7 +1054,7 @@ mod tests {
         t.end_walk();
         assert_eq!(
             t.take_marks(),
-            vec![k],
+            vec![(k, answered.first_seen_ns)],
             "the decided flow's entry is marked"
         );
         assert!(
@@ -997,15 +1080,16 @@ mod tests {
         );
     }
 
-    /// After a restart the pinned table is adopted: flows the predecessor counted (marked
-    /// reported) are tracked without a record, whatever reaches us first; unmarked ones are
-    /// counted, with the initiator the table recorded.
+    /// After a restart the pinned table is adopted: flows the predecessor counted (a mark in
+    /// the map of counted flows with their entry's first packet) are tracked without a record,
+    /// whatever reaches us first; unmarked ones are counted, with the initiator the table
+    /// recorded.
     #[test]
     fn flows_a_predecessor_counted_are_not_counted_again() {
         let mut t = tracker();
         let (tcp_key, _) = key(proto::TCP);
-        let mut counted = state(proto::TCP, FlowStatus::Answered, true, 0, 5);
-        counted.reported = 1;
+        let counted = state(proto::TCP, FlowStatus::Answered, true, 0, 5);
+        t.inherit(&tcp_key, counted.first_seen_ns);
         t.begin_walk();
         let verdict = t.on_table_entry(&tcp_key, &counted, &now(6));
         assert!(verdict.record.is_none() && !verdict.remove);
@@ -1024,8 +1108,8 @@ mod tests {
         // An event before any walk, for a counted flow: no record.
         let mut t = tracker();
         let (udp_key, _) = key(proto::UDP);
-        let mut udp = state(proto::UDP, FlowStatus::Closed, true, 0, 5);
-        udp.reported = 1;
+        let udp = state(proto::UDP, FlowStatus::Closed, true, 0, 5);
+        t.inherit(&udp_key, udp.first_seen_ns);
         assert!(
             t.on_event(
                 &event(proto::UDP, EventKind::Closed, 6),
@@ -1156,23 +1240,107 @@ mod tests {
             entry.mid_stream = resumed.mid_stream;
             assert!(t.on_event(&resumed, Some(&entry), &now(10)).is_none());
             assert_eq!(t.pending(), 0, "{p}: the resumed flow is counted again");
-            assert_eq!(t.take_marks().len(), 1, "{p}: the new entry is not marked");
-            // A walk that finds the entry unmarked still (the mark not yet written) marks it
-            // again rather than leave it unmarked.
+            assert_eq!(
+                t.take_marks(),
+                vec![(key(p).0, entry.first_seen_ns)],
+                "{p}: the new entry is not marked, with its own first packet"
+            );
+            // A walk finds the entry whose mark is written (or queued): nothing to do.
             t.begin_walk();
             let verdict = t.on_table_entry(&key(p).0, &entry, &now(11));
             t.end_walk();
             assert!(verdict.record.is_none(), "{p}: counted by the walk");
-            assert_eq!(t.take_marks().len(), 1, "{p}: the walk left it unmarked");
-            entry.reported = 1;
-            t.begin_walk();
-            t.on_table_entry(&key(p).0, &entry, &now(12));
-            t.end_walk();
             assert!(
                 t.take_marks().is_empty(),
                 "{p}: a marked entry marked again"
             );
+            // Writing the mark failed: the next walk that finds the entry tries again, after a
+            // sweep has made room, and only that one.
+            t.mark_failed(&key(p).0, entry.first_seen_ns);
+            assert!(t.take_sweep(), "{p}: a failed mark asks for no sweep");
+            for (at, marks) in [(12, 1), (13, 0)] {
+                t.begin_walk();
+                t.on_table_entry(&key(p).0, &entry, &now(at));
+                t.end_walk();
+                assert_eq!(t.take_marks().len(), marks, "{p}: marks at {at} s");
+            }
         }
+    }
+
+    /// A walk that finds a new TCP connection (a SYN) in the entry of a closed flow still
+    /// lingering under the same key does not take it for the old flow resuming: its `New`
+    /// splits it off and it is counted, and its mark is written when it is decided, with its own
+    /// first packet.
+    #[test]
+    fn a_new_connection_under_a_lingering_key_is_no_resumption() {
+        let mut t = tracker();
+        let (k, _) = key(proto::TCP);
+        t.on_event(&event(proto::TCP, EventKind::New, 0), None, &now(0));
+        assert!(
+            t.on_event(&event(proto::TCP, EventKind::Answered, 0), None, &now(0))
+                .is_some()
+        );
+        t.on_event(&event(proto::TCP, EventKind::Closed, 1), None, &now(1));
+        assert_eq!(t.take_marks(), vec![(k, now(0).mono_ns)]);
+        // The walk sees the new SYN's entry before its event is read.
+        let reopened = state(proto::TCP, FlowStatus::New, false, 5, 5);
+        t.begin_walk();
+        let verdict = t.on_table_entry(&k, &reopened, &now(5));
+        t.end_walk();
+        assert!(verdict.record.is_none() && !verdict.remove);
+        assert!(
+            t.take_marks().is_empty(),
+            "the new connection marked as the old one"
+        );
+        assert!(!t.keeps_mark(&k, now(5).mono_ns));
+        t.on_event(&event(proto::TCP, EventKind::New, 5), None, &now(5));
+        let r = t.on_event(
+            &event(proto::TCP, EventKind::Answered, 5),
+            Some(&state(proto::TCP, FlowStatus::Answered, true, 5, 5)),
+            &now(5),
+        );
+        assert!(r.is_some(), "the new connection is not counted");
+        assert_eq!(t.take_marks(), vec![(k, now(5).mono_ns)]);
+        assert!(t.keeps_mark(&k, now(5).mono_ns) && !t.keeps_mark(&k, now(0).mono_ns));
+    }
+
+    /// The marks a predecessor left are honoured until the first walk has matched them; what it
+    /// did not match is stale (the sweep deletes it), and so are the marks of evicted flows.
+    #[test]
+    fn inherited_marks_last_one_walk_and_evictions_ask_for_a_sweep() {
+        let mut t = tracker();
+        let (tcp, _) = key(proto::TCP);
+        let (udp, _) = key(proto::UDP);
+        let counted = state(proto::TCP, FlowStatus::Answered, true, 0, 1);
+        t.inherit(&tcp, counted.first_seen_ns);
+        t.inherit(&udp, 7);
+        t.begin_walk();
+        assert!(t.on_table_entry(&tcp, &counted, &now(2)).record.is_none());
+        t.end_walk();
+        assert!(
+            t.take_sweep(),
+            "the first walk after adopting marks asks for no sweep"
+        );
+        assert!(t.keeps_mark(&tcp, counted.first_seen_ns));
+        assert!(!t.keeps_mark(&udp, 7), "a mark no entry matched is kept");
+        // After that walk an entry under the UDP key with the inherited time is a new flow.
+        let mut late = state(proto::UDP, FlowStatus::Answered, true, 0, 3);
+        late.first_seen_ns = 7;
+        t.begin_walk();
+        t.on_table_entry(&tcp, &counted, &now(3));
+        assert!(t.on_table_entry(&udp, &late, &now(3)).record.is_some());
+        t.end_walk();
+        assert!(
+            !t.take_sweep(),
+            "a walk that found every flow asks for a sweep"
+        );
+        // The TCP flow evicted: its mark is left behind, the sweep deletes it.
+        t.begin_walk();
+        t.on_table_entry(&udp, &late, &now(4));
+        t.end_walk();
+        assert!(t.take_sweep(), "evicted flows' marks left behind");
+        assert!(!t.keeps_mark(&tcp, counted.first_seen_ns));
+        assert!(t.keeps_mark(&udp, 7));
     }
 
     /// A flow first seen at its answer (a SYN-ACK: the agent started during the handshake, or

@@ -140,6 +140,81 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A bpffs of one agent's own, mounted on a directory of the lab's (unique per run and per
+/// agent), where the agent pins its maps as it does on a node by default: the lab runs what
+/// ships. A mount in the lab's mount namespace, so the agent sees it through `ip netns exec`
+/// (which remounts `/sys`, so `/sys/fs/bpf` would not be the same there); unmounted, its pins
+/// with it, and removed on drop, also when the lab fails.
+#[derive(Debug)]
+pub struct PinMount(PathBuf);
+
+impl PinMount {
+    pub fn mount(path: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&path)
+            .status()
+            .context("run mount")?;
+        if !status.success() {
+            let _ = std::fs::remove_dir(&path);
+            bail!("mount -t bpf on {}: {status}", path.display());
+        }
+        Ok(Self(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The layout directory the agent pinned its maps in, and their names, sorted.
+    fn pinned(&self) -> Vec<(String, Vec<String>)> {
+        let names = |dir: &Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        names(&self.0)
+            .into_iter()
+            .filter(|n| n.starts_with('v'))
+            .map(|n| {
+                let inner = names(&self.0.join(&n));
+                (n, inner)
+            })
+            .collect()
+    }
+}
+
+impl Drop for PinMount {
+    fn drop(&mut self) {
+        unmount(&self.0);
+    }
+}
+
+/// Whether something is mounted on `path` (a line of `/proc/self/mounts` names it).
+pub fn is_mounted(path: &Path) -> bool {
+    let path = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|line| line.split_whitespace().nth(1) == Some(path.as_str()))
+}
+
+/// Unmounts the bpffs on `path` (its pins go with it) and removes the directory.
+pub fn unmount(path: &Path) {
+    match Command::new("umount").arg(path).status() {
+        Ok(s) if s.success() => {}
+        Ok(s) => eprintln!("lab: warning: umount {}: {s}", path.display()),
+        Err(e) => eprintln!("lab: warning: umount {}: {e}", path.display()),
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
 /// The auditor daemon, its stdout (the unexpected-flow log) read on a thread.
 #[derive(Debug)]
 pub struct Daemon {
@@ -148,6 +223,8 @@ pub struct Daemon {
     pub ns: String,
     unexpected: Arc<Mutex<Unexpected>>,
     reader: Option<JoinHandle<()>>,
+    /// Where it pins its maps; after `proc`, so it is unmounted once the daemon has stopped.
+    pins: PinMount,
 }
 
 /// What the daemon logged about unexpected flows.
@@ -176,9 +253,6 @@ impl Daemon {
             metrics.to_string(),
             "--answer-timeout".to_owned(),
             answer_timeout.to_owned(),
-            // The lab never restarts its agent: no pinned tables to leave behind.
-            "--pin-dir".to_owned(),
-            "none".to_owned(),
             // Every pod of the snapshot is scheduled on this node, so this agent counts them all.
             "--node".to_owned(),
             super::cluster::NODE_NAME.to_owned(),
@@ -188,7 +262,8 @@ impl Daemon {
 
     /// Starts `binary` with `args` (which must serve `/metrics` on `metrics`) in `ns`, its log in
     /// `dir/{tag}.log` and its stdout in `dir/{tag}-unexpected.jsonl` (`unexpected.jsonl` for
-    /// the tag `auditor`).
+    /// the tag `auditor`), its maps pinned in a bpffs of its own on `dir/bpffs-{tag}` (the lab's
+    /// directory has the run's pid in its name).
     pub fn start_with(
         binary: &Path,
         ns: &str,
@@ -197,11 +272,14 @@ impl Daemon {
         dir: &Path,
         tag: &str,
     ) -> Result<Self> {
+        let pins = PinMount::mount(dir.join(format!("bpffs-{tag}")))?;
+        let mut args = args.to_vec();
+        args.extend(["--pin-dir".to_owned(), pins.path().display().to_string()]);
         let (proc, stdout) = Proc::spawn(
             "auditor run",
             ns,
             binary,
-            args,
+            &args,
             dir.join(format!("{tag}.log")),
             true,
         )?;
@@ -220,6 +298,7 @@ impl Daemon {
             ns: ns.to_owned(),
             unexpected,
             reader: Some(reader),
+            pins,
         })
     }
 
@@ -229,7 +308,7 @@ impl Daemon {
         loop {
             self.proc.check_alive()?;
             if let Ok((200, _)) = http_get(&self.ns, self.metrics, "/readyz") {
-                return Ok(());
+                return self.check_pinned();
             }
             if Instant::now() > deadline {
                 bail!(
@@ -239,6 +318,23 @@ impl Daemon {
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ready, the agent has pinned its flow tables and its map of counted flows: one layout
+    /// directory holding them.
+    fn check_pinned(&self) -> Result<()> {
+        let pinned = self.pins.pinned();
+        let expected = ["FLOWS", "FLOWS4", "FLOWS4_TCP", "REPORTED"];
+        match &pinned[..] {
+            [(_, names)] if names.iter().map(String::as_str).eq(expected) => Ok(()),
+            _ => bail!(
+                "the agent did not pin its maps in {} (want one layout directory with {expected:?}, \
+                 found {pinned:?}); its log {}:\n{}",
+                self.pins.path().display(),
+                self.proc.log.display(),
+                tail(&self.proc.log, 20)
+            ),
         }
     }
 

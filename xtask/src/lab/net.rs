@@ -148,6 +148,18 @@ pub fn remove_stale() -> Result<()> {
             continue;
         };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // The agents' pin mounts (`bpffs-*`) first: a directory cannot go while mounted on.
+            for pins in std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if pins.file_name().to_string_lossy().starts_with("bpffs-")
+                    && super::daemon::is_mounted(&pins.path())
+                {
+                    super::daemon::unmount(&pins.path());
+                }
+            }
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

@@ -14,7 +14,8 @@
 //!   ring_buffer}` (events), `flow_table_insert_failures_total` (packets whose flow the table
 //!   could not take), `sampled_out_packets_total` (packets skipped on purpose),
 //!   `flow_table_evictions_total{decided=true|false}` (flows the kernel's LRU evicted, before or
-//!   after their outcome was decided);
+//!   after their outcome was decided), `reported_mark_failures_total` (counted marks the map
+//!   of counted flows could not take: full, or another error);
 //!   `encapsulated_packets_total` (tunnels' outer packets on the uplinks, not flows) and
 //!   `duplicate_packets_total` (packets a second hook on the node saw, counted once);
 //! - `flow_table_entries`, `flow_table_capacity`, `attached_interfaces{mode=tcx|clsact}`,
@@ -141,6 +142,12 @@ const EVICTIONS: Family = counter(
     "Flows the kernel flow table evicted to make room (LRU), by whether their outcome was \
      already decided; an undecided one is counted unanswered unless an event says otherwise.",
 );
+const MARK_FAILURES: Family = counter(
+    "flow_auditor_reported_mark_failures",
+    "Writes of a counted flow's mark that the map of counted flows (REPORTED) refused, full or \
+     for another reason; an agent adopting the pinned tables after a restart would count such \
+     a flow again. Tried again at the next table walk.",
+);
 const SAMPLED_OUT: Family = counter(
     "flow_auditor_sampled_out_packets",
     "Packets of established flows skipped by sampling: in no flow's packet and byte counts, \
@@ -222,6 +229,7 @@ pub struct Metrics {
     insert_failures: AtomicU64,
     /// Evictions of flows `[decided, undecided]`.
     evictions: [AtomicU64; 2],
+    mark_failures: AtomicU64,
     sampled_out: AtomicU64,
     encapsulated: AtomicU64,
     duplicates: AtomicU64,
@@ -262,6 +270,7 @@ impl Metrics {
             lost: Default::default(),
             insert_failures: AtomicU64::new(0),
             evictions: Default::default(),
+            mark_failures: AtomicU64::new(0),
             sampled_out: AtomicU64::new(0),
             encapsulated: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
@@ -404,6 +413,12 @@ impl Metrics {
         self.evictions[1].fetch_max(undecided, Ordering::Relaxed);
     }
 
+    /// Brings the failed writes of counted marks up to the flow stream's total (as
+    /// [`Metrics::set_lost_events`]).
+    pub fn set_reported_mark_failures(&self, total: u64) {
+        self.mark_failures.fetch_max(total, Ordering::Relaxed);
+    }
+
     /// Brings the packets skipped by sampling up to the datapath's total (as
     /// [`Metrics::set_lost_events`]).
     pub fn set_sampled_out_packets(&self, total: u64) {
@@ -499,6 +514,11 @@ impl Metrics {
             let count = Value::Count(counter.load(Ordering::Relaxed));
             sink.sample(&[("decided", decided)], count);
         }
+        sink.family(&MARK_FAILURES);
+        sink.sample(
+            &[],
+            Value::Count(self.mark_failures.load(Ordering::Relaxed)),
+        );
         sink.family(&SAMPLED_OUT);
         sink.sample(&[], Value::Count(self.sampled_out.load(Ordering::Relaxed)));
         sink.family(&ENCAPSULATED);

@@ -315,6 +315,8 @@ fn lost_events_follow_the_kernel_total() {
     m.set_flow_table_evictions(2, 5);
     m.set_not_flow_packets(7, 5);
     m.set_not_flow_packets(6, 2);
+    m.set_reported_mark_failures(6);
+    m.set_reported_mark_failures(2);
     let text = m.encode(SystemTime::now(), Format::Text);
     for line in [
         "flow_auditor_encapsulated_packets_total 7\n",
@@ -324,6 +326,7 @@ fn lost_events_follow_the_kernel_total() {
         "flow_auditor_flow_table_evictions_total{decided=\"true\"} 3\n",
         "flow_auditor_flow_table_evictions_total{decided=\"false\"} 5\n",
         "flow_auditor_sampled_out_packets_total 9\n",
+        "flow_auditor_reported_mark_failures_total 6\n",
     ] {
         assert!(text.contains(line), "{line} in {text}");
     }
