@@ -675,24 +675,7 @@ fn the_default_route_s_device_is_followed_when_the_route_moves() {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let ns = Netns::new("orient-route");
-    for (dev, peer, net) in [
-        ("upa", "upa-peer", "198.18.10"),
-        ("upb", "upb-peer", "198.18.11"),
-    ] {
-        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
-        ns.ip(&["link", "set", dev, "up"]);
-        ns.ip(&["link", "set", peer, "up"]);
-        ns.ip(&["addr", "add", &format!("{net}.1/24"), "dev", dev]);
-    }
-    ns.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "198.18.10.254",
-        "dev",
-        "upa",
-    ]);
+    two_devices_default_via_upa(&ns);
     let loader = Loader::start(
         &ns,
         AttachConfig {
@@ -735,24 +718,7 @@ fn a_device_named_an_uplink_stays_attached_when_the_default_route_leaves_it() {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let ns = Netns::new("orient-route2");
-    for (dev, peer, net) in [
-        ("upa", "upa-peer", "198.18.10"),
-        ("upb", "upb-peer", "198.18.11"),
-    ] {
-        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
-        ns.ip(&["link", "set", dev, "up"]);
-        ns.ip(&["link", "set", peer, "up"]);
-        ns.ip(&["addr", "add", &format!("{net}.1/24"), "dev", dev]);
-    }
-    ns.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "198.18.10.254",
-        "dev",
-        "upa",
-    ]);
+    two_devices_default_via_upa(&ns);
     let loader = Loader::start(
         &ns,
         AttachConfig {
@@ -780,4 +746,27 @@ fn a_device_named_an_uplink_stays_attached_when_the_default_route_leaves_it() {
         "{attached:?}"
     );
     loader.stop();
+}
+
+/// Two veth devices, `upa` (198.18.10.1/24) and `upb` (198.18.11.1/24), in `ns`, with the
+/// default route via `upa`.
+fn two_devices_default_via_upa(ns: &Netns) {
+    for (dev, peer, net) in [
+        ("upa", "upa-peer", "198.18.10"),
+        ("upb", "upb-peer", "198.18.11"),
+    ] {
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
+        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&["link", "set", peer, "up"]);
+        ns.ip(&["addr", "add", &format!("{net}.1/24"), "dev", dev]);
+    }
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.18.10.254",
+        "dev",
+        "upa",
+    ]);
 }
